@@ -1,0 +1,19 @@
+"""The two ways a run can end badly, each with its own exit status.
+
+``UserInputError`` is bad input (spec, data, checkpoint, command line): the
+command line prints its one-line message and exits with status 2.
+``NonFiniteError`` is a loss or gradient that stopped being finite during
+training: exit status 3, the last good checkpoint untouched.
+"""
+
+
+class UserInputError(Exception):
+    """Bad input from the user; the message is one line naming the key or file."""
+
+    exit_status = 2
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient."""
+
+    exit_status = 3

@@ -1,0 +1,46 @@
+"""Names to builders, one table per kind of part.
+
+Kinds: ``prior``, ``guide``, ``likelihood``, ``network``, ``estimator``,
+``dataset``. A part is one function plus one line::
+
+    from pyro_vae import registry
+
+    @registry.register("prior", "laplace")
+    def laplace_prior(spec, latent_dim, **parts):
+        ...
+
+and ``model.prior.type: laplace`` in a spec selects it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from pyro_vae.errors import UserInputError
+
+KINDS = ("prior", "guide", "likelihood", "network", "estimator", "dataset")
+_TABLES: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+
+
+def register(kind: str, name: str) -> Callable[[Callable], Callable]:
+    """Decorator: file ``builder`` under ``name`` in the table of ``kind``."""
+    if kind not in _TABLES:
+        raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+    def add(builder: Callable) -> Callable:
+        _TABLES[kind][name] = builder
+        return builder
+
+    return add
+
+
+def get(kind: str, name: str) -> Callable:
+    """The builder registered as ``name``; a one-line error lists the names otherwise."""
+    table = _TABLES[kind]
+    if name not in table:
+        raise UserInputError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def names(kind: str) -> list[str]:
+    """The names registered for ``kind``, in registration order."""
+    return list(_TABLES[kind])

@@ -1,0 +1,347 @@
+"""The declarative experiment spec: typed sections, validation, YAML in and out.
+
+A spec is a tree of dataclasses. Every key has a type and, where it matters,
+a range or a list of accepted values; ``Spec.from_dict`` checks all of them and
+raises :class:`~pyro_vae.errors.UserInputError` with one line that names the
+dotted key and what it accepts. Names of parts (``model.prior.type`` and the
+like) are checked against the registry, so a user-registered part is accepted
+as soon as it is registered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+
+LEARNED = "learned"
+
+
+def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+           choices: tuple[str, ...] | None = None, kind: str | None = None) -> dict:
+    return {"low": low, "high": high, "open_low": open_low, "choices": choices, "kind": kind}
+
+
+@dataclass
+class LinearGaussianSpec:
+    """Synthetic x = W z + b + σ ε (``data.name: linear-gaussian``)."""
+
+    data_dim: int = field(default=10, metadata=_range(1))
+    latent_dim: int = field(default=2, metadata=_range(1))
+    noise: float = field(default=0.5, metadata=_range(0, open_low=True))
+    num_train: int = field(default=2000, metadata=_range(2))
+    num_test: int = field(default=500, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass
+class DataSpec:
+    name: str = field(default="digits", metadata=_range(kind="dataset"))
+    root: Union[str, None] = None
+    path: Union[str, None] = None
+    test_path: Union[str, None] = None
+    test_fraction: float = field(default=0.1, metadata=_range(0, 1, open_low=True))
+    binarize: str = field(default="auto", metadata=_range(choices=("auto", "dynamic", "static", "none")))
+    batch_size: int = field(default=128, metadata=_range(1))
+    download: bool = False
+    train_size: Union[int, None] = field(default=None, metadata=_range(1))
+    test_size: Union[int, None] = field(default=None, metadata=_range(1))
+    linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
+
+
+@dataclass
+class NetworkSpec:
+    type: str = field(default="mlp", metadata=_range(kind="network"))
+    hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=_range(1))
+    activation: str = field(default="relu", metadata=_range(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu")))
+    channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_range(1))
+
+
+@dataclass
+class PriorSpec:
+    type: str = field(default="standard-normal", metadata=_range(kind="prior"))
+    components: int = field(default=10, metadata=_range(1))
+    pseudo_inputs: int = field(default=100, metadata=_range(1))
+    flows: int = field(default=2, metadata=_range(1))
+    hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
+
+
+@dataclass
+class GuideSpec:
+    type: str = field(default="diagonal-normal", metadata=_range(kind="guide"))
+    rank: int = field(default=2, metadata=_range(1))
+    flows: int = field(default=2, metadata=_range(1))
+    hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
+    min_scale: float = field(default=1e-4, metadata=_range(0, open_low=True))
+
+
+@dataclass
+class LikelihoodSpec:
+    type: str = field(default="bernoulli", metadata=_range(kind="likelihood"))
+    scale: Union[float, str] = field(default=1.0, metadata=_range(0, open_low=True, choices=(LEARNED,)))
+    min_scale: float = field(default=1e-3, metadata=_range(0, open_low=True))
+
+
+@dataclass
+class ModelSpec:
+    latent_dim: int = field(default=2, metadata=_range(1))
+    encoder: NetworkSpec = field(default_factory=NetworkSpec)
+    decoder: NetworkSpec = field(default_factory=NetworkSpec)
+    prior: PriorSpec = field(default_factory=PriorSpec)
+    guide: GuideSpec = field(default_factory=GuideSpec)
+    likelihood: LikelihoodSpec = field(default_factory=LikelihoodSpec)
+
+
+@dataclass
+class InferenceSpec:
+    estimator: str = field(default="meanfield", metadata=_range(kind="estimator"))
+    num_particles: int = field(default=1, metadata=_range(1))
+    alpha: float = 0.5
+    compile: bool = False
+
+
+@dataclass
+class OptimSpec:
+    lr: float = field(default=1e-3, metadata=_range(0, open_low=True))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_range(0, 1))
+    clip_norm: Union[float, None] = field(default=None, metadata=_range(0, open_low=True))
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = field(default=20, metadata=_range(1))
+    seed: int = 0
+    device: str = "cpu"
+    beta: float = field(default=1.0, metadata=_range(0))
+    kl_warmup_epochs: int = field(default=0, metadata=_range(0))
+    eval_num_samples: int = field(default=1, metadata=_range(1))
+
+
+@dataclass
+class Spec:
+    """The whole experiment: data, model, inference, optimizer, training."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Spec":
+        """Build and validate a spec from a (possibly partial) nested mapping."""
+        spec = _build(cls, raw if raw is not None else {}, "")
+        _check_cross_field(spec)
+        return spec
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, assignments: list[str]) -> "Spec":
+        """A new spec with ``KEY=VALUE`` assignments applied (VALUE read as YAML)."""
+        raw = self.to_dict()
+        for assignment in assignments:
+            set_dotted(raw, *parse_assignment(assignment))
+        return Spec.from_dict(raw)
+
+
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """Split ``a.b.c=VALUE`` and read VALUE as YAML (``[200,200]``, ``1e-3``, ``learned``)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserInputError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, e.g. model.latent_dim=10")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"--set {key}: value {text!r} is not valid YAML ({_first_line(exc)})") from None
+    return key.strip(), value
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Assign ``value`` at the dotted path ``key`` inside a nested dict."""
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if part not in node:
+                raise UserInputError(f"unknown key '{'.'.join(parts[:depth + 1])}'")
+            raise UserInputError(f"'{'.'.join(parts[:depth + 1])}' is a value, not a section; cannot set '{key}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Names of the specs shipped in ``pyro_vae/configs`` and their paths."""
+    folder = resources.files("pyro_vae") / "configs"
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".yaml")}
+
+
+def config_summary(path: Path) -> str:
+    """The first comment line of a packaged spec: its one-line description."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping, turning every failure into a one-line error naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserInputError(f"cannot read spec file '{path}': {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"spec file '{path}' is not valid YAML: {_first_line(exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserInputError(f"spec file '{path}' must hold a mapping of sections (data, model, inference, optim, train)")
+    return raw
+
+
+def load_spec(config: str | None = None, overrides: list[str] | None = None) -> Spec:
+    """Resolve ``config`` (a packaged name, a YAML file, or None for the defaults) plus overrides."""
+    raw: dict = {}
+    if config is not None:
+        packaged = packaged_configs()
+        if config in packaged:
+            raw = read_yaml(packaged[config])
+        elif Path(config).exists():
+            raw = read_yaml(Path(config))
+        else:
+            raise UserInputError(
+                f"--config {config!r} is neither a spec file nor a packaged spec; packaged: {', '.join(sorted(packaged))}")
+    spec = Spec.from_dict(raw)
+    return spec.with_overrides(overrides or [])
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the spec"
+    if not isinstance(raw, dict):
+        raise UserInputError(f"'{where}' must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserInputError(
+            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        annotation = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _build(annotation, value if value is not None else {}, key + ".")
+        else:
+            values[name] = _coerce(value, annotation, key, fields[name].metadata)
+    return cls(**values)
+
+
+def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, meta)
+            except UserInputError as exc:
+                errors.append(exc)
+        if meta.get("choices") and str in options:
+            raise errors[-1]
+        raise errors[0] if errors else UserInputError(f"'{key}' must be {_type_name(annotation)}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserInputError(f"'{key}' must be {_type_name(annotation)}, got {value!r}")
+        return [_coerce(item, item_type, key, meta) for item in value]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserInputError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserInputError(f"'{key}' must be an integer, got {value!r}")
+        return _check_range(value, key, meta)
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserInputError(f"'{key}' must be a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UserInputError(f"'{key}' must be a finite number, got {value!r}")
+        return _check_range(float(value), key, meta)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserInputError(f"'{key}' must be a string, got {value!r}")
+        choices = meta.get("choices")
+        kind = meta.get("kind")
+        if kind is not None:
+            choices = tuple(registry.names(kind))
+        if choices is not None and value not in choices:
+            raise UserInputError(f"'{key}' is {value!r}; accepted: {', '.join(choices)}")
+        return value
+    raise TypeError(f"unsupported spec annotation {annotation!r} for {key}")
+
+
+def _check_range(value: float, key: str, meta: typing.Mapping) -> float:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("open_low") and value == low)):
+        bound = f"> {low}" if meta.get("open_low") else f">= {low}"
+        upper = f" and <= {high}" if high is not None else ""
+        raise UserInputError(f"'{key}' is {value}; it must be {bound}{upper}")
+    if high is not None and value > high:
+        raise UserInputError(f"'{key}' is {value}; it must be <= {high}")
+    return value
+
+
+def _check_cross_field(spec: Spec) -> None:
+    """Constraints that involve more than one key."""
+    model = spec.model
+    if model.guide.type == "low-rank-normal" and model.guide.rank > model.latent_dim:
+        raise UserInputError(
+            f"'model.guide.rank' is {model.guide.rank}; it must be between 1 and model.latent_dim ({model.latent_dim})")
+    if spec.data.name == "file" and spec.data.path is None:
+        raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
+    if spec.inference.estimator == "renyi" and spec.inference.alpha == 1.0:
+        raise UserInputError("'inference.alpha' is 1.0; the Rényi bound needs alpha != 1 (alpha = 1 is the ELBO: use 'trace')")
+    device = spec.train.device
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") or device == "mps"):
+        raise UserInputError(f"'train.device' is {device!r}; accepted: cpu, cuda, cuda:N, mps")
