@@ -1,2 +1,12 @@
-"""pyro_vae: the variational autoencoder as a Pyro probabilistic program."""
-from pyro_vae import registry  # noqa: F401  (the tables the parts below fill)
+"""pyro_vae: the variational autoencoder as a Pyro probabilistic program.
+
+Importing the package fills the registry with every built-in part, so spec
+validation knows all names.
+"""
+from pyro_vae import registry  # noqa: F401  (first: the parts below register into it)
+from pyro_vae import data, estimators, guides, likelihoods, networks, priors  # noqa: F401
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.model import VAE
+from pyro_vae.spec import Spec, load_spec
+
+__all__ = ["VAE", "Spec", "load_spec", "Dataset", "load_dataset", "registry"]

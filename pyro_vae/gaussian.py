@@ -4,6 +4,11 @@ Gaussian KL (DESIGN §1)::
 
     KL(N(μ1, σ1²) ‖ N(μ2, σ2²)) = log σ2/σ1 − ½ + (σ1² + (μ1 − μ2)²) / (2 σ2²)
 
+Full or low-rank Gaussian q against a diagonal Gaussian p (registered with
+``torch.distributions.kl.register_kl``, so ``TraceMeanField_ELBO`` uses it)::
+
+    KL(q ‖ p) = ½ [tr(Σp⁻¹ Σq) + (μp − μq)ᵀ Σp⁻¹ (μp − μq) − d + log|Σp| − log|Σq|]
+
 Linear-Gaussian model, where everything the ELBO derivation needs is exact::
 
     z ~ N(0, I_d),   x | z ~ N(W z + b, σ² I_D)
@@ -15,11 +20,14 @@ log p(x) − ELBO = KL(q ‖ p(z|x)), and the IWAE bound rising toward log p(x).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import (Independent, LowRankMultivariateNormal, MultivariateNormal,
+                                 Normal, register_kl)
 
 
 def diagonal_normal_kl(loc_q: torch.Tensor, scale_q: torch.Tensor,
@@ -31,6 +39,34 @@ def diagonal_normal_kl(loc_q: torch.Tensor, scale_q: torch.Tensor,
     variance_ratio = (scale_q / scale_p) ** 2
     mean_term = ((loc_q - loc_p) / scale_p) ** 2
     return 0.5 * (variance_ratio + mean_term - 1.0) - torch.log(scale_q / scale_p)
+
+
+def _diagonal_normal(p: Independent, event_shape: torch.Size) -> Normal:
+    """The Normal inside p = Independent(Normal, 1); NotImplementedError for any other p."""
+    if not isinstance(p.base_dist, Normal) or p.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError("closed-form KL needs p = Independent(Normal, 1)")
+    if p.event_shape != event_shape:
+        raise ValueError(f"event shapes differ: q {tuple(event_shape)}, p {tuple(p.event_shape)}")
+    return p.base_dist
+
+
+@register_kl(MultivariateNormal, Independent)
+@register_kl(LowRankMultivariateNormal, Independent)
+def gaussian_diagonal_kl(q: MultivariateNormal | LowRankMultivariateNormal,
+                         p: Independent) -> torch.Tensor:
+    """KL(q ‖ p) in nats for a full or low-rank Gaussian q and a diagonal Gaussian p::
+
+        KL = ½ [tr(Σp⁻¹ Σq) + (μp − μq)ᵀ Σp⁻¹ (μp − μq) − d + log|Σp| − log|Σq|]
+
+    With Σp = diag(σp²) only the diagonal of Σq enters, and the terms regroup as
+    the cross-entropy −E_q[log p(z)] = ½ Σᵢ [log 2πσp,ᵢ² + (Σq,ᵢᵢ + (μq,ᵢ − μp,ᵢ)²) / σp,ᵢ²]
+    minus the entropy H(q) = ½ [d (1 + log 2π) + log|Σq|]. Batch shapes broadcast.
+    """
+    prior = _diagonal_normal(p, q.event_shape)
+    variance_p = prior.scale ** 2
+    squared_error = (q.mean - prior.loc) ** 2 + q.variance
+    cross_entropy = 0.5 * (torch.log(2 * math.pi * variance_p) + squared_error / variance_p).sum(-1)
+    return cross_entropy - q.entropy()
 
 
 @dataclass

@@ -92,7 +92,7 @@ class LikelihoodSpec:
 
 @dataclass
 class ModelSpec:
-    latent_dim: int = field(default=2, metadata=_range(1))
+    latent_dim: int = field(default=4, metadata=_range(1))
     encoder: NetworkSpec = field(default_factory=NetworkSpec)
     decoder: NetworkSpec = field(default_factory=NetworkSpec)
     prior: PriorSpec = field(default_factory=PriorSpec)
@@ -117,7 +117,7 @@ class OptimSpec:
 
 @dataclass
 class TrainSpec:
-    epochs: int = field(default=20, metadata=_range(1))
+    epochs: int = field(default=60, metadata=_range(1))
     seed: int = 0
     device: str = "cpu"
     beta: float = field(default=1.0, metadata=_range(0))

@@ -1,0 +1,265 @@
+"""Datasets as in-memory tensors, binarization, and minibatches by index.
+
+Every dataset becomes float32 tensors of shape (N, D) on the training device,
+with values in [0, 1] for images, plus the image shape (C, H, W) where there is
+one. A batch is an index slice; binarization is one vectorized Bernoulli draw:
+
+- ``dynamic``: a fresh draw x ~ Bernoulli(pixel intensity) every time a training
+  image is used (the IWAE protocol); the test set is binarized once with the
+  run's seed so every evaluation sees the same binary images;
+- ``static``: one fixed draw for both splits (for ``binarized-mnist`` the
+  published binarization of Larochelle & Murray 2011 is used as it is);
+- ``none``: the values as they are.
+
+Data roots: ``data.root``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+from pyro_vae.gaussian import LinearGaussian
+from pyro_vae.spec import DataSpec
+
+DATA_ENV = "PYRO_VAE_DATA"
+IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors (N, D), labels where known, and what generated them."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+    image_shape: tuple[int, int, int] | None = None
+    binarize: str = "none"
+    exact: LinearGaussian | None = None
+
+    @property
+    def data_dim(self) -> int:
+        return self.train.shape[1]
+
+    @property
+    def num_train(self) -> int:
+        return self.train.shape[0]
+
+    def split(self, name: str) -> torch.Tensor:
+        """The evaluation tensor of ``train`` or ``test`` (already binarized if needed)."""
+        return self.train if name == "train" else self.test
+
+    def labels(self, name: str) -> torch.Tensor | None:
+        return self.train_labels if name == "train" else self.test_labels
+
+    def training_batch(self, index: torch.Tensor) -> torch.Tensor:
+        """The training examples at ``index``, freshly binarized under ``dynamic``."""
+        batch = self.train[index]
+        return torch.bernoulli(batch) if self.binarize == "dynamic" else batch
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        move = (lambda t: None if t is None else t.to(device))
+        return replace(self, train=move(self.train), test=move(self.test),
+                       train_labels=move(self.train_labels), test_labels=move(self.test_labels))
+
+
+def data_root(spec: DataSpec) -> Path:
+    """``data.root``, else ``$PYRO_VAE_DATA``, else the user cache."""
+    if spec.root is not None:
+        return Path(spec.root).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return Path.home() / ".cache" / "pyro_vae"
+
+
+def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
+    """Load ``spec.name``, cut it to size, resolve and apply binarization, move it to ``device``."""
+    data = registry.get("dataset", spec.name)(spec)
+    if spec.train_size is not None:
+        data = replace(data, train=data.train[:spec.train_size],
+                       train_labels=None if data.train_labels is None else data.train_labels[:spec.train_size])
+    if spec.test_size is not None:
+        data = replace(data, test=data.test[:spec.test_size],
+                       test_labels=None if data.test_labels is None else data.test_labels[:spec.test_size])
+    check_finite(data.train, f"data '{spec.name}' (training split)")
+    check_finite(data.test, f"data '{spec.name}' (test split)")
+    return binarized(data, resolve_binarization(spec), seed).to(device)
+
+
+def resolve_binarization(spec: DataSpec) -> str:
+    """``auto`` becomes dynamic for images, static for binarized-mnist, none otherwise."""
+    if spec.binarize != "auto":
+        return spec.binarize
+    if spec.name == "binarized-mnist":
+        return "static"
+    return "dynamic" if spec.name in IMAGE_DATASETS else "none"
+
+
+def binarized(data: Dataset, mode: str, seed: int) -> Dataset:
+    """Apply ``mode``: fixed draws where the protocol asks for them, with their own generator."""
+    if mode != "none":
+        for name, tensor in (("training", data.train), ("test", data.test)):
+            if bool(((tensor < 0) | (tensor > 1)).any()):
+                raise UserInputError(
+                    f"data.binarize '{mode}' needs values in [0, 1], but the {name} split of '{data.name}' "
+                    f"has values in [{tensor.min():.3g}, {tensor.max():.3g}]; use data.binarize: none")
+    generator = torch.Generator().manual_seed(seed)
+    if mode == "static":
+        return replace(data, train=torch.bernoulli(data.train, generator=generator),
+                       test=torch.bernoulli(data.test, generator=generator), binarize=mode)
+    if mode == "dynamic":
+        return replace(data, test=torch.bernoulli(data.test, generator=generator), binarize=mode)
+    return replace(data, binarize=mode)
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UserInputError(f"{what} holds {bad} NaN or infinite values; clean the data first")
+
+
+def _held_out(x: torch.Tensor, labels: torch.Tensor | None, fraction: float):
+    """A fixed split (its own seed, not the training seed) into train and test parts."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    n_test = max(1, int(round(fraction * x.shape[0])))
+    if n_test >= x.shape[0]:
+        raise UserInputError(f"'data.test_fraction' {fraction} leaves no training examples out of {x.shape[0]}")
+    test, train = order[:n_test], order[n_test:]
+    pick = (lambda t, i: None if t is None else t[i])
+    return x[train], x[test], pick(labels, train), pick(labels, test)
+
+
+@registry.register("dataset", "digits")
+def digits(spec: DataSpec) -> Dataset:
+    """scikit-learn's 1,797 real 8×8 handwritten digits, intensities 0–16 scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    train, test, train_labels, test_labels = _held_out(x, labels, spec.test_fraction)
+    return Dataset("digits", train, test, train_labels, test_labels, image_shape=(1, 8, 8))
+
+
+def _torchvision(spec: DataSpec, cls_name: str, name: str) -> Dataset:
+    import torchvision
+
+    root = data_root(spec)
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        splits = [cls(root=str(root), train=train, download=spec.download) for train in (True, False)]
+    except RuntimeError as exc:
+        if spec.download:
+            raise UserInputError(f"could not download {cls_name} into '{root}': {' '.join(str(exc).split())}") from None
+        raise UserInputError(
+            f"data root '{root}' has no {cls_name} files (expected {root}/{cls_name}/raw/train-images-idx3-ubyte); "
+            f"set data.root or ${DATA_ENV} to a torchvision root, or data.download: true on a machine with a network") from None
+    train, test = (s.data.reshape(s.data.shape[0], -1).float() / 255.0 for s in splits)
+    return Dataset(name, train, test, splits[0].targets.clone(), splits[1].targets.clone(), image_shape=(1, 28, 28))
+
+
+@registry.register("dataset", "mnist")
+def mnist(spec: DataSpec) -> Dataset:
+    """MNIST through torchvision from a local root (60k train, 10k test)."""
+    return _torchvision(spec, "MNIST", "mnist")
+
+
+@registry.register("dataset", "fashion-mnist")
+def fashion_mnist(spec: DataSpec) -> Dataset:
+    """Fashion-MNIST through torchvision from a local root (60k train, 10k test)."""
+    return _torchvision(spec, "FashionMNIST", "fashion-mnist")
+
+
+def read_amat(path: Path) -> torch.Tensor:
+    """Read a binarized-MNIST ``.amat`` (or ``.amat.gz``) file: lines of 784 space-separated 0/1."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = np.frombuffer(handle.read(), dtype=np.uint8)
+    except (OSError, EOFError) as exc:
+        raise UserInputError(f"cannot read '{path}': {exc}") from None
+    row = 784 * 2  # "0 1 ... 1\n": one digit and one separator per pixel
+    if raw.size % row or not np.isin(raw[::2], (ord("0"), ord("1"))).all():
+        raise UserInputError(f"'{path}' is not a binarized-MNIST .amat file (rows of 784 values 0/1 separated by spaces)")
+    return torch.from_numpy((raw[::2] - ord("0")).reshape(-1, 784).astype(np.float32))
+
+
+def _find_amat(root: Path, split: str) -> Path:
+    for folder in (root / "binarized_mnist", root):
+        for suffix in (".amat", ".amat.gz"):
+            path = folder / f"binarized_mnist_{split}{suffix}"
+            if path.exists():
+                return path
+    raise UserInputError(
+        f"no binarized_mnist_{split}.amat(.gz) under '{root}' or '{root}/binarized_mnist'; set data.root or ${DATA_ENV}")
+
+
+@registry.register("dataset", "binarized-mnist")
+def binarized_mnist(spec: DataSpec) -> Dataset:
+    """Larochelle's static binarization: 50k train (the validation 10k is not used), 10k test."""
+    root = data_root(spec)
+    train, test = (read_amat(_find_amat(root, split)) for split in ("train", "test"))
+    return Dataset("binarized-mnist", train, test, image_shape=(1, 28, 28))
+
+
+@registry.register("dataset", "linear-gaussian")
+def linear_gaussian(spec: DataSpec) -> Dataset:
+    """Synthetic x = W z + b + σ ε; ``exact`` holds the model, with exact log p(x) and p(z|x)."""
+    cfg = spec.linear_gaussian
+    generator = torch.Generator().manual_seed(cfg.seed)
+    exact = LinearGaussian.random(cfg.data_dim, cfg.latent_dim, cfg.noise, generator)
+    train, test = exact.sample(cfg.num_train, generator), exact.sample(cfg.num_test, generator)
+    return Dataset("linear-gaussian", train, test, exact=exact)
+
+
+def read_array(path: Path) -> torch.Tensor:
+    """A user's ``.npy`` or ``.pt`` array as float32 (N, ...)."""
+    if not path.exists():
+        raise UserInputError(f"data file '{path}' does not exist")
+    try:
+        if path.suffix == ".npy":
+            array = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".pt":
+            array = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UserInputError(f"data file '{path}' must be .npy or .pt")
+    except UserInputError:
+        raise
+    except Exception as exc:  # corrupt files raise many types; report them as one line
+        raise UserInputError(f"cannot read data file '{path}': {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(array, torch.Tensor) or array.dim() < 2 or array.dtype.is_complex:
+        raise UserInputError(f"data file '{path}' must hold one numeric array of shape (N, D) or (N, H, W) or (N, C, H, W)")
+    return array.float()
+
+
+def _image_shape(array: torch.Tensor) -> tuple[int, int, int] | None:
+    if array.dim() == 3:
+        return (1, *array.shape[1:])
+    if array.dim() == 4:
+        return tuple(array.shape[1:])
+    return None
+
+
+@registry.register("dataset", "file")
+def user_file(spec: DataSpec) -> Dataset:
+    """A user's array from ``data.path``; test from ``data.test_path`` or a held-out fraction."""
+    x = read_array(Path(spec.path))
+    shape = _image_shape(x)
+    flat = x.reshape(x.shape[0], -1)
+    if spec.test_path is not None:
+        test = read_array(Path(spec.test_path))
+        if test.shape[1:] != x.shape[1:]:
+            raise UserInputError(
+                f"data.test_path '{spec.test_path}' has examples of shape {tuple(test.shape[1:])}, "
+                f"data.path has {tuple(x.shape[1:])}")
+        return Dataset("file", flat, test.reshape(test.shape[0], -1), image_shape=shape)
+    train, test, _, _ = _held_out(flat, None, spec.test_fraction)
+    return Dataset("file", train, test, image_shape=shape)

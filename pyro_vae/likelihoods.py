@@ -1,0 +1,104 @@
+"""Likelihoods p_θ(x|z), chosen by ``model.likelihood.type``.
+
+Each is a module that turns the decoder's D outputs into a Pyro distribution
+over the flat example x with event shape (D,):
+
+- ``bernoulli``: x_i ∈ {0, 1}, decoder gives logits.
+- ``continuous-bernoulli``: x_i ∈ [0, 1] (Loaiza-Ganem & Cunningham 2019), logits;
+  the normalizing constant C(λ) makes it a proper density on the unit interval.
+- ``gaussian``: N(μ_i, σ_i²), decoder gives μ; σ fixed (``scale: 0.1``) or learned per
+  dimension (``scale: learned``).
+- ``laplace``: Laplace(μ_i, b_i), same scale options.
+"""
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from pyro_vae import registry
+from pyro_vae.spec import LEARNED, LikelihoodSpec
+
+
+class Likelihood(nn.Module):
+    """Base: ``forward(out)`` is the distribution; ``mean(out)`` the expected x."""
+
+    support_name = "real numbers"
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return self.forward(out).mean
+
+    def holds(self, data: torch.Tensor) -> bool:
+        """Whether every value of ``data`` is in the support."""
+        return bool(torch.isfinite(data).all())
+
+
+class Bernoulli(Likelihood):
+    support_name = "0 and 1 only (binarize the data, or use continuous-bernoulli)"
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=out).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out)
+
+    def holds(self, data: torch.Tensor) -> bool:
+        return bool(((data == 0) | (data == 1)).all())
+
+
+class ContinuousBernoulli(Likelihood):
+    support_name = "the interval [0, 1]"
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=out).to_event(1)
+
+    def holds(self, data: torch.Tensor) -> bool:
+        return bool(((data >= 0) & (data <= 1)).all())
+
+
+class LocationScale(Likelihood):
+    """Gaussian or Laplace with a fixed scale or a learned scale per dimension."""
+
+    def __init__(self, family: type, data_dim: int, scale: float | str, min_scale: float):
+        super().__init__()
+        self.family = family
+        self.min_scale = min_scale
+        if scale == LEARNED:
+            self.raw_scale = nn.Parameter(torch.zeros(data_dim))
+        else:
+            self.register_buffer("fixed_scale", torch.tensor(float(scale)))
+
+    def scale(self) -> torch.Tensor:
+        if hasattr(self, "raw_scale"):
+            return softplus(self.raw_scale) + self.min_scale
+        return self.fixed_scale
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        return self.family(out, self.scale()).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+@registry.register("likelihood", "bernoulli")
+def bernoulli(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
+    return Bernoulli()
+
+
+@registry.register("likelihood", "continuous-bernoulli")
+def continuous_bernoulli(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
+    return ContinuousBernoulli()
+
+
+@registry.register("likelihood", "gaussian")
+def gaussian(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
+    return LocationScale(dist.Normal, data_dim, spec.scale, spec.min_scale)
+
+
+@registry.register("likelihood", "laplace")
+def laplace(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
+    return LocationScale(dist.Laplace, data_dim, spec.scale, spec.min_scale)

@@ -1,0 +1,133 @@
+"""The VAE as a Pyro program: ``model(x)`` and ``guide(x)`` built from the parts.
+
+model::
+
+    θ   ← pyro.module(decoder, prior, likelihood)
+    for each example i in the data plate (size N, minibatch of B, scale N/B):
+        z_i ~ p(z)                          (``model.prior``)
+        x_i ~ p_θ(x | z_i) = lik(dec_θ(z_i)) (``model.likelihood``)
+
+guide::
+
+    φ   ← pyro.module(encoder, guide head)
+    for each example i in the same plate:
+        z_i ~ q_φ(z | x_i), reparameterized (``model.guide``)
+
+so one ``svi.step(x, num_data=N)`` on a minibatch estimates the full-data ELBO
+
+    ELBO = Σ_i E_q[log p_θ(x_i|z)] − KL(q_φ(z|x_i) ‖ p(z)).
+
+``kl_weight`` β scales the z sites in both programs (``poutine.scale``): the
+objective becomes E_q[log p(x|z)] − β KL, the β-VAE.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+from pyro_vae.spec import ModelSpec
+
+
+class VAE(nn.Module):
+    """Encoder, decoder, prior, guide head and likelihood, with the Pyro model and guide."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, guide_head: nn.Module, prior: nn.Module,
+                 likelihood: nn.Module, latent_dim: int):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.guide_head, self.prior, self.likelihood = guide_head, prior, likelihood
+        self.latent_dim = latent_dim
+        self.kl_weight = 1.0
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None) -> "VAE":
+        """Build every part through the registry."""
+        d = spec.latent_dim
+        encoder = registry.get("network", spec.encoder.type)(spec.encoder, "encoder", data_dim, None, image_shape)
+        decoder = registry.get("network", spec.decoder.type)(spec.decoder, "decoder", d, data_dim, image_shape)
+        guide_head = registry.get("guide", spec.guide.type)(spec.guide, encoder.output_dim, d)
+        prior = registry.get("prior", spec.prior.type)(spec.prior, d, data_dim=data_dim, encoder=encoder,
+                                                       guide=guide_head)
+        likelihood = registry.get("likelihood", spec.likelihood.type)(spec.likelihood, data_dim)
+        return cls(encoder, decoder, guide_head, prior, likelihood, d)
+
+    # -- the distributions, usable without Pyro's effect handlers ------------------
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q_φ(z | x), batch shape (B,), event shape (d,)."""
+        return self.guide_head(self.encoder(x))
+
+    def prior_distribution(self) -> dist.TorchDistribution:
+        """p(z), event shape (d,)."""
+        return self.prior()
+
+    def likelihood_distribution(self, z: torch.Tensor) -> dist.TorchDistribution:
+        """p_θ(x | z), batch shape z.shape[:-1], event shape (D,)."""
+        return self.likelihood(self.decoder(z))
+
+    # -- the Pyro program ---------------------------------------------------------
+    def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
+        batch = x.shape[0]
+        if num_data is None or num_data == batch:
+            return pyro.plate("data", batch, dim=-1)
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+
+    def _kl_scale(self) -> poutine.scale:
+        return poutine.scale(scale=self.kl_weight)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples."""
+        pyro.module("decoder", self.decoder)
+        pyro.module("prior", self.prior)
+        pyro.module("likelihood", self.likelihood)
+        with self._plate(x, num_data):
+            with self._kl_scale():
+                z = pyro.sample("z", self.prior_distribution())
+            return pyro.sample("x", self.likelihood_distribution(z), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        """q_φ(z|x) over the same plate."""
+        pyro.module("encoder", self.encoder)
+        pyro.module("guide", self.guide_head)
+        with self._plate(x, num_data):
+            with self._kl_scale():
+                return pyro.sample("z", self.posterior(x))
+
+    # -- what users expect of a VAE object ----------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and standard deviation of q(z|x), each (B, d)."""
+        return self.guide_head.moments(self.encoder(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = posterior mean]: the decoder's mean at the encoder's mean."""
+        mean, _ = self.encode(x)
+        return self.likelihood.mean(self.decoder(mean))
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
+        """n draws z ~ p(z), then E[x|z] (``mean=True``) or x ~ p(x|z)."""
+        z = self.prior_distribution().sample((n,))
+        out = self.decoder(z)
+        return self.likelihood.mean(out) if mean else self.likelihood(out).sample()
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """φ: the guide's parameters (encoder and guide head)."""
+        return [*self.encoder.parameters(), *self.guide_head.parameters()]
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """θ: the model's own parameters (decoder, prior, likelihood)."""
+        return [*self.decoder.parameters(), *self.prior.parameters(), *self.likelihood.parameters()]
+
+
+def check_likelihood_support(vae: VAE, data: torch.Tensor, likelihood_name: str, what: str) -> None:
+    """Refuse to train when the data fall outside the likelihood's support."""
+    if not vae.likelihood.holds(data):
+        raise UserInputError(
+            f"'model.likelihood.type' {likelihood_name!r} needs values in {vae.likelihood.support_name}; "
+            f"{what} has values in [{data.min():.3g}, {data.max():.3g}]")

@@ -1,0 +1,128 @@
+"""Encoders and decoders: plain PyTorch modules, chosen by ``model.encoder.type``.
+
+An encoder maps a flat example x (…, D) to features h (…, H) that a guide turns
+into the parameters of q_φ(z|x). A decoder maps z (…, d) to the D numbers a
+likelihood needs per example (logits or means). Leading dimensions (particles,
+batch) pass through unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+from pyro_vae.spec import NetworkSpec
+
+ACTIVATIONS = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU,
+    "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU,
+}
+
+
+def mlp(sizes: list[int], activation: str, final_activation: bool) -> nn.Sequential:
+    """Linear layers between consecutive ``sizes`` with ``activation`` in between."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """x ↦ h through the hidden layers (h = x when there are none)."""
+
+    def __init__(self, input_dim: int, hidden: list[int], activation: str):
+        super().__init__()
+        self.net = mlp([input_dim, *hidden], activation, final_activation=True)
+        self.output_dim = hidden[-1] if hidden else input_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """z ↦ D outputs; with no hidden layers it is the linear map W z + b."""
+
+    def __init__(self, latent_dim: int, hidden: list[int], output_dim: int, activation: str):
+        super().__init__()
+        self.net = mlp([latent_dim, *hidden, output_dim], activation, final_activation=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int]) -> tuple[int, int, int]:
+    if image_shape is None:
+        raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); this dataset is flat vectors: use mlp")
+    c, h, w = image_shape
+    factor = 2 ** len(channels)
+    if h % factor or w % factor:
+        raise UserInputError(
+            f"conv network with {len(channels)} stride-2 layers ('channels') needs image sides divisible by {factor}; images are {h}x{w}")
+    return c, h // factor, w // factor
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 convolutions (kernel 4) halving the image per layer, then a linear layer to H."""
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: list[int], hidden: list[int], activation: str):
+        super().__init__()
+        c, h, w = _conv_geometry(image_shape, channels)
+        self.image_shape = image_shape
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip([image_shape[0], *channels[:-1]], channels):
+            layers += [nn.Conv2d(fan_in, fan_out, 4, stride=2, padding=1), ACTIVATIONS[activation]()]
+        self.conv = nn.Sequential(*layers)
+        self.head = mlp([channels[-1] * h * w, *hidden], activation, final_activation=True)
+        self.output_dim = hidden[-1] if hidden else channels[-1] * h * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        images = x.reshape(-1, *self.image_shape)
+        return self.head(self.conv(images).flatten(1)).reshape(*lead, -1)
+
+
+class ConvDecoder(nn.Module):
+    """Linear layers to a small feature map, then stride-2 transposed convolutions up to the image."""
+
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: list[int],
+                 hidden: list[int], activation: str):
+        super().__init__()
+        _, h, w = _conv_geometry(image_shape, channels)
+        self.start = (channels[-1], h, w)
+        self.head = mlp([latent_dim, *hidden, math.prod(self.start)], activation, final_activation=True)
+        layers: list[nn.Module] = []
+        widths = [*reversed(channels), image_shape[0]]
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.ConvTranspose2d(fan_in, fan_out, 4, stride=2, padding=1))
+            if i < len(widths) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        maps = self.head(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start)
+        return self.deconv(maps).flatten(1).reshape(*lead, -1)
+
+
+@registry.register("network", "mlp")
+def mlp_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
+                image_shape: tuple[int, int, int] | None) -> nn.Module:
+    """Fully connected encoder or decoder (``hidden``, ``activation``)."""
+    if role == "encoder":
+        return MLPEncoder(input_dim, spec.hidden, spec.activation)
+    return MLPDecoder(input_dim, spec.hidden, output_dim, spec.activation)
+
+
+@registry.register("network", "conv")
+def conv_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
+                 image_shape: tuple[int, int, int] | None) -> nn.Module:
+    """Convolutional encoder or decoder for images (``channels``, then ``hidden``)."""
+    if role == "encoder":
+        return ConvEncoder(image_shape, spec.channels, spec.hidden, spec.activation)
+    _conv_geometry(image_shape, spec.channels)
+    return ConvDecoder(input_dim, image_shape, spec.channels, spec.hidden, spec.activation)

@@ -1,0 +1,113 @@
+"""Priors p(z), chosen by ``model.prior.type``.
+
+Each is a module whose ``forward()`` returns a distribution over z with event
+shape (d,) and empty batch shape; the model's data plate broadcasts it.
+
+- ``standard-normal``: N(0, I).
+- ``learned-normal``: N(μ, diag σ²) with learnable μ, σ.
+- ``mog``: Σ_k π_k N(μ_k, diag σ_k²), K = ``components``, all learnable.
+- ``vamp``: the VampPrior p(z) = (1/K) Σ_k q_φ(z | u_k) at K learnable
+  pseudo-inputs u_k (Tomczak & Welling 2018). It shares the encoder with the
+  guide; with a flow guide its components are the guide's Gaussian part.
+- ``flow``: N(0, I) pushed through ``flows`` masked autoregressive transforms
+  (Papamakarios et al. 2017), so log p(z) costs one network pass per flow:
+  log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|.
+"""
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+from pyro_vae.spec import PriorSpec
+
+
+class StandardNormal(nn.Module):
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+class LearnedNormal(nn.Module):
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.raw_scale = nn.Parameter(torch.full((latent_dim,), 0.5413))  # softplus⁻¹(1)
+
+    def forward(self) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, softplus(self.raw_scale)).to_event(1)
+
+
+class MixtureOfGaussians(nn.Module):
+    def __init__(self, latent_dim: int, components: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(components))
+        self.loc = nn.Parameter(torch.randn(components, latent_dim))
+        self.raw_scale = nn.Parameter(torch.full((components, latent_dim), 0.5413))
+
+    def forward(self) -> dist.TorchDistribution:
+        components = dist.Normal(self.loc, softplus(self.raw_scale)).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+class VampPrior(nn.Module):
+    def __init__(self, data_dim: int, pseudo_inputs: int, encoder: nn.Module, guide: nn.Module):
+        super().__init__()
+        self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, data_dim))
+        # shared with the guide, not owned: keep them out of this module's parameters
+        self._posterior = (encoder, guide)
+
+    def forward(self) -> dist.TorchDistribution:
+        encoder, guide = self._posterior
+        components = guide.gaussian(encoder(self.pseudo_inputs))
+        mixing = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]))
+        return dist.MixtureSameFamily(mixing, components)
+
+
+class MaskedAutoregressiveFlow(nn.Module):
+    def __init__(self, latent_dim: int, flows: int, hidden: list[int]):
+        super().__init__()
+        if latent_dim < 2:
+            raise UserInputError("'model.prior.type' flow needs model.latent_dim >= 2")
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+        self.flows = nn.ModuleList(T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(flows))
+
+    def forward(self) -> dist.TorchDistribution:
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        # the inverse of an IAF is a MAF: density evaluation is one parallel pass
+        return dist.TransformedDistribution(base, [flow.inv for flow in self.flows])
+
+
+@registry.register("prior", "standard-normal")
+def standard_normal(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
+    return StandardNormal(latent_dim)
+
+
+@registry.register("prior", "learned-normal")
+def learned_normal(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
+    return LearnedNormal(latent_dim)
+
+
+@registry.register("prior", "mog")
+def mixture_of_gaussians(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
+    return MixtureOfGaussians(latent_dim, spec.components)
+
+
+@registry.register("prior", "vamp")
+def vamp(spec: PriorSpec, latent_dim: int, *, data_dim: int, encoder: nn.Module, guide: nn.Module,
+         **parts) -> nn.Module:
+    return VampPrior(data_dim, spec.pseudo_inputs, encoder, guide)
+
+
+@registry.register("prior", "flow")
+def flow(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
+    return MaskedAutoregressiveFlow(latent_dim, spec.flows, spec.hidden)

@@ -1,0 +1,132 @@
+"""The run folder: what a training run writes, and reading it back.
+
+Files: ``config.yaml`` (the resolved spec), ``run.json`` (seed, package
+versions, git revision, device, thread count), ``metrics.jsonl`` (one JSON
+object per epoch), ``checkpoint.pt``, ``log.txt``, and the pictures.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from pyro_vae.errors import UserInputError
+from pyro_vae.spec import Spec
+
+CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
+
+
+def default_run_dir(spec: Spec) -> Path:
+    """``runs/<dataset>-<YYYYmmdd-HHMMSS>`` under the working directory."""
+    return Path("runs") / f"{spec.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
+    """Create ``run_dir`` for a new run; refuse a folder that holds another run unless ``force``."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists() and not force:
+        existing = read_spec(run_dir)
+        what = "the same spec" if existing == spec else "a different spec"
+        raise UserInputError(
+            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"output folder '{run_dir}' is not writable ({exc.strerror or exc})") from None
+    if force:
+        for name in (METRICS, CHECKPOINT, LOG):
+            (run_dir / name).unlink(missing_ok=True)
+    write_text_atomic(run_dir / CONFIG, spec.to_yaml())
+    write_text_atomic(run_dir / RUN_INFO, json.dumps(environment(spec), indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def read_spec(run_dir: Path) -> Spec:
+    """The resolved spec a run was trained with."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise UserInputError(f"'{run_dir}' is not a run folder (no {CONFIG})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"'{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
+    return Spec.from_dict(raw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Rewrite ``metrics.jsonl`` whole (atomically), so it always matches the checkpoint."""
+    write_text_atomic(Path(run_dir) / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def environment(spec: Spec) -> dict:
+    """Seed, versions, git revision and hardware: what reproducing the run needs."""
+    versions = {}
+    for package in ("pyro_vae", "pyro-ppl", "torch", "torchvision", "numpy", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "seed": spec.train.seed,
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git_revision": git_revision(),
+        "device": spec.train.device,
+        "torch_threads": torch.get_num_threads(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "command": sys.argv,
+    }
+
+
+def git_revision() -> str | None:
+    """The package's git revision, when it runs from a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_logger(run_dir: Path | None, rank: int = 0) -> logging.Logger:
+    """The ``pyro_vae`` logger, writing to stderr and to the run's ``log.txt``."""
+    logger = logging.getLogger("pyro_vae")
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if rank == 0:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+        if run_dir is not None:
+            to_file = logging.FileHandler(Path(run_dir) / LOG)
+            to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            logger.addHandler(to_file)
+    logger.propagate = False
+    return logger
