@@ -4,7 +4,7 @@ Importing the package fills the registry with every built-in part, so spec
 validation knows all names.
 """
 from pyro_vae import registry  # noqa: F401  (first: the parts below register into it)
-from pyro_vae import data, estimators, guides, likelihoods, networks, priors  # noqa: F401
+from pyro_vae import data, estimators, gaussian, guides, likelihoods, networks, priors  # noqa: F401
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.model import VAE
 from pyro_vae.spec import Spec, load_spec

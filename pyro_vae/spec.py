@@ -244,6 +244,16 @@ def _type_name(annotation: Any) -> str:
             type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
+def _describe(annotation: Any, meta: typing.Mapping) -> str:
+    """What a value of one type must look like, range and choices included."""
+    if annotation is str and meta.get("choices"):
+        return ", ".join(repr(c) for c in meta["choices"])
+    if annotation in (int, float) and meta.get("low") is not None:
+        bound = f"> {meta['low']}" if meta.get("open_low") else f">= {meta['low']}"
+        return f"{_type_name(annotation)} {bound}"
+    return _type_name(annotation)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the spec"
     if not isinstance(raw, dict):
@@ -271,17 +281,16 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        candidates = [option for option in options if option is not type(None)]
+        if len(candidates) == 1:
+            return _coerce(value, candidates[0], key, meta)
+        for option in candidates:
             try:
                 return _coerce(value, option, key, meta)
-            except UserInputError as exc:
-                errors.append(exc)
-        if meta.get("choices") and str in options:
-            raise errors[-1]
-        raise errors[0] if errors else UserInputError(f"'{key}' must be {_type_name(annotation)}, got {value!r}")
+            except UserInputError:
+                continue
+        accepted = " or ".join(_describe(option, meta) for option in options)
+        raise UserInputError(f"'{key}' is {value!r}; accepted: {accepted}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):

@@ -1,0 +1,117 @@
+"""The spec: defaults, YAML round trip, --set overrides, and one-line errors naming the key."""
+import pytest
+import yaml
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+from pyro_vae.spec import Spec, load_spec, packaged_configs, parse_assignment
+
+
+def error_of(raw=None, overrides=()):
+    with pytest.raises(UserInputError) as info:
+        Spec.from_dict(raw or {}).with_overrides(list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_round_trip_through_yaml():
+    spec = Spec.from_dict({})
+    assert Spec.from_dict(yaml.safe_load(spec.to_yaml())) == spec
+    assert spec.data.name == "digits" and spec.inference.estimator == "meanfield"
+
+
+def test_every_packaged_spec_loads_and_has_a_description():
+    configs = packaged_configs()
+    for name in ("digits", "mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv",
+                 "fashion-mnist-gaussian"):
+        assert name in configs
+        load_spec(name)
+
+
+def test_digits_config_is_the_default_run():
+    assert load_spec("digits") == load_spec(None)
+
+
+def test_set_reads_yaml_values():
+    spec = load_spec(None, ["model.encoder.hidden=[200,200]", "optim.lr=1e-3", "model.likelihood.scale=learned",
+                            "model.likelihood.type=gaussian", "data.binarize=none"])
+    assert spec.model.encoder.hidden == [200, 200]
+    assert spec.optim.lr == pytest.approx(1e-3)
+    assert spec.model.likelihood.scale == "learned"
+
+
+def test_integer_accepted_for_a_number_but_not_a_bool_for_an_integer():
+    assert Spec.from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+    assert "model.latent_dim" in error_of({"model": {"latent_dim": True}})
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"model": {"latnet_dim": 3}}, "model.latnet_dim"),
+    ({"dta": {}}, "dta"),
+    ({"model": {"prior": {"rank": 2}}}, "model.prior.rank"),
+])
+def test_unknown_keys_are_named_with_the_accepted_ones(raw, key):
+    message = error_of(raw)
+    assert f"unknown key '{key}'" in message and "accepted keys" in message
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"model": {"latent_dim": "ten"}}, "model.latent_dim"),
+    ({"data": {"batch_size": 12.5}}, "data.batch_size"),
+    ({"model": {"encoder": {"hidden": "wide"}}}, "model.encoder.hidden"),
+    ({"train": {"device": 3}}, "train.device"),
+    ({"model": "big"}, "model"),
+])
+def test_wrong_types_are_named(raw, key):
+    assert f"'{key}'" in error_of(raw)
+
+
+@pytest.mark.parametrize("kind, key", [
+    ("prior", "model.prior.type"), ("guide", "model.guide.type"), ("likelihood", "model.likelihood.type"),
+    ("estimator", "inference.estimator"), ("dataset", "data.name"),
+])
+def test_unknown_names_list_the_registered_ones(kind, key):
+    section, _, leaf = key.rpartition(".")
+    raw: dict = {}
+    node = raw
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[leaf] = "no-such-thing"
+    message = error_of(raw)
+    assert f"'{key}'" in message
+    for name in registry.names(kind):
+        assert name in message
+
+
+@pytest.mark.parametrize("overrides, key, accepted", [
+    (["model.prior.components=0"], "model.prior.components", ">= 1"),
+    (["train.beta=-1"], "train.beta", ">= 0"),
+    (["optim.lr=0"], "optim.lr", "> 0"),
+    (["model.guide.type=low-rank-normal", "model.guide.rank=9"], "model.guide.rank", "model.latent_dim"),
+    (["model.likelihood.scale=-0.1"], "model.likelihood.scale", "learned"),
+    (["data.test_fraction=1.5"], "data.test_fraction", "<= 1"),
+    (["data.binarize=sometimes"], "data.binarize", "dynamic"),
+])
+def test_impossible_values_name_the_key_and_the_range(overrides, key, accepted):
+    message = error_of(overrides=overrides)
+    assert f"'{key}'" in message and accepted in message
+
+
+@pytest.mark.parametrize("assignment", ["model.latent_dim", "=3", "model.encoder.hidden=[1,"])
+def test_malformed_assignments(assignment):
+    with pytest.raises(UserInputError):
+        parse_assignment(assignment)
+
+
+def test_set_into_a_value_is_an_error():
+    assert "not a section" in error_of(overrides=["model.latent_dim.x=1"])
+
+
+def test_malformed_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {latent_dim: [\n")
+    with pytest.raises(UserInputError, match="bad.yaml"):
+        load_spec(str(bad))
+    with pytest.raises(UserInputError, match="packaged"):
+        load_spec("no-such-config")
