@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def run_train(args: argparse.Namespace) -> None:
 
     _positive(args.epochs, "--epochs")
     if args.resume is not None:
-        clashes = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--seed", args.seed),
-                                            ("--device", args.device), ("--out", args.out), ("--force", args.force)) if value]
+        given = (("--config", args.config is not None), ("--set", bool(args.overrides)), ("--seed", args.seed is not None),
+                 ("--device", args.device is not None), ("--out", args.out is not None), ("--force", args.force))
+        clashes = [flag for flag, present in given if present]
         if clashes:
             raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
         trainer = training.resume(args.resume, args.epochs, show_progress=not args.no_progress)
@@ -93,9 +95,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from pyro_vae.training import load_run, seed_everything
 
     _positive(args.num_samples, "--num-samples")
+    if not math.isfinite(args.memory_mb) or args.memory_mb <= 0:
+        raise UserInputError(f"--memory-mb must be a positive number of megabytes, got {args.memory_mb}")
     spec, vae, data = load_run(args.run_dir, args.device)
     seed_everything(args.seed)
-    x = data.split(args.split)
+    x = data.split(args.split, spec.train.seed)
     result = evaluation.evaluate(vae, x, args.num_samples, memory_mb=args.memory_mb)
     result["active_units"] = evaluation.active_units(vae, x)
     result["split"] = args.split
@@ -123,7 +127,7 @@ def run_configs(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pyro_vae.training import TrainingInterrupted
+    from pyro_vae.training import TrainingInterrupted, is_out_of_memory
 
     try:
         parser = build_parser()
@@ -146,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:
+        if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
+            raise
+        print(f"pyro-vae: error: out of memory ({' '.join(str(exc).split())[:160]}); reduce data.batch_size, "
+              f"inference.num_particles, the network sizes, or --memory-mb", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -53,9 +53,18 @@ class Dataset:
     def num_train(self) -> int:
         return self.train.shape[0]
 
-    def split(self, name: str) -> torch.Tensor:
-        """The evaluation tensor of ``train`` or ``test`` (already binarized if needed)."""
-        return self.train if name == "train" else self.test
+    def split(self, name: str, seed: int = 0) -> torch.Tensor:
+        """The evaluation tensor of ``train`` or ``test``, binary wherever training data are.
+
+        Under ``dynamic`` the training split is binarized once with its own
+        generator (seeded by ``seed``), so an evaluation sees fixed binary images.
+        """
+        if name == "test":
+            return self.test
+        if self.binarize != "dynamic":
+            return self.train
+        generator = torch.Generator().manual_seed(seed)
+        return torch.bernoulli(self.train.cpu(), generator=generator).to(self.train.device)
 
     def labels(self, name: str) -> torch.Tensor | None:
         return self.train_labels if name == "train" else self.test_labels

@@ -22,6 +22,8 @@ objective becomes E_q[log p(x|z)] − β KL, the β-VAE.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -76,7 +78,12 @@ class VAE(nn.Module):
             return pyro.plate("data", batch, dim=-1)
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
 
-    def _kl_scale(self) -> poutine.scale:
+    def _kl_scale(self):
+        """β on the z sites; β = 0 masks them (Pyro's scale must be positive), leaving E_q[log p(x|z)]."""
+        if self.kl_weight == 1.0:
+            return contextlib.nullcontext()
+        if self.kl_weight == 0.0:
+            return poutine.mask(mask=False)
         return poutine.scale(scale=self.kl_weight)
 
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
