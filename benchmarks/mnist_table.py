@@ -1,0 +1,101 @@
+"""Train every packaged MNIST spec under one budget and write a Markdown results table.
+
+Every row gets the same epochs, batch size, seed and binarization (the packaged
+specs all use dynamic binarization, batch 100, seed 0); only the parts differ.
+Columns: test ELBO, importance-sampled log-likelihood with K samples, active
+units, seconds per training epoch. Each run folder is kept under --out.
+
+    PYRO_VAE_DATA=../shared/data python benchmarks/mnist_table.py --epochs 10
+    python benchmarks/mnist_table.py --only mnist-vamp --epochs 10   # rerun one row
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pyro_vae import evaluation
+from pyro_vae.spec import load_spec, packaged_configs
+from pyro_vae.training import load_run, seed_everything, train
+
+SPECS = ["mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_row(name: str, epochs: int, num_samples: int, out: Path, device: str) -> dict:
+    spec = load_spec(name, [f"train.epochs={epochs}", f"train.device={device}"])
+    run_dir = out / name
+    started = time.perf_counter()
+    trainer = train(spec, run_dir, force=True)
+    train_seconds = time.perf_counter() - started
+    _, vae, data = load_run(run_dir)
+    seed_everything(0)
+    started = time.perf_counter()
+    result = evaluation.evaluate(vae, data.test, num_samples)
+    eval_seconds = time.perf_counter() - started
+    metrics = trainer.progress.metrics
+    return {
+        "spec": name,
+        "test_elbo": metrics[-1]["test_elbo"],
+        "log_likelihood": result["log_likelihood"],
+        "log_likelihood_stderr": result["log_likelihood_stderr"],
+        "active_units": evaluation.active_units(vae, data.test),
+        "latent_dim": spec.model.latent_dim,
+        "seconds_per_epoch": statistics.mean(m["seconds"] for m in metrics),
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "description": packaged_configs()[name].read_text().splitlines()[0].lstrip("# "),
+    }
+
+
+def markdown(rows: list[dict], epochs: int, num_samples: int, device: str) -> str:
+    lines = [
+        f"Budget: {epochs} epochs, batch 100, seed 0, dynamic binarization, Adam lr 1e-3, estimator `meanfield`; "
+        f"test set binarized once (seed 0); log-likelihood by importance sampling with K = {num_samples} "
+        f"(± one standard error over the 10,000 test images). Machine: {cpu_name()}, "
+        f"{torch.get_num_threads()} threads, device {device}; torch {torch.__version__}.",
+        "",
+        "| spec | test ELBO (nats) | log-likelihood (nats) | active units | s / epoch |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| `{r['spec']}` | {r['test_elbo']:.2f} | {r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f} "
+                     f"| {r['active_units']} / {r['latent_dim']} | {r['seconds_per_epoch']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--only", nargs="*", default=SPECS, choices=SPECS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/mnist_table"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.only:
+        rows.append(run_row(name, args.epochs, args.num_samples, args.out, args.device))
+        print(json.dumps(rows[-1]), flush=True)
+        (args.out / "rows.jsonl").open("a").write(json.dumps(rows[-1]) + "\n")
+    table = markdown(rows, args.epochs, args.num_samples, args.device)
+    (args.out / "mnist_table.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
