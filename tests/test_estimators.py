@@ -1,0 +1,349 @@
+"""The ELBO estimators checked on the linear-Gaussian model (DESIGN §1, §5).
+
+The model z ~ N(m, I), x | z ~ N(W z + b, σ² I) has an exact log p(x) and an
+exact posterior p(z|x) = N(A x + c, L Lᵀ), so the guide q(z|x) = N(A x + c + m, L Lᵀ)
+can be set to the posterior or perturbed away from it. W, b are the "model"
+parameters, A, c, L the "encoder" parameters and m is shared (prior mean and
+guide offset, like a VampPrior's encoder). Everything runs in float64.
+
+Statistical checks use fixed seeds and a tolerance of Z = 4.5 standard errors
+(max over ~20 gradient coordinates); gradient comparisons between two
+estimators are paired (the same seed, hence the same z, for both) so that the
+standard error is that of their difference.
+"""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import (RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO,
+                        TraceTailAdaptive_ELBO)
+from torch.distributions import constraints, kl_divergence
+
+from pyro_vae import registry
+from pyro_vae.errors import UserInputError
+from pyro_vae.estimators import (DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO, TailAdaptive_ELBO,
+                                 bound, bound_and_backward)
+from pyro_vae.gaussian import LinearGaussian
+from pyro_vae.spec import InferenceSpec
+
+Z = 4.5
+ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]
+ENCODER, MODEL, SHARED = ("A", "c", "L"), ("W", "b"), ("m",)
+# coordinates of the flattened gradient over ENCODER + MODEL + SHARED (D = 4, d = 2)
+ENC, MOD = slice(0, 8 + 2 + 4), slice(14, 14 + 8 + 4)
+
+
+@pytest.fixture(autouse=True)
+def float64_one_thread_fresh_params():
+    # tiny tensors: intra-op threads only add overhead (milliseconds per op on a busy machine)
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+
+
+class Problem:
+    """The linear-Gaussian model and a guide whose distance from the posterior we set."""
+
+    def __init__(self, num_examples=6, data_dim=4, latent_dim=2, noise=0.5, guide="mvn",
+                 loc_shift=0.0, gain=1.0, spread=1.0, beta=1.0):
+        self.lg = LinearGaussian.random(data_dim, latent_dim, noise, torch.Generator().manual_seed(1))
+        self.x = self.lg.sample(num_examples, torch.Generator().manual_seed(2))
+        cov = self.lg.posterior_covariance()
+        self.A0 = gain * cov @ self.lg.weight.T / noise ** 2
+        self.c0 = -cov @ self.lg.weight.T @ self.lg.bias / noise ** 2 + loc_shift
+        self.L0 = spread * torch.linalg.cholesky(cov)
+        self.kind, self.beta, self.d, self.D = guide, beta, latent_dim, data_dim
+
+    def model(self, x, num_data=None, mask=True):
+        W = pyro.param("W", self.lg.weight.clone())
+        b = pyro.param("b", self.lg.bias.clone())
+        m = pyro.param("m", torch.zeros(self.d))
+        with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))), poutine.mask(mask=mask):
+            with poutine.scale(scale=self.beta):
+                z = pyro.sample("z", dist.Normal(m, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ W.T + b, self.lg.noise).to_event(1), obs=x)
+
+    def q(self, x):
+        A, c = pyro.param("A", self.A0.clone()), pyro.param("c", self.c0.clone())
+        loc = x @ A.T + c + pyro.param("m", torch.zeros(self.d))
+        if self.kind == "mvn":
+            return dist.MultivariateNormal(loc, scale_tril=pyro.param(
+                "L", self.L0.clone(), constraint=constraints.lower_cholesky))
+        if self.kind == "diagonal":
+            scale = pyro.param("s", self.L0.diagonal().clone(), constraint=constraints.positive)
+            return dist.Normal(loc, scale).to_event(1)
+        if self.kind == "lowrank":
+            factor = pyro.param("factor", 0.3 * torch.ones(self.d, 1))
+            diag = pyro.param("diag", torch.full((self.d,), 0.2), constraint=constraints.positive)
+            return dist.LowRankMultivariateNormal(loc, factor, diag)
+        if self.kind == "flow":
+            if not hasattr(self, "flow"):
+                torch.manual_seed(3)
+                self.flow = T.conditional_affine_autoregressive(self.d, self.D, hidden_dims=[8])
+            pyro.module("flow", self.flow)
+            base = dist.Normal(loc, 0.5).to_event(1)
+            return dist.ConditionalTransformedDistribution(base, [self.flow]).condition(x)
+        raise ValueError(self.kind)
+
+    def guide(self, x, num_data=None, mask=True):
+        q = self.q(x)
+        with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))), poutine.mask(mask=mask):
+            with poutine.scale(scale=self.beta):
+                pyro.sample("z", q)
+
+    def params(self, names):
+        store = pyro.get_param_store()
+        return [store.get_param(n).unconstrained() for n in names]
+
+    def gradients(self, elbo, draws, copies=1, names=ENCODER + MODEL + SHARED, seed=0):
+        """``draws`` independent draws of the estimator's gradient of −loss, flattened over ``names``.
+
+        Each draw runs on ``copies`` copies of x and is divided by ``copies``: the
+        mean of that many independent single-batch gradients (batch means).
+        """
+        x = self.x.repeat(copies, 1)
+        self.model(x), self.guide(x)                            # create the parameters
+        params = self.params(names)
+        out = []
+        for draw in range(draws):
+            for p in params:
+                p.grad = None
+            pyro.set_rng_seed(seed + draw)
+            bound_and_backward(elbo, self.model, self.guide, x)
+            out.append(-torch.cat([p.grad.flatten() for p in params]) / copies)
+        return torch.stack(out)
+
+    def exact_elbo(self):
+        """The ELBO in closed form (Gaussian q, linear-Gaussian model), differentiable."""
+        W, b, m = (pyro.param(n) for n in ("W", "b", "m"))
+        q = self.q(self.x)
+        loc = q.mean
+        cov = q.covariance_matrix if self.kind == "mvn" else torch.diag_embed(q.variance)
+        likelihood = dist.Normal(loc @ W.T + b, self.lg.noise).to_event(1).log_prob(self.x)
+        likelihood = likelihood - torch.einsum("ij,...jk,ik->...", W, cov, W) / (2 * self.lg.noise ** 2)
+        prior = dist.MultivariateNormal(m.expand(len(self.x), -1), torch.eye(self.d))
+        return (likelihood - kl_divergence(dist.MultivariateNormal(loc, cov), prior)).sum()
+
+    def exact_gradient(self, names=ENCODER + MODEL + SHARED):
+        self.model(self.x), self.guide(self.x)
+        params = self.params(names)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(self.exact_elbo(), params)])
+
+
+def z_scores(draws, target=0.0):
+    """(mean − target) / standard error, per coordinate (0 where both are 0, as for
+    the gradient of L's unused upper triangle or two identical estimators)."""
+    error = draws.mean(0) - target
+    se = draws.std(0) / math.sqrt(len(draws))
+    return torch.where(se > 0, error / se, torch.where(error.abs() < 1e-12, 0.0, math.inf))
+
+
+def build(name, **spec):
+    return registry.get("estimator", name)(InferenceSpec(estimator=name, **spec))
+
+
+def perturbed(**kwargs):
+    return Problem(loc_shift=0.4, gain=0.8, spread=0.7, **kwargs)
+
+
+# --------------------------------------------------------------------------- registry
+
+def test_registered_in_order_and_types():
+    assert [n for n in registry.names("estimator") if n in ESTIMATORS] == ESTIMATORS
+    types = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "tracegraph": TraceGraph_ELBO,
+             "tail-adaptive": TraceTailAdaptive_ELBO, "iwae": IWAE_ELBO, "renyi": Renyi_ELBO,
+             "stl": STL_ELBO, "dreg": DReG_ELBO}
+    for name, cls in types.items():
+        elbo = build(name, num_particles=3)
+        assert isinstance(elbo, cls), name
+        assert elbo.num_particles == 3
+    assert build("renyi", num_particles=3, alpha=0.3).alpha == 0.3
+    assert build("trace", num_particles=3).vectorize_particles
+    assert not build("trace", num_particles=1).vectorize_particles
+
+
+def test_tail_adaptive_needs_two_particles():
+    with pytest.raises(UserInputError, match="'inference.num_particles'"):
+        build("tail-adaptive", num_particles=1)
+
+
+# --------------------------------------------------------------------------- bounds
+
+def test_iwae_rises_with_k_toward_log_px():
+    # 400 copies of each of 6 examples: per-example bounds are 2400 independent draws
+    problem = perturbed()
+    x = problem.x.repeat(400, 1)
+    log_px = problem.lg.log_marginal(x)
+    pyro.set_rng_seed(0)
+    gaps = {}
+    for k in (1, 4, 16, 64):
+        with torch.no_grad():
+            problem.model(x), problem.guide(x)
+            bounds, scale = IWAE_ELBO(k).example_bounds(problem.model, problem.guide, x)
+        assert scale == 1.0 and bounds.shape == (len(x),)
+        gaps[k] = log_px - bounds                              # ≥ 0 in expectation
+    # K = 1 is the ELBO: its mean gap is KL(q ‖ p(z|x)), known exactly
+    with torch.no_grad():
+        exact_elbo = problem.exact_elbo() / len(problem.x)
+    kl = log_px.mean() - exact_elbo
+    assert kl > 0.3
+    assert abs(z_scores(gaps[1].unsqueeze(1), kl).item()) < Z
+    means = [gaps[k].mean().item() for k in (1, 4, 16, 64)]
+    for k in (1, 4, 16, 64):                                   # never above log p(x) beyond noise
+        assert z_scores(gaps[k].unsqueeze(1)).item() > -Z
+    for small, large in ((1, 4), (4, 16), (16, 64)):           # rises with K (independent draws)
+        assert z_scores((gaps[small] - gaps[large]).unsqueeze(1)).item() > Z
+    assert means[-1] < 0.5 * means[0]
+
+
+def test_renyi_alpha_zero_is_iwae_and_alpha_orders_bounds():
+    problem = perturbed()
+    values = {}
+    for alpha in (0.0, 0.5, 0.9, 2.0):
+        pyro.set_rng_seed(5)
+        with torch.no_grad():
+            values[alpha] = Renyi_ELBO(alpha, 8).example_bounds(problem.model, problem.guide, problem.x)[0]
+    pyro.set_rng_seed(5)
+    iwae = bound(build("iwae", num_particles=8), problem.model, problem.guide, problem.x)
+    pyro.set_rng_seed(5)
+    renyi0 = bound(build("renyi", num_particles=8, alpha=0.0), problem.model, problem.guide, problem.x)
+    assert torch.allclose(iwae, values[0.0].sum(), rtol=1e-12) and torch.allclose(renyi0, iwae, rtol=1e-12)
+    # same particles: 1/(1-α) log mean w^(1-α) is a power mean, decreasing in α
+    assert (values[0.0] >= values[0.5]).all() and (values[0.5] >= values[0.9]).all()
+    assert (values[0.5] >= values[2.0]).all() and (values[0.0] > values[0.9] + 1e-3).all()
+
+
+def test_iwae_equals_pyro_renyi_on_a_full_batch():
+    problem = perturbed()
+    ours, pyros = IWAE_ELBO(16), RenyiELBO(alpha=0, num_particles=16, max_plate_nesting=1, vectorize_particles=True)
+    grads = []
+    for elbo in (ours, pyros):
+        pyro.set_rng_seed(7)
+        with torch.no_grad():
+            value = elbo.loss(problem.model, problem.guide, problem.x)
+        grads.append((value, problem.gradients(elbo, 1, seed=8)))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_iwae_scales_after_the_log_mean_exp_under_subsampling():
+    # B = 6 of N = 60 examples, β = 0.5 on z, example 2 masked out: the bound must be
+    # (N/B) Σ_b mask_b · log mean_k exp(log p(x_b|z_kb) + β (log p(z_kb) − log q(z_kb|x_b)))
+    problem = perturbed(beta=0.5)
+    x, num_data, k = problem.x, 60, 32
+    mask = torch.ones(len(x), dtype=torch.bool)
+    mask[2] = False
+    problem.model(x), problem.guide(x)
+    pyro.set_rng_seed(11)
+    with torch.no_grad():
+        ours = IWAE_ELBO(k).loss(problem.model, problem.guide, x, num_data=num_data, mask=mask)
+    pyro.set_rng_seed(11)                                      # the same particles, by hand
+    with torch.no_grad():
+        q = problem.q(x)
+        z = q.rsample((k,))
+        log_w = (dist.Normal(z @ problem.lg.weight.T + problem.lg.bias, problem.lg.noise).to_event(1).log_prob(x)
+                 + problem.beta * (dist.Normal(0.0, 1.0).expand([problem.d]).to_event(1).log_prob(z) - q.log_prob(z)))
+        per_example = torch.logsumexp(log_w, 0) - math.log(k)
+    expected = num_data / len(x) * per_example[mask].sum()
+    assert -ours == pytest.approx(expected.item(), rel=1e-10)
+    # Pyro's RenyiELBO puts N/B inside the exp: log mean exp(10 log w) ≥ 10 log mean exp(log w)
+    problem.beta = 1.0
+    log_px = num_data / len(x) * problem.lg.log_marginal(x).sum()
+    values = {}
+    for name, elbo in (("ours", IWAE_ELBO(1000)),
+                       ("pyro", RenyiELBO(0, 1000, max_plate_nesting=1, vectorize_particles=True))):
+        pyro.set_rng_seed(12)
+        with torch.no_grad():
+            values[name] = -elbo.loss(problem.model, problem.guide, x, num_data=num_data)
+    assert values["ours"] < log_px < values["pyro"] - 20
+
+
+# --------------------------------------------------------------------------- gradients
+
+def test_stl_gradient_has_the_elbo_gradient_expectation():
+    problem = perturbed()
+    exact = problem.exact_gradient()
+    stl = problem.gradients(build("stl", num_particles=1), 40, copies=50)
+    trace = problem.gradients(build("trace", num_particles=1), 40, copies=50)
+    assert z_scores(stl, exact).abs().max() < Z
+    assert z_scores(trace, exact).abs().max() < Z
+    assert z_scores(stl - trace).abs().max() < Z              # paired: the same z for both
+
+
+def test_dreg_gradient_has_the_iwae_gradient_expectation():
+    problem = perturbed()
+    dreg = problem.gradients(build("dreg", num_particles=8), 40, copies=50)
+    iwae = problem.gradients(build("iwae", num_particles=8), 40, copies=50)
+    assert z_scores(dreg - iwae).abs().max() < Z
+    # the model's gradient (W, b) is IWAE's, draw for draw
+    assert torch.allclose(dreg[:, MOD], iwae[:, MOD], rtol=1e-9, atol=1e-12)
+    # the IWAE form of STL is biased for K > 1: the check above can tell
+    stl = problem.gradients(build("stl", num_particles=8), 40, copies=50)
+    assert z_scores(stl - iwae).abs().max() > Z
+
+
+@pytest.mark.parametrize("name,k", [("stl", 1), ("stl", 8), ("dreg", 8)])
+def test_encoder_gradient_is_exactly_zero_at_the_posterior(name, k):
+    problem = Problem()
+    grads = problem.gradients(build(name, num_particles=k), 20, names=ENCODER)
+    assert grads.abs().max() < 1e-10
+    iwae = problem.gradients(build("iwae", num_particles=k), 20, names=ENCODER)
+    assert iwae.std(0).max() > 0.1                             # the score term is not zero there
+
+
+def test_meanfield_and_trace_have_the_same_expected_loss():
+    problem = perturbed(guide="diagonal")
+    x = problem.x.repeat(50, 1)
+    problem.model(x), problem.guide(x)
+    with torch.no_grad():
+        exact = problem.exact_elbo().item() * 50
+    losses = {}
+    for name in ("trace", "meanfield"):
+        elbo = build(name, num_particles=1)
+        pyro.set_rng_seed(0)
+        with torch.no_grad():
+            losses[name] = torch.tensor([elbo.loss(problem.model, problem.guide, x) for _ in range(100)])
+    trace, meanfield = losses["trace"], losses["meanfield"]
+    assert abs(z_scores(trace.unsqueeze(1), -exact).item()) < Z
+    assert abs(z_scores(meanfield.unsqueeze(1), -exact).item()) < Z
+    assert abs(z_scores((trace - meanfield).unsqueeze(1)).item()) < Z
+
+
+# --------------------------------------------------------------------------- every estimator, every guide
+
+@pytest.mark.parametrize("guide", ["flow", "lowrank"])
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_runs_with_flow_and_low_rank_guides(name, guide):
+    problem = Problem(guide=guide, num_examples=5)
+    elbo = build(name, num_particles=3, alpha=0.5)
+    problem.model(problem.x, num_data=50), problem.guide(problem.x, num_data=50)
+    store = pyro.get_param_store()
+    params = [p for _, p in store.named_parameters()]
+    for p in params:
+        p.grad = None
+    pyro.set_rng_seed(0)
+    loss = bound_and_backward(elbo, problem.model, problem.guide, problem.x, num_data=50)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert any(p.grad.abs().sum() > 0 for n, p in store.named_parameters() if n.startswith(("flow", "factor")))
+    value = bound(elbo, problem.model, problem.guide, problem.x, num_data=50)
+    assert value.shape == () and torch.isfinite(value) and not value.requires_grad
+
+
+def test_tail_adaptive_reports_the_iwae_bound():
+    problem = perturbed()
+    values = []
+    for elbo in (build("tail-adaptive", num_particles=8), IWAE_ELBO(8)):
+        pyro.set_rng_seed(3)
+        values.append(bound(elbo, problem.model, problem.guide, problem.x))
+    assert isinstance(build("tail-adaptive", num_particles=8), TailAdaptive_ELBO)
+    assert values[0].item() == pytest.approx(values[1].item(), rel=1e-12)
