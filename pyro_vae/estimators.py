@@ -176,7 +176,23 @@ class _LateGradientScale:
 # The importance-weighted family
 # --------------------------------------------------------------------------
 
-class Renyi_ELBO(ELBO):
+class _FromDifferentiableLoss:
+    """``loss`` and ``loss_and_grads`` of Pyro's ELBO interface, from ``differentiable_loss``."""
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """−bound as a float (no gradients)."""
+        with torch.no_grad():
+            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """−bound as a float, after backpropagating the estimator's gradient."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return torch_item(loss)
+
+
+class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
     r"""Variational Rényi bound, correctly scaled under subsampling (Li & Turner 2016).
 
     For each example b, with K particles z_k ~ q(z|x_b) and log w_k = log p(x_b, z_k) − log q(z_k|x_b)::
@@ -250,17 +266,6 @@ class Renyi_ELBO(ELBO):
         bounds, scale = self.example_bounds(model, guide, *args, **kwargs)
         return -scale * bounds.sum()
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """−bound as a float (no gradients)."""
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """−bound as a float, after backpropagating the estimator's gradient."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
 
 
 class IWAE_ELBO(Renyi_ELBO):
@@ -345,7 +350,7 @@ class DReG_ELBO(STL_ELBO):
     doubly_reparameterized = True
 
 
-class TailAdaptive_ELBO(TraceTailAdaptive_ELBO):
+class TailAdaptive_ELBO(_FromDifferentiableLoss, TraceTailAdaptive_ELBO):
     r"""Pyro's tail-adaptive f-divergence gradient (Wang, Liu & Liu 2018), with a reportable loss.
 
     Gradient: exactly ``TraceTailAdaptive_ELBO``'s, −Σ_k γ_k ∇ log w_k / Σ_k γ_k
@@ -369,15 +374,6 @@ class TailAdaptive_ELBO(TraceTailAdaptive_ELBO):
         iwae = torch.logsumexp((log_p - log_q).detach(), dim=particle_dim) - math.log(self.num_particles)
         return -scale * iwae.sum() + (surrogate - surrogate.detach())
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
 
 
 # --------------------------------------------------------------------------
