@@ -1,0 +1,603 @@
+r"""Compare ELBO estimators on equal terms: ``pyro-vae compare``.
+
+Every estimator in the list is measured at the **same fixed parameters** (a
+fresh initialization from the spec's seed, or the trained checkpoint of
+``--at RUN_DIR``) on the **same fixed minibatch**: the first ``B =
+data.batch_size`` training examples, binarized once (under dynamic
+binarization) with a generator seeded by the comparison's seed. The minibatch
+is scaled to the N training examples as in training (``num_data = N``), and the
+KL weight is ``train.beta`` (1 unless the spec is a β-VAE), so one draw of an
+estimator's loss estimates −(full-data bound) and
+
+    bound per example = −loss / N                                  (nats per example)
+
+Over R draws (``--repeats``), each a full step (loss and backward, through
+:func:`pyro_vae.estimators.bound_and_backward`, so every estimator works,
+TraceGraph and tail-adaptive included):
+
+* ``bound_mean``, ``bound_std``: mean and standard deviation (R − 1) of the bound;
+* gradients: all encoder (guide, φ = ``vae.encoder_parameters()``) gradients
+  flattened into one vector per draw, likewise all decoder (model, θ =
+  ``vae.decoder_parameters()``) gradients; per element, the mean E[g] and
+  the variance Var[g] over the R draws (Welford, float64). Then
+
+      grad_var_*  = mean over all elements of Var[g]
+      grad_snr_*  = mean over elements of |E[g]| / std[g]       (as Rainforth et al. 2018 average per-parameter SNRs)
+
+  (``*_median`` columns: the median instead of the mean). Elements whose
+  gradient does not vary over the draws (std ≤ 10⁻⁶·|E[g]|: identically zero,
+  like the weights of an always-blank pixel, or deterministic) have no SNR
+  and are left out of the SNR summaries;
+* ``ms_per_step``: the median wall time of one full step (loss + backward),
+  after one untimed, validated warm-up step.
+
+Each estimator's draws start from the same seed. With ``--train-steps S``
+every estimator is also trained for S Adam steps (``optim.lr`` of the spec)
+from the same initial parameters and seed, on the same minibatch order, and
+reports the test ELBO (:func:`pyro_vae.evaluation.test_elbo`, one draw, closed
+KL where registered) along the way and at the end, and the importance-sampled
+test log-likelihood with ``--num-samples`` (default 500) draws per example.
+
+Tokens of ``--estimators``: ``trace``, ``meanfield``, ``tracegraph``, ``stl``
+(K = 1), ``iwae:K``, ``dreg:K``, ``tail-adaptive:K`` (K ≥ 2), ``renyi:K:ALPHA``.
+``tail-adaptive`` reports the IWAE bound of its K particles (it defines no
+value of its own) and its gradient is Pyro's, which carries a factor 1/K:
+compare its SNR, not its variance, with the others.
+
+Reading the numbers. IWAE's encoder SNR falls like 1/√K and DReG's rises like
+√K once K is large enough that the importance weights are not dominated by one
+particle, i.e. when q(z|x) is a good proposal (Rainforth et al.; Tucker et
+al.); with a narrow q in many dimensions (a mean-field VAE on MNIST with 50
+latent dimensions) both fall slowly over K = 1…64, with DReG's staying about
+twice IWAE's. ``meanfield``'s bound varies less than ``trace``'s far from the
+posterior (its KL term is exact), but near a good posterior the sampled
+log p(z) − log q(z|x) is negatively correlated with log p(x|z) and ``trace``'s
+sum can vary less.
+
+T. Rainforth, A. Kosiorek, T. A. Le, C. Maddison, M. Igl, F. Wood, Y. W. Teh,
+"Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
+G. Tucker, D. Lawson, S. Gu, C. J. Maddison, "Doubly Reparameterized Gradient
+Estimators for Monte Carlo Objectives", ICLR 2019.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyro_vae import estimators, evaluation, registry
+from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.spec import InferenceSpec, Spec
+
+ACCEPTED = ("trace, meanfield, tracegraph, stl, iwae:K, dreg:K, tail-adaptive:K, renyi:K:ALPHA "
+            "(K a positive integer, ALPHA a number other than 1)")
+SINGLE = ("trace", "meanfield", "tracegraph", "stl")
+WITH_K = ("iwae", "dreg", "tail-adaptive")
+FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
+DEFAULT_REPEATS = 100
+DEFAULT_NUM_SAMPLES = 500
+CURVE_POINTS = 20
+NOT_VARYING = 1e-6  # relative std below which an element's gradient counts as not varying
+COLUMNS = ("estimator", "k", "alpha", "bound_mean", "bound_std", "grad_snr_encoder", "grad_snr_decoder",
+           "grad_var_encoder", "grad_var_decoder", "grad_snr_encoder_median", "grad_snr_decoder_median",
+           "ms_per_step", "repeats")
+TRAINED_COLUMNS = ("train_steps", "test_elbo", "test_log_likelihood", "test_log_likelihood_stderr", "train_seconds")
+
+
+# --------------------------------------------------------------------------
+# The estimator list
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    """One estimator of the list: its registry name, K and (Rényi) α."""
+
+    name: str
+    k: int = 1
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name == "renyi":
+            return f"renyi:{self.k}:{self.alpha:g}"
+        return f"{self.name}:{self.k}" if self.name in WITH_K else self.name
+
+    def inference(self, base: InferenceSpec) -> InferenceSpec:
+        """``base`` with this estimator, K and α (every other setting kept)."""
+        alpha = base.alpha if self.alpha is None else self.alpha
+        return dataclasses.replace(base, estimator=self.name, num_particles=self.k, alpha=alpha)
+
+    def build(self, base: InferenceSpec):
+        """The Pyro ELBO, through the registry."""
+        return registry.get("estimator", self.name)(self.inference(base))
+
+
+def parse_token(token: str) -> Choice:
+    """One token of ``--estimators`` as a :class:`Choice`; a bad token is a one-line error."""
+    def bad(why: str = "") -> UserInputError:
+        return UserInputError(f"--estimators: {token!r} {why or 'is not an estimator token'}; accepted: {ACCEPTED}")
+
+    if token in SINGLE:
+        return Choice(token)
+    parts = token.split(":")
+    name = parts[0]
+    if (name in WITH_K and len(parts) == 2) or (name == "renyi" and len(parts) == 3):
+        if not re.fullmatch(r"\d+", parts[1]) or int(parts[1]) < 1:
+            raise bad(f"has K = {parts[1]!r}, not a positive integer")
+        k = int(parts[1])
+        if name == "tail-adaptive" and k < 2:
+            raise bad("has K = 1; the tail-adaptive estimator needs K >= 2")
+        if name != "renyi":
+            return Choice(name, k)
+        try:
+            alpha = float(parts[2])
+        except ValueError:
+            raise bad(f"has ALPHA = {parts[2]!r}, not a number") from None
+        if not math.isfinite(alpha) or alpha == 1.0:
+            raise bad(f"has ALPHA = {parts[2]!r}; it must be finite and not 1 (alpha = 1 is the ELBO: use trace)")
+        return Choice(name, k, alpha)
+    raise bad()
+
+
+def parse_estimators(text: str) -> list[Choice]:
+    """``--estimators`` (comma-separated tokens) as a list of :class:`Choice`, in order, no repeats."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise UserInputError(f"--estimators is empty; give a comma-separated list of: {ACCEPTED}")
+    choices = [parse_token(t) for t in tokens]
+    labels = [c.label for c in choices]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise UserInputError(f"--estimators lists {label!r} twice; give each estimator once")
+    return choices
+
+
+# --------------------------------------------------------------------------
+# Gradient statistics
+# --------------------------------------------------------------------------
+
+class Moments:
+    """Per-element mean and variance of a stream of equally long vectors (Welford, float64)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, vector: torch.Tensor) -> None:
+        vector = vector.detach().to(torch.float64)
+        if self.mean is None:
+            self.mean, self.m2 = torch.zeros_like(vector), torch.zeros_like(vector)
+        self.count += 1
+        delta = vector - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (vector - self.mean)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased (R − 1) variance per element."""
+        return self.m2 / max(self.count - 1, 1)
+
+
+def snr_summary(mean: torch.Tensor, variance: torch.Tensor) -> dict:
+    """Summaries of per-element gradient moments.
+
+    ``snr`` / ``snr_median``: the mean / median over elements of |mean| / std,
+    over the elements whose gradient varies (std > 10⁻⁶·|mean|); ``var``: the
+    mean of the variance over all elements; ``varying``: how many elements
+    entered the SNR. NaN where no element varies (or there are none).
+    """
+    mean, variance = mean.double().flatten(), variance.double().flatten().clamp_min(0)
+    std = variance.sqrt()
+    varying = std > NOT_VARYING * mean.abs()
+    snr = mean[varying].abs() / std[varying]
+    nan = float("nan")
+    return {"snr": snr.mean().item() if snr.numel() else nan,
+            "snr_median": snr.median().item() if snr.numel() else nan,
+            "var": variance.mean().item() if variance.numel() else nan,
+            "varying": int(varying.sum()), "elements": mean.numel()}
+
+
+def flat_gradient(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """All the parameters' gradients as one vector (zeros where a parameter got none)."""
+    parts = [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().reshape(-1)
+             for p in parameters]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------
+# Measuring at fixed parameters
+# --------------------------------------------------------------------------
+
+def fixed_minibatch(data, batch_size: int, seed: int) -> torch.Tensor:
+    """The first ``batch_size`` training examples, binarized once with ``seed`` under dynamic binarization."""
+    x = data.train[:min(batch_size, data.num_train)]
+    if data.binarize == "dynamic":
+        x = torch.bernoulli(x.cpu(), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    return x
+
+
+def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, bar=None) -> dict:
+    """Bound, gradient moments and time of one estimator over ``repeats`` draws at the current parameters.
+
+    Parameters are not changed (their gradients are, and are cleared at the end).
+    """
+    from pyro_vae.training import seed_everything
+
+    encoder, decoder = vae.encoder_parameters(), vae.decoder_parameters()
+    moments = {"encoder": Moments(), "decoder": Moments()}
+    bounds, seconds = [], []
+    pyro.clear_param_store()
+    seed_everything(seed)
+    with pyro.validation_enabled(True):  # warm-up, untimed, validated
+        vae.zero_grad(set_to_none=True)
+        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data)
+    with pyro.validation_enabled(False):
+        for _ in range(repeats):
+            vae.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss = estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data)
+            loss = float(loss)  # waits for the device, inside the timed step
+            seconds.append(time.perf_counter() - start)
+            bounds.append(-loss / num_data)
+            moments["encoder"].add(flat_gradient(encoder))
+            moments["decoder"].add(flat_gradient(decoder))
+            if bar is not None:
+                bar.update(1)
+    vae.zero_grad(set_to_none=True)
+    pyro.clear_param_store()
+    row = {"bound_mean": statistics.fmean(bounds),
+           "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan")}
+    for part, stream in moments.items():
+        summary = snr_summary(stream.mean, stream.variance)
+        row[f"grad_snr_{part}"], row[f"grad_snr_{part}_median"] = summary["snr"], summary["snr_median"]
+        row[f"grad_var_{part}"] = summary["var"]
+    row["ms_per_step"] = 1000 * statistics.median(seconds)
+    row["repeats"] = repeats
+    return row
+
+
+# --------------------------------------------------------------------------
+# Training each estimator from the same start
+# --------------------------------------------------------------------------
+
+def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps: int, seed: int,
+                    num_samples: int = DEFAULT_NUM_SAMPLES, bar=None) -> tuple[dict, list[tuple[int, float]]]:
+    """Train ``choice`` for ``steps`` Adam steps from ``initial_state``; (final figures, test-ELBO curve).
+
+    The curve holds (step, test ELBO) at step 0, about every ``steps / 20`` steps, and at the end.
+    A non-finite loss or gradient ends that estimator's training with NaN figures.
+    """
+    from pyro_vae.training import Trainer, epoch_order, seed_everything
+
+    spec = dataclasses.replace(spec, inference=choice.inference(spec.inference))
+    trainer = Trainer(spec, None, data=data, show_progress=False)
+    vae = trainer.vae
+    vae.load_state_dict(initial_state)
+    vae.train()
+    seed_everything(seed)
+    every = max(1, steps // CURVE_POINTS)
+    curve = [(0, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"])]
+    start, order = time.perf_counter(), None
+    nan = float("nan")
+    for step in range(steps):
+        epoch, position = divmod(step, trainer.steps_per_epoch)
+        if position == 0:
+            order = epoch_order(trainer.data.num_train, spec.train.seed, epoch).to(trainer.device)
+        index = order[position * trainer.batch_size:(position + 1) * trainer.batch_size]
+        try:
+            loss, largest = trainer.step(trainer.data.training_batch(index))
+        except NonFiniteError:
+            loss = largest = torch.tensor(nan)
+        trainer.progress.global_step += 1
+        if not (math.isfinite(float(loss)) and math.isfinite(float(largest))):
+            tqdm.write(f"{choice.label}: non-finite loss or gradient at step {step + 1}; its training stopped",
+                       file=sys.stderr)
+            curve.append((step + 1, nan))
+            return {"train_steps": step + 1, "test_elbo": nan, "test_log_likelihood": nan,
+                    "test_log_likelihood_stderr": nan, "train_seconds": time.perf_counter() - start}, curve
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append((step + 1, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"]))
+        if bar is not None:
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    result = evaluation.evaluate(vae, trainer.data.test, num_samples)
+    pyro.clear_param_store()
+    return {"train_steps": steps, "test_elbo": curve[-1][1], "test_log_likelihood": result["log_likelihood"],
+            "test_log_likelihood_stderr": result["log_likelihood_stderr"], "train_seconds": seconds}, curve
+
+
+# --------------------------------------------------------------------------
+# The whole comparison
+# --------------------------------------------------------------------------
+
+def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT_REPEATS, seed: int | None = None,
+            train_steps: int = 0, num_samples: int = DEFAULT_NUM_SAMPLES,
+            show_progress: bool = True) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+    """Measure (and with ``train_steps`` train) every estimator at ``vae``'s current parameters.
+
+    Returns one row per estimator (the CSV's columns) and, when trained, the test-ELBO curves by label.
+    """
+    seed = spec.train.seed if seed is None else seed
+    x = fixed_minibatch(data, spec.data.batch_size, seed)
+    initial_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    vae.kl_weight = spec.train.beta
+    rows, curves = [], {}
+    for choice in choices:
+        elbo = choice.build(spec.inference)
+        bar = tqdm(total=repeats, desc=f"measuring {choice.label}", disable=not show_progress, leave=False, unit="draw")
+        row = {"estimator": choice.label, "k": choice.k, "alpha": choice.alpha if choice.alpha is not None else ""}
+        row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar))
+        bar.close()
+        rows.append(row)
+        if show_progress:
+            tqdm.write(f"{choice.label}: bound {row['bound_mean']:.3f} ± {row['bound_std']:.3f} nats, SNR encoder "
+                       f"{row['grad_snr_encoder']:.3g} decoder {row['grad_snr_decoder']:.3g}, "
+                       f"{row['ms_per_step']:.1f} ms/step", file=sys.stderr)
+    vae.load_state_dict(initial_state)
+    if train_steps:
+        for choice, row in zip(choices, rows):
+            bar = tqdm(total=train_steps, desc=f"training {choice.label}", disable=not show_progress, leave=False,
+                       unit="step")
+            result, curves[choice.label] = train_estimator(spec, choice, data, initial_state, train_steps, seed,
+                                                           num_samples, bar)
+            bar.close()
+            row.update(result)
+            if show_progress:
+                tqdm.write(f"{choice.label}: after {result['train_steps']} steps test ELBO {result['test_elbo']:.3f}, "
+                           f"log-likelihood {result['test_log_likelihood']:.3f} nats", file=sys.stderr)
+    return rows, curves
+
+
+# --------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns = list(COLUMNS) + [c for c in TRAINED_COLUMNS if any(c in row for row in rows)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _g(value, digits: int = 3) -> str:
+    return "—" if value is None or value == "" or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (bounds in nats per example)."""
+    trained = any("test_elbo" in row for row in rows)
+    head = ["estimator", "K", "bound (nats) mean ± std", "SNR enc mean (median)", "SNR dec mean (median)",
+            "var enc", "var dec", "ms/step"]
+    if trained:
+        head += ["test ELBO", "test log-lik"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["estimator"], str(row["k"]), f"{row['bound_mean']:.2f} ± {row['bound_std']:.2f}",
+                 f"{_g(row['grad_snr_encoder'])} ({_g(row['grad_snr_encoder_median'])})",
+                 f"{_g(row['grad_snr_decoder'])} ({_g(row['grad_snr_decoder_median'])})", _g(row["grad_var_encoder"]),
+                 _g(row["grad_var_decoder"]), f"{row['ms_per_step']:.1f}"]
+        if trained:
+            cells += [f"{row['test_elbo']:.2f}", f"{row['test_log_likelihood']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(rows: list[dict], about: list[str], path: Path) -> None:
+    text = ["# Estimator comparison", "", *[f"- {line}" for line in about], "", markdown_table(rows), ""]
+    path.write_text("\n".join(text))
+
+
+def _families(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by estimator family (renyi by α), each sorted by K."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        name = row["estimator"].split(":")[0]
+        if name == "renyi":
+            name = f"renyi α={row['alpha']:g}"
+        groups.setdefault(name, []).append(row)
+    return {name: sorted(group, key=lambda r: r["k"]) for name, group in groups.items()}
+
+
+def plot_snr(rows: list[dict], path: Path) -> None:
+    """Encoder and decoder SNR against K, log-log; iwae and dreg as lines, the rest as markers."""
+    from matplotlib import ticker
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    families = _families(rows)
+    for ax, part in zip(axes, ("encoder", "decoder")):
+        for name, group in families.items():
+            ks = [r["k"] for r in group]
+            snr = [r[f"grad_snr_{part}"] for r in group]
+            style = {"iwae": {"marker": "o", "linewidth": 2},
+                     "dreg": {"marker": "D", "linewidth": 2, "linestyle": "--"}}.get(name, {"marker": "s", "linestyle": ":"})
+            ax.plot(ks, snr, label=name, **style)
+        iwae = families.get("iwae")
+        if iwae and len(iwae) > 1 and iwae[0][f"grad_snr_{part}"] > 0:
+            k0, s0 = iwae[0]["k"], iwae[0][f"grad_snr_{part}"]
+            ks = [r["k"] for r in iwae]
+            power = -0.5 if part == "encoder" else 0.5
+            ax.plot(ks, [s0 * (k / k0) ** power for k in ks], color="gray", linestyle="--", linewidth=1,
+                    label="∝ 1/√K" if part == "encoder" else "∝ √K")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ks = sorted({r["k"] for r in rows})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("K (particles)")
+        ax.set_ylabel("mean per-parameter SNR |E[g]| / std[g]")
+        ax.set_title(f"{part} ({'guide, φ' if part == 'encoder' else 'model, θ'})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def plot_bounds(rows: list[dict], path: Path) -> None:
+    """Each estimator's bound: mean ± std over the draws."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    names = [r["estimator"] for r in rows]
+    ax.errorbar([r["bound_mean"] for r in rows], range(len(rows)), xerr=[r["bound_std"] for r in rows],
+                fmt="o", capsize=4)
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("bound on the fixed minibatch, nats per example (mean ± std over draws)")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Test ELBO against training step, one line per estimator."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, curve in curves.items():
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=label)
+    ax.set_xlabel("training step (same start, seed and minibatches for every estimator)")
+    ax.set_ylabel("test ELBO, nats per example")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def machine() -> str:
+    """The processor's model name (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".strip()
+
+
+def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps: int, num_samples: int) -> list[str]:
+    """The lines that say what was compared, and where."""
+    m = spec.model
+    batch = min(spec.data.batch_size, data.num_train)
+    lines = [
+        f"data: {spec.data.name} (N = {data.num_train} training, {data.test.shape[0]} test examples, "
+        f"binarize: {data.binarize}); model: latent_dim {m.latent_dim}, encoder {m.encoder.type} {m.encoder.hidden} "
+        f"{m.encoder.activation}, decoder {m.decoder.type} {m.decoder.hidden} {m.decoder.activation}, "
+        f"prior {m.prior.type}, guide {m.guide.type}, likelihood {m.likelihood.type}",
+        f"parameters: {start}",
+        f"minibatch: the first {batch} training examples" + (
+            f", binarized once with seed {seed}" if data.binarize == "dynamic" else "")
+        + f", scaled to N (bound per example = −loss / N); R = {repeats} draws per estimator, seed {seed}",
+        "SNR: per parameter element |E[g]| / std[g] over the R draws, averaged over the encoder's (guide) and the "
+        "decoder's (model) elements whose gradient varies; var: mean per-element gradient variance",
+        f"ms/step: median time of loss + backward; {machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"device {spec.train.device}",
+    ]
+    if train_steps:
+        lines.append(f"trained: {train_steps} Adam steps (lr {spec.optim.lr}, batch {batch}) per estimator from the same "
+                     f"parameters and seed; test ELBO (one draw, closed-form KL where registered) and "
+                     f"importance-sampled log-likelihood with {num_samples} samples, over the "
+                     f"{data.test.shape[0]} test examples, nats per example")
+    lines.append(f"written {datetime.now().strftime('%Y-%m-%d %H:%M')}")
+    return lines
+
+
+def write_report(out: Path, rows: list[dict], curves: dict, about: list[str]) -> None:
+    """comparison.csv, comparison.md, snr.png, bounds.png and (trained) curves.png in ``out``."""
+    write_csv(rows, out / "comparison.csv")
+    write_markdown(rows, about, out / "comparison.md")
+    plot_snr(rows, out / "snr.png")
+    plot_bounds(rows, out / "bounds.png")
+    if curves:
+        plot_curves(curves, out / "curves.png")
+    else:
+        (out / "curves.png").unlink(missing_ok=True)  # not from an earlier, trained comparison
+
+
+# --------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------
+
+def add_parser(commands, add_spec_options) -> argparse.ArgumentParser:
+    """Register ``pyro-vae compare`` on the CLI's subcommands."""
+    parser = commands.add_parser("compare", help="compare ELBO estimators: bounds, gradient SNR, time, training")
+    add_spec_options(parser)
+    parser.add_argument("--estimators", required=True, metavar="LIST",
+                        help=f"comma-separated: {ACCEPTED}")
+    parser.add_argument("--at", type=Path, metavar="RUN_DIR",
+                        help="measure at this run's trained checkpoint, with its spec (default: a fresh initialization)")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="R",
+                        help=f"draws per estimator (default {DEFAULT_REPEATS})")
+    parser.add_argument("--train-steps", type=int, default=0, metavar="S",
+                        help="also train each estimator S steps from the same start and report test figures")
+    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
+                        help=f"importance samples for the test log-likelihood after training (default {DEFAULT_NUM_SAMPLES})")
+    parser.add_argument("--seed", type=int, help="seed of the minibatch, the draws and training (default train.seed)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="report folder (default runs/compare-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _prepare_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"--out '{out}' is not a writable folder ({exc.strerror or exc})") from None
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    """``pyro-vae compare``: check every input, measure, train, write the report, print the table."""
+    from pyro_vae.spec import load_spec
+    from pyro_vae.training import Trainer, load_run, seed_everything
+
+    choices = parse_estimators(args.estimators)
+    if args.repeats < 2:
+        raise UserInputError(f"--repeats must be an integer >= 2 (a standard deviation needs two draws), got {args.repeats}")
+    if args.train_steps < 0:
+        raise UserInputError(f"--train-steps must be a non-negative integer, got {args.train_steps}")
+    if args.num_samples < 1:
+        raise UserInputError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    if args.at is not None:
+        clashes = [flag for flag, given in (("--config", args.config is not None), ("--set", bool(args.overrides)))
+                   if given]
+        if clashes:
+            raise UserInputError(f"--at measures with that run's own spec; it cannot be combined with {', '.join(clashes)}")
+        spec, vae, data = load_run(args.at)
+        seed = spec.train.seed if args.seed is None else args.seed
+        seed_everything(seed)
+        start = f"the trained checkpoint of {args.at}"
+    else:
+        overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+        spec = load_spec(args.config, overrides)
+        trainer = Trainer(spec, None, show_progress=False)  # checks data, model and a first pass
+        spec, vae, data, seed = trainer.spec, trainer.vae, trainer.data, spec.train.seed
+        start = f"a fresh initialization (seed {seed})"
+    for choice in choices:  # every estimator builds before any time is spent
+        choice.build(spec.inference)
+    out = _prepare_out(args.out or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    rows, curves = compare(spec, vae, data, choices, repeats=args.repeats, seed=seed, train_steps=args.train_steps,
+                           num_samples=args.num_samples, show_progress=not args.no_progress)
+    about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
+    write_report(out, rows, curves, about)
+    print(markdown_table(rows))
+    print(out)
