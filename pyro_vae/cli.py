@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, metavar="FILE.png")
 
     commands.add_parser("configs", help="list the packaged specs")
+
+    from pyro_vae import compare
+    compare.add_parser(commands, _add_spec_options)
     return parser
 
 
@@ -78,7 +81,8 @@ def run_train(args: argparse.Namespace) -> None:
         if clashes:
             raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
         trainer = training.resume(args.resume, args.epochs, show_progress=not args.no_progress)
-        print(trainer.run_dir)
+        if trainer.dist.is_main:  # under torchrun, rank 0 alone prints
+            print(trainer.run_dir)
         return
     overrides = list(args.overrides)
     for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("train.device", args.device)):
@@ -87,7 +91,8 @@ def run_train(args: argparse.Namespace) -> None:
     spec = load_spec(args.config, overrides)
     run_dir = args.out or default_run_dir(spec)
     trainer = training.train(spec, run_dir, force=args.force, show_progress=not args.no_progress)
-    print(trainer.run_dir)
+    if trainer.dist.is_main:  # under torchrun, rank 0 alone prints
+        print(trainer.run_dir)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -126,6 +131,12 @@ def run_configs(args: argparse.Namespace) -> None:
         print(f"{name:<24} {config_summary(path)}")
 
 
+def run_compare(args: argparse.Namespace) -> None:
+    from pyro_vae import compare
+
+    compare.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pyro_vae.training import TrainingInterrupted, is_out_of_memory
 
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "configs": run_configs}[args.command]
+        handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "configs": run_configs,
+                   "compare": run_compare}[args.command]
         handler(args)
         return 0
     except UserInputError as exc:

@@ -98,6 +98,7 @@ def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cp
     if spec.test_size is not None:
         data = replace(data, test=data.test[:spec.test_size],
                        test_labels=None if data.test_labels is None else data.test_labels[:spec.test_size])
+    check_size(data, spec.name)
     check_finite(data.train, f"data '{spec.name}' (training split)")
     check_finite(data.test, f"data '{spec.name}' (test split)")
     return binarized(data, resolve_binarization(spec), seed).to(device)
@@ -127,6 +128,13 @@ def binarized(data: Dataset, mode: str, seed: int) -> Dataset:
     if mode == "dynamic":
         return replace(data, test=torch.bernoulli(data.test, generator=generator), binarize=mode)
     return replace(data, binarize=mode)
+
+
+def check_size(data: Dataset, name: str) -> None:
+    """At least one training and one test example, each with at least one value."""
+    if data.train.shape[0] == 0 or data.test.shape[0] == 0 or data.data_dim == 0:
+        raise UserInputError(f"data '{name}' has {data.train.shape[0]} training and {data.test.shape[0]} test examples "
+                             f"of {data.data_dim} values; at least one of each, with at least one value, is needed")
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -165,11 +173,12 @@ def _torchvision(spec: DataSpec, cls_name: str, name: str) -> Dataset:
     cls = getattr(torchvision.datasets, cls_name)
     try:
         splits = [cls(root=str(root), train=train, download=spec.download) for train in (True, False)]
-    except RuntimeError as exc:
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:
         if spec.download:
             raise UserInputError(f"could not download {cls_name} into '{root}': {' '.join(str(exc).split())}") from None
         raise UserInputError(
-            f"data root '{root}' has no {cls_name} files (expected {root}/{cls_name}/raw/train-images-idx3-ubyte); "
+            f"data root '{root}' has no readable {cls_name} files ({' '.join(str(exc).split())[:100]}; expected "
+            f"{root}/{cls_name}/raw/train-images-idx3-ubyte); "
             f"set data.root or ${DATA_ENV} to a torchvision root, or data.download: true on a machine with a network") from None
     train, test = (s.data.reshape(s.data.shape[0], -1).float() / 255.0 for s in splits)
     return Dataset(name, train, test, splits[0].targets.clone(), splits[1].targets.clone(), image_shape=(1, 28, 28))
@@ -246,6 +255,9 @@ def read_array(path: Path) -> torch.Tensor:
         raise UserInputError(f"cannot read data file '{path}': {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(array, torch.Tensor) or array.dim() < 2 or array.dtype.is_complex:
         raise UserInputError(f"data file '{path}' must hold one numeric array of shape (N, D) or (N, H, W) or (N, C, H, W)")
+    if array.numel() == 0:
+        raise UserInputError(f"data file '{path}' holds an empty array of shape {tuple(array.shape)}; "
+                             f"at least one example with at least one value is needed")
     return array.float()
 
 

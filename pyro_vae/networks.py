@@ -58,6 +58,9 @@ class MLPDecoder(nn.Module):
 def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int]) -> tuple[int, int, int]:
     if image_shape is None:
         raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); this dataset is flat vectors: use mlp")
+    if not channels:
+        raise UserInputError("a conv network needs at least one entry in 'channels' (model.encoder.channels, "
+                             "model.decoder.channels), e.g. [32, 64]")
     c, h, w = image_shape
     factor = 2 ** len(channels)
     if h % factor or w % factor:

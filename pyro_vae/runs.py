@@ -30,14 +30,29 @@ def default_run_dir(spec: Spec) -> Path:
     return Path("runs") / f"{spec.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_new_run(run_dir: Path, spec: Spec, force: bool) -> None:
+    """Refuse, without writing anything, a folder that holds another run (unless ``force``) or cannot be written."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists() and not force:
+        try:
+            what = "the same spec" if read_spec(run_dir) == spec else "a different spec"
+        except UserInputError:
+            what = "an unreadable spec"
+        raise UserInputError(
+            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"output folder '{run_dir}' cannot be made: '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"output folder '{run_dir}' is not writable (no write permission on '{existing}')")
+
+
 def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
     """Create ``run_dir`` for a new run; refuse a folder that holds another run unless ``force``."""
     run_dir = Path(run_dir)
-    if (run_dir / CONFIG).exists() and not force:
-        existing = read_spec(run_dir)
-        what = "the same spec" if existing == spec else "a different spec"
-        raise UserInputError(
-            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
+    check_new_run(run_dir, spec, force)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -53,9 +68,17 @@ def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole: a temporary file, fsync'ed, then renamed over it."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise UserInputError(f"cannot write '{path}' ({exc.strerror or exc})") from None
 
 
 def read_spec(run_dir: Path) -> Spec:
@@ -65,9 +88,14 @@ def read_spec(run_dir: Path) -> Spec:
         raise UserInputError(f"'{run_dir}' is not a run folder (no {CONFIG})")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except OSError as exc:
+        raise UserInputError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserInputError(f"'{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
-    return Spec.from_dict(raw)
+    try:
+        return Spec.from_dict(raw)
+    except UserInputError as exc:
+        raise UserInputError(f"'{path}': {exc}") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
