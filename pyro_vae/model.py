@@ -45,6 +45,9 @@ class VAE(nn.Module):
         self.guide_head, self.prior, self.likelihood = guide_head, prior, likelihood
         self.latent_dim = latent_dim
         self.kl_weight = 1.0
+        # pyro.module on every call; a trainer that owns the optimizer turns it off once the
+        # parameters are registered (it walks every parameter into the param store each step)
+        self.register_modules = True
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None) -> "VAE":
@@ -80,6 +83,8 @@ class VAE(nn.Module):
 
     def _kl_scale(self):
         """β on the z sites; β = 0 masks them (Pyro's scale must be positive), leaving E_q[log p(x|z)]."""
+        if isinstance(self.kl_weight, torch.Tensor):  # a traced step's β input (pyro_vae.compiled), 0 < β
+            return poutine.scale(scale=self.kl_weight)
         if self.kl_weight == 1.0:
             return contextlib.nullcontext()
         if self.kl_weight == 0.0:
@@ -88,9 +93,10 @@ class VAE(nn.Module):
 
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples."""
-        pyro.module("decoder", self.decoder)
-        pyro.module("prior", self.prior)
-        pyro.module("likelihood", self.likelihood)
+        if self.register_modules:
+            pyro.module("decoder", self.decoder)
+            pyro.module("prior", self.prior)
+            pyro.module("likelihood", self.likelihood)
         with self._plate(x, num_data):
             with self._kl_scale():
                 z = pyro.sample("z", self.prior_distribution())
@@ -98,8 +104,9 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q_φ(z|x) over the same plate."""
-        pyro.module("encoder", self.encoder)
-        pyro.module("guide", self.guide_head)
+        if self.register_modules:
+            pyro.module("encoder", self.encoder)
+            pyro.module("guide", self.guide_head)
         with self._plate(x, num_data):
             with self._kl_scale():
                 return pyro.sample("z", self.posterior(x))

@@ -1,0 +1,351 @@
+"""The training step without Pyro's per-step Python: a cached trace, optionally compiled.
+
+Where a training step's time goes (784-400-20 network, batch 128, one CPU thread;
+``benchmarks/overhead.py``): the networks' matrix multiplies, the backward pass
+and Adam are the same work as in a hand-written PyTorch step; on top of that,
+every eager Pyro step runs the model and the guide through the effect-handler
+stack (``pyro.module`` walking the parameters into the param store, plates and
+their subsample sites, the trace data structures, ``compute_log_prob`` and
+``compute_score_parts`` for every site, ``warn_if_nan``) and ``Trace_ELBO``
+converts four values to Python floats (``.item()``, a host sync per value on a
+GPU). That is a fixed cost of Python per step, a few hundred microseconds to
+milliseconds on these machines, not more arithmetic.
+
+``inference.compile: true`` removes it while the model and guide stay Pyro
+programs and the estimator stays Pyro's (or this package's) ``ELBO`` class:
+
+1. **Trace once** (per batch shape): the estimator's ``differentiable_loss`` and
+   ``torch.autograd.grad`` of it are run once under ``make_fx``, which records
+   the aten operations the Pyro program and the backward pass executed (random
+   draws included, as operations) into a graph whose inputs are the parameters,
+   the buffers, the batch and the KL weight β. Pyro's host conversions
+   (``torch_item``, ``warn_if_nan``) are made tensor-valued while tracing only;
+   values are unchanged. The model's structure must not depend on the values
+   of tensors (true of every part in this package).
+2. **Check**: the graph is run once against the eager estimator from the same
+   generator state; loss and gradients must agree (they agree bit for bit), or
+   training continues eagerly with one log line.
+3. **Compile** the graph with TorchInductor (fused elementwise kernels; random
+   draws through the same generator as eager, ``fallback_random``), checked the
+   same way within float tolerance. Where Inductor is unavailable (no C++
+   compiler, an unsupported device) the checked graph is replayed as it is,
+   again with one log line.
+
+Every step after that calls the graph: no effect handlers, no autograd tape,
+no host sync. Generator states are saved and restored around tracing, so a run
+draws the same random numbers as an eager run of the same seed. The first
+``training.VALIDATED_STEPS`` steps always run eagerly with Pyro's validation on.
+
+:func:`adam` is the optimizer of both paths: ``torch.optim.Adam`` with the
+fused kernel where the device has one (one kernel for all parameters instead of
+a Python loop of ~10 small ops per parameter tensor).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pyro_vae import estimators
+
+#: environment switch: ``0`` replays the traced graph without Inductor (tests, debugging)
+INDUCTOR_ENV = "PYRO_VAE_INDUCTOR"
+LOSS_RTOL = 1e-4      # compiled vs eager, relative to the loss
+GRAD_RTOL = 1e-3      # compiled vs eager, relative to each gradient tensor's largest entry
+
+
+# --------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------
+
+def adam_options(params: list[torch.Tensor]) -> dict:
+    """``fused=True`` where every parameter is a float tensor on a device with a fused Adam kernel."""
+    devices = {p.device.type for p in params}
+    floats = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params)
+    if params and floats and len(devices) == 1 and devices <= {"cpu", "cuda"}:
+        return {"fused": True}
+    return {}
+
+
+def adam(params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with the fused kernel where available (same update rule, one kernel)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, **adam_options(params))
+    except (RuntimeError, TypeError, ValueError):  # a torch without a fused kernel for this device
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+# --------------------------------------------------------------------------
+# Generators: tracing must not move them
+# --------------------------------------------------------------------------
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+@contextlib.contextmanager
+def _host_free_pyro():
+    """While tracing: Pyro's ``torch_item`` returns a detached tensor and ``warn_if_nan`` does nothing.
+
+    ``Trace_ELBO.differentiable_loss`` returns ``loss + (surrogate − item(surrogate))``;
+    with a detached tensor in place of the float the value and the gradient are
+    the same, and no value leaves the device.
+    """
+    import pyro.infer.trace_elbo
+    import pyro.infer.trace_mean_field_elbo
+    import pyro.infer.tracegraph_elbo
+    import pyro.poutine.trace_struct
+
+    def item(x):
+        return x.detach() if torch.is_tensor(x) else x
+
+    def no_warning(value, *args, **kwargs):
+        return value
+
+    replacements = {"torch_item": item, "warn_if_nan": no_warning, "warn_if_inf": no_warning}
+    modules = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo, pyro.infer.tracegraph_elbo,
+               pyro.poutine.trace_struct, estimators)
+    saved = [(m, name, getattr(m, name)) for m in modules for name in replacements if hasattr(m, name)]
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, replacements[name])
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def _keeps_random(node: torch.fx.Node) -> bool:
+    """Dead-code elimination must keep random draws, so the graph consumes the generator as eager does."""
+    if node.is_impure():
+        return True
+    tags = getattr(node.target, "tags", ())
+    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags
+
+
+# --------------------------------------------------------------------------
+# The objective as a module, so functional_call can make parameters graph inputs
+# --------------------------------------------------------------------------
+
+class _Objective(nn.Module):
+    """−bound of ``elbo`` for ``vae`` on a batch, β as a tensor (so warm-up needs no new trace)."""
+
+    def __init__(self, elbo, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.elbo = elbo
+
+    def forward(self, x: torch.Tensor, beta, num_data: int) -> torch.Tensor:
+        vae = self.vae
+        saved_weight, saved_register = vae.kl_weight, getattr(vae, "register_modules", True)
+        vae.kl_weight = beta
+        vae.register_modules = False  # no pyro.param with a traced tensor in the param store
+        try:
+            return self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data=num_data)
+        finally:
+            vae.kl_weight, vae.register_modules = saved_weight, saved_register
+
+
+class Graph:
+    """Loss and gradients of one batch shape, as one traced (and maybe compiled) function."""
+
+    def __init__(self, fn: Callable, grad_slots: list[int], compiled: bool):
+        self.fn, self.grad_slots, self.compiled = fn, grad_slots, compiled
+
+    def __call__(self, params, buffers, x, beta):
+        with torch.no_grad():
+            return self.fn(params, buffers, x, beta)
+
+
+class CompiledStep:
+    """``bound_and_backward`` of an estimator, traced once per batch shape and replayed.
+
+    ``step(x, num_data)`` leaves each parameter's gradient in ``.grad`` and
+    returns the detached loss, exactly like :func:`estimators.bound_and_backward`
+    (which it calls while Pyro's validation is on, and for good after a failure).
+    """
+
+    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool | None = None):
+        self.elbo, self.vae = elbo, vae
+        self.log = log or logging.getLogger("pyro_vae")
+        if inductor is None:
+            inductor = os.environ.get(INDUCTOR_ENV, "1") != "0"
+        self.inductor = inductor
+        self.objective = _Objective(elbo, vae)
+        self.graphs: dict[tuple, Graph] = {}
+        self.failed: str | None = None
+        self.inductor_shape: tuple | None = None  # Inductor compiles the first (full) batch shape only
+        self._beta: torch.Tensor | None = None
+        self._inputs: tuple | None = None  # (names, parameters, buffers); parameters must not be replaced
+        if not hasattr(elbo, "differentiable_loss"):
+            self._give_up(f"{type(elbo).__name__} has no differentiable_loss to trace")
+
+    # -- the step ---------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, num_data: int) -> torch.Tensor:
+        from pyro.infer.util import is_validation_enabled
+
+        if self.failed is not None or is_validation_enabled():
+            return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data)
+        if self._inputs is None:  # the module's parameters and buffers, looked up once
+            names, params = self._parameters()
+            self._inputs = (names, params, [b for _, b in self.objective.named_buffers()])
+        names, params, buffers = self._inputs
+        beta = self._beta_tensor(x.device)
+        key = (x.shape, x.dtype, x.device, num_data, _beta_kind(self.vae.kl_weight))
+        graph = self.graphs.get(key)
+        if graph is None:
+            start = _rng_state(x.device)
+            try:
+                graph, loss, grads = self._build(key, names, params, buffers, x, beta, num_data)
+            except Exception as exc:  # anything tracing cannot take: run as Pyro always does
+                _set_rng_state(x.device, start)
+                self._give_up(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+                return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data)
+            self.graphs[key] = graph
+        else:
+            loss, grads = graph(params, buffers, x, beta)
+        for slot, grad in zip(graph.grad_slots, grads):
+            params[slot].grad = grad
+        return loss
+
+    @property
+    def mode(self) -> str:
+        """``eager``, ``traced`` or ``inductor``: how the last built graph runs."""
+        if self.failed is not None or not self.graphs:
+            return "eager"
+        return "inductor" if any(g.compiled for g in self.graphs.values()) else "traced"
+
+    # -- building ---------------------------------------------------------------
+    def _parameters(self) -> tuple[list[str], list[torch.Tensor]]:
+        pairs = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
+        return [n for n, _ in pairs], [p for _, p in pairs]
+
+    def _beta_tensor(self, device: torch.device) -> torch.Tensor:
+        value = float(self.vae.kl_weight)
+        if self._beta is None or self._beta.device != device:
+            self._beta = torch.tensor(value, device=device)
+            self._beta_value = value
+        elif value != self._beta_value:
+            self._beta.fill_(value)  # a kernel launch, no host sync
+            self._beta_value = value
+        return self._beta
+
+    def _build(self, key, names, params, buffers, x, beta, num_data):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        buffer_names = [n for n, _ in self.objective.named_buffers()]
+        grad_slots: list[int] = []
+        # β = 1 and β = 0 change the program's structure (no scale, a mask): a constant of the
+        # graph; any other β is an input, so a KL warm-up replays one graph
+        constant_beta = float(self.vae.kl_weight) if key[-1] != "scaled" else None
+
+        def loss_and_grads(params_, buffers_, x_, beta_):
+            state = {**dict(zip(names, params_)), **dict(zip(buffer_names, buffers_))}
+            beta_arg = beta_ if constant_beta is None else constant_beta
+            loss = torch.func.functional_call(self.objective, state, (x_, beta_arg), {"num_data": num_data})
+            grads = torch.autograd.grad(loss, params_, allow_unused=True)
+            grad_slots[:] = [i for i, g in enumerate(grads) if g is not None]
+            return loss.detach(), [g for g in grads if g is not None]
+
+        device = x.device
+        start = _rng_state(device)
+        inputs = [p.detach().requires_grad_(True) for p in params]
+        with _host_free_pyro():
+            traced = make_fx(loss_and_grads)(inputs, list(buffers), x, beta)
+        traced.graph.eliminate_dead_code(is_impure_node=_keeps_random)
+        traced.recompile()
+        slots = list(grad_slots)
+
+        # the eager estimator from the same generator state: the reference
+        _set_rng_state(device, start)
+        ref_loss, ref_grads = self._eager_reference(params, x, num_data)
+        graph = Graph(traced, slots, compiled=False)
+        _set_rng_state(device, start)
+        loss, grads = graph(params, buffers, x, beta)
+        problem = _mismatch(ref_loss, ref_grads, loss, grads, slots)
+        if problem:
+            raise RuntimeError(f"the traced step differs from the eager one ({problem})")
+        after = _rng_state(device)
+
+        if self.inductor and self.inductor_shape in (None, key[0]):
+            self.inductor_shape = key[0]
+            try:
+                compiled = Graph(torch.compile(traced, backend="inductor", dynamic=False,
+                                               options={"fallback_random": True}), slots, compiled=True)
+                _set_rng_state(device, start)
+                c_loss, c_grads = compiled(params, buffers, x, beta)
+                problem = _mismatch(ref_loss, ref_grads, c_loss, c_grads, slots)
+                if problem:
+                    raise RuntimeError(f"compiled step differs from the eager one ({problem})")
+                self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
+                              f"{tuple(x.shape)} is traced once and compiled with TorchInductor")
+                return compiled, c_loss, c_grads
+            except Exception as exc:  # no C++ compiler, unsupported device, a lowering failure
+                self.inductor = False
+                _set_rng_state(device, after)
+                self.log.info(f"inference.compile: TorchInductor unavailable ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:160]}); replaying the traced step without it")
+        elif not self.graphs:
+            self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
+                          f"{tuple(x.shape)} is traced once and replayed (TorchInductor off)")
+        return graph, loss, grads
+
+    def _eager_reference(self, params, x, num_data):
+        vae = self.vae
+        saved = getattr(vae, "register_modules", True)
+        vae.register_modules = False
+        try:
+            loss = self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data=num_data)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            vae.register_modules = saved
+        return loss.detach(), grads
+
+    def _give_up(self, reason: str) -> None:
+        self.failed = reason
+        self.graphs.clear()
+        self.log.info(f"inference.compile: cannot compile this step ({reason}); training eagerly")
+
+
+def _beta_kind(beta: float) -> str:
+    return "one" if beta == 1.0 else "zero" if beta == 0.0 else "scaled"
+
+
+def _mismatch(ref_loss, ref_grads, loss, grads, slots) -> str | None:
+    """Why (loss, grads) differ from the eager reference beyond float tolerance, or None."""
+    if [i for i, g in enumerate(ref_grads) if g is not None] != slots:
+        return "different parameters receive gradients"
+    scale = max(float(ref_loss.abs()), 1.0)
+    if not math.isfinite(float(loss)) or abs(float(loss) - float(ref_loss)) > LOSS_RTOL * scale:
+        return f"loss {float(loss):.6g} vs {float(ref_loss):.6g}"
+    for slot, grad in zip(slots, grads):
+        ref = ref_grads[slot]
+        tol = GRAD_RTOL * max(float(ref.abs().max()), 1e-12)
+        if grad.shape != ref.shape or not bool(((grad - ref).abs() <= tol).all()):
+            return "gradients"
+    return None
+
+
+def build_step(elbo, vae: nn.Module, compile: bool, log: logging.Logger | None = None) -> Callable:
+    """The trainer's ``(x, num_data) → loss`` step: traced and compiled, or Pyro's eager one."""
+    if compile:
+        return CompiledStep(elbo, vae, log)
+
+    def eager(x: torch.Tensor, num_data: int) -> torch.Tensor:
+        return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data)
+
+    return eager

@@ -1,0 +1,274 @@
+"""The fast paths compute what the plain ones do.
+
+- The traced step (``inference.compile``, :mod:`pyro_vae.compiled`) replays the
+  eager Pyro step *bit for bit* on the CPU: same generator draws, same losses,
+  same parameters after several Adam steps, for every estimator that has a
+  ``differentiable_loss`` and every part of the package; what it cannot trace
+  runs eagerly after one log line, with the same results.
+- The fused Adam is Adam (within float32 rounding of the unfused loop).
+- The fast Bernoulli log-likelihood of evaluation agrees with float64.
+- A trainer keeps everything on its device; on a GPU (where there is one) a
+  run agrees with the CPU run within float tolerance when both draw the same ε.
+
+TorchInductor itself (tens of seconds per compile) is checked only with
+``PYRO_VAE_TEST_INDUCTOR=1``; ``inference.compile`` checks every compiled graph
+against the eager step when it builds it, and falls back if they differ.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae import compiled, evaluation, fast_likelihood, registry, training
+from pyro_vae.model import VAE
+from pyro_vae.spec import Spec, load_spec
+
+SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
+         "model.decoder.hidden=[16]", "train.epochs=2"]
+
+
+@pytest.fixture(autouse=True)
+def no_inductor_one_thread(monkeypatch):
+    """Inductor off; one thread (tiny networks: two OpenMP threads only wait for each other on a busy machine)."""
+    monkeypatch.setenv(compiled.INDUCTOR_ENV, "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_spec(estimator="meanfield", particles=1, **model) -> Spec:
+    raw = {"model": {"latent_dim": 3, "encoder": {"hidden": [16], "channels": [4]},
+                     "decoder": {"hidden": [16], "channels": [4]}, **model},
+           "inference": {"estimator": estimator, "num_particles": particles}}
+    return Spec.from_dict(raw)
+
+
+def train_steps(spec: Spec, x: torch.Tensor, traced: bool, steps: int = 5, beta=lambda i: 1.0,
+                log: logging.Logger | None = None):
+    """Steps on alternating halves of x (a last, smaller batch too); returns losses, parameters, the step."""
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    vae = VAE.from_spec(spec.model, x.shape[1], (1, 8, 8))
+    elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
+    optimizer = compiled.adam(vae.parameters(), 1e-2, (0.9, 0.999))
+    step = compiled.CompiledStep(elbo, vae, log, inductor=False) if traced else compiled.build_step(elbo, vae, False)
+    losses = []
+    half = x.shape[0] // 2
+    for i in range(steps):
+        vae.kl_weight = beta(i)
+        batch = x[:half] if i % 2 == 0 else x[half:]
+        if i == steps - 1:
+            batch = batch[:half - 3]
+        optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(i == 0):
+            losses.append(step(batch, 1000))
+        optimizer.step()
+    return torch.stack(losses), [p.detach().clone() for p in vae.parameters()], step
+
+
+def binary_data(n=24, d=64, seed=1):
+    return torch.bernoulli(torch.rand(n, d, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("estimator, particles", [
+    ("meanfield", 1), ("trace", 1), ("iwae", 3), ("renyi", 2), ("stl", 1), ("dreg", 3), ("tail-adaptive", 2)])
+def test_traced_step_replays_the_eager_step_bit_for_bit(estimator, particles):
+    spec = small_spec(estimator, particles)
+    x = binary_data()
+    eager_losses, eager_params, _ = train_steps(spec, x, traced=False)
+    traced_losses, traced_params, step = train_steps(spec, x, traced=True)
+    assert step.mode == "traced" and len(step.graphs) == 2  # the full batch and the last, smaller one
+    # gradients are the same bits; Pyro's eager loss value adds Python floats (double), the trace float32
+    assert torch.allclose(eager_losses, traced_losses, rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, traced_params))
+
+
+@pytest.mark.parametrize("model", [
+    {"prior": {"type": "mog", "components": 3}, "guide": {"type": "low-rank-normal", "rank": 2}},
+    {"prior": {"type": "vamp", "pseudo_inputs": 4}, "guide": {"type": "full-normal"}},
+    {"prior": {"type": "flow"}, "guide": {"type": "iaf"}},
+    {"prior": {"type": "learned-normal"}, "likelihood": {"type": "gaussian", "scale": "learned"}},
+    {"encoder": {"type": "conv", "channels": [4], "hidden": [16]}, "decoder": {"type": "conv", "channels": [4], "hidden": [16]},
+     "likelihood": {"type": "continuous-bernoulli"}},
+])
+def test_traced_step_matches_eager_for_every_kind_of_part(model):
+    spec = small_spec("meanfield", 1, **model)
+    continuous = model.get("likelihood", {}).get("type") in ("gaussian", "continuous-bernoulli")
+    x = torch.rand(24, 64, generator=torch.Generator().manual_seed(2)) if continuous else binary_data()
+    _, eager_params, _ = train_steps(spec, x, traced=False, steps=3)
+    _, traced_params, step = train_steps(spec, x, traced=True, steps=3)
+    assert step.mode == "traced", step.failed
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, traced_params))
+
+
+def test_a_kl_warm_up_replays_one_graph_with_beta_as_an_input():
+    spec = small_spec("meanfield")
+    x = binary_data()
+    betas = lambda i: [1.0, 0.25, 0.5, 0.75, 0.3][i]  # noqa: E731  (step 0 is eager and validated)
+    eager_losses, eager_params, _ = train_steps(spec, x, traced=False, beta=betas)
+    traced_losses, traced_params, step = train_steps(spec, x, traced=True, beta=betas)
+    assert len(step.graphs) == 2  # β = 0.25 … 0.75 share the full batch's graph; the last batch has its own
+    assert torch.allclose(eager_losses, traced_losses, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(eager_params, traced_params))
+
+
+def test_what_cannot_be_traced_runs_eagerly_after_one_log_line(caplog):
+    log = logging.getLogger("pyro_vae.test")
+    x = binary_data()
+    for spec in (small_spec("tracegraph"), small_spec("dreg", 2, guide={"type": "iaf"})):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
+            eager_losses, eager_params, _ = train_steps(spec, x, traced=False)
+            traced_losses, traced_params, step = train_steps(spec, x, traced=True, log=log)
+        lines = [r.getMessage() for r in caplog.records if "inference.compile" in r.getMessage()]
+        assert step.mode == "eager" and len(lines) == 1 and "training eagerly" in lines[0], lines
+        assert torch.equal(eager_losses, traced_losses)  # a failed trace leaves the generators alone
+        assert all(torch.equal(a, b) for a, b in zip(eager_params, traced_params))
+
+
+def test_the_compile_switch_trains_the_same_run(tmp_path):
+    """``inference.compile: true`` end to end (Inductor off): the same metrics as the eager run."""
+    eager = training.Trainer(load_spec(None, SMALL), None, show_progress=False)
+    eager.fit()
+    fast = training.Trainer(load_spec(None, [*SMALL, "inference.compile=true"]), None, show_progress=False)
+    fast.fit()
+    assert fast.loss_and_grads.mode == "traced"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(eager.progress.metrics) == strip(fast.progress.metrics)
+    assert all(torch.equal(a, b) for a, b in zip(eager.vae.parameters(), fast.vae.parameters()))
+
+
+def test_parameters_are_registered_with_pyro_once_and_the_program_stays_pyro():
+    trainer = training.Trainer(load_spec(None, SMALL), None, show_progress=False)
+    x = trainer.data.training_batch(torch.arange(20))
+    trainer.step(x)
+    names = set(pyro.get_param_store().keys())
+    assert {"encoder$$$net.0.weight", "decoder$$$net.0.weight"} <= names
+    trainer.step(x)
+    assert trainer.vae.register_modules  # only the trainer's hot loop skips the walk
+    model_trace = pyro.poutine.trace(trainer.vae.model).get_trace(x)
+    assert any(site["type"] == "param" for site in model_trace.nodes.values())
+
+
+def test_fused_adam_is_adam():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(50, 20)), torch.nn.Parameter(torch.randn(20))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused, plain = compiled.adam(params, 1e-2, (0.9, 0.999)), torch.optim.Adam(copies, lr=1e-2)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in params]
+        for group, gs in ((params, grads), (copies, grads)):
+            for p, g in zip(group, gs):
+                p.grad = g.clone()
+        fused.step()
+        plain.step()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, copies))
+
+
+def test_fast_bernoulli_log_likelihood_agrees_with_float64():
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.rand(7, 784))
+    for spread in (1.0, 8.0, 40.0):
+        logits = torch.randn(300, 7, 784) * spread
+        exact = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.double(), x.double().expand_as(logits), reduction="none").sum(-1)
+        plain = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, x.expand_as(logits), reduction="none").sum(-1)
+        fast = fast_likelihood.bernoulli_log_prob(logits, x, fast_likelihood.Scratch())
+        plain_error = (plain.double() - exact).abs().max().item()
+        fast_error = (fast.double() - exact).abs().max().item()
+        assert fast_error <= max(2 * plain_error, 1e-4 * exact.abs().max().item()), (spread, fast_error, plain_error)
+    assert fast_likelihood.group_size(784) == 56 and fast_likelihood.group_size(64) == 64
+    assert fast_likelihood.group_size(97) == 1
+
+
+def test_evaluation_takes_the_fast_path_only_where_it_is_exact():
+    pyro.set_rng_seed(0)
+    vae = VAE.from_spec(small_spec().model, 64).eval()
+    binary, grey = binary_data(30), torch.rand(30, 64)
+    with torch.no_grad():
+        z = torch.randn(11, 30, 3)
+        out = vae.decoder(z)
+        reference = vae.likelihood(out).log_prob(binary)
+        assert torch.allclose(fast_likelihood.log_prob(vae.likelihood, out, binary), reference, rtol=1e-5, atol=1e-4)
+        assert torch.equal(out, vae.decoder(z))  # the decoder's output is not overwritten
+    torch.manual_seed(3)
+    fast = evaluation.evaluate(vae, binary, num_samples=50, memory_mb=0.05)  # several chunks
+    torch.manual_seed(3)
+    original = fast_likelihood.log_prob
+    try:
+        fast_likelihood.log_prob = lambda lik, out, x, *a: lik(out).log_prob(x)
+        slow = evaluation.evaluate(vae, binary, num_samples=50, memory_mb=0.05)
+    finally:
+        fast_likelihood.log_prob = original
+    for key in ("elbo", "log_likelihood", "reconstruction", "kl"):
+        assert math.isclose(fast[key], slow[key], rel_tol=1e-5), key
+
+
+def _standard_normal_on_cpu(generator):
+    """ε drawn on the CPU from ``generator`` and moved to the device: the same ε on every device."""
+    def draw(shape, dtype, device):
+        return torch.randn(shape, dtype=dtype, generator=generator).to(device)
+    return draw
+
+
+def run_with_fixed_eps(device: str, monkeypatch) -> training.Trainer:
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
+                        _standard_normal_on_cpu(torch.Generator().manual_seed(5)))
+    spec = load_spec(None, [*SMALL, "data.binarize=static", f"train.device={device}"])
+    trainer = training.Trainer(spec, None, show_progress=False)
+    trainer.fit()
+    return trainer
+
+
+def test_a_trainer_keeps_everything_on_its_device(monkeypatch):
+    trainer = run_with_fixed_eps("cpu", monkeypatch)
+    device = trainer.device
+    assert all(t.device == device for t in (trainer.data.train, trainer.data.test, *trainer.vae.parameters(),
+                                             *trainer.vae.buffers()))
+    assert all(s.device == device for state in trainer.optimizer.state.values() for s in state.values()
+               if torch.is_tensor(s) and s.dim() > 0)
+    again = run_with_fixed_eps("cpu", monkeypatch)
+    assert trainer.progress.metrics[-1]["test_elbo"] == again.progress.metrics[-1]["test_elbo"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_gpu_run_agrees_with_the_cpu_run_within_float_tolerance(monkeypatch):
+    cpu = run_with_fixed_eps("cpu", monkeypatch)
+    gpu = run_with_fixed_eps("cuda", monkeypatch)
+    assert gpu.data.train.is_cuda and all(p.is_cuda for p in gpu.vae.parameters())
+    for a, b in zip(cpu.progress.metrics, gpu.progress.metrics):
+        assert math.isclose(a["train_elbo"], b["train_elbo"], rel_tol=1e-4, abs_tol=1e-3)
+    for p, q in zip(cpu.vae.parameters(), gpu.vae.parameters()):
+        assert torch.allclose(p, q.cpu(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("PYRO_VAE_TEST_INDUCTOR") != "1",
+                    reason="TorchInductor compiles take tens of seconds; set PYRO_VAE_TEST_INDUCTOR=1")
+def test_inductor_compiled_step_matches_eager_within_float_tolerance(monkeypatch):
+    spec = small_spec("trace")
+    x = binary_data()
+    eager_losses, eager_params, _ = train_steps(spec, x, traced=False)
+    pyro.set_rng_seed(0)
+    vae = VAE.from_spec(spec.model, x.shape[1])
+    step = compiled.CompiledStep(registry.get("estimator", "trace")(spec.inference), vae, inductor=True)
+    optimizer = compiled.adam(vae.parameters(), 1e-2, (0.9, 0.999))
+    half = x.shape[0] // 2
+    losses = []
+    for i in range(5):
+        batch = x[:half] if i % 2 == 0 else x[half:]
+        batch = batch[:half - 3] if i == 4 else batch
+        optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(i == 0):
+            losses.append(step(batch, 1000))
+        optimizer.step()
+    assert step.mode == "inductor"
+    assert torch.allclose(torch.stack(losses), eager_losses, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(vae.parameters(), eager_params))
