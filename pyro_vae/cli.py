@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_help()
-            return 2
+            raise UserInputError("choose a command: train, evaluate, sample, configs, compare (see --help)")
         handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "configs": run_configs,
                    "compare": run_compare}[args.command]
         handler(args)

@@ -9,13 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 
 def _show_images(ax, images: torch.Tensor, image_shape, nrow: int) -> None:
     if image_shape is None:  # flat vectors: one row per example, as a heat map
         ax.imshow(images.cpu().numpy(), aspect="auto", cmap="viridis")
         return
+    from torchvision.utils import make_grid  # torchvision is slow to import: only when drawing
+
     grid = make_grid(images.reshape(-1, *image_shape).clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
     ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -69,9 +70,10 @@ def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path) -> 
         points = torch.cat([torch.from_numpy(points), torch.zeros(points.shape[0], 1)], 1).numpy()
         axes_names = ("E[z|x]", "")
     fig, ax = plt.subplots(figsize=(6, 5))
-    colour = None if labels is None else labels.cpu().numpy()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap="tab10", s=6, alpha=0.8)
-    if labels is not None:
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.8)
+    else:
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6, alpha=0.8)
         fig.colorbar(scatter, ax=ax, label="label")
     ax.set_xlabel(axes_names[0])
     ax.set_ylabel(axes_names[1])

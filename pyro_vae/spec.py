@@ -70,7 +70,7 @@ class PriorSpec:
     type: str = field(default="standard-normal", metadata=_range(kind="prior"))
     components: int = field(default=10, metadata=_range(1))
     pseudo_inputs: int = field(default=100, metadata=_range(1))
-    flows: int = field(default=2, metadata=_range(1))
+    flows: int = field(default=2, metadata=_range(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
 
 
@@ -78,7 +78,7 @@ class PriorSpec:
 class GuideSpec:
     type: str = field(default="diagonal-normal", metadata=_range(kind="guide"))
     rank: int = field(default=2, metadata=_range(1))
-    flows: int = field(default=2, metadata=_range(1))
+    flows: int = field(default=2, metadata=_range(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
     min_scale: float = field(default=1e-4, metadata=_range(0, open_low=True))
 
@@ -203,6 +203,8 @@ def read_yaml(path: Path) -> dict:
         text = Path(path).read_text()
     except OSError as exc:
         raise UserInputError(f"cannot read spec file '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"spec file '{path}' is not UTF-8 text") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -260,7 +262,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise UserInputError(f"'{where}' must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise UserInputError(
             f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(fields)}")
@@ -347,6 +349,9 @@ def _check_cross_field(spec: Spec) -> None:
     if model.guide.type == "low-rank-normal" and model.guide.rank > model.latent_dim:
         raise UserInputError(
             f"'model.guide.rank' is {model.guide.rank}; it must be between 1 and model.latent_dim ({model.latent_dim})")
+    for part, key in ((model.prior, "model.prior"), (model.guide, "model.guide")):
+        if part.type in ("flow", "iaf") and not part.hidden:
+            raise UserInputError(f"'{key}.hidden' is []; a {part.type} needs at least one hidden layer, e.g. [64]")
     if spec.data.name == "file" and spec.data.path is None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
     if spec.inference.estimator == "renyi" and spec.inference.alpha == 1.0:

@@ -115,3 +115,20 @@ def test_malformed_yaml_file_names_the_file(tmp_path):
         load_spec(str(bad))
     with pytest.raises(UserInputError, match="packaged"):
         load_spec("no-such-config")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.prior.type=flow", "model.prior.hidden=[]"], "model.prior.hidden"),
+    (["model.guide.type=iaf", "model.guide.hidden=[]"], "model.guide.hidden"),
+    (["model.prior.flows=100000"], "model.prior.flows"),
+])
+def test_flows_need_hidden_layers_and_a_sane_count(overrides, key):
+    assert f"'{key}'" in error_of(overrides=overrides)
+
+
+def test_mixed_type_unknown_keys_and_non_utf8_files_are_one_line_errors(tmp_path):
+    assert "unknown key" in error_of({1: 2, "foo": 3})
+    binary = tmp_path / "spec.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model: 1")
+    with pytest.raises(UserInputError, match="UTF-8"):
+        load_spec(str(binary))
