@@ -61,13 +61,6 @@ class VAE(nn.Module):
         likelihood = registry.get("likelihood", spec.likelihood.type)(spec.likelihood, data_dim)
         return cls(encoder, decoder, guide_head, prior, likelihood, d)
 
-    @torch.no_grad()
-    def initialize_from(self, examples: torch.Tensor) -> None:
-        """Let parts that start from data (a VampPrior's pseudo-inputs) see the training set."""
-        initialize = getattr(self.prior, "initialize_from", None)
-        if initialize is not None:
-            initialize(examples)
-
     # -- the distributions, usable without Pyro's effect handlers ------------------
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q_φ(z | x), batch shape (B,), event shape (d,)."""

@@ -7,9 +7,8 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
 - ``learned-normal``: N(μ, diag σ²) with learnable μ, σ.
 - ``mog``: Σ_k π_k N(μ_k, diag σ_k²), K = ``components``, all learnable.
 - ``vamp``: the VampPrior p(z) = (1/K) Σ_k q_φ(z | u_k) at K learnable
-  pseudo-inputs u_k (Tomczak & Welling 2018), started at K random training
-  examples. It shares the encoder with the guide; with a flow guide its
-  components are the guide's Gaussian part.
+  pseudo-inputs u_k (Tomczak & Welling 2018). It shares the encoder with the
+  guide; with a flow guide its components are the guide's Gaussian part.
 - ``flow``: N(0, I) pushed through ``flows`` masked autoregressive transforms
   (Papamakarios et al. 2017), so log p(z) costs one network pass per flow:
   log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|.
@@ -51,9 +50,7 @@ class MixtureOfGaussians(nn.Module):
     def __init__(self, latent_dim: int, components: int):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(components))
-        # means near 0: the mixture starts close to N(0, I) and splits as it learns
-        # (unit-variance means sit √d apart in d dimensions, far from every early posterior)
-        self.loc = nn.Parameter(0.1 * torch.randn(components, latent_dim))
+        self.loc = nn.Parameter(torch.randn(components, latent_dim))
         self.raw_scale = nn.Parameter(torch.full((components, latent_dim), 0.5413))
 
     def forward(self) -> dist.TorchDistribution:
@@ -67,19 +64,6 @@ class VampPrior(nn.Module):
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, data_dim))
         # shared with the guide, not owned: keep them out of this module's parameters
         self._posterior = (encoder, guide)
-
-    def initialize_from(self, examples: torch.Tensor) -> None:
-        """Start the pseudo-inputs at K random training examples (grey levels, not binarized).
-
-        Near-identical pseudo-inputs make every component q(z|u_k) the same narrow
-        Gaussian, a prior far tighter than N(0, I) that slows early training badly.
-        """
-        count = self.pseudo_inputs.shape[0]
-        index = torch.randperm(examples.shape[0])[:count]
-        chosen = examples[index.to(examples.device)]
-        if chosen.shape[0] < count:  # fewer examples than pseudo-inputs: repeat them
-            chosen = chosen.repeat(-(-count // chosen.shape[0]), 1)[:count]
-        self.pseudo_inputs.copy_(chosen.to(self.pseudo_inputs.device))
 
     def forward(self) -> dist.TorchDistribution:
         encoder, guide = self._posterior

@@ -245,7 +245,6 @@ class Trainer:
         self.data = (data or load_dataset(spec.data, spec.train.seed)).to(self.device)
         pyro.clear_param_store()
         self.vae = VAE.from_spec(spec.model, self.data.data_dim, self.data.image_shape).to(self.device)
-        self.vae.initialize_from(self.data.train)
         self.dist.broadcast_parameters(self.vae)
         check_memory(self.vae, self.device)
         self.check_data()
