@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
               f"NLL difference {abs(fast['log_likelihood'] - plain['log_likelihood']):.2e} nats (same draws)")
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak resident memory of this process: {peak:.0f} MB\n")
+    print(f"\npeak resident memory of this benchmark process (data, libraries and the GEMM probes included): "
+          f"{peak:.0f} MB\n")
     print("| K | images | chunk | seconds | µs per draw | GEMM GFLOP/s | floor s (4096²) | floor s (decoder shapes) "
           "| seconds / floor | log-likelihood (nats) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
