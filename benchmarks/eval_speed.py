@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import time
@@ -35,16 +34,7 @@ from pyro_vae import evaluation, fast_likelihood
 from pyro_vae.data import load_dataset
 from pyro_vae.model import VAE
 from pyro_vae.spec import load_spec
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from machine import cpu_name
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:

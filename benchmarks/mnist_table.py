@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,18 +21,9 @@ import torch
 from pyro_vae import evaluation
 from pyro_vae.spec import load_spec, packaged_configs
 from pyro_vae.training import load_run, seed_everything, train
+from machine import cpu_name
 
 SPECS = ["mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_row(name: str, epochs: int, num_samples: int, out: Path, device: str) -> dict:

@@ -39,7 +39,6 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyro
@@ -49,18 +48,9 @@ import torch.nn.functional as F
 from pyro_vae import compiled, training
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.spec import Spec
+from machine import cpu_name
 
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_spec(args, estimator: str, compile_: bool) -> Spec:

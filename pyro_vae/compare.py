@@ -79,7 +79,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import estimators, evaluation, registry
+from pyro_vae import estimators, evaluation, registry, runs
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.spec import InferenceSpec, Spec
 
@@ -555,14 +555,7 @@ def add_parser(commands, add_spec_options) -> argparse.ArgumentParser:
 
 
 def _prepare_out(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserInputError(f"--out '{out}' is not a writable folder ({exc.strerror or exc})") from None
-    return out
+    return runs.writable_folder(out, "--out")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -49,17 +49,23 @@ def check_new_run(run_dir: Path, spec: Spec, force: bool) -> None:
         raise UserInputError(f"output folder '{run_dir}' is not writable (no write permission on '{existing}')")
 
 
+def writable_folder(folder: Path, what: str) -> Path:
+    """Create ``folder`` and prove it writable, or one line naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"{what} '{folder}' is not writable ({exc.strerror or exc})") from None
+    return folder
+
+
 def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
     """Create ``run_dir`` for a new run; refuse a folder that holds another run unless ``force``."""
     run_dir = Path(run_dir)
     check_new_run(run_dir, spec, force)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserInputError(f"output folder '{run_dir}' is not writable ({exc.strerror or exc})") from None
+    writable_folder(run_dir, "output folder")
     if force:
         for name in (METRICS, CHECKPOINT, LOG):
             (run_dir / name).unlink(missing_ok=True)
