@@ -5,8 +5,12 @@ specs all use dynamic binarization, batch 100, seed 0); only the parts differ.
 Columns: test ELBO, importance-sampled log-likelihood with K samples, active
 units, seconds per training epoch. Each run folder is kept under --out.
 
-    PYRO_VAE_DATA=../shared/data python benchmarks/mnist_table.py --epochs 10
-    python benchmarks/mnist_table.py --only mnist-vamp --epochs 10   # rerun one row
+    PYRO_VAE_DATA=../shared/data python benchmarks/mnist_table.py --epochs 30
+    PYRO_VAE_DATA=../shared/data python benchmarks/mnist_table.py --epochs 30 --only mnist-mog   # rerun one row
+
+Rows may run in separate processes at once (``--only``, same ``--out``): each
+appends to ``rows.jsonl`` and rewrites ``mnist_table.md`` from the newest row
+of every spec trained for the same number of epochs.
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ def run_row(name: str, epochs: int, num_samples: int, out: Path, device: str) ->
     metrics = trainer.progress.metrics
     return {
         "spec": name,
+        "epochs": epochs,
+        "threads": torch.get_num_threads(),
         "test_elbo": metrics[-1]["test_elbo"],
         "log_likelihood": result["log_likelihood"],
         "log_likelihood_stderr": result["log_likelihood_stderr"],
@@ -52,12 +58,26 @@ def run_row(name: str, epochs: int, num_samples: int, out: Path, device: str) ->
     }
 
 
+def latest_rows(rows_path: Path, epochs: int) -> list[dict]:
+    """The newest row of each spec trained for ``epochs`` epochs, in table order.
+
+    Rows accumulate in one file, so rows run by separate processes (or rerun
+    alone with ``--only``) end up in one table.
+    """
+    latest = {}
+    for line in rows_path.read_text().splitlines():
+        row = json.loads(line)
+        if row["epochs"] == epochs:
+            latest[row["spec"]] = row
+    return [latest[name] for name in SPECS if name in latest]
+
+
 def markdown(rows: list[dict], epochs: int, num_samples: int, device: str) -> str:
     lines = [
         f"Budget: {epochs} epochs, batch 100, seed 0, dynamic binarization, Adam lr 1e-3, estimator `meanfield`; "
         f"test set binarized once (seed 0); log-likelihood by importance sampling with K = {num_samples} "
         f"(± one standard error over the 10,000 test images). Machine: {cpu_name()}, "
-        f"{torch.get_num_threads()} threads, device {device}; torch {torch.__version__}.",
+        f"{'/'.join(sorted({str(r['threads']) for r in rows}))} torch thread(s) per run, device {device}; torch {torch.__version__}.",
         "",
         "| spec | test ELBO (nats) | log-likelihood (nats) | active units | s / epoch |",
         "| --- | --- | --- | --- | --- |",
@@ -70,20 +90,20 @@ def markdown(rows: list[dict], epochs: int, num_samples: int, device: str) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--only", nargs="*", default=SPECS, choices=SPECS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/mnist_table"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     for name in args.only:
-        rows.append(run_row(name, args.epochs, args.num_samples, args.out, args.device))
-        print(json.dumps(rows[-1]), flush=True)
-        (args.out / "rows.jsonl").open("a").write(json.dumps(rows[-1]) + "\n")
-    table = markdown(rows, args.epochs, args.num_samples, args.device)
-    (args.out / "mnist_table.md").write_text(table)
+        row = run_row(name, args.epochs, args.num_samples, args.out, args.device)
+        print(json.dumps(row), flush=True)
+        with (args.out / "rows.jsonl").open("a") as rows_file:
+            rows_file.write(json.dumps(row) + "\n")
+        table = markdown(latest_rows(args.out / "rows.jsonl", args.epochs), args.epochs, args.num_samples, args.device)
+        (args.out / "mnist_table.md").write_text(table)
     print(table)
 
 
