@@ -23,6 +23,7 @@ from torch.nn.functional import softplus
 
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
+from pyro_vae.mixtures import gaussian_mixture
 from pyro_vae.spec import PriorSpec
 
 
@@ -57,8 +58,7 @@ class MixtureOfGaussians(nn.Module):
         self.raw_scale = nn.Parameter(torch.full((components, latent_dim), 0.5413))
 
     def forward(self) -> dist.TorchDistribution:
-        components = dist.Normal(self.loc, softplus(self.raw_scale)).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return gaussian_mixture(self.logits, dist.Normal(self.loc, softplus(self.raw_scale)).to_event(1))
 
 
 class VampPrior(nn.Module):
@@ -71,8 +71,7 @@ class VampPrior(nn.Module):
     def forward(self) -> dist.TorchDistribution:
         encoder, guide = self._posterior
         components = guide.gaussian(encoder(self.pseudo_inputs))
-        mixing = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]))
-        return dist.MixtureSameFamily(mixing, components)
+        return gaussian_mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components)
 
 
 class MaskedAutoregressiveFlow(nn.Module):
