@@ -61,8 +61,13 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int, binary: bool | None
 
 @torch.no_grad()
 def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: float = 512.0,
-             hidden: int = 1024) -> dict:
-    """All the per-example bounds on ``data``, averaged, with their standard errors."""
+             hidden: int = 1024, per_example: bool = False) -> dict:
+    """All the per-example bounds on ``data``, averaged, with their standard errors.
+
+    ``per_example=True`` adds ``"per_example"``: the ELBO and log-likelihood
+    estimate of every example (float64 tensors), for paired comparisons of two
+    models on the same data.
+    """
     was_training = vae.training
     vae.eval()
     chunk = chunk_size(num_samples, data.shape[1], hidden, memory_mb)
@@ -96,6 +101,8 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
         "num_examples": n,
         "units": "nats per example",
     }
+    if per_example:
+        summary["per_example"] = {"elbo": values["elbo"].cpu(), "log_likelihood": values["ll"].cpu()}
     return summary
 
 
