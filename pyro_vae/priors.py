@@ -82,6 +82,12 @@ class MaskedAutoregressiveFlow(nn.Module):
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
         self.flows = nn.ModuleList(T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(flows))
+        for transform in self.flows:
+            # the last layer gives each flow's shift and log-scale: zero makes it the identity, so the prior
+            # starts at N(0, I) (as the mog prior does) and unused latent dimensions cost no KL from the start
+            last = transform.arn.layers[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self) -> dist.TorchDistribution:
         base = dist.Normal(self.loc, self.scale).to_event(1)

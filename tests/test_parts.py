@@ -130,3 +130,12 @@ def test_kl_warmup_rises_linearly_to_beta():
     metrics = Trainer(load_spec(None, [*SMALL, "train.epochs=2", "train.kl_warmup_epochs=2"]), None,
                       show_progress=False).fit()
     assert 0 < metrics[0]["kl_weight"] < metrics[1]["kl_weight"] <= 1.0
+
+
+def test_flow_prior_starts_at_the_standard_normal():
+    """Each flow's last layer starts at zero (identity transform): unused latent dimensions cost no KL at first."""
+    spec = load_spec(None, [*SMALL, "model.prior.type=flow"])
+    prior = Trainer(spec, None, show_progress=False).vae.prior_distribution()
+    z = torch.randn(64, spec.model.latent_dim, generator=torch.Generator().manual_seed(0))
+    standard = torch.distributions.Normal(0.0, 1.0).expand([spec.model.latent_dim]).to_event(1)
+    assert torch.allclose(prior.log_prob(z), standard.log_prob(z), atol=1e-5)
