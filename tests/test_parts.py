@@ -137,5 +137,5 @@ def test_flow_prior_starts_at_the_standard_normal():
     spec = load_spec(None, [*SMALL, "model.prior.type=flow"])
     prior = Trainer(spec, None, show_progress=False).vae.prior_distribution()
     z = torch.randn(64, spec.model.latent_dim, generator=torch.Generator().manual_seed(0))
-    standard = torch.distributions.Normal(0.0, 1.0).expand([spec.model.latent_dim]).to_event(1)
+    standard = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(spec.model.latent_dim), 1.0), 1)
     assert torch.allclose(prior.log_prob(z), standard.log_prob(z), atol=1e-5)
