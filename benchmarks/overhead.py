@@ -207,8 +207,8 @@ def bench_steps(args, data: Dataset) -> None:
         return times[f"plain {(ref_kl, particles)}" + (" fused" if fused else "")]
 
     print()
-    print(f"| estimator | mode | plain reference | plain ms/step | project ms/step | ratio vs plain (Adam default) "
-          f"| ratio vs plain (Adam fused) |")
+    print("| estimator | mode | plain reference | plain ms/step | project ms/step | ratio vs plain (Adam default) "
+          "| ratio vs plain (Adam fused) |")
     print("| --- | --- | --- | ---: | ---: | --- | --- |")
     for name, (estimator, mode, ref_kl, particles) in meta.items():
         ours = times[name]

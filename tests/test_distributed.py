@@ -9,12 +9,9 @@ single-process test ELBO (different random draws, same expectation).
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -193,6 +193,7 @@ def test_evaluation_takes_the_fast_path_only_where_it_is_exact():
     pyro.set_rng_seed(0)
     vae = VAE.from_spec(small_spec().model, 64).eval()
     binary, grey = binary_data(30), torch.rand(30, 64)
+    assert fast_likelihood.is_binary(binary) and not fast_likelihood.is_binary(grey)  # grey levels: the plain density
     with torch.no_grad():
         z = torch.randn(11, 30, 3)
         out = vae.decoder(z)

@@ -11,7 +11,6 @@ import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from torch.nn.functional import softplus
 
 from pyro_vae import evaluation
 from pyro_vae.data import load_dataset
