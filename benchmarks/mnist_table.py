@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,9 +41,12 @@ def run_row(name: str, epochs: int, seed: int, num_samples: int, out: Path, devi
     run_dir = out / name
     if not evaluate_only:
         train(spec, run_dir, force=True)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     if len(metrics) != epochs:
-        raise SystemExit(f"{run_dir} holds {len(metrics)} epochs, not {epochs}: train it first (drop --evaluate-only)")
+        print(f"mnist_table: {run_dir} holds {len(metrics)} trained epochs, not {epochs}; "
+              f"train it first (drop --evaluate-only)", file=sys.stderr)
+        sys.exit(2)
     _, vae, data = load_run(run_dir)
     seed_everything(0)
     started = time.perf_counter()

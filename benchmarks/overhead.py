@@ -39,6 +39,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import pyro
@@ -148,6 +149,21 @@ def stats(values: list[float]) -> str:
     return f"{statistics.median(values):5.3f} [{min(values):.3f}–{max(values):.3f}]"
 
 
+def interleaved(runners: dict[str, Callable[[int], None]], repeats: int, seed: int,
+                clock: Callable[[], float]) -> dict[str, list[float]]:
+    """Seconds of each runner per round: every runner once per round (round r = 1, 2, …), in a shuffled order."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    rng = random.Random(seed)
+    for r in range(1, repeats + 1):
+        rng.shuffle(order)
+        for name in order:
+            start = clock()
+            runners[name](r)
+            times[name].append(clock() - start)
+    return times
+
+
 def bench_steps(args, data: Dataset) -> None:
     torch.manual_seed(0)
     x = torch.bernoulli(data.train[:args.batch]).to(args.device)
@@ -181,7 +197,7 @@ def bench_steps(args, data: Dataset) -> None:
         variants[f"plain {key}"] = plain
         variants[f"plain {key} fused"] = fused
 
-    def run(name, obj):
+    def run(obj):
         if isinstance(obj, training.Trainer):
             for _ in range(args.steps):
                 obj.step(x)
@@ -189,17 +205,11 @@ def bench_steps(args, data: Dataset) -> None:
             for _ in range(args.steps):
                 obj(x)
 
-    for name, obj in variants.items():  # warm-up
-        run(name, obj)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    rng = random.Random(0)
-    for _ in range(args.repeats):
-        rng.shuffle(order)
-        for name in order:
-            start = args.clock()
-            run(name, variants[name])
-            times[name].append((args.clock() - start) / args.steps)
+    for obj in variants.values():  # warm-up
+        run(obj)
+    blocks = interleaved({name: (lambda _, o=obj: run(o)) for name, obj in variants.items()},
+                         args.repeats, seed=0, clock=args.clock)
+    times = {name: [t / args.steps for t in block] for name, block in blocks.items()}
 
     def plain_times(ref_kl, particles, fused):
         if (ref_kl, particles) == ("analytic", 1):
@@ -257,15 +267,7 @@ def bench_epochs(args, data: Dataset) -> None:
         runners[name] = (lambda t: (lambda e: project_epoch(t, e)))(trainer)
     for run in runners.values():  # warm-up epoch: builds the last batch's graph too
         run(0)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    order = list(runners)
-    rng = random.Random(1)
-    for r in range(args.epoch_repeats):
-        rng.shuffle(order)
-        for name in order:
-            start = args.clock()
-            runners[name](r + 1)
-            times[name].append(args.clock() - start)
+    times = interleaved(runners, args.epoch_repeats, seed=1, clock=args.clock)
     print(f"| epoch of {data.num_train:,} examples, batch {args.batch} | bare loop | seconds (median) "
           f"| ratio vs bare loop (Adam default) | ratio vs bare loop (Adam fused) |")
     print("| --- | --- | ---: | --- | --- |")
