@@ -46,7 +46,7 @@ import pyro
 import torch
 import torch.nn.functional as F
 
-from pyro_vae import compiled, training
+from pyro_vae import compiled, optimizer, training
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.spec import Spec
 from machine import cpu_name
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; device {args.device}; torch threads {torch.get_num_threads()}")
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, python {platform.python_version()}")
     print(f"network 784-{'-'.join(map(str, args.hidden))}-{args.latent} ({args.activation}), batch {args.batch}, data: {what}")
-    print(f"fused Adam in the project: {compiled.adam_options(list(torch.nn.Linear(2, 2).parameters()))}")
+    print(f"fused Adam in the project: {optimizer.adam_options(list(torch.nn.Linear(2, 2).parameters()))}")
     print(f"timing: {args.repeats} interleaved rounds of {args.steps} steps, {clock_name} clock; "
           f"ratio = project / plain of the same round; median [min–max]\n", flush=True)
     if not args.no_steps:

@@ -49,18 +49,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="evaluate on this device (default: the run's)")
     evaluate.add_argument("--memory-mb", type=float, default=512.0, help="bound on the largest evaluation tensor")
+    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                          help="best.pt where the run has one (a run with a validation split), or the last checkpoint")
 
     sample = commands.add_parser("sample", help="a grid of samples from a trained run")
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", type=Path, metavar="FILE.png")
+    sample.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="best.pt where the run has one (a run with a validation split), or the last checkpoint")
 
     commands.add_parser("configs", help="list the packaged specs")
+
+    table = commands.add_parser("table", help="results table of finished runs: bounds, log-likelihood, paired differences")
+    table.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders to score")
+    table.add_argument("--reference", type=Path, metavar="RUN_DIR",
+                       help="add each run's paired per-image log-likelihood difference to this run")
+    table.add_argument("--num-samples", type=int, default=1000, metavar="K", help="importance samples per test image")
+    table.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
+    table.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                       help="best.pt where a run has one (a run with a validation split), or the last checkpoint")
+    table.add_argument("--out", type=Path, metavar="DIR", help="folder for table.md, table.csv, curves.png "
+                       "(default runs/table-<time>)")
 
     from pyro_vae import compare
     compare.add_parser(commands, _add_spec_options)
     return parser
+
+
+def say_checkpoint(run_dir: Path, choice: str) -> str:
+    """One stderr line naming the checkpoint a command reads; returns its file name."""
+    from pyro_vae import runs
+
+    path = runs.checkpoint_path(run_dir, choice)
+    print(f"pyro-vae: using {path}", file=sys.stderr)
+    return path.name
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -102,13 +126,20 @@ def run_evaluate(args: argparse.Namespace) -> None:
     _positive(args.num_samples, "--num-samples")
     if not math.isfinite(args.memory_mb) or args.memory_mb <= 0:
         raise UserInputError(f"--memory-mb must be a positive number of megabytes, got {args.memory_mb}")
-    spec, vae, data = load_run(args.run_dir, args.device)
+    spec, vae, data = load_run(args.run_dir, args.device, args.checkpoint)
+    used = say_checkpoint(args.run_dir, args.checkpoint)
     seed_everything(args.seed)
     x = data.split(args.split, spec.train.seed)
     result = evaluation.evaluate(vae, x, args.num_samples, memory_mb=args.memory_mb)
     result["active_units"] = evaluation.active_units(vae, x)
     result["split"] = args.split
     result["seed"] = args.seed
+    result["checkpoint"] = used
+    from pyro_vae import diagnostics
+
+    caution = diagnostics.warning(result, f"log-likelihood of '{args.run_dir}' (K = {args.num_samples})")
+    if caution:
+        print(f"pyro-vae: warning: {caution}", file=sys.stderr)
     print(json.dumps(result))
 
 
@@ -117,7 +148,8 @@ def run_sample(args: argparse.Namespace) -> None:
     from pyro_vae.training import load_run, seed_everything
 
     _positive(args.n, "--n")
-    spec, vae, data = load_run(args.run_dir)
+    spec, vae, data = load_run(args.run_dir, which=args.checkpoint)
+    say_checkpoint(args.run_dir, args.checkpoint)
     seed_everything(args.seed)
     out = args.out or Path(args.run_dir) / "samples.png"
     plots.image_grid(vae.sample(args.n), data.image_shape, out, "E[x | z], z ~ p(z)")
@@ -127,8 +159,27 @@ def run_sample(args: argparse.Namespace) -> None:
 def run_configs(args: argparse.Namespace) -> None:
     from pyro_vae.spec import config_summary, packaged_configs
 
-    for name, path in sorted(packaged_configs().items()):
-        print(f"{name:<24} {config_summary(path)}")
+    configs = sorted(packaged_configs().items())
+    width = max(len(name) for name, _ in configs) + 2
+    for name, path in configs:
+        print(f"{name:<{width}}{config_summary(path)}")
+
+
+def run_table(args: argparse.Namespace) -> None:
+    from datetime import datetime
+
+    from tqdm.auto import tqdm
+
+    from pyro_vae import runs, table
+
+    _positive(args.num_samples, "--num-samples")
+    out = runs.writable_folder(args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}", "--out")
+    count = len(set(args.run_dirs) | ({args.reference} if args.reference else set()))
+    with tqdm(total=count, desc="scoring runs", unit="run", leave=False) as bar:
+        rows = table.build_rows(args.run_dirs, args.reference, args.num_samples, args.seed, args.checkpoint, bar)
+    table.write_table(rows, args.reference, out)
+    print(table.markdown(rows, args.reference))
+    print(out)
 
 
 def run_compare(args: argparse.Namespace) -> None:
@@ -144,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UserInputError("choose a command: train, evaluate, sample, configs, compare (see --help)")
+            raise UserInputError("choose a command: train, evaluate, sample, configs, table, compare (see --help)")
         handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "configs": run_configs,
-                   "compare": run_compare}[args.command]
+                   "table": run_table, "compare": run_compare}[args.command]
         handler(args)
         return 0
     except UserInputError as exc:

@@ -38,11 +38,18 @@ reports the test ELBO (:func:`pyro_vae.evaluation.test_elbo`, one draw, closed
 KL where registered) along the way and at the end, and the importance-sampled
 test log-likelihood with ``--num-samples`` (default 500) draws per example.
 
-Tokens of ``--estimators``: ``trace``, ``meanfield``, ``tracegraph``, ``stl``
-(K = 1), ``iwae:K``, ``dreg:K``, ``tail-adaptive:K`` (K ≥ 2), ``renyi:K:ALPHA``.
+Tokens of ``--estimators``, ``name[:V1[:V2]]``, are parsed against the registry:
+each estimator declares which ``inference`` keys its values fill (``iwae:K``,
+``renyi:K:ALPHA``, ``miwae:M:K``, ``ciwae:K:BETA``; the bare name for the
+single-particle ELBOs), so a newly registered estimator can be compared.
 ``tail-adaptive`` reports the IWAE bound of its K particles (it defines no
-value of its own) and its gradient is Pyro's, which carries a factor 1/K:
-compare its SNR, not its variance, with the others.
+value of its own).
+
+Importance-weight diagnostics per row (:mod:`pyro_vae.diagnostics`): for the P
+weights one example's bound normalizes over (K; the inner K of ``miwae``; M·K
+for ``piwae``, whose bound is IWAE(M·K); 1 for the ELBOs), the effective sample
+size ESS / P (mean and 5th percentile over the minibatch) and Pareto k̂ fitted
+to at least 200 pooled weights per example (median, and the share above 0.7).
 
 Reading the numbers. IWAE's encoder SNR falls like 1/√K and DReG's rises like
 √K once K is large enough that the importance weights are not dominated by one
@@ -79,47 +86,71 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import estimators, evaluation, registry, runs
+from pyro_vae import diagnostics, estimators, evaluation, registry, runs
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.spec import InferenceSpec, Spec
 
-ACCEPTED = ("trace, meanfield, tracegraph, stl, iwae:K, dreg:K, tail-adaptive:K, renyi:K:ALPHA "
-            "(K a positive integer, ALPHA a number other than 1)")
-SINGLE = ("trace", "meanfield", "tracegraph", "stl")
-WITH_K = ("iwae", "dreg", "tail-adaptive")
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
 DEFAULT_REPEATS = 100
 DEFAULT_NUM_SAMPLES = 500
 CURVE_POINTS = 20
+DIAGNOSTIC_WEIGHTS = 200  # importance weights per example pooled for Pareto k̂ at fixed parameters
 NOT_VARYING = 1e-6  # relative std below which an element's gradient counts as not varying
 COLUMNS = ("estimator", "k", "alpha", "bound_mean", "bound_std", "grad_snr_encoder", "grad_snr_decoder",
            "grad_var_encoder", "grad_var_decoder", "grad_snr_encoder_median", "grad_snr_decoder_median",
-           "ms_per_step", "repeats")
-TRAINED_COLUMNS = ("train_steps", "test_elbo", "test_log_likelihood", "test_log_likelihood_stderr", "train_seconds")
+           "ms_per_step", "repeats", "ess_mean", "ess_p5", "pareto_k_median", "pareto_k_share")
+TRAINED_COLUMNS = ("train_steps", "test_elbo", "test_log_likelihood", "test_log_likelihood_stderr", "train_seconds",
+                   "test_pareto_k_share")
 
 
 # --------------------------------------------------------------------------
 # The estimator list
 # --------------------------------------------------------------------------
 
+PLACEHOLDERS = {"num_particles": "K", "alpha": "ALPHA", "outer_particles": "M", "ciwae_beta": "BETA"}
+INTEGER_KEYS = ("num_particles", "outer_particles")
+
+
+def accepted() -> str:
+    """The token forms of every registered estimator, e.g. ``iwae:K, renyi:K:ALPHA, miwae:M:K``."""
+    forms = [":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in registry.token_fields(name))])
+             for name in registry.names("estimator")]
+    return ", ".join(forms) + " (K and M positive integers, ALPHA a number other than 1, BETA in [0, 1])"
+
+
 @dataclass(frozen=True)
 class Choice:
-    """One estimator of the list: its registry name, K and (Rényi) α."""
+    """One estimator of the list: its registry name and the ``inference`` values its token set."""
 
     name: str
-    k: int = 1
-    alpha: float | None = None
+    values: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def settings(self) -> dict:
+        return dict(self.values)
+
+    @property
+    def k(self) -> int:
+        """Particles per bound's log-mean-exp (K; 1 for the single-particle ELBOs)."""
+        return int(self.settings.get("num_particles", 1))
+
+    @property
+    def alpha(self) -> float | None:
+        return self.settings.get("alpha")
 
     @property
     def label(self) -> str:
-        if self.name == "renyi":
-            return f"renyi:{self.k}:{self.alpha:g}"
-        return f"{self.name}:{self.k}" if self.name in WITH_K else self.name
+        return ":".join([self.name, *(f"{value:g}" for _, value in self.values)])
+
+    @property
+    def family(self) -> str:
+        """The name and every setting but K: one line per family in the SNR plot."""
+        others = [f"{PLACEHOLDERS.get(key, key)}={value:g}" for key, value in self.values if key != "num_particles"]
+        return " ".join([self.name, *others])
 
     def inference(self, base: InferenceSpec) -> InferenceSpec:
-        """``base`` with this estimator, K and α (every other setting kept)."""
-        alpha = base.alpha if self.alpha is None else self.alpha
-        return dataclasses.replace(base, estimator=self.name, num_particles=self.k, alpha=alpha)
+        """``base`` with this estimator and its token's values (K = 1 unless the token sets it)."""
+        return dataclasses.replace(base, estimator=self.name, **{"num_particles": 1, **self.settings})
 
     def build(self, base: InferenceSpec):
         """The Pyro ELBO, through the registry."""
@@ -127,37 +158,46 @@ class Choice:
 
 
 def parse_token(token: str) -> Choice:
-    """One token of ``--estimators`` as a :class:`Choice`; a bad token is a one-line error."""
+    """One token of ``--estimators`` (``name[:V1[:V2]]``, parsed against the registry); a one-line error otherwise."""
     def bad(why: str = "") -> UserInputError:
-        return UserInputError(f"--estimators: {token!r} {why or 'is not an estimator token'}; accepted: {ACCEPTED}")
+        return UserInputError(f"--estimators: {token!r} {why or 'is not an estimator token'}; accepted: {accepted()}")
 
-    if token in SINGLE:
-        return Choice(token)
-    parts = token.split(":")
-    name = parts[0]
-    if (name in WITH_K and len(parts) == 2) or (name == "renyi" and len(parts) == 3):
-        if not re.fullmatch(r"\d+", parts[1]) or int(parts[1]) < 1:
-            raise bad(f"has K = {parts[1]!r}, not a positive integer")
-        k = int(parts[1])
-        if name == "tail-adaptive" and k < 2:
-            raise bad("has K = 1; the tail-adaptive estimator needs K >= 2")
-        if name != "renyi":
-            return Choice(name, k)
+    name, *given = token.split(":")
+    if name not in registry.names("estimator"):
+        raise bad()
+    fields = registry.token_fields(name)
+    if len(given) != len(fields):
+        form = ":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in fields)])
+        raise bad(f"does not have the form {form}")
+    values = []
+    for key, text in zip(fields, given):
+        placeholder = PLACEHOLDERS.get(key, key.upper())
+        if key in INTEGER_KEYS:
+            if not re.fullmatch(r"\d+", text) or int(text) < 1:
+                raise bad(f"has {placeholder} = {text!r}, not a positive integer")
+            values.append((key, int(text)))
+            continue
         try:
-            alpha = float(parts[2])
+            number = float(text)
         except ValueError:
-            raise bad(f"has ALPHA = {parts[2]!r}, not a number") from None
-        if not math.isfinite(alpha) or alpha == 1.0:
-            raise bad(f"has ALPHA = {parts[2]!r}; it must be finite and not 1 (alpha = 1 is the ELBO: use trace)")
-        return Choice(name, k, alpha)
-    raise bad()
+            raise bad(f"has {placeholder} = {text!r}, not a number") from None
+        if not math.isfinite(number):
+            raise bad(f"has {placeholder} = {text!r}; it must be finite")
+        values.append((key, number))
+    choice = Choice(name, tuple(values))
+    try:
+        spec = Spec.from_dict({"inference": dataclasses.asdict(choice.inference(InferenceSpec()))})
+        choice.build(spec.inference)
+    except (UserInputError, ValueError) as exc:
+        raise bad(f"is refused ({' '.join(str(exc).split())})") from None
+    return choice
 
 
 def parse_estimators(text: str) -> list[Choice]:
     """``--estimators`` (comma-separated tokens) as a list of :class:`Choice`, in order, no repeats."""
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     if not tokens:
-        raise UserInputError(f"--estimators is empty; give a comma-separated list of: {ACCEPTED}")
+        raise UserInputError(f"--estimators is empty; give a comma-separated list of: {accepted()}")
     choices = [parse_token(t) for t in tokens]
     labels = [c.label for c in choices]
     for label in labels:
@@ -257,9 +297,10 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
             if bar is not None:
                 bar.update(1)
     vae.zero_grad(set_to_none=True)
-    pyro.clear_param_store()
     row = {"bound_mean": statistics.fmean(bounds),
-           "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan")}
+           "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan"),
+           **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1))}
+    pyro.clear_param_store()
     for part, stream in moments.items():
         summary = snr_summary(stream.mean, stream.variance)
         row[f"grad_snr_{part}"], row[f"grad_snr_{part}_median"] = summary["snr"], summary["snr_median"]
@@ -267,6 +308,24 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
     row["ms_per_step"] = 1000 * statistics.median(seconds)
     row["repeats"] = repeats
     return row
+
+
+def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int) -> dict:
+    """ESS / P and Pareto k̂ of the bound's P importance weights per example (:mod:`pyro_vae.diagnostics`).
+
+    ESS is taken per draw of P weights and averaged over draws; k̂ is fitted to
+    all the draws of an example pooled (at least ``DIAGNOSTIC_WEIGHTS`` weights),
+    which are i.i.d. draws of the same weight distribution p(x, z) / q(z|x).
+    """
+    draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
+    with pyro.validation_enabled(False):
+        log_w = torch.stack([estimators.particle_log_weights(vae.model, vae.guide, x, num_particles=particles,
+                                                             num_data=num_data) for _ in range(draws)])
+    ess = diagnostics.effective_sample_fraction(log_w.transpose(0, 1)).mean(0)      # (B,)
+    khat = diagnostics.pareto_k(log_w.reshape(draws * particles, -1))
+    summary = diagnostics.summarize(ess, khat, particles)
+    return {"ess_mean": summary["ess"]["mean_fraction"], "ess_p5": summary["ess"]["p5_fraction"],
+            "pareto_k_median": summary["pareto_k"]["median"], "pareto_k_share": summary["pareto_k"]["share_above_0.7"]}
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +366,7 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
                        file=sys.stderr)
             curve.append((step + 1, nan))
             return {"train_steps": step + 1, "test_elbo": nan, "test_log_likelihood": nan,
-                    "test_log_likelihood_stderr": nan, "train_seconds": time.perf_counter() - start}, curve
+                    "test_log_likelihood_stderr": nan, "train_seconds": time.perf_counter() - start, "test_pareto_k_share": nan}, curve
         if (step + 1) % every == 0 or step + 1 == steps:
             curve.append((step + 1, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"]))
         if bar is not None:
@@ -316,7 +375,8 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     result = evaluation.evaluate(vae, trainer.data.test, num_samples)
     pyro.clear_param_store()
     return {"train_steps": steps, "test_elbo": curve[-1][1], "test_log_likelihood": result["log_likelihood"],
-            "test_log_likelihood_stderr": result["log_likelihood_stderr"], "train_seconds": seconds}, curve
+            "test_log_likelihood_stderr": result["log_likelihood_stderr"], "train_seconds": seconds,
+            "test_pareto_k_share": result["pareto_k"]["share_above_0.7"]}, curve
 
 
 # --------------------------------------------------------------------------
@@ -338,7 +398,8 @@ def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT
     for choice in choices:
         elbo = choice.build(spec.inference)
         bar = tqdm(total=repeats, desc=f"measuring {choice.label}", disable=not show_progress, leave=False, unit="draw")
-        row = {"estimator": choice.label, "k": choice.k, "alpha": choice.alpha if choice.alpha is not None else ""}
+        row = {"estimator": choice.label, "family": choice.family, "k": choice.k,
+               "alpha": choice.alpha if choice.alpha is not None else ""}
         row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar))
         bar.close()
         rows.append(row)
@@ -381,7 +442,7 @@ def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table (bounds in nats per example)."""
     trained = any("test_elbo" in row for row in rows)
     head = ["estimator", "K", "bound (nats) mean ± std", "SNR enc mean (median)", "SNR dec mean (median)",
-            "var enc", "var dec", "ms/step"]
+            "var enc", "var dec", "ESS/K mean (p5)", "k̂ median (share > 0.7)", "ms/step"]
     if trained:
         head += ["test ELBO", "test log-lik"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -389,7 +450,8 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [row["estimator"], str(row["k"]), f"{row['bound_mean']:.2f} ± {row['bound_std']:.2f}",
                  f"{_g(row['grad_snr_encoder'])} ({_g(row['grad_snr_encoder_median'])})",
                  f"{_g(row['grad_snr_decoder'])} ({_g(row['grad_snr_decoder_median'])})", _g(row["grad_var_encoder"]),
-                 _g(row["grad_var_decoder"]), f"{row['ms_per_step']:.1f}"]
+                 _g(row["grad_var_decoder"]), f"{_g(row['ess_mean'], 2)} ({_g(row['ess_p5'], 2)})",
+                 f"{_g(row['pareto_k_median'], 2)} ({_g(row['pareto_k_share'], 2)})", f"{row['ms_per_step']:.1f}"]
         if trained:
             cells += [f"{row['test_elbo']:.2f}", f"{row['test_log_likelihood']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -405,10 +467,7 @@ def _families(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows grouped by estimator family (renyi by α), each sorted by K."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        name = row["estimator"].split(":")[0]
-        if name == "renyi":
-            name = f"renyi α={row['alpha']:g}"
-        groups.setdefault(name, []).append(row)
+        groups.setdefault(row["family"], []).append(row)
     return {name: sorted(group, key=lambda r: r["k"]) for name, group in groups.items()}
 
 
@@ -539,7 +598,8 @@ def add_parser(commands, add_spec_options) -> argparse.ArgumentParser:
     parser = commands.add_parser("compare", help="compare ELBO estimators: bounds, gradient SNR, time, training")
     add_spec_options(parser)
     parser.add_argument("--estimators", required=True, metavar="LIST",
-                        help=f"comma-separated: {ACCEPTED}")
+                        help="comma-separated tokens name[:V1[:V2]] of registered estimators, e.g. "
+                             "trace,iwae:64,dreg:64,renyi:8:0.5,miwae:8:8,ciwae:8:0.5,piwae:8:8,tail-adaptive:8")
     parser.add_argument("--at", type=Path, metavar="RUN_DIR",
                         help="measure at this run's trained checkpoint, with its spec (default: a fresh initialization)")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="R",

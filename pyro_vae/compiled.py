@@ -36,9 +36,7 @@ no host sync. Generator states are saved and restored around tracing, so a run
 draws the same random numbers as an eager run of the same seed. The first
 ``training.VALIDATED_STEPS`` steps always run eagerly with Pyro's validation on.
 
-:func:`adam` is the optimizer of both paths: ``torch.optim.Adam`` with the
-fused kernel where the device has one (one kernel for all parameters instead of
-a Python loop of ~10 small ops per parameter tensor).
+Both paths step the same optimizer, :func:`pyro_vae.optimizer.adam`.
 """
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,28 +55,6 @@ from pyro_vae import estimators
 INDUCTOR_ENV = "PYRO_VAE_INDUCTOR"
 LOSS_RTOL = 1e-4      # compiled vs eager, relative to the loss
 GRAD_RTOL = 1e-3      # compiled vs eager, relative to each gradient tensor's largest entry
-
-
-# --------------------------------------------------------------------------
-# The optimizer
-# --------------------------------------------------------------------------
-
-def adam_options(params: list[torch.Tensor]) -> dict:
-    """``fused=True`` where every parameter is a float tensor on a device with a fused Adam kernel."""
-    devices = {p.device.type for p in params}
-    floats = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params)
-    if params and floats and len(devices) == 1 and devices <= {"cpu", "cuda"}:
-        return {"fused": True}
-    return {}
-
-
-def adam(params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    """``torch.optim.Adam`` with the fused kernel where available (same update rule, one kernel)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, **adam_options(params))
-    except (RuntimeError, TypeError, ValueError):  # a torch without a fused kernel for this device
-        return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 # --------------------------------------------------------------------------

@@ -11,6 +11,12 @@ one. A batch is an index slice; binarization is one vectorized Bernoulli draw:
   published binarization of Larochelle & Murray 2011 is used as it is);
 - ``none``: the values as they are.
 
+Validation (``data.validation_size``): n examples held out of the training
+split, chosen by a generator seeded with the run's seed (the same on every
+torchrun rank), or ``published``, the dataset's own validation split
+(Larochelle's 10,000 for ``binarized-mnist``). Validation images are binarized
+once, like the test set.
+
 Data roots: ``data.root``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``.
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
 from pyro_vae.gaussian import LinearGaussian
-from pyro_vae.spec import DataSpec
+from pyro_vae.spec import PUBLISHED, DataSpec
 
 DATA_ENV = "PYRO_VAE_DATA"
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
@@ -44,6 +50,7 @@ class Dataset:
     image_shape: tuple[int, int, int] | None = None
     binarize: str = "none"
     exact: LinearGaussian | None = None
+    validation: torch.Tensor | None = None
 
     @property
     def data_dim(self) -> int:
@@ -76,7 +83,7 @@ class Dataset:
 
     def to(self, device: torch.device | str) -> "Dataset":
         move = (lambda t: None if t is None else t.to(device))
-        return replace(self, train=move(self.train), test=move(self.test),
+        return replace(self, train=move(self.train), test=move(self.test), validation=move(self.validation),
                        train_labels=move(self.train_labels), test_labels=move(self.test_labels))
 
 
@@ -98,10 +105,29 @@ def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cp
     if spec.test_size is not None:
         data = replace(data, test=data.test[:spec.test_size],
                        test_labels=None if data.test_labels is None else data.test_labels[:spec.test_size])
+    data = with_validation(data, spec.validation_size, seed)
     check_size(data, spec.name)
     check_finite(data.train, f"data '{spec.name}' (training split)")
     check_finite(data.test, f"data '{spec.name}' (test split)")
     return binarized(data, resolve_binarization(spec), seed).to(device)
+
+
+def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset:
+    """Keep the published validation split, hold ``size`` training examples out by ``seed``, or none."""
+    if size is None:
+        return replace(data, validation=None)
+    if size == PUBLISHED:
+        if data.validation is None:
+            raise UserInputError(f"'data.validation_size' is 'published' but '{data.name}' has no published "
+                                 f"validation split; give a number of training examples to hold out")
+        return data
+    if size >= data.num_train:
+        raise UserInputError(f"'data.validation_size' is {size}; it must leave training examples out of "
+                             f"{data.num_train}")
+    order = torch.randperm(data.num_train, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:size].sort().values, order[size:].sort().values
+    labels = None if data.train_labels is None else data.train_labels[kept]
+    return replace(data, train=data.train[kept], train_labels=labels, validation=data.train[held])
 
 
 def resolve_binarization(spec: DataSpec) -> str:
@@ -122,11 +148,15 @@ def binarized(data: Dataset, mode: str, seed: int) -> Dataset:
                     f"data.binarize '{mode}' needs values in [0, 1], but the {name} split of '{data.name}' "
                     f"has values in [{tensor.min():.3g}, {tensor.max():.3g}]; use data.binarize: none")
     generator = torch.Generator().manual_seed(seed)
+
+    def once(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else torch.bernoulli(tensor, generator=generator)
+
     if mode == "static":
-        return replace(data, train=torch.bernoulli(data.train, generator=generator),
-                       test=torch.bernoulli(data.test, generator=generator), binarize=mode)
+        return replace(data, train=once(data.train), test=once(data.test), validation=once(data.validation),
+                       binarize=mode)
     if mode == "dynamic":
-        return replace(data, test=torch.bernoulli(data.test, generator=generator), binarize=mode)
+        return replace(data, test=once(data.test), validation=once(data.validation), binarize=mode)
     return replace(data, binarize=mode)
 
 
@@ -222,10 +252,11 @@ def _find_amat(root: Path, split: str) -> Path:
 
 @registry.register("dataset", "binarized-mnist")
 def binarized_mnist(spec: DataSpec) -> Dataset:
-    """Larochelle's static binarization: 50k train (the validation 10k is not used), 10k test."""
+    """Larochelle's static binarization: 50k train, 10k test, and the published 10k validation split."""
     root = data_root(spec)
+    validation = read_amat(_find_amat(root, "valid")) if spec.validation_size == PUBLISHED else None
     train, test = (read_amat(_find_amat(root, split)) for split in ("train", "test"))
-    return Dataset("binarized-mnist", train, test, image_shape=(1, 28, 28))
+    return Dataset("binarized-mnist", train, test, image_shape=(1, 28, 28), validation=validation)
 
 
 @registry.register("dataset", "linear-gaussian")

@@ -11,6 +11,9 @@ name               estimator (K = ``inference.num_particles``)           class
 ``renyi``          variational Rényi bound, α = ``inference.alpha``      :class:`Renyi_ELBO`
 ``stl``            sticking the landing (K = 1: ELBO; K > 1: IWAE form)  :class:`STL_ELBO`
 ``dreg``           doubly reparameterized IWAE gradient                  :class:`DReG_ELBO`
+``miwae``          M IWAE-K bounds averaged (M = ``outer_particles``)    :class:`MIWAE_ELBO`
+``ciwae``          β ELBO + (1 − β) IWAE (β = ``ciwae_beta``)            :class:`CIWAE_ELBO`
+``piwae``          encoder on MIWAE(M, K), decoder on IWAE(M·K)          :class:`PIWAE_ELBO`
 =================  ====================================================  ==========================
 
 Every builder takes an :class:`~pyro_vae.spec.InferenceSpec` and returns a Pyro
@@ -51,9 +54,17 @@ With normalized weights w̃_k = w_k / Σ_j w_j (per example):
       log q(z) − [log q(z.detach()) − log q(z.detach()).detach()],
 
   whose φ-gradient is the path derivative ∂ log q/∂z · ∂z/∂φ only.
-* DReG (Tucker et al. 2018): the guide gradient Σ_k w̃_k² ∂ log w_k/∂z_k · ∂z_k/∂φ,
-  the model gradient Σ_k w̃_k ∇_θ log p_θ(x, z_k). See :class:`DReG_ELBO` for
-  how one surrogate gives both with a single model pass.
+* DReG (Tucker et al. 2018): the guide gradient Σ_k c_k ∂ log w_k/∂z_k · ∂z_k/∂φ
+  with c_k = (1 − β) w̃_k + β w̃_k² under a KL weight β (w̃_k² at β = 1), the
+  model gradient Σ_k w̃_k ∇_θ log p_θ(x, z_k). See :class:`DReG_ELBO` for the
+  derivation and for how one surrogate gives both with a single model pass.
+
+The KL weight β of a β-VAE or a KL warm-up (``poutine.scale`` on the z sites,
+or ``poutine.mask`` for β = 0) enters every estimator the same way: log w_k =
+log p(x|z_k) + β [log p(z_k) − log q(z_k|x)], and each bound is the one of
+that log w (IWAE's log (1/K) Σ_k w_k, Rényi's power mean, ...). Reparameterized
+gradients of those bounds need nothing else; DReG's removal of the score term
+does (its weight above), and reads β from the guide site's own scale.
 
 Both tricks treat each guide site's distribution as a function of φ only; a
 guide whose site depends on an *earlier latent site* (a hierarchical guide)
@@ -73,7 +84,9 @@ Gaussian prior, and MultivariateNormal / LowRankMultivariateNormal guide →
 Training-loop helpers
 ---------------------
 :func:`bound_and_backward` runs one estimator step (backward included) and
-returns the detached loss; :func:`bound` returns the bound without gradients.
+returns the detached loss; :func:`bound` returns the bound without gradients;
+:func:`particle_log_weights` returns log w of K particles per example, for
+the importance-weight diagnostics of :mod:`pyro_vae.diagnostics`.
 """
 from __future__ import annotations
 
@@ -83,8 +96,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import (ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO,
-                        TraceTailAdaptive_ELBO)
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match
@@ -141,6 +153,25 @@ def log_densities(model_trace, guide_trace, path_derivative: bool = False):
         return out
 
     return total(model_sites, False), total(guide_sites, path_derivative), scale
+
+
+def guide_kl_weight(guide_trace, scale: float):
+    """β of the guide's latent site: its scale over the plates' N/B, times its mask (0 where masked).
+
+    A float, or a tensor that broadcasts against log w. The guide must have one
+    latent site, or several with the same float β.
+    """
+    weights = []
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            beta = site["scale"] / scale
+            mask = site["mask"]
+            if mask is not None:
+                beta = beta * (mask.to(torch.get_default_dtype()) if torch.is_tensor(mask) else float(mask))
+            weights.append(beta)
+    if len(weights) > 1 and (any(torch.is_tensor(b) for b in weights) or len(set(weights)) > 1):
+        raise NotImplementedError("DReG needs one KL weight for all guide sites")
+    return weights[0]
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -245,19 +276,36 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
                                           f"site {site['name']!r} has none")
         return model_trace, guide_trace
 
+    @property
+    def weights_per_bound(self) -> int:
+        """How many importance weights one example's bound normalizes over (K; for MIWAE the inner K)."""
+        return self.num_particles
+
+    def log_weights(self, model, guide, args, kwargs, late_scale=None):
+        """``(log_w, scale, guide_trace)``: log w of shape (K, B), N/B, and the guide's trace.
+
+        With ``late_scale`` (DReG, PIWAE) every latent value the model sees and
+        the guide's log q pass through it, so their gradient can be reweighted
+        once the weights are known.
+        """
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs, late_scale)
+        log_p, log_q, scale = log_densities(model_trace, guide_trace, self.path_derivative)
+        if late_scale is not None:
+            log_q = late_scale(log_q)
+        return log_p - log_q, scale, guide_trace
+
     def example_bounds(self, model, guide, *args, **kwargs):
         """``(bounds, scale)``: each example's bound L(x_b) (shape of the data plate) and N/B.
 
         ``scale * bounds.sum()`` is the bound; its gradient is the estimator's.
         """
         late_scale = _LateGradientScale() if self.doubly_reparameterized else None
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs, late_scale)
-        log_p, log_q, scale = log_densities(model_trace, guide_trace, self.path_derivative)
+        log_w, scale, guide_trace = self.log_weights(model, guide, args, kwargs, late_scale)
+        log_w = (1.0 - self.alpha) * log_w
         if late_scale is not None:
-            log_q = late_scale(log_q)
-        log_w = (1.0 - self.alpha) * (log_p - log_q)
-        if late_scale is not None:
-            late_scale.factor = torch.softmax(log_w.detach(), dim=self.particle_dim)
+            # the log-mean-exp below contributes w̃_k; this factor makes it (1 − β) w̃_k + β w̃_k²
+            beta = guide_kl_weight(guide_trace, scale)
+            late_scale.factor = (1.0 - beta) + beta * torch.softmax(log_w.detach(), dim=self.particle_dim)
         bounds = (torch.logsumexp(log_w, dim=self.particle_dim) - math.log(self.num_particles)) / (1.0 - self.alpha)
         return bounds, scale
 
@@ -320,18 +368,31 @@ class DReG_ELBO(STL_ELBO):
     more), and subtracting that from IWAE's Σ_k w̃_k ∂ log w_k/∂z_k · ∂z_k/∂φ
     leaves the w̃_k² form (Tucker et al., eq. 5-7).
 
+    Under a KL weight β, log w_k = log p(x|z_k) + β [log p(z_k) − log q_φ(z_k|x)],
+    so IWAE's score term is −β Σ_k w̃_k ∇_φ log q_φ(z_k)|_z fixed, whose expectation is
+    −β E[Σ_k w̃_k (1 − w̃_k) ∂ log w_k/∂z_k · ∂z_k/∂φ] by the same identity
+    (E_q[f ∇_φ log q] = E[∂f/∂z · ∂z/∂φ] with f = w̃_k, ∂w̃_k/∂z_k = w̃_k (1 − w̃_k) ∂ log w_k/∂z_k).
+    Removing it leaves the path weight
+
+        c_k = w̃_k − β w̃_k (1 − w̃_k) = (1 − β) w̃_k + β w̃_k²
+
+    (w̃_k² at β = 1; IWAE's own path gradient at β = 0, where there is no score
+    term). β is read from the guide site's scale (``poutine.scale``) divided by
+    the plate's N/B, and is 0 where the site is masked (:func:`guide_kl_weight`).
+
     One surrogate, one model pass. Let ᵈ mean "detached"; the model is fed::
 
-        z'_k = z_kᵈ + w̃_kᵈ · (z_k − z_kᵈ)      (value z_k; gradient into z_k times w̃_k)
+        z'_k = z_kᵈ + a_kᵈ · (z_k − z_kᵈ)      (value z_k; gradient into z_k times a_k)
 
     and the guide term is the STL log q (value log q, gradient only the path
-    derivative) with its gradient likewise multiplied by w̃_kᵈ. The surrogate is
-    IWAE's log (1/K) Σ_k exp(log p_θ(x, z'_k) − log q_STL(z_k)): its value is
-    the IWAE bound, and its gradient Σ_k w̃_k ∇(log p_θ(x, z'_k) − log q_STL(z_k)) is
+    derivative) with its gradient likewise multiplied by a_kᵈ, where
+    a_k = c_k / w̃_k = (1 − β) + β w̃_k (the formula shows β = 1, a_k = w̃_k).
+    The surrogate is IWAE's log (1/K) Σ_k exp(log p_θ(x, z'_k) − log q_STL(z_k)):
+    its value is the IWAE bound, and its gradient Σ_k w̃_k ∇(log p_θ(x, z'_k) − log q_STL(z_k)) is
 
     * θ, directly in log p:      w̃_k ∇_θ log p(x, z_k)                    (IWAE's)
-    * φ through z'_k in log p:   w̃_k · w̃_k ∂ log p/∂z_k · ∂z_k/∂φ
-    * φ through log q_STL:      −w̃_k · w̃_k ∂ log q/∂z_k · ∂z_k/∂φ         (these two: DReG)
+    * φ through z'_k in log p:   w̃_k · a_k ∂ log p/∂z_k · ∂z_k/∂φ
+    * φ through log q_STL:      −w̃_k · a_k ∂ log q/∂z_k · ∂z_k/∂φ         (these two: DReG, c_k = w̃_k a_k)
     * a parameter that the prior p(z) shares with the guide (a VampPrior's
       encoder) keeps IWAE's w̃_k ∇ log p(z_k) through its direct dependence in
       the prior, and gets the DReG term through z_k.
@@ -350,30 +411,139 @@ class DReG_ELBO(STL_ELBO):
     doubly_reparameterized = True
 
 
-class TailAdaptive_ELBO(_FromDifferentiableLoss, TraceTailAdaptive_ELBO):
-    r"""Pyro's tail-adaptive f-divergence gradient (Wang, Liu & Liu 2018), with a reportable loss.
+class TailAdaptive_ELBO(IWAE_ELBO):
+    r"""Tail-adaptive f-divergence gradient (Wang, Liu & Liu 2018), ranked per example.
 
-    Gradient: exactly ``TraceTailAdaptive_ELBO``'s, −Σ_k γ_k ∇ log w_k / Σ_k γ_k
-    with γ_k = rank_k^β (β = ``tail_adaptive_beta``), divided by K as Pyro does.
-    Pyro defines no value for it (its loss is ``inf``); the value reported here
-    is the IWAE bound with the same K particles (correctly scaled, see the
-    module docstring), so a training loop can show and guard a finite loss.
+    With K particles z_kb ~ q(z|x_b) and log w_kb = log p(x_b, z_kb) − log q(z_kb|x_b),
+    each example ranks its own particles by weight, the tail count::
+
+        F̂_kb = #{j : log w_jb ≥ log w_kb}        (1 for the largest weight, K for the smallest)
+
+    (ties broken by particle index, a stable sort), and weights them by
+    γ_kb = F̂_kb^β_ta with β_ta = ``tail_adaptive_beta`` ≤ 0, normalized per example,
+    γ̃_kb = γ_kb / Σ_j γ_jb: the largest weights get the most mass, whatever the
+    scale of w (the f-divergence with f adapted to the weights' tail). The
+    gradient is that of the surrogate
+
+        (N/B) Σ_b Σ_k γ̃_kbᵈ log w_kb         (ᵈ: detached; z_kb reparameterized)
+
+    so its scale is the ELBO's: with β_ta = 0, γ̃ = 1/K and it is the gradient of
+    the K-particle ELBO (1/K) Σ_k log w_k. Unlike Pyro's ``TraceTailAdaptive_ELBO``
+    the ranks are taken per example, not over log w summed over the minibatch,
+    and there is no extra 1/K. The estimator defines no value of its own: the
+    value reported (what training shows and guards, and ``compare``'s bound)
+    is the IWAE bound of the same K particles.
 
     D. Wang, H. Liu, Q. Liu, "Variational Inference with Tail-adaptive
-    f-Divergence", NeurIPS 2018.
+    f-Divergence", NeurIPS 2018 (Algorithm 1; β_ta = −1 in their experiments).
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        if not (self.vectorize_particles and self.num_particles > 1):
-            raise NotImplementedError("TailAdaptive_ELBO needs num_particles > 1 and vectorize_particles=True")
-        (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
-        _, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
-        surrogate = surrogate / self.num_particles   # as Trace_ELBO.differentiable_loss does
-        log_p, log_q, scale = log_densities(model_trace, guide_trace)
-        particle_dim = -self.max_plate_nesting
-        iwae = torch.logsumexp((log_p - log_q).detach(), dim=particle_dim) - math.log(self.num_particles)
-        return -scale * iwae.sum() + (surrogate - surrogate.detach())
+    def __init__(self, num_particles: int = 2, tail_adaptive_beta: float = -1.0,
+                 max_plate_nesting: int = MAX_PLATE_NESTING):
+        if num_particles < 2:
+            raise ValueError("the tail-adaptive gradient needs num_particles >= 2")
+        if tail_adaptive_beta > 0:
+            raise ValueError("tail_adaptive_beta must be <= 0 (the largest weights get the most mass)")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.tail_adaptive_beta = float(tail_adaptive_beta)
 
+    def example_bounds(self, model, guide, *args, **kwargs):
+        log_w, scale, _ = self.log_weights(model, guide, args, kwargs)
+        dim = self.particle_dim
+        order = torch.argsort(log_w.detach(), dim=dim, descending=True, stable=True)
+        ranks = torch.arange(1, self.num_particles + 1, dtype=log_w.dtype, device=log_w.device)
+        ranks = ranks.reshape((-1,) + (1,) * (-dim - 1)).expand_as(log_w)
+        tail_count = torch.empty_like(log_w).scatter_(dim, order, ranks)     # F̂_kb
+        gamma = tail_count.pow(self.tail_adaptive_beta)
+        gamma = gamma / gamma.sum(dim, keepdim=True)                       # γ̃_kb
+        surrogate = (gamma * log_w).sum(dim)
+        iwae = torch.logsumexp(log_w.detach(), dim=dim) - math.log(self.num_particles)
+        return iwae + (surrogate - surrogate.detach()), scale
+
+
+class MIWAE_ELBO(IWAE_ELBO):
+    r"""M independent IWAE-K bounds, averaged (Rainforth et al. 2018)::
+
+        MIWAE(M, K) = (1/M) Σ_m log (1/K) Σ_k w_mk,     M·K particles per example
+
+    MIWAE(1, K) is IWAE-K and MIWAE(M, 1) the ELBO with M particles. The M·K
+    particles share one particle plate (index m·K + k). Reparameterized gradient.
+
+    T. Rainforth, A. R. Kosiorek, T. A. Le, C. J. Maddison, M. Igl, F. Wood,
+    Y. W. Teh, "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
+    """
+
+    def __init__(self, outer_particles: int = 1, num_particles: int = 1,
+                 max_plate_nesting: int = MAX_PLATE_NESTING):
+        super().__init__(num_particles=outer_particles * num_particles, max_plate_nesting=max_plate_nesting)
+        self.outer_particles, self.inner_particles = outer_particles, num_particles
+
+    @property
+    def weights_per_bound(self) -> int:
+        return self.inner_particles
+
+    def grouped(self, log_w: torch.Tensor) -> torch.Tensor:
+        """log w (M·K, B) as (M, K, B)."""
+        return log_w.reshape(self.outer_particles, self.inner_particles, *log_w.shape[1:])
+
+    def example_bounds(self, model, guide, *args, **kwargs):
+        log_w, scale, _ = self.log_weights(model, guide, args, kwargs)
+        inner = torch.logsumexp(self.grouped(log_w), dim=1) - math.log(self.inner_particles)
+        return inner.mean(0), scale
+
+
+class CIWAE_ELBO(IWAE_ELBO):
+    r"""The convex combination of the ELBO and IWAE on the same K particles (Rainforth et al. 2018)::
+
+        CIWAE(K, β) = β · (1/K) Σ_k log w_k + (1 − β) · log (1/K) Σ_k w_k
+
+    β = ``ciwae_beta`` in [0, 1]: CIWAE(K, 1) is the K-particle ELBO, CIWAE(K, 0) IWAE-K.
+    Reparameterized gradient.
+    """
+
+    def __init__(self, num_particles: int = 1, ciwae_beta: float = 0.5, max_plate_nesting: int = MAX_PLATE_NESTING):
+        if not 0 <= ciwae_beta <= 1:
+            raise ValueError("ciwae_beta must be in [0, 1]")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.ciwae_beta = float(ciwae_beta)
+
+    def example_bounds(self, model, guide, *args, **kwargs):
+        log_w, scale, _ = self.log_weights(model, guide, args, kwargs)
+        dim = self.particle_dim
+        elbo = log_w.mean(dim)
+        iwae = torch.logsumexp(log_w, dim=dim) - math.log(self.num_particles)
+        return self.ciwae_beta * elbo + (1.0 - self.ciwae_beta) * iwae, scale
+
+
+class PIWAE_ELBO(MIWAE_ELBO):
+    r"""Partially importance-weighted: the decoder on IWAE(M·K), the encoder on MIWAE(M, K) (Rainforth et al. 2018).
+
+    One set of M·K particles per example. The value, and the gradient of every
+    model parameter θ, are IWAE(M·K)'s, Σ_j a_j ∇_θ log p_θ(x, z_j) with
+    a_j = softmax over all M·K log weights; the gradient of the guide's
+    parameters φ (through z and log q) is MIWAE(M, K)'s, Σ_j b_j ∇_φ log w_j with
+    b_j = (1/M) · softmax of log w within z_j's group of K. One surrogate gives
+    both: the IWAE(M·K) bound, with the gradient flowing into every latent value
+    and into log q multiplied by b_j / a_j (bound late, as :class:`DReG_ELBO`
+    does). A parameter that the prior shares with the guide (a VampPrior's
+    encoder) gets IWAE's weight through its direct dependence in log p(z) and
+    MIWAE's through z.
+    """
+
+    @property
+    def weights_per_bound(self) -> int:
+        return self.num_particles
+
+    def example_bounds(self, model, guide, *args, **kwargs):
+        late_scale = _LateGradientScale()
+        log_w, scale, _ = self.log_weights(model, guide, args, kwargs, late_scale)
+        dim = self.particle_dim
+        detached = log_w.detach()
+        log_all = torch.logsumexp(detached, dim=dim, keepdim=True)                      # log Σ_j w_j
+        log_group = torch.logsumexp(self.grouped(detached), dim=1, keepdim=True)       # log Σ_{k in group} w
+        log_group = log_group.expand(-1, self.inner_particles, *log_group.shape[2:]).reshape(detached.shape)
+        late_scale.factor = torch.exp(log_all - log_group) / self.outer_particles      # b_j / a_j
+        return torch.logsumexp(log_w, dim=dim) - math.log(self.num_particles), scale
 
 
 # --------------------------------------------------------------------------
@@ -400,20 +570,20 @@ def tracegraph_estimator(spec: InferenceSpec) -> ELBO:
     return TraceGraph_ELBO(**_pyro_options(spec))
 
 
-@registry.register("estimator", "tail-adaptive")
+@registry.register("estimator", "tail-adaptive", token=("num_particles",))
 def tail_adaptive_estimator(spec: InferenceSpec) -> ELBO:
     if spec.num_particles < 2:
         raise UserInputError(f"'inference.num_particles' is {spec.num_particles}; "
                              "the tail-adaptive estimator needs at least 2 particles")
-    return TailAdaptive_ELBO(**_pyro_options(spec))
+    return TailAdaptive_ELBO(num_particles=spec.num_particles, tail_adaptive_beta=spec.tail_adaptive_beta)
 
 
-@registry.register("estimator", "iwae")
+@registry.register("estimator", "iwae", token=("num_particles",))
 def iwae_estimator(spec: InferenceSpec) -> ELBO:
     return IWAE_ELBO(num_particles=spec.num_particles)
 
 
-@registry.register("estimator", "renyi")
+@registry.register("estimator", "renyi", token=("num_particles", "alpha"))
 def renyi_estimator(spec: InferenceSpec) -> ELBO:
     return Renyi_ELBO(alpha=spec.alpha, num_particles=spec.num_particles)
 
@@ -423,9 +593,24 @@ def stl_estimator(spec: InferenceSpec) -> ELBO:
     return STL_ELBO(num_particles=spec.num_particles)
 
 
-@registry.register("estimator", "dreg")
+@registry.register("estimator", "dreg", token=("num_particles",))
 def dreg_estimator(spec: InferenceSpec) -> ELBO:
     return DReG_ELBO(num_particles=spec.num_particles)
+
+
+@registry.register("estimator", "miwae", token=("outer_particles", "num_particles"))
+def miwae_estimator(spec: InferenceSpec) -> ELBO:
+    return MIWAE_ELBO(outer_particles=spec.outer_particles, num_particles=spec.num_particles)
+
+
+@registry.register("estimator", "ciwae", token=("num_particles", "ciwae_beta"))
+def ciwae_estimator(spec: InferenceSpec) -> ELBO:
+    return CIWAE_ELBO(num_particles=spec.num_particles, ciwae_beta=spec.ciwae_beta)
+
+
+@registry.register("estimator", "piwae", token=("outer_particles", "num_particles"))
+def piwae_estimator(spec: InferenceSpec) -> ELBO:
+    return PIWAE_ELBO(outer_particles=spec.outer_particles, num_particles=spec.num_particles)
 
 
 # --------------------------------------------------------------------------
@@ -436,8 +621,7 @@ def bound_and_backward(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tenso
     """One estimator step: backpropagate its gradient and return the detached loss (−bound).
 
     Uses ``differentiable_loss`` where the ELBO has one (Trace_ELBO,
-    TraceMeanField_ELBO and the classes here, :class:`TailAdaptive_ELBO`
-    included, whose loss is the IWAE bound's): no ``.item()`` of ours, though
+    TraceMeanField_ELBO and the classes here): no ``.item()`` of ours, though
     Pyro's own Trace_ELBO calls ``.item()`` inside. Otherwise
     ``loss_and_grads`` (TraceGraph_ELBO), whose float comes back as a tensor.
     """
@@ -450,14 +634,15 @@ def bound_and_backward(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tenso
 
 
 def bound(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
-    """The estimator's bound (−loss) without gradients.
-
-    For the tail-adaptive estimator (a gradient only) this is the IWAE bound
-    with the same number of particles.
-    """
-    if isinstance(elbo, TraceTailAdaptive_ELBO) and not isinstance(elbo, TailAdaptive_ELBO):
-        elbo = IWAE_ELBO(num_particles=elbo.num_particles)
+    """The estimator's bound (−loss) without gradients (for tail-adaptive, the IWAE bound of its particles)."""
     with torch.no_grad():
         if hasattr(elbo, "differentiable_loss"):
             return -elbo.differentiable_loss(model, guide, *args, **kwargs).detach()
         return -torch.tensor(elbo.loss(model, guide, *args, **kwargs))
+
+
+@torch.no_grad()
+def particle_log_weights(model, guide, *args, num_particles: int, **kwargs) -> torch.Tensor:
+    """log w = log p(x, z_k) − log q(z_k|x) of ``num_particles`` draws per example, shape (K, B), unscaled by N/B."""
+    log_w, _, _ = IWAE_ELBO(num_particles=num_particles).log_weights(model, guide, args, kwargs)
+    return log_w

@@ -11,6 +11,9 @@ log w_k = log p_θ(x|z_k) + log p(z_k) − log q_φ(z_k|x):
 - ``log_likelihood``  = log (1/K) Σ_k w_k, the importance-sampled estimate of
   log p(x) (Burda et al. 2016): a lower bound in expectation that rises to
   log p(x) as K grows.
+- ``ess``, ``pareto_k``, ``log_likelihood_reliable``: the weights' effective
+  sample size and Pareto k̂ (:mod:`pyro_vae.diagnostics`), saying how far the
+  log-likelihood can be trusted.
 
 The K draws are vectorized; examples are processed in chunks so that the
 largest tensor, K × chunk × D decoder outputs, stays under ``memory_mb``.
@@ -22,7 +25,7 @@ import math
 import torch
 from torch.distributions import kl_divergence
 
-from pyro_vae import fast_likelihood
+from pyro_vae import diagnostics, fast_likelihood
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -71,7 +74,8 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
     was_training = vae.training
     vae.eval()
     chunk = chunk_size(num_samples, data.shape[1], hidden, memory_mb)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "reconstruction", "kl_sampled", "kl", "ll")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "reconstruction", "kl_sampled", "kl", "ll", "ess",
+                                                             "khat")}
     closed_form = True
     binary, scratch = fast_likelihood.is_binary(data), fast_likelihood.Scratch()  # one check, one buffer
     for start in range(0, data.shape[0], chunk):
@@ -85,6 +89,8 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
         closed_form = closed_form and exact is not None
         parts["kl"].append(exact if exact is not None else parts["kl_sampled"][-1])
         parts["ll"].append(torch.logsumexp(log_w, 0) - math.log(num_samples))
+        parts["ess"].append(diagnostics.effective_sample_fraction(log_w))
+        parts["khat"].append(diagnostics.pareto_k(log_w).to(log_w.device))
     vae.train(was_training)
     values = {k: torch.cat(v).double() for k, v in parts.items()}
     n = data.shape[0]
@@ -100,6 +106,7 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
         "num_samples": num_samples,
         "num_examples": n,
         "units": "nats per example",
+        **diagnostics.summarize(values["ess"], values["khat"], num_samples),
     }
     if per_example:
         summary["per_example"] = {"elbo": values["elbo"].cpu(), "log_likelihood": values["ll"].cpu()}

@@ -11,8 +11,17 @@ reparameterization trick), optionally pushed through a flow:
   transforms conditioned on h (Kingma et al. 2016), each
   z ← μ_t(z, h) + σ_t(z, h) ⊙ z with an autoregressive network, so
   log q(z) = log q₀(z₀) − Σ_t Σ_i log σ_t,i.
+
+``log_variance_bounds: [low, high]`` clamps every variance the guide's head
+produces (the diagonal σ², the low-rank guide's diagonal part, the squared
+diagonal of the Cholesky factor, the IAF's base σ²) to [e^low, e^high], as the
+VampPrior paper's encoder does with a hard-tanh on log σ² in [−6, 2]
+(Tomczak & Welling 2018): a floor under σ that keeps a posterior from
+collapsing onto a point while the decoder still ignores z.
 """
 from __future__ import annotations
+
+import math
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -40,39 +49,52 @@ class Guide(nn.Module):
         return q.mean, q.variance.sqrt()
 
 
+def positive_scale(raw: torch.Tensor, min_scale: float, log_variance_bounds: list[float] | None) -> torch.Tensor:
+    """σ = softplus(raw) + min_scale, clamped to [e^(low/2), e^(high/2)] when bounds are given."""
+    scale = softplus(raw) + min_scale
+    if log_variance_bounds is None:
+        return scale
+    low, high = log_variance_bounds
+    return scale.clamp(math.exp(low / 2), math.exp(high / 2))
+
+
 class DiagonalNormal(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, min_scale: float):
+    def __init__(self, feature_dim: int, latent_dim: int, min_scale: float,
+                 log_variance_bounds: list[float] | None = None):
         super().__init__()
         self.loc = nn.Linear(feature_dim, latent_dim)
         self.raw_scale = nn.Linear(feature_dim, latent_dim)
-        self.min_scale = min_scale
+        self.min_scale, self.log_variance_bounds = min_scale, log_variance_bounds
 
     def gaussian(self, h: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Normal(self.loc(h), softplus(self.raw_scale(h)) + self.min_scale).to_event(1)
+        scale = positive_scale(self.raw_scale(h), self.min_scale, self.log_variance_bounds)
+        return dist.Normal(self.loc(h), scale).to_event(1)
 
 
 class LowRankNormal(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, rank: int, min_scale: float):
+    def __init__(self, feature_dim: int, latent_dim: int, rank: int, min_scale: float,
+                 log_variance_bounds: list[float] | None = None):
         super().__init__()
         self.latent_dim, self.rank = latent_dim, rank
         self.loc = nn.Linear(feature_dim, latent_dim)
         self.factor = nn.Linear(feature_dim, latent_dim * rank)
         self.raw_diag = nn.Linear(feature_dim, latent_dim)
-        self.min_scale = min_scale
+        self.min_scale, self.log_variance_bounds = min_scale, log_variance_bounds
 
     def gaussian(self, h: torch.Tensor) -> dist.TorchDistribution:
         factor = self.factor(h).reshape(*h.shape[:-1], self.latent_dim, self.rank)
-        diag = (softplus(self.raw_diag(h)) + self.min_scale) ** 2
+        diag = positive_scale(self.raw_diag(h), self.min_scale, self.log_variance_bounds) ** 2
         return dist.LowRankMultivariateNormal(self.loc(h), factor, diag)
 
 
 class FullNormal(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, min_scale: float):
+    def __init__(self, feature_dim: int, latent_dim: int, min_scale: float,
+                 log_variance_bounds: list[float] | None = None):
         super().__init__()
         self.latent_dim = latent_dim
         self.loc = nn.Linear(feature_dim, latent_dim)
         self.tril = nn.Linear(feature_dim, latent_dim * (latent_dim + 1) // 2)
-        self.min_scale = min_scale
+        self.min_scale, self.log_variance_bounds = min_scale, log_variance_bounds
         self.register_buffer("rows", torch.tril_indices(latent_dim, latent_dim)[0], persistent=False)
         self.register_buffer("cols", torch.tril_indices(latent_dim, latent_dim)[1], persistent=False)
 
@@ -81,17 +103,18 @@ class FullNormal(Guide):
         entries = self.tril(h)
         scale_tril = entries.new_zeros(*h.shape[:-1], d, d)
         scale_tril[..., self.rows, self.cols] = entries
-        diagonal = softplus(scale_tril.diagonal(dim1=-2, dim2=-1)) + self.min_scale
+        diagonal = positive_scale(scale_tril.diagonal(dim1=-2, dim2=-1), self.min_scale, self.log_variance_bounds)
         scale_tril = scale_tril.tril(-1) + torch.diag_embed(diagonal)
         return dist.MultivariateNormal(self.loc(h), scale_tril=scale_tril)
 
 
 class InverseAutoregressive(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, flows: int, hidden: list[int], min_scale: float):
+    def __init__(self, feature_dim: int, latent_dim: int, flows: int, hidden: list[int], min_scale: float,
+                 log_variance_bounds: list[float] | None = None):
         super().__init__()
         if latent_dim < 2:
             raise UserInputError("'model.guide.type' iaf needs model.latent_dim >= 2 (an autoregressive flow on one dimension is affine)")
-        self.base = DiagonalNormal(feature_dim, latent_dim, min_scale)
+        self.base = DiagonalNormal(feature_dim, latent_dim, min_scale, log_variance_bounds)
         self.flows = nn.ModuleList(
             T.conditional_affine_autoregressive(latent_dim, feature_dim, hidden_dims=hidden) for _ in range(flows))
 
@@ -109,19 +132,20 @@ class InverseAutoregressive(Guide):
 
 @registry.register("guide", "diagonal-normal")
 def diagonal_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return DiagonalNormal(feature_dim, latent_dim, spec.min_scale)
+    return DiagonalNormal(feature_dim, latent_dim, spec.min_scale, spec.log_variance_bounds)
 
 
 @registry.register("guide", "low-rank-normal")
 def low_rank_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return LowRankNormal(feature_dim, latent_dim, spec.rank, spec.min_scale)
+    return LowRankNormal(feature_dim, latent_dim, spec.rank, spec.min_scale, spec.log_variance_bounds)
 
 
 @registry.register("guide", "full-normal")
 def full_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return FullNormal(feature_dim, latent_dim, spec.min_scale)
+    return FullNormal(feature_dim, latent_dim, spec.min_scale, spec.log_variance_bounds)
 
 
 @registry.register("guide", "iaf")
 def inverse_autoregressive(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return InverseAutoregressive(feature_dim, latent_dim, spec.flows, spec.hidden, spec.min_scale)
+    return InverseAutoregressive(feature_dim, latent_dim, spec.flows, spec.hidden, spec.min_scale,
+                                 spec.log_variance_bounds)

@@ -20,6 +20,8 @@ from torch.nn.functional import softplus
 from pyro_vae import registry
 from pyro_vae.spec import LEARNED, LikelihoodSpec
 
+MEAN_CLAMP = 1e-3  # data-mean initialization: means of 0 or 1 are moved this far inside (0, 1)
+
 
 class Likelihood(nn.Module):
     """Base: ``forward(out)`` is the distribution; ``mean(out)`` the expected x."""
@@ -36,6 +38,14 @@ class Likelihood(nn.Module):
         """Whether every value of ``data`` is in the support."""
         return bool(torch.isfinite(data).all())
 
+    def output_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The decoder output whose likelihood has mean ``mean`` (D,): the inverse of :meth:`mean`.
+
+        The decoder's output bias starts here (``model.decoder.init_bias: data-mean``),
+        so that before the first step p(x|z) already draws the average example.
+        """
+        return mean.clone()
+
 
 class Bernoulli(Likelihood):
     support_name = "0 and 1 only (binarize the data, or use continuous-bernoulli)"
@@ -49,6 +59,10 @@ class Bernoulli(Likelihood):
     def holds(self, data: torch.Tensor) -> bool:
         return bool(((data == 0) | (data == 1)).all())
 
+    def output_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """logit(m) of the mean clamped to [MEAN_CLAMP, 1 − MEAN_CLAMP] (a never-lit pixel gets a finite logit)."""
+        return torch.logit(mean.clamp(MEAN_CLAMP, 1 - MEAN_CLAMP))
+
 
 class ContinuousBernoulli(Likelihood):
     support_name = "the interval [0, 1]"
@@ -58,6 +72,24 @@ class ContinuousBernoulli(Likelihood):
 
     def holds(self, data: torch.Tensor) -> bool:
         return bool(((data >= 0) & (data <= 1)).all())
+
+    def output_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The logits l with E[x] = m under CB(λ = σ(l)), by bisection (the CB mean rises monotonically in l).
+
+        Means beyond the reach of float32's CB (about 0.063 to 0.937) get the nearest end.
+
+        E[x] = λ/(2λ − 1) + 1/(2 atanh(1 − 2λ)) for λ ≠ ½ (Loaiza-Ganem & Cunningham 2019, eq. 6).
+        """
+        target = mean.clamp(MEAN_CLAMP, 1 - MEAN_CLAMP).double()
+        # torch clamps λ to [ε, 1 − ε] of float32, so the CB mean only reaches about (0.063, 0.937):
+        # a mean outside gets the nearest end
+        limit = float(torch.logit(torch.tensor(1 - torch.finfo(torch.float32).eps, dtype=torch.float64)))
+        low, high = torch.full_like(target, -limit), torch.full_like(target, limit)
+        for _ in range(80):
+            middle = (low + high) / 2
+            below = dist.ContinuousBernoulli(logits=middle).mean < target
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return ((low + high) / 2).to(mean.dtype)
 
 
 class LocationScale(Likelihood):

@@ -50,15 +50,30 @@ class VAE(nn.Module):
         self.register_modules = True
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None) -> "VAE":
-        """Build every part through the registry."""
+    def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None,
+                  train: torch.Tensor | None = None) -> "VAE":
+        """Build every part through the registry.
+
+        ``train`` (N, D), the training split, sets what depends on the data: the
+        decoder's output bias under ``model.decoder.init_bias: data-mean`` (the
+        likelihood's output for the mean training example, so p(x|z) starts at
+        the mean image) and the VampPrior's pseudo-input range [min x, max x].
+        With ``init_bias: zero``, or without ``train`` (a checkpoint is about to
+        be loaded), the bias starts at zero and the range at [0, 1].
+        """
         d = spec.latent_dim
+        data_range = (0.0, 1.0) if train is None else (float(train.min()), float(train.max()))
         encoder = registry.get("network", spec.encoder.type)(spec.encoder, "encoder", data_dim, None, image_shape)
         decoder = registry.get("network", spec.decoder.type)(spec.decoder, "decoder", d, data_dim, image_shape)
         guide_head = registry.get("guide", spec.guide.type)(spec.guide, encoder.output_dim, d)
         prior = registry.get("prior", spec.prior.type)(spec.prior, d, data_dim=data_dim, encoder=encoder,
-                                                       guide=guide_head)
+                                                       guide=guide_head, data_range=data_range)
         likelihood = registry.get("likelihood", spec.likelihood.type)(spec.likelihood, data_dim)
+        with torch.no_grad():
+            if train is not None and spec.decoder.init_bias == "data-mean":
+                decoder.output_bias.copy_(likelihood.output_for_mean(train.mean(0)))
+            else:
+                decoder.output_bias.zero_()
         return cls(encoder, decoder, guide_head, prior, likelihood, d)
 
     # -- the distributions, usable without Pyro's effect handlers ------------------

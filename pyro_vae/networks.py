@@ -22,12 +22,30 @@ ACTIVATIONS = {
 }
 
 
+GATED = "gated"
+
+
+class GatedLinear(nn.Module):
+    """h = (W x + b) ⊙ σ(V x + c): the gated unit of the VampPrior paper's MLPs (Dauphin et al. 2017)."""
+
+    def __init__(self, fan_in: int, fan_out: int):
+        super().__init__()
+        self.value, self.gate = nn.Linear(fan_in, fan_out), nn.Linear(fan_in, fan_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+
 def mlp(sizes: list[int], activation: str, final_activation: bool) -> nn.Sequential:
-    """Linear layers between consecutive ``sizes`` with ``activation`` in between."""
+    """Linear layers between consecutive ``sizes`` with ``activation`` in between (``gated``: gated layers)."""
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        hidden = i < len(sizes) - 2 or final_activation
+        if hidden and activation == GATED:
+            layers.append(GatedLinear(fan_in, fan_out))
+            continue
         layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(sizes) - 2 or final_activation:
+        if hidden:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
@@ -51,16 +69,25 @@ class MLPDecoder(nn.Module):
         super().__init__()
         self.net = mlp([latent_dim, *hidden, output_dim], activation, final_activation=False)
 
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The bias of the last layer, one entry per output (D,)."""
+        return self.net[-1].bias
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
 
 
-def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int]) -> tuple[int, int, int]:
+def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int],
+                   activation: str) -> tuple[int, int, int]:
     if image_shape is None:
         raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); this dataset is flat vectors: use mlp")
     if not channels:
         raise UserInputError("a conv network needs at least one entry in 'channels' (model.encoder.channels, "
                              "model.decoder.channels), e.g. [32, 64]")
+    if activation == GATED:
+        raise UserInputError("activation 'gated' is for mlp networks; a conv network takes relu, tanh, softplus, "
+                             "elu, gelu, silu or leaky_relu")
     c, h, w = image_shape
     factor = 2 ** len(channels)
     if h % factor or w % factor:
@@ -74,7 +101,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, image_shape: tuple[int, int, int], channels: list[int], hidden: list[int], activation: str):
         super().__init__()
-        c, h, w = _conv_geometry(image_shape, channels)
+        c, h, w = _conv_geometry(image_shape, channels, activation)
         self.image_shape = image_shape
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip([image_shape[0], *channels[:-1]], channels):
@@ -90,26 +117,32 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Linear layers to a small feature map, then stride-2 transposed convolutions up to the image."""
+    """Linear layers to a small feature map, then stride-2 transposed convolutions up to the image.
+
+    The last transposed convolution has no bias of its own; ``output_bias`` is
+    one bias per output value (C·H·W), so the decoder can start at the mean image.
+    """
 
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: list[int],
                  hidden: list[int], activation: str):
         super().__init__()
-        _, h, w = _conv_geometry(image_shape, channels)
+        _, h, w = _conv_geometry(image_shape, channels, activation)
         self.start = (channels[-1], h, w)
         self.head = mlp([latent_dim, *hidden, math.prod(self.start)], activation, final_activation=True)
         layers: list[nn.Module] = []
         widths = [*reversed(channels), image_shape[0]]
         for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.ConvTranspose2d(fan_in, fan_out, 4, stride=2, padding=1))
-            if i < len(widths) - 2:
+            last = i == len(widths) - 2
+            layers.append(nn.ConvTranspose2d(fan_in, fan_out, 4, stride=2, padding=1, bias=not last))
+            if not last:
                 layers.append(ACTIVATIONS[activation]())
         self.deconv = nn.Sequential(*layers)
+        self.output_bias = nn.Parameter(torch.zeros(math.prod(image_shape)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         maps = self.head(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start)
-        return self.deconv(maps).flatten(1).reshape(*lead, -1)
+        return (self.deconv(maps).flatten(1) + self.output_bias).reshape(*lead, -1)
 
 
 @registry.register("network", "mlp")
@@ -127,5 +160,5 @@ def conv_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int |
     """Convolutional encoder or decoder for images (``channels``, then ``hidden``)."""
     if role == "encoder":
         return ConvEncoder(image_shape, spec.channels, spec.hidden, spec.activation)
-    _conv_geometry(image_shape, spec.channels)
+    _conv_geometry(image_shape, spec.channels, spec.activation)
     return ConvDecoder(input_dim, image_shape, spec.channels, spec.hidden, spec.activation)

@@ -80,3 +80,21 @@ def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path) -> 
     ax.set_title("posterior means of the test set")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def run_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Test ELBO (solid) and validation ELBO (dashed, where a run has one) per epoch, one colour per run."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, metrics) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        epochs = [m["epoch"] for m in metrics]
+        ax.plot(epochs, [m["test_elbo"] for m in metrics], color=colour, label=f"{name} test")
+        if any("validation_elbo" in m for m in metrics):
+            ax.plot(epochs, [m.get("validation_elbo", float("nan")) for m in metrics], color=colour, linestyle="--",
+                    label=f"{name} validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO, nats per example (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

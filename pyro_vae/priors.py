@@ -8,7 +8,10 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
 - ``mog``: Σ_k π_k N(μ_k, diag σ_k²), K = ``components``, all learnable.
 - ``vamp``: the VampPrior p(z) = (1/K) Σ_k q_φ(z | u_k) at K learnable
   pseudo-inputs u_k (Tomczak & Welling 2018). It shares the encoder with the
-  guide; with a flow guide its components are the guide's Gaussian part.
+  guide; with a flow guide its components are the guide's Gaussian part. As
+  in the paper's code, u_k = hardtanh(a_k) into the training data's range
+  [min x, max x] (``pseudo_input_activation: hardtanh``), a_k ~ N(0.05, 0.01²)
+  at the start, so a pseudo-input is always a possible input of the encoder.
 - ``flow``: N(0, I) pushed through ``flows`` masked autoregressive transforms
   (Papamakarios et al. 2017), so log p(z) costs one network pass per flow:
   log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|.
@@ -62,15 +65,25 @@ class MixtureOfGaussians(nn.Module):
 
 
 class VampPrior(nn.Module):
-    def __init__(self, data_dim: int, pseudo_inputs: int, encoder: nn.Module, guide: nn.Module):
+    def __init__(self, data_dim: int, pseudo_inputs: int, encoder: nn.Module, guide: nn.Module,
+                 data_range: tuple[float, float] | None = None):
         super().__init__()
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, data_dim))
+        # hardtanh bounds of the pseudo-inputs, kept in the checkpoint; None: unbounded
+        self.bounded = data_range is not None
+        self.register_buffer("data_range", torch.tensor(data_range if self.bounded else (0.0, 0.0)))
         # shared with the guide, not owned: keep them out of this module's parameters
         self._posterior = (encoder, guide)
 
+    def inputs(self) -> torch.Tensor:
+        """The K pseudo-inputs u_k as the encoder sees them, (K, D)."""
+        if not self.bounded:
+            return self.pseudo_inputs
+        return torch.clamp(self.pseudo_inputs, self.data_range[0], self.data_range[1])  # hardtanh
+
     def forward(self) -> dist.TorchDistribution:
         encoder, guide = self._posterior
-        components = guide.gaussian(encoder(self.pseudo_inputs))
+        components = guide.gaussian(encoder(self.inputs()))
         return gaussian_mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components)
 
 
@@ -112,8 +125,9 @@ def mixture_of_gaussians(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module
 
 @registry.register("prior", "vamp")
 def vamp(spec: PriorSpec, latent_dim: int, *, data_dim: int, encoder: nn.Module, guide: nn.Module,
-         **parts) -> nn.Module:
-    return VampPrior(data_dim, spec.pseudo_inputs, encoder, guide)
+         data_range: tuple[float, float] = (0.0, 1.0), **parts) -> nn.Module:
+    bounds = data_range if spec.pseudo_input_activation == "hardtanh" else None
+    return VampPrior(data_dim, spec.pseudo_inputs, encoder, guide, bounds)
 
 
 @registry.register("prior", "flow")

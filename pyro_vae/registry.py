@@ -19,18 +19,32 @@ from pyro_vae.errors import UserInputError
 
 KINDS = ("prior", "guide", "likelihood", "network", "estimator", "dataset")
 _TABLES: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+_TOKENS: dict[str, tuple[str, ...]] = {}
 
 
-def register(kind: str, name: str) -> Callable[[Callable], Callable]:
-    """Decorator: file ``builder`` under ``name`` in the table of ``kind``."""
+def register(kind: str, name: str, token: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: file ``builder`` under ``name`` in the table of ``kind``.
+
+    ``token`` (estimators): the ``inference`` keys that the values of a
+    ``pyro-vae compare`` token ``name:V1:V2`` fill, in order; ``("num_particles",)``
+    makes ``name:K``, ``()`` the bare ``name``.
+    """
     if kind not in _TABLES:
         raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
 
     def add(builder: Callable) -> Callable:
         _TABLES[kind][name] = builder
+        if kind == "estimator":
+            _TOKENS[name] = tuple(token)
         return builder
 
     return add
+
+
+def token_fields(name: str) -> tuple[str, ...]:
+    """The ``inference`` keys of estimator ``name``'s compare token, in order."""
+    get("estimator", name)
+    return _TOKENS.get(name, ())
 
 
 def get(kind: str, name: str) -> Callable:

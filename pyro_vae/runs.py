@@ -23,6 +23,8 @@ from pyro_vae.errors import UserInputError
 from pyro_vae.spec import Spec
 
 CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
+BEST = "best.pt"  # the parameters of the epoch with the best validation ELBO (runs with data.validation_size)
+CHECKPOINT_CHOICES = ("best", "last")
 
 
 def default_run_dir(spec: Spec) -> Path:
@@ -67,7 +69,7 @@ def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
     check_new_run(run_dir, spec, force)
     writable_folder(run_dir, "output folder")
     if force:
-        for name in (METRICS, CHECKPOINT, LOG):
+        for name in (METRICS, CHECKPOINT, BEST, LOG):
             (run_dir / name).unlink(missing_ok=True)
     write_text_atomic(run_dir / CONFIG, spec.to_yaml())
     write_text_atomic(run_dir / RUN_INFO, json.dumps(environment(spec), indent=2) + "\n")
@@ -102,6 +104,14 @@ def read_spec(run_dir: Path) -> Spec:
         return Spec.from_dict(raw)
     except UserInputError as exc:
         raise UserInputError(f"'{path}': {exc}") from None
+
+
+def checkpoint_path(run_dir: Path, choice: str = "best") -> Path:
+    """The checkpoint a command reads: ``best.pt`` when asked for ``best`` and the run has one, else the last."""
+    if choice not in CHECKPOINT_CHOICES:
+        raise UserInputError(f"--checkpoint is {choice!r}; accepted: {', '.join(CHECKPOINT_CHOICES)}")
+    best = Path(run_dir) / BEST
+    return best if choice == "best" and best.exists() else Path(run_dir) / CHECKPOINT
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

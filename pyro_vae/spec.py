@@ -23,6 +23,7 @@ from pyro_vae import registry
 from pyro_vae.errors import UserInputError
 
 LEARNED = "learned"
+PUBLISHED = "published"  # data.validation_size: the dataset's own validation split (binarized-mnist)
 
 
 def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False,
@@ -54,6 +55,7 @@ class DataSpec:
     download: bool = False
     train_size: Union[int, None] = field(default=None, metadata=_range(1))
     test_size: Union[int, None] = field(default=None, metadata=_range(1))
+    validation_size: Union[int, str, None] = field(default=None, metadata=_range(1, choices=(PUBLISHED,)))
     linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
 
 
@@ -61,8 +63,15 @@ class DataSpec:
 class NetworkSpec:
     type: str = field(default="mlp", metadata=_range(kind="network"))
     hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=_range(1))
-    activation: str = field(default="relu", metadata=_range(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu")))
+    activation: str = field(default="relu", metadata=_range(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")))
     channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_range(1))
+
+
+@dataclass
+class DecoderSpec(NetworkSpec):
+    """A network spec plus how the decoder's output bias starts."""
+
+    init_bias: str = field(default="data-mean", metadata=_range(choices=("data-mean", "zero")))
 
 
 @dataclass
@@ -70,6 +79,7 @@ class PriorSpec:
     type: str = field(default="standard-normal", metadata=_range(kind="prior"))
     components: int = field(default=10, metadata=_range(1))
     pseudo_inputs: int = field(default=100, metadata=_range(1))
+    pseudo_input_activation: str = field(default="hardtanh", metadata=_range(choices=("hardtanh", "none")))
     flows: int = field(default=2, metadata=_range(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
 
@@ -81,6 +91,7 @@ class GuideSpec:
     flows: int = field(default=2, metadata=_range(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
     min_scale: float = field(default=1e-4, metadata=_range(0, open_low=True))
+    log_variance_bounds: Union[list[float], None] = None
 
 
 @dataclass
@@ -94,7 +105,7 @@ class LikelihoodSpec:
 class ModelSpec:
     latent_dim: int = field(default=4, metadata=_range(1))
     encoder: NetworkSpec = field(default_factory=NetworkSpec)
-    decoder: NetworkSpec = field(default_factory=NetworkSpec)
+    decoder: DecoderSpec = field(default_factory=DecoderSpec)
     prior: PriorSpec = field(default_factory=PriorSpec)
     guide: GuideSpec = field(default_factory=GuideSpec)
     likelihood: LikelihoodSpec = field(default_factory=LikelihoodSpec)
@@ -105,14 +116,28 @@ class InferenceSpec:
     estimator: str = field(default="meanfield", metadata=_range(kind="estimator"))
     num_particles: int = field(default=1, metadata=_range(1))
     alpha: float = 0.5
+    outer_particles: int = field(default=1, metadata=_range(1))              # M of miwae, piwae
+    ciwae_beta: float = field(default=0.5, metadata=_range(0, 1))            # ciwae's weight on the ELBO
+    tail_adaptive_beta: float = field(default=-1.0, metadata=_range(high=0))  # β_ta of tail-adaptive
     compile: bool = False
+
+
+@dataclass
+class ScheduleSpec:
+    """The learning-rate schedule (``optim.schedule``; a bare name is ``{type: name}``)."""
+
+    type: str = field(default="constant", metadata=_range(choices=("constant", "iwae", "plateau", "cosine")))
+    factor: float = field(default=0.5, metadata=_range(0, 1, open_low=True))
+    patience: int = field(default=10, metadata=_range(0))
 
 
 @dataclass
 class OptimSpec:
     lr: float = field(default=1e-3, metadata=_range(0, open_low=True))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_range(0, 1))
+    eps: float = field(default=1e-8, metadata=_range(0, open_low=True))
     clip_norm: Union[float, None] = field(default=None, metadata=_range(0, open_low=True))
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
 
 
 @dataclass
@@ -123,6 +148,7 @@ class TrainSpec:
     beta: float = field(default=1.0, metadata=_range(0))
     kl_warmup_epochs: int = field(default=0, metadata=_range(0))
     eval_num_samples: int = field(default=1, metadata=_range(1))
+    early_stopping_patience: Union[int, None] = field(default=None, metadata=_range(1))
 
 
 @dataclass
@@ -174,12 +200,18 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
+        if isinstance(child, str) and depth == len(parts) - 2:
+            child = node[part] = {"type": child}  # `schedule: plateau`, then `schedule.patience=5`
         if not isinstance(child, dict):
             if part not in node:
                 raise UserInputError(f"unknown key '{'.'.join(parts[:depth + 1])}'")
             raise UserInputError(f"'{'.'.join(parts[:depth + 1])}' is a value, not a section; cannot set '{key}'")
         node = child
-    node[parts[-1]] = value
+    current = node.get(parts[-1])
+    if isinstance(value, str) and isinstance(current, dict) and "type" in current:
+        current["type"] = value  # `--set optim.schedule=plateau` picks the type, keeping the section's other keys
+    else:
+        node[parts[-1]] = value
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -271,6 +303,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         annotation = hints[name]
         key = prefix + name
         if dataclasses.is_dataclass(annotation):
+            if isinstance(value, str) and "type" in {f.name for f in dataclasses.fields(annotation)}:
+                value = {"type": value}  # a bare name selects the part: `optim.schedule: plateau`
             values[name] = _build(annotation, value if value is not None else {}, key + ".")
         else:
             values[name] = _coerce(value, annotation, key, fields[name].metadata)
@@ -349,9 +383,19 @@ def _check_cross_field(spec: Spec) -> None:
     if model.guide.type == "low-rank-normal" and model.guide.rank > model.latent_dim:
         raise UserInputError(
             f"'model.guide.rank' is {model.guide.rank}; it must be between 1 and model.latent_dim ({model.latent_dim})")
+    bounds = model.guide.log_variance_bounds
+    if bounds is not None and (len(bounds) != 2 or not bounds[0] < bounds[1]):
+        raise UserInputError(f"'model.guide.log_variance_bounds' is {bounds}; accepted: null or two numbers "
+                             f"[low, high] with low < high, e.g. [-6, 2]")
     for part, key in ((model.prior, "model.prior"), (model.guide, "model.guide")):
         if part.type in ("flow", "iaf") and not part.hidden:
             raise UserInputError(f"'{key}.hidden' is []; a {part.type} needs at least one hidden layer, e.g. [64]")
+    if spec.optim.schedule.type == "plateau" and spec.data.validation_size is None:
+        raise UserInputError("'optim.schedule' plateau reduces the rate when the validation ELBO stops rising; "
+                             "set data.validation_size (e.g. 10000) to hold out a validation split")
+    if spec.train.early_stopping_patience is not None and spec.data.validation_size is None:
+        raise UserInputError("'train.early_stopping_patience' needs a validation split; set data.validation_size "
+                             "(e.g. 10000)")
     if spec.data.name == "file" and spec.data.path is None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
     if spec.inference.estimator == "renyi" and spec.inference.alpha == 1.0:

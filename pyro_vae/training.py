@@ -46,7 +46,7 @@ import torch
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
-from pyro_vae import checkpoint, compiled, distributed, estimators, evaluation, registry, runs
+from pyro_vae import checkpoint, compiled, distributed, estimators, evaluation, optimizer, registry, runs
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.model import VAE, check_likelihood_support
@@ -55,8 +55,8 @@ from pyro_vae.spec import Spec
 VALIDATED_STEPS = 3
 MAX_SEED = 2**32 - 1  # numpy's limit
 NONFINITE_CHECK_EVERY = 100
-STATE_KEYS = ("spec", "model", "optimizer", "rng", "epoch", "step_in_epoch", "global_step", "metrics",
-              "epoch_losses", "epoch_seconds")
+STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",
+              "epoch_losses", "epoch_seconds", "best_validation", "best_epoch", "stopped_early")
 
 
 class TrainingInterrupted(Exception):
@@ -77,6 +77,9 @@ class Progress:
     metrics: list[dict] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
     epoch_seconds: float = 0.0
+    best_validation: float | None = None   # the highest validation ELBO so far, and its epoch
+    best_epoch: int = 0
+    stopped_early: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -150,14 +153,6 @@ def check_memory(vae: VAE, device: torch.device) -> None:
             f"the model has {count:,} parameters: training needs about {needed / 2**30:.1f} GiB (parameters, "
             f"gradients, Adam state) but {available / 2**30:.1f} GiB is free on {device}; reduce model.encoder.hidden, "
             f"model.decoder.hidden, model.latent_dim or model.prior.pseudo_inputs")
-
-
-def adam(vae: VAE, spec: Spec) -> torch.optim.Adam:
-    """One Adam over every module parameter, ``optim.betas`` checked first."""
-    betas = spec.optim.betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise UserInputError(f"'optim.betas' is {betas}; accepted: two numbers in [0, 1), e.g. [0.9, 0.999]")
-    return compiled.adam(vae.parameters(), lr=spec.optim.lr, betas=(betas[0], betas[1]))  # fused kernel where available
 
 
 def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
@@ -241,15 +236,18 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
         self.device = resolve_device(device_name, "'train.device'")
         self.log = runs.run_logger(run_dir, self.dist.rank)
-        seed_everything(spec.train.seed)
+        # data first: loading draws only from its own generators, but importing a loader's library may draw
+        # from Python's global one (scikit-learn imports rich where it is installed), so seed after it
         self.data = (data or load_dataset(spec.data, spec.train.seed)).to(self.device)
+        seed_everything(spec.train.seed)
         pyro.clear_param_store()
-        self.vae = VAE.from_spec(spec.model, self.data.data_dim, self.data.image_shape).to(self.device)
+        self.vae = VAE.from_spec(spec.model, self.data.data_dim, self.data.image_shape, self.data.train).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         check_memory(self.vae, self.device)
         self.check_data()
         self.elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
-        self.optimizer = adam(self.vae, spec)
+        self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
+        self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = compiled.build_step(self.elbo, self.vae, spec.inference.compile, self.log)
         self.registered = False  # pyro.module has put the parameters in the param store in this process
         self.batch_size = min(spec.data.batch_size, self.data.num_train)
@@ -300,8 +298,10 @@ class Trainer:
         """Everything a resumed run needs: spec, parameters, Adam, generators, progress, metrics."""
         p = self.progress
         return {"spec": self.spec.to_dict(), "model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "rng": rng_state(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
-                "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds}
+                "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds,
+                "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early}
 
     def save(self) -> None:
         """Checkpoint and metrics into the run folder; never parameters that are not finite."""
@@ -319,9 +319,14 @@ class Trainer:
         try:
             self.vae.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
+            best = state["best_validation"]
             self.progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]),
-                                     list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]))
+                                     list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]),
+                                     None if best is None else float(best), int(state["best_epoch"]),
+                                     bool(state["stopped_early"]))
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise UserInputError(f"the checkpoint in '{self.run_dir}' does not fit this model: "
                                  f"{' '.join(str(exc).split())[:200]}") from None
@@ -382,7 +387,7 @@ class Trainer:
             self.log.info(self.note)
         stop: list[int] = []
         with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
-            while self.progress.epoch < self.spec.train.epochs:
+            while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
                 self.train_epoch(stop)
                 self.end_epoch()
         return self.progress.metrics
@@ -440,22 +445,47 @@ class Trainer:
             f"scale too small (model.likelihood.scale), data outside the expected range; try optim.clip_norm")
 
     def end_epoch(self) -> None:
-        """Evaluate, log and checkpoint the epoch just completed."""
+        """Evaluate, log and checkpoint the epoch just completed; keep the best; step the schedule; stop early."""
         p = self.progress
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
             test = evaluation.test_elbo(self.vae, self.data.test)
-        if not all(math.isfinite(value) for value in test.values()):
-            raise self.nonfinite("non-finite test ELBO", p.step_in_epoch)
+            validation = (None if self.data.validation is None
+                          else evaluation.test_elbo(self.vae, self.data.validation)["test_elbo"])
+        if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
+            raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
         row = {"epoch": p.epoch + 1,
                "train_elbo": -float(np.mean(p.epoch_losses)) / self.data.num_train,
+               **({"validation_elbo": validation} if validation is not None else {}),
                **test,
                "seconds": p.epoch_seconds,
-               "kl_weight": self.vae.kl_weight}
+               "kl_weight": self.vae.kl_weight,
+               "lr": optimizer.current_lr(self.optimizer)}
         p.metrics.append(row)
         p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = p.epoch + 1, 0, [], 0.0
-        self.log.info(f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}  test ELBO {row['test_elbo']:9.3f} "
-                      f"nats  ({row['seconds']:.1f} s)")
+        improved = validation is not None and (p.best_validation is None or validation > p.best_validation)
+        if improved:
+            p.best_validation, p.best_epoch = validation, p.epoch
+            self.save_best()
+        patience = self.spec.train.early_stopping_patience
+        if patience is not None and p.epoch - p.best_epoch >= patience:
+            p.stopped_early = True
+        optimizer.step_scheduler(self.scheduler, validation)
+        where = f"  validation ELBO {validation:9.3f}" + (" (best)" if improved else "") if validation is not None else ""
+        self.log.info(f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}{where}  test ELBO "
+                      f"{row['test_elbo']:9.3f} nats  ({row['seconds']:.1f} s)")
+        if p.stopped_early:
+            self.log.info(f"early stopping: no better validation ELBO for {patience} epochs; the best is epoch "
+                          f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}")
         self.save()
+
+    def save_best(self) -> None:
+        """``best.pt``: the parameters of the epoch with the highest validation ELBO, written atomically."""
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        self.check_parameters()
+        p = self.progress
+        checkpoint.save_atomic({"spec": self.spec.to_dict(), "model": self.vae.state_dict(), "epoch": p.best_epoch,
+                                "validation_elbo": p.best_validation}, self.run_dir / runs.BEST)
 
     def write_pictures(self) -> None:
         """samples.png, reconstructions.png, elbo.png and latent.png (two or more test examples) in the run folder."""
@@ -529,11 +559,16 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
     return trainer
 
 
-def load_run(run_dir: Path, device: str | None = None) -> tuple[Spec, VAE, Dataset]:
-    """The spec, trained VAE (eval mode) and data of a finished or interrupted run."""
+def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
+    """The spec, trained VAE (eval mode) and data of a finished or interrupted run.
+
+    ``which``: ``best`` reads ``best.pt`` where the run has one (a run with a
+    validation split), else the last checkpoint; ``last`` always the last
+    (see :func:`pyro_vae.runs.checkpoint_path`).
+    """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
-    state = checkpoint.load(run_dir / runs.CHECKPOINT, required=("spec", "model"))
+    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
     check_same_spec(state, spec, run_dir)
     if device is not None:
         spec.train.device = device

@@ -19,19 +19,19 @@ import pyro.distributions.transforms as T
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import (RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO,
-                        TraceTailAdaptive_ELBO)
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints, kl_divergence
 
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.estimators import (DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO, TailAdaptive_ELBO,
-                                 bound, bound_and_backward)
+from pyro_vae.estimators import (CIWAE_ELBO, MIWAE_ELBO, PIWAE_ELBO, DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO,
+                                 TailAdaptive_ELBO, bound, bound_and_backward, guide_kl_weight)
 from pyro_vae.gaussian import LinearGaussian
 from pyro_vae.spec import InferenceSpec
 
 Z = 4.5
-ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]
+ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg", "miwae", "ciwae",
+              "piwae"]
 ENCODER, MODEL, SHARED = ("A", "c", "L"), ("W", "b"), ("m",)
 # coordinates of the flattened gradient over ENCODER + MODEL + SHARED (D = 4, d = 2)
 ENC, MOD = slice(0, 8 + 2 + 4), slice(14, 14 + 8 + 4)
@@ -68,7 +68,7 @@ class Problem:
         b = pyro.param("b", self.lg.bias.clone())
         m = pyro.param("m", torch.zeros(self.d))
         with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))), poutine.mask(mask=mask):
-            with poutine.scale(scale=self.beta):
+            with self.kl_scale():
                 z = pyro.sample("z", dist.Normal(m, 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ W.T + b, self.lg.noise).to_event(1), obs=x)
 
@@ -97,8 +97,12 @@ class Problem:
     def guide(self, x, num_data=None, mask=True):
         q = self.q(x)
         with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))), poutine.mask(mask=mask):
-            with poutine.scale(scale=self.beta):
+            with self.kl_scale():
                 pyro.sample("z", q)
+
+    def kl_scale(self):
+        """β on the z sites: a scale, or a mask for β = 0 (as the package's VAE does)."""
+        return poutine.mask(mask=False) if self.beta == 0 else poutine.scale(scale=self.beta)
 
     def params(self, names):
         store = pyro.get_param_store()
@@ -160,12 +164,13 @@ def perturbed(**kwargs):
 def test_registered_in_order_and_types():
     assert [n for n in registry.names("estimator") if n in ESTIMATORS] == ESTIMATORS
     types = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "tracegraph": TraceGraph_ELBO,
-             "tail-adaptive": TraceTailAdaptive_ELBO, "iwae": IWAE_ELBO, "renyi": Renyi_ELBO,
-             "stl": STL_ELBO, "dreg": DReG_ELBO}
+             "tail-adaptive": TailAdaptive_ELBO, "iwae": IWAE_ELBO, "renyi": Renyi_ELBO,
+             "stl": STL_ELBO, "dreg": DReG_ELBO, "miwae": MIWAE_ELBO, "ciwae": CIWAE_ELBO, "piwae": PIWAE_ELBO}
     for name, cls in types.items():
         elbo = build(name, num_particles=3)
         assert isinstance(elbo, cls), name
         assert elbo.num_particles == 3
+    assert build("miwae", num_particles=3, outer_particles=2).num_particles == 6
     assert build("renyi", num_particles=3, alpha=0.3).alpha == 0.3
     assert build("trace", num_particles=3).vectorize_particles
     assert not build("trace", num_particles=1).vectorize_particles
@@ -279,8 +284,9 @@ def test_stl_gradient_has_the_elbo_gradient_expectation():
     assert z_scores(stl - trace).abs().max() < Z              # paired: the same z for both
 
 
-def test_dreg_gradient_has_the_iwae_gradient_expectation():
-    problem = perturbed()
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_dreg_gradient_has_the_iwae_gradient_expectation(beta):
+    problem = perturbed(beta=beta)
     dreg = problem.gradients(build("dreg", num_particles=8), 40, copies=50)
     iwae = problem.gradients(build("iwae", num_particles=8), 40, copies=50)
     assert z_scores(dreg - iwae).abs().max() < Z
@@ -345,5 +351,142 @@ def test_tail_adaptive_reports_the_iwae_bound():
     for elbo in (build("tail-adaptive", num_particles=8), IWAE_ELBO(8)):
         pyro.set_rng_seed(3)
         values.append(bound(elbo, problem.model, problem.guide, problem.x))
-    assert isinstance(build("tail-adaptive", num_particles=8), TailAdaptive_ELBO)
     assert values[0].item() == pytest.approx(values[1].item(), rel=1e-12)
+
+
+def test_dreg_is_iwae_draw_for_draw_when_the_kl_weight_is_zero():
+    # β = 0 (the first step of a KL warm-up) masks the z sites: no score term, DReG's weight is w̃
+    problem = perturbed(beta=0.0)
+    dreg = problem.gradients(build("dreg", num_particles=8), 5)
+    iwae = problem.gradients(build("iwae", num_particles=8), 5)
+    assert dreg.abs().max() > 0
+    assert torch.allclose(dreg, iwae, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kl_weight,expected", [(1.0, 1.0), (0.3, 0.3), (0.0, 0.0)])
+def test_the_vae_passes_its_kl_weight_to_dreg_through_the_guide_site(kl_weight, expected):
+    from pyro_vae.model import VAE
+    from pyro_vae.spec import load_spec
+
+    vae = VAE.from_spec(load_spec(None, ["model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]).model, 6)
+    vae.kl_weight = kl_weight
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    trace = poutine.trace(pyro.plate("particles", 3, dim=-2)(vae.guide)).get_trace(x, num_data=50)
+    beta = guide_kl_weight(trace, 10.0)
+    assert float(torch.as_tensor(beta)) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- tail-adaptive, per example
+
+def tail_adaptive_reference(problem, x, k, tail_beta, seed, num_data=None):
+    """The tail-adaptive surrogate built by hand from the same particles: ranks per example, γ = rank^β."""
+    pyro.set_rng_seed(seed)
+    q = problem.q(x)
+    z = q.rsample((k,))                                                    # (K, B, d), as the plate draws them
+    W, b, m = (pyro.param(n) for n in ("W", "b", "m"))
+    log_w = (dist.Normal(z @ W.T + b, problem.lg.noise).to_event(1).log_prob(x)
+             + problem.beta * (dist.Normal(m, 1.0).to_event(1).log_prob(z) - q.log_prob(z)))
+    gamma = torch.empty_like(log_w)
+    for j in range(log_w.shape[1]):                                        # each example on its own
+        for i in range(k):
+            count = int((log_w[:, j] >= log_w[i, j]).sum())               # F̂: 1 for the largest weight
+            gamma[i, j] = count ** tail_beta
+    gamma = (gamma / gamma.sum(0)).detach()
+    scale = (num_data or len(x)) / len(x)
+    return scale * (gamma * log_w).sum()
+
+
+@pytest.mark.parametrize("tail_beta", [-1.0, -0.5])
+def test_tail_adaptive_gradient_equals_the_per_example_rank_reference(tail_beta):
+    problem = perturbed()
+    x, k, params = problem.x, 8, None
+    problem.model(x), problem.guide(x)
+    params = problem.params(ENCODER + MODEL + SHARED)
+    for seed in range(3):
+        for p in params:
+            p.grad = None
+        pyro.set_rng_seed(seed)
+        bound_and_backward(TailAdaptive_ELBO(k, tail_beta), problem.model, problem.guide, x, num_data=60)
+        ours = torch.cat([-p.grad.flatten() for p in params])
+        reference = torch.autograd.grad(tail_adaptive_reference(problem, x, k, tail_beta, seed, num_data=60), params)
+        reference = torch.cat([g.flatten() for g in reference])
+        assert ours.abs().max() > 0
+        assert torch.allclose(ours, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_tail_adaptive_per_example_gradient_ignores_the_other_examples():
+    # example 0's gradient, same ε, with the rest of the minibatch changed: ranks per example must not move
+    problem = perturbed()
+    x = problem.x.clone()
+    problem.model(x), problem.guide(x)
+    params = problem.params(MODEL)
+    gradients = []
+    for shift in (0.0, 3.0):
+        other = x.clone()
+        other[1:] += shift
+        pyro.set_rng_seed(4)
+        bounds, _ = TailAdaptive_ELBO(8).example_bounds(problem.model, problem.guide, other)
+        gradients.append(torch.cat([g.flatten() for g in torch.autograd.grad(bounds[0], params)]))
+    assert gradients[0].abs().max() > 0
+    assert torch.allclose(gradients[0], gradients[1], rtol=1e-9, atol=1e-12)
+
+
+def test_tail_adaptive_with_beta_zero_is_the_k_particle_elbo_gradient():
+    problem = perturbed()
+    tail = problem.gradients(TailAdaptive_ELBO(8, tail_adaptive_beta=0.0), 3, seed=5)
+    elbo = problem.gradients(Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1), 3, seed=5)
+    assert torch.allclose(tail, elbo, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the M×K family
+
+def test_miwae_with_one_outer_bound_is_iwae_and_ciwae_with_beta_one_is_the_elbo():
+    problem = perturbed()
+    miwae = problem.gradients(MIWAE_ELBO(1, 8), 3, seed=6)
+    iwae = problem.gradients(IWAE_ELBO(8), 3, seed=6)
+    assert torch.allclose(miwae, iwae, rtol=1e-9, atol=1e-12)
+    ciwae = problem.gradients(CIWAE_ELBO(8, ciwae_beta=1.0), 3, seed=7)
+    elbo = problem.gradients(Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1), 3, seed=7)
+    assert torch.allclose(ciwae, elbo, rtol=1e-9, atol=1e-12)
+    ciwae0 = problem.gradients(CIWAE_ELBO(8, ciwae_beta=0.0), 3, seed=7)
+    assert torch.allclose(ciwae0, problem.gradients(IWAE_ELBO(8), 3, seed=7), rtol=1e-9, atol=1e-12)
+
+
+def test_mxk_bounds_match_their_definitions_on_the_same_particles():
+    problem = perturbed()
+    x, m, k = problem.x, 3, 4
+    problem.model(x), problem.guide(x)
+    pyro.set_rng_seed(8)
+    with torch.no_grad():
+        log_w, _, _ = IWAE_ELBO(m * k).log_weights(problem.model, problem.guide, (x,), {})
+    groups = log_w.reshape(m, k, -1)
+    expected = {
+        "miwae": (torch.logsumexp(groups, 1) - math.log(k)).mean(0).sum(),
+        "piwae": (torch.logsumexp(log_w, 0) - math.log(m * k)).sum(),
+        "ciwae": (0.3 * log_w[:k].mean(0) + 0.7 * (torch.logsumexp(log_w[:k], 0) - math.log(k))).sum(),
+    }
+    for name, elbo in (("miwae", MIWAE_ELBO(m, k)), ("piwae", PIWAE_ELBO(m, k)), ("ciwae", CIWAE_ELBO(k, 0.3))):
+        pyro.set_rng_seed(8)
+        assert bound(elbo, problem.model, problem.guide, x).item() == pytest.approx(expected[name].item(), rel=1e-10)
+
+
+def test_piwae_gives_the_decoder_iwae_and_the_encoder_miwae_draw_for_draw():
+    problem = perturbed()
+    piwae = problem.gradients(PIWAE_ELBO(2, 4), 3, seed=9)
+    iwae = problem.gradients(IWAE_ELBO(8), 3, seed=9)
+    miwae = problem.gradients(MIWAE_ELBO(2, 4), 3, seed=9)
+    assert torch.allclose(piwae[:, MOD], iwae[:, MOD], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(piwae[:, ENC], miwae[:, ENC], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(piwae[:, ENC], iwae[:, ENC], rtol=1e-3)
+
+
+def test_mxk_expected_gradients_match_their_definitions():
+    # MIWAE(M, K)'s expected gradient is the one of the exact objective E[(1/M) Σ_m log (1/K) Σ_k w_mk]
+    # = E[IWAE_K]: the mean over many draws of MIWAE(4, 2) equals that of IWAE(2) drawn 4x as often
+    problem = perturbed()
+    miwae = problem.gradients(MIWAE_ELBO(4, 2), 40, copies=25)
+    iwae = problem.gradients(IWAE_ELBO(2), 40, copies=100)
+    difference = miwae.mean(0) - iwae.mean(0)
+    se = (miwae.var(0) / len(miwae) + iwae.var(0) / len(iwae)).sqrt()
+    z = torch.where(se > 0, difference / se, torch.zeros_like(se))
+    assert z.abs().max() < Z

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from pyro_vae import compiled, evaluation, fast_likelihood, registry, training
+from pyro_vae.optimizer import adam
 from pyro_vae.model import VAE
-from pyro_vae.spec import Spec, load_spec
+from pyro_vae.spec import OptimSpec, Spec, load_spec
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=2"]
@@ -56,7 +57,7 @@ def train_steps(spec: Spec, x: torch.Tensor, traced: bool, steps: int = 5, beta=
     pyro.clear_param_store()
     vae = VAE.from_spec(spec.model, x.shape[1], (1, 8, 8))
     elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
-    optimizer = compiled.adam(vae.parameters(), 1e-2, (0.9, 0.999))
+    optimizer = adam(vae.parameters(), OptimSpec(lr=1e-2))
     step = compiled.CompiledStep(elbo, vae, log, inductor=False) if traced else compiled.build_step(elbo, vae, False)
     losses = []
     half = x.shape[0] // 2
@@ -160,7 +161,7 @@ def test_fused_adam_is_adam():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(50, 20)), torch.nn.Parameter(torch.randn(20))]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    fused, plain = compiled.adam(params, 1e-2, (0.9, 0.999)), torch.optim.Adam(copies, lr=1e-2)
+    fused, plain = adam(params, OptimSpec(lr=1e-2)), torch.optim.Adam(copies, lr=1e-2)
     assert fused.param_groups[0]["fused"] is True
     for _ in range(20):
         grads = [torch.randn_like(p) for p in params]
@@ -260,7 +261,7 @@ def test_inductor_compiled_step_matches_eager_within_float_tolerance(monkeypatch
     pyro.set_rng_seed(0)
     vae = VAE.from_spec(spec.model, x.shape[1])
     step = compiled.CompiledStep(registry.get("estimator", "trace")(spec.inference), vae, inductor=True)
-    optimizer = compiled.adam(vae.parameters(), 1e-2, (0.9, 0.999))
+    optimizer = adam(vae.parameters(), OptimSpec(lr=1e-2))
     half = x.shape[0] // 2
     losses = []
     for i in range(5):

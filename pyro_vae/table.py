@@ -1,0 +1,143 @@
+r"""Results tables of finished runs: ``pyro-vae table RUN_DIR... [--reference RUN_DIR]``.
+
+Each run is scored on its test split with the checkpoint ``evaluate`` would use
+(``best.pt`` where the run has one): the test ELBO of that checkpoint's epoch,
+the importance-sampled log-likelihood with K draws per image ± its standard
+error over the images, and the active units. With a reference run the table
+adds the **paired** difference
+
+    Δ = (1/n) Σ_i [log p̂_run(x_i) − log p̂_ref(x_i)],    SE(Δ) = std_i(·) / √n
+
+over the same test images, which cancels the image-to-image spread that
+dominates each row's own standard error. Two runs are paired only when their
+test tensors are identical (same data, binarization and seed); otherwise the
+column says why not.
+
+Scores are cached in each run folder (``scores-<checkpoint>-K<K>-seed<S>.pt``,
+with the per-image log-likelihoods and the checkpoint's size and modification
+time), so a table of many runs, or the same runs with another reference,
+evaluates each run once.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pyro_vae import evaluation, runs
+from pyro_vae.errors import UserInputError
+
+COLUMNS = ("run", "data", "checkpoint", "epoch", "epochs", "test_elbo", "log_likelihood", "log_likelihood_stderr",
+           "vs_reference", "vs_reference_stderr", "active_units", "latent_dim", "seconds_per_epoch", "num_samples")
+
+
+def _stamp(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str = "best") -> dict:
+    """The row of one run (see the module docstring), from its cache when the checkpoint is unchanged.
+
+    The returned dict also holds ``per_image`` (float64 log-likelihoods) and ``test`` (the test tensor's
+    fingerprint: a float64 sum and its shape, to tell whether two runs share their test images).
+    """
+    from pyro_vae.training import load_run, seed_everything
+
+    run_dir = Path(run_dir)
+    path = runs.checkpoint_path(run_dir, which)
+    cache = run_dir / f"scores-{path.stem}-K{num_samples}-seed{seed}.pt"
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("stamp") == _stamp(path):
+            return saved["row"]
+    spec, vae, data = load_run(run_dir, which=which)
+    state_epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    metrics = runs.read_metrics(run_dir)
+    seed_everything(seed)
+    started = time.perf_counter()
+    result = evaluation.evaluate(vae, data.test, num_samples, per_example=True)
+    at_epoch = next((m for m in metrics if m["epoch"] == state_epoch), metrics[-1] if metrics else {})
+    row = {
+        "run": str(run_dir), "data": spec.data.name, "checkpoint": path.name, "epoch": state_epoch,
+        "epochs": len(metrics), "test_elbo": at_epoch.get("test_elbo", float("nan")),
+        "log_likelihood": result["log_likelihood"], "log_likelihood_stderr": result["log_likelihood_stderr"],
+        "active_units": evaluation.active_units(vae, data.test), "latent_dim": spec.model.latent_dim,
+        "seconds_per_epoch": (sum(m["seconds"] for m in metrics) / len(metrics)) if metrics else float("nan"),
+        "num_samples": num_samples, "eval_seconds": time.perf_counter() - started,
+        "per_image": result["per_example"]["log_likelihood"],
+        "test": [float(data.test.double().sum()), *data.test.shape],
+    }
+    torch.save({"stamp": _stamp(path), "row": row}, cache)
+    return row
+
+
+def paired(row: dict, reference: dict) -> tuple[float, float] | str:
+    """(Δ, SE(Δ)) of ``row`` against ``reference`` over the same test images, or why there is none."""
+    if row["test"] != reference["test"]:
+        return "other test images"
+    difference = row["per_image"] - reference["per_image"]
+    return difference.mean().item(), (difference.std() / math.sqrt(difference.numel())).item()
+
+
+def build_rows(run_dirs: list[Path], reference: Path | None, num_samples: int, seed: int = 0,
+               which: str = "best", progress=None) -> list[dict]:
+    """One scored row per run, with the paired column against ``reference`` (scored too, and listed first)."""
+    ordered = list(dict.fromkeys([*([reference] if reference is not None else []), *run_dirs]))
+    for run_dir in ordered:
+        if not (Path(run_dir) / runs.CONFIG).exists():
+            raise UserInputError(f"'{run_dir}' is not a run folder (no {runs.CONFIG})")
+    rows = []
+    for run_dir in ordered:
+        rows.append(score_run(run_dir, num_samples, seed, which))
+        if progress is not None:
+            progress.update(1)
+    if reference is not None:
+        base = rows[0]
+        for row in rows:
+            result = "reference" if row is base else paired(row, base)
+            row["vs_reference"], row["vs_reference_stderr"] = (result if isinstance(result, tuple) else (result, ""))
+    return rows
+
+
+def _cell(value, digits: int = 2) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(rows: list[dict], reference: Path | None) -> str:
+    head = ["run", "checkpoint (epoch)", "test ELBO (nats)", "log-likelihood (nats)"]
+    head += [f"vs `{Path(reference).name}` (paired)"] if reference is not None else []
+    head += ["active units", "epochs", "s / epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [f"`{Path(r['run']).name}`", f"{r['checkpoint']} ({r['epoch']})", _cell(r["test_elbo"]),
+                 f"{r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f}"]
+        if reference is not None:
+            vs = r["vs_reference"]
+            cells.append(f"{vs:+.2f} ± {r['vs_reference_stderr']:.2f}" if isinstance(vs, float) else f"{vs}")
+        cells += [f"{r['active_units']} / {r['latent_dim']}", str(r["epochs"]), _cell(r["seconds_per_epoch"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    k = rows[0]["num_samples"] if rows else 0
+    return (f"Test split; log-likelihood by importance sampling with K = {k} draws per image, ± one standard error "
+            f"over the images; nats per example.\n\n" + "\n".join(lines) + "\n")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_table(rows: list[dict], reference: Path | None, out: Path) -> None:
+    """``table.md``, ``table.csv`` and ``curves.png`` (validation and test ELBO per epoch of every run) in ``out``."""
+    from pyro_vae import plots
+
+    (out / "table.md").write_text(markdown(rows, reference))
+    write_csv(rows, out / "table.csv")
+    plots.run_curves({Path(r["run"]).name: runs.read_metrics(Path(r["run"])) for r in rows}, out / "curves.png")

@@ -1,0 +1,221 @@
+"""The papers' training protocols: data-initialized decoder, VampPrior recipe, schedules, validation,
+early stopping, best checkpoint, and the results table of finished runs."""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import pyro.distributions as dist
+
+from pyro_vae import checkpoint, optimizer, runs, training
+from pyro_vae.cli import main
+from pyro_vae.data import load_dataset
+from pyro_vae.errors import UserInputError
+from pyro_vae.model import VAE
+from pyro_vae.spec import OptimSpec, load_spec
+
+TINY = ["data.train_size=200", "data.test_size=40", "data.batch_size=50", "model.encoder.hidden=[16]",
+        "model.decoder.hidden=[16]"]
+PROTOCOL = [*TINY, "data.validation_size=60", "optim.schedule=plateau", "optim.schedule.patience=1",
+            "optim.schedule.factor=0.5", "train.early_stopping_patience=3", "optim.lr=0.03", "train.epochs=12"]
+
+
+def cli_args(overrides):
+    return [item for override in overrides for item in ("--set", override)]
+
+
+# -- the decoder starts at the mean image ------------------------------------------------------------
+
+@pytest.mark.parametrize("likelihood,extra", [("bernoulli", []), ("continuous-bernoulli", ["data.binarize=none"]),
+                                              ("gaussian", ["data.binarize=none"]), ("laplace", ["data.binarize=none"])])
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+def test_decoder_output_starts_at_the_training_mean(likelihood, extra, network):
+    spec = load_spec(None, [*TINY, *extra, f"model.likelihood.type={likelihood}", f"model.encoder.type={network}",
+                            f"model.decoder.type={network}", "model.encoder.channels=[4]", "model.decoder.channels=[4]"])
+    data = load_dataset(spec.data)
+    vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape, data.train)
+    mean = data.train.mean(0).clamp(1e-3, 1 - 1e-3) if likelihood != "gaussian" and likelihood != "laplace" \
+        else data.train.mean(0)
+    with torch.no_grad():
+        vae.decoder.net[-1].weight.zero_() if network == "mlp" else vae.decoder.deconv[-1].weight.zero_()
+        at_zero = vae.likelihood.mean(vae.decoder(torch.zeros(3, spec.model.latent_dim)))
+    reachable = (mean > 0.07) & (mean < 0.93) if likelihood == "continuous-bernoulli" else mean == mean
+    assert reachable.sum() > 10                      # torch's float32 CB clamps λ, so its mean stays in ~(0.063, 0.937)
+    tolerance = 2e-3 if likelihood == "continuous-bernoulli" else 1e-5     # CB's float32 mean near λ = ½
+    assert torch.allclose(at_zero[:, reachable], mean[reachable].expand_as(at_zero[:, reachable]), atol=tolerance)
+    zero = VAE.from_spec(load_spec(None, [*TINY, "model.decoder.init_bias=zero"]).model, data.data_dim,
+                         data.image_shape, data.train)
+    assert zero.decoder.output_bias.abs().max() == 0
+
+
+def test_continuous_bernoulli_mean_is_inverted_everywhere():
+    from pyro_vae.likelihoods import ContinuousBernoulli
+
+    means = torch.tensor([0.07, 0.2, 0.4999, 0.5, 0.73, 0.93])
+    logits = ContinuousBernoulli().output_for_mean(means)
+    assert torch.allclose(dist.ContinuousBernoulli(logits=logits).mean, means, atol=2e-3)
+    ends = dist.ContinuousBernoulli(logits=ContinuousBernoulli().output_for_mean(torch.tensor([0.001, 0.999]))).mean
+    assert ends[0] < 0.07 and ends[1] > 0.93                  # beyond reach: the nearest end
+
+
+def test_vampprior_pseudo_inputs_are_clamped_into_the_data_range():
+    spec = load_spec(None, [*TINY, "model.prior.type=vamp", "model.prior.pseudo_inputs=7"])
+    data = load_dataset(spec.data)
+    vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape, data.train)
+    with torch.no_grad():
+        vae.prior.pseudo_inputs.uniform_(-3, 4)
+    inputs = vae.prior.inputs()
+    assert inputs.min() >= 0 and inputs.max() <= 1 and (inputs == 1).any() and (inputs == 0).any()
+    free = VAE.from_spec(load_spec(None, [*TINY, "model.prior.type=vamp",
+                                          "model.prior.pseudo_input_activation=none"]).model, data.data_dim)
+    assert free.prior.inputs() is free.prior.pseudo_inputs
+
+
+@pytest.mark.parametrize("guide", ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"])
+def test_log_variance_bounds_clamp_every_gaussian_guide(guide):
+    spec = load_spec(None, [*TINY, f"model.guide.type={guide}", "model.guide.log_variance_bounds=[-6, 2]",
+                            "model.latent_dim=3"])
+    vae = VAE.from_spec(spec.model, 64)
+    head = vae.guide_head.base if guide == "iaf" else vae.guide_head
+    layer = {"diagonal-normal": "raw_scale", "iaf": "raw_scale", "low-rank-normal": "raw_diag", "full-normal": "tril"}
+    for scale in (-50.0, 50.0):
+        with torch.no_grad():
+            getattr(head, layer[guide]).weight.zero_()
+            getattr(head, layer[guide]).bias.fill_(scale)
+        q = vae.guide_head.gaussian(vae.encoder(torch.rand(4, 64)))
+        variance = q.variance if guide != "full-normal" else q.scale_tril.diagonal(dim1=-2, dim2=-1) ** 2
+        if guide == "low-rank-normal":
+            variance = q.cov_diag
+        assert variance.min() >= torch.exp(torch.tensor(-6.0)) * (1 - 1e-5)
+        assert variance.max() <= torch.exp(torch.tensor(2.0)) * (1 + 1e-5)
+
+
+def test_bad_log_variance_bounds_are_one_line():
+    with pytest.raises(UserInputError, match="'model.guide.log_variance_bounds'"):
+        load_spec(None, ["model.guide.log_variance_bounds=[2, -6]"])
+
+
+# -- schedules -------------------------------------------------------------------------------------
+
+def test_iwae_schedule_has_stages_of_three_to_the_i_epochs():
+    factors = [optimizer.iwae_factor(epoch) for epoch in range(3280 + 5)]
+    boundaries = [epoch for epoch in range(1, len(factors)) if factors[epoch] != factors[epoch - 1]]
+    assert boundaries == [1, 4, 13, 40, 121, 364, 1093]                     # 1 + 3 + 9 + ... epochs
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(10 ** (-7 / 7))
+    assert sum(3 ** i for i in range(8)) == 3280
+
+
+@pytest.mark.parametrize("schedule", ["constant", "iwae", "cosine", "plateau"])
+def test_schedule_names_build_torch_schedulers(schedule):
+    spec = OptimSpec(lr=0.1)
+    spec.schedule.type, spec.schedule.patience = schedule, 1
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adam = optimizer.adam(params, spec)
+    scheduler = optimizer.scheduler(adam, spec, epochs=10)
+    for epoch in range(3):
+        optimizer.step_scheduler(scheduler, validation_elbo=-1.0 - epoch)  # plateau: getting worse
+    lr = optimizer.current_lr(adam)
+    expected = {"constant": 0.1, "iwae": 0.1 * 10 ** (-1 / 7), "plateau": 0.05,
+                "cosine": 0.05 * (1 + torch.cos(torch.tensor(3 * torch.pi / 10))).item()}[schedule]
+    assert lr == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides,key", [(["optim.schedule=plateau"], "'optim.schedule'"),
+                                           (["train.early_stopping_patience=3"], "'train.early_stopping_patience'"),
+                                           (["optim.schedule=warm"], "'optim.schedule.type'"),
+                                           (["data.validation_size=0"], "'data.validation_size'")])
+def test_protocol_keys_refuse_bad_values_in_one_line(overrides, key):
+    with pytest.raises(UserInputError, match=key):
+        load_spec(None, overrides)
+
+
+# -- validation, early stopping, best.pt -------------------------------------------------------------
+
+def test_validation_split_is_held_out_of_training_and_fixed_by_the_seed():
+    spec = load_spec(None, [*TINY, "data.validation_size=60", "data.binarize=none"])
+    data, again = load_dataset(spec.data, 3), load_dataset(spec.data, 3)
+    other = load_dataset(spec.data, 4)
+    assert data.validation.shape[0] == 60 and data.num_train == 140
+    assert torch.equal(data.validation, again.validation) and not torch.equal(data.validation, other.validation)
+    rows = {tuple(r.tolist()) for r in data.train}
+    assert not any(tuple(r.tolist()) in rows for r in data.validation)
+
+
+def test_published_validation_split_needs_a_dataset_that_has_one():
+    with pytest.raises(UserInputError, match="'data.validation_size' is 'published'"):
+        load_dataset(load_spec(None, ["data.validation_size=published"]).data)
+
+
+@pytest.mark.skipif(not os.environ.get("PYRO_VAE_DATA"), reason="needs $PYRO_VAE_DATA with binarized_mnist")
+def test_binarized_mnist_published_validation_split():
+    spec = load_spec(None, ["data.name=binarized-mnist", "data.validation_size=published"])
+    data = load_dataset(spec.data)
+    assert (data.num_train, data.validation.shape[0], data.test.shape[0]) == (50000, 10000, 10000)
+
+
+def test_early_stopping_keeps_the_best_epoch_in_best_pt(tmp_path, capsys):
+    run = tmp_path / "run"
+    trainer = training.train(load_spec(None, PROTOCOL), run, show_progress=False)
+    metrics = runs.read_metrics(run)
+    best = max(metrics, key=lambda m: m["validation_elbo"])
+    assert trainer.progress.stopped_early and len(metrics) < 12
+    assert len(metrics) - best["epoch"] == 3
+    state = checkpoint.load(run / runs.BEST)
+    assert state["epoch"] == best["epoch"] and state["validation_elbo"] == best["validation_elbo"]
+    assert [m["lr"] for m in metrics][-1] < 0.03                              # plateau lowered the rate
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--num-samples", "3"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["checkpoint"] == "best.pt" and "best.pt" in captured.err
+    assert main(["evaluate", str(run), "--num-samples", "3", "--checkpoint", "last"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == "checkpoint.pt"
+
+
+def test_sigkill_and_resume_with_plateau_validation_and_early_stopping_is_bit_identical(tmp_path):
+    from test_robustness import assert_nested_equal, assert_same_run, checkpoint_writes
+
+    reference = tmp_path / "reference"
+    training.train(load_spec(None, PROTOCOL), reference, show_progress=False)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *cli_args(PROTOCOL), "--out", str(run),
+                                "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    checkpoint_writes(run, process, 4)
+    time.sleep(random.Random(1).uniform(0.0, 0.02))
+    process.kill()
+    process.wait()
+    training.resume(run, show_progress=False)
+    assert_same_run(run, reference)
+    a, b = checkpoint.load(run / runs.CHECKPOINT), checkpoint.load(reference / runs.CHECKPOINT)
+    assert_nested_equal(a["scheduler"], b["scheduler"], "scheduler")
+    assert (a["best_epoch"], a["stopped_early"]) == (b["best_epoch"], b["stopped_early"])
+    assert_nested_equal(checkpoint.load(run / runs.BEST), checkpoint.load(reference / runs.BEST), "best")
+
+
+# -- pyro-vae table ----------------------------------------------------------------------------------
+
+def test_table_of_two_runs_writes_the_paired_column(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run, extra in ((first, []), (second, ["model.latent_dim=2"])):
+        training.train(load_spec(None, [*TINY, "train.epochs=2", *extra]), run, show_progress=False)
+    out = tmp_path / "table"
+    assert main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    text = (out / "table.md").read_text()
+    assert "vs `first` (paired)" in text and "reference" in text and (out / "curves.png").stat().st_size > 0
+    rows = (out / "table.csv").read_text().splitlines()
+    assert len(rows) == 3
+    cached = list(second.glob("scores-*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    assert main(["table", str(second), str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    assert cached[0].stat().st_mtime_ns == stamp                               # scored once, read back
+
+
+def test_table_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not a run folder" in err
