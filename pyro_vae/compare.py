@@ -86,7 +86,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import diagnostics, estimators, evaluation, registry, runs
+from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.spec import InferenceSpec, Spec
 
@@ -318,11 +318,12 @@ def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int) -> d
     which are i.i.d. draws of the same weight distribution p(x, z) / q(z|x).
     """
     draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
-    with pyro.validation_enabled(False):
-        log_w = torch.stack([estimators.particle_log_weights(vae.model, vae.guide, x, num_particles=particles,
-                                                             num_data=num_data) for _ in range(draws)])
-    ess = diagnostics.effective_sample_fraction(log_w.transpose(0, 1)).mean(0)      # (B,)
-    khat = diagnostics.pareto_k(log_w.reshape(draws * particles, -1))
+    with pyro.validation_enabled(False):  # i.i.d. weights: one vectorized pass, then groups of P
+        log_w = estimators.particle_log_weights(vae.model, vae.guide, x, num_particles=draws * particles,
+                                                num_data=num_data)
+    groups = log_w.reshape(draws, particles, *log_w.shape[1:])
+    ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)     # (B,)
+    khat = diagnostics.pareto_k(log_w)
     summary = diagnostics.summarize(ess, khat, particles)
     return {"ess_mean": summary["ess"]["mean_fraction"], "ess_p5": summary["ess"]["p5_fraction"],
             "pareto_k_median": summary["pareto_k"]["median"], "pareto_k_share": summary["pareto_k"]["share_above_0.7"]}
@@ -397,7 +398,7 @@ def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT
     rows, curves = [], {}
     for choice in choices:
         elbo = choice.build(spec.inference)
-        bar = tqdm(total=repeats, desc=f"measuring {choice.label}", disable=not show_progress, leave=False, unit="draw")
+        bar = progress.bar(repeats, f"measuring {choice.label}", "draw", quiet=not show_progress)
         row = {"estimator": choice.label, "family": choice.family, "k": choice.k,
                "alpha": choice.alpha if choice.alpha is not None else ""}
         row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar))
@@ -410,8 +411,7 @@ def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT
     vae.load_state_dict(initial_state)
     if train_steps:
         for choice, row in zip(choices, rows):
-            bar = tqdm(total=train_steps, desc=f"training {choice.label}", disable=not show_progress, leave=False,
-                       unit="step")
+            bar = progress.bar(train_steps, f"training {choice.label}", "step", quiet=not show_progress)
             result, curves[choice.label] = train_estimator(spec, choice, data, initial_state, train_steps, seed,
                                                            num_samples, bar)
             bar.close()
@@ -471,74 +471,6 @@ def _families(rows: list[dict]) -> dict[str, list[dict]]:
     return {name: sorted(group, key=lambda r: r["k"]) for name, group in groups.items()}
 
 
-def plot_snr(rows: list[dict], path: Path) -> None:
-    """Encoder and decoder SNR against K, log-log; iwae and dreg as lines, the rest as markers."""
-    from matplotlib import ticker
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    axes = fig.subplots(1, 2, sharex=True)
-    families = _families(rows)
-    for ax, part in zip(axes, ("encoder", "decoder")):
-        for name, group in families.items():
-            ks = [r["k"] for r in group]
-            snr = [r[f"grad_snr_{part}"] for r in group]
-            style = {"iwae": {"marker": "o", "linewidth": 2},
-                     "dreg": {"marker": "D", "linewidth": 2, "linestyle": "--"}}.get(name, {"marker": "s", "linestyle": ":"})
-            ax.plot(ks, snr, label=name, **style)
-        iwae = families.get("iwae")
-        if iwae and len(iwae) > 1 and iwae[0][f"grad_snr_{part}"] > 0:
-            k0, s0 = iwae[0]["k"], iwae[0][f"grad_snr_{part}"]
-            ks = [r["k"] for r in iwae]
-            power = -0.5 if part == "encoder" else 0.5
-            ax.plot(ks, [s0 * (k / k0) ** power for k in ks], color="gray", linestyle="--", linewidth=1,
-                    label="∝ 1/√K" if part == "encoder" else "∝ √K")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ks = sorted({r["k"] for r in rows})
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
-        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
-        ax.set_xlabel("K (particles)")
-        ax.set_ylabel("mean per-parameter SNR |E[g]| / std[g]")
-        ax.set_title(f"{part} ({'guide, φ' if part == 'encoder' else 'model, θ'})")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-
-
-def plot_bounds(rows: list[dict], path: Path) -> None:
-    """Each estimator's bound: mean ± std over the draws."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5), layout="constrained")
-    ax = fig.subplots()
-    names = [r["estimator"] for r in rows]
-    ax.errorbar([r["bound_mean"] for r in rows], range(len(rows)), xerr=[r["bound_std"] for r in rows],
-                fmt="o", capsize=4)
-    ax.set_yticks(range(len(rows)), names)
-    ax.invert_yaxis()
-    ax.set_xlabel("bound on the fixed minibatch, nats per example (mean ± std over draws)")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
-
-
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Test ELBO against training step, one line per estimator."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for label, curve in curves.items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=label)
-    ax.set_xlabel("training step (same start, seed and minibatches for every estimator)")
-    ax.set_ylabel("test ELBO, nats per example")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-
-
 def machine() -> str:
     """The processor's model name (Linux), else the architecture."""
     try:
@@ -581,10 +513,12 @@ def write_report(out: Path, rows: list[dict], curves: dict, about: list[str]) ->
     """comparison.csv, comparison.md, snr.png, bounds.png and (trained) curves.png in ``out``."""
     write_csv(rows, out / "comparison.csv")
     write_markdown(rows, about, out / "comparison.md")
-    plot_snr(rows, out / "snr.png")
-    plot_bounds(rows, out / "bounds.png")
+    from pyro_vae import plots
+
+    plots.snr_against_k(_families(rows), out / "snr.png")
+    plots.bounds(rows, out / "bounds.png")
     if curves:
-        plot_curves(curves, out / "curves.png")
+        plots.estimator_curves(curves, out / "curves.png")
     else:
         (out / "curves.png").unlink(missing_ok=True)  # not from an earlier, trained comparison
 

@@ -64,8 +64,10 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int, binary: bool | None
 
 @torch.no_grad()
 def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: float = 512.0,
-             hidden: int = 1024, per_example: bool = False) -> dict:
+             hidden: int = 1024, per_example: bool = False, progress=None) -> dict:
     """All the per-example bounds on ``data``, averaged, with their standard errors.
+
+    ``progress`` (a :func:`pyro_vae.progress.bar`) is advanced by the examples of each chunk.
 
     ``per_example=True`` adds ``"per_example"``: the ELBO and log-likelihood
     estimate of every example (float64 tensors), for paired comparisons of two
@@ -91,6 +93,8 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
         parts["ll"].append(torch.logsumexp(log_w, 0) - math.log(num_samples))
         parts["ess"].append(diagnostics.effective_sample_fraction(log_w))
         parts["khat"].append(diagnostics.pareto_k(log_w).to(log_w.device))
+        if progress is not None:
+            progress.update(x.shape[0])
     vae.train(was_training)
     values = {k: torch.cat(v).double() for k, v in parts.items()}
     n = data.shape[0]
@@ -114,14 +118,15 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
 
 
 @torch.no_grad()
-def test_elbo(vae: VAE, data: torch.Tensor, batch_size: int = 1024) -> dict:
-    """One-draw ELBO and its two terms, per example: the per-epoch test figure."""
+def test_elbo(vae: VAE, data: torch.Tensor, batch_size: int = 1024, num_samples: int = 1) -> dict:
+    """ELBO and its two terms per example, from ``num_samples`` draws each (``train.eval_num_samples``):
+    the per-epoch test figure. The KL term is closed form where one is registered."""
     was_training = vae.training
     vae.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=data.device)
     for start in range(0, data.shape[0], batch_size):
         x = data[start:start + batch_size]
-        log_lik, log_prior, log_q = (t[0] for t in log_weights(vae, x, 1))
+        log_lik, log_prior, log_q = (t.mean(0) for t in log_weights(vae, x, num_samples))
         exact = closed_form_kl(vae, x)
         kl = exact if exact is not None else log_q - log_prior
         totals += torch.stack([(log_lik - kl).sum(), log_lik.sum(), kl.sum()]).double()

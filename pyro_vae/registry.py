@@ -9,7 +9,18 @@ Kinds: ``prior``, ``guide``, ``likelihood``, ``network``, ``estimator``,
     def laplace_prior(spec, latent_dim, **parts):
         ...
 
-and ``model.prior.type: laplace`` in a spec selects it.
+and ``model.prior.type: laplace`` in a spec selects it. A part with keys of
+its own declares them as a small dataclass, ``config=``; the spec then accepts
+and checks those keys in the part's section (``model.prior.df: 3``) and hands
+them to the builder as ``spec.options``::
+
+    @dataclass
+    class StudentTConfig:
+        df: float = field(default=3.0, metadata={"low": 0, "open_low": True})
+
+    @registry.register("prior", "student-t", config=StudentTConfig)
+    def student_t(spec, latent_dim, **parts):
+        return StudentT(latent_dim, spec.options.df)
 """
 from __future__ import annotations
 
@@ -20,14 +31,17 @@ from pyro_vae.errors import UserInputError
 KINDS = ("prior", "guide", "likelihood", "network", "estimator", "dataset")
 _TABLES: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 _TOKENS: dict[str, tuple[str, ...]] = {}
+_CONFIGS: dict[tuple[str, str], type] = {}
 
 
-def register(kind: str, name: str, token: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+def register(kind: str, name: str, token: tuple[str, ...] = (), config: type | None = None
+             ) -> Callable[[Callable], Callable]:
     """Decorator: file ``builder`` under ``name`` in the table of ``kind``.
 
     ``token`` (estimators): the ``inference`` keys that the values of a
     ``pyro-vae compare`` token ``name:V1:V2`` fill, in order; ``("num_particles",)``
-    makes ``name:K``, ``()`` the bare ``name``.
+    makes ``name:K``, ``()`` the bare ``name``. ``config``: a dataclass of the
+    part's own spec keys (see the module docstring).
     """
     if kind not in _TABLES:
         raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -36,9 +50,18 @@ def register(kind: str, name: str, token: tuple[str, ...] = ()) -> Callable[[Cal
         _TABLES[kind][name] = builder
         if kind == "estimator":
             _TOKENS[name] = tuple(token)
+        if config is not None:
+            _CONFIGS[kind, name] = config
+        else:
+            _CONFIGS.pop((kind, name), None)
         return builder
 
     return add
+
+
+def config(kind: str, name: str) -> type | None:
+    """The dataclass of part ``name``'s own spec keys, or None."""
+    return _CONFIGS.get((kind, name))
 
 
 def token_fields(name: str) -> tuple[str, ...]:

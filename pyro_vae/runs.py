@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pyro_vae import plugins
 from pyro_vae.errors import UserInputError
 from pyro_vae.spec import Spec
 
@@ -42,6 +43,9 @@ def check_new_run(run_dir: Path, spec: Spec, force: bool) -> None:
             what = "an unreadable spec"
         raise UserInputError(
             f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
+    if run_dir.is_dir() and not (run_dir / CONFIG).exists() and any(run_dir.iterdir()) and not force:
+        raise UserInputError(f"'{run_dir}' is a folder with other files in it, not a run folder; give an empty or new "
+                             f"--out (or --force to write the run among those files)")
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -90,10 +94,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def read_spec(run_dir: Path) -> Spec:
-    """The resolved spec a run was trained with."""
+    """The resolved spec a run was trained with (after importing the plugins the run recorded)."""
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise UserInputError(f"'{run_dir}' is not a run folder (no {CONFIG})")
+    plugins.load(recorded_plugins(run_dir), where=f"'{Path(run_dir) / RUN_INFO}'")
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -112,6 +117,17 @@ def checkpoint_path(run_dir: Path, choice: str = "best") -> Path:
         raise UserInputError(f"--checkpoint is {choice!r}; accepted: {', '.join(CHECKPOINT_CHOICES)}")
     best = Path(run_dir) / BEST
     return best if choice == "best" and best.exists() else Path(run_dir) / CHECKPOINT
+
+
+def recorded_plugins(run_dir: Path) -> list[str]:
+    """The plugin modules a run recorded in ``run.json`` (none for a folder without one)."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    names = info.get("plugins", []) if isinstance(info, dict) else []
+    return [name for name in names if isinstance(name, str)]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -144,6 +160,7 @@ def environment(spec: Spec) -> dict:
         "torch_threads": torch.get_num_threads(),
         "started": datetime.now().isoformat(timespec="seconds"),
         "command": sys.argv,
+        "plugins": plugins.loaded(),
     }
 
 

@@ -23,6 +23,7 @@ from pyro_vae import registry
 from pyro_vae.errors import UserInputError
 
 LEARNED = "learned"
+OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened into its section in YAML
 PUBLISHED = "published"  # data.validation_size: the dataset's own validation split (binarized-mnist)
 
 
@@ -62,6 +63,7 @@ class DataSpec:
 @dataclass
 class NetworkSpec:
     type: str = field(default="mlp", metadata=_range(kind="network"))
+    options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
     hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=_range(1))
     activation: str = field(default="relu", metadata=_range(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")))
     channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_range(1))
@@ -77,6 +79,7 @@ class DecoderSpec(NetworkSpec):
 @dataclass
 class PriorSpec:
     type: str = field(default="standard-normal", metadata=_range(kind="prior"))
+    options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
     components: int = field(default=10, metadata=_range(1))
     pseudo_inputs: int = field(default=100, metadata=_range(1))
     pseudo_input_activation: str = field(default="hardtanh", metadata=_range(choices=("hardtanh", "none")))
@@ -87,6 +90,7 @@ class PriorSpec:
 @dataclass
 class GuideSpec:
     type: str = field(default="diagonal-normal", metadata=_range(kind="guide"))
+    options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
     rank: int = field(default=2, metadata=_range(1))
     flows: int = field(default=2, metadata=_range(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
@@ -97,6 +101,7 @@ class GuideSpec:
 @dataclass
 class LikelihoodSpec:
     type: str = field(default="bernoulli", metadata=_range(kind="likelihood"))
+    options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
     scale: Union[float, str] = field(default=1.0, metadata=_range(0, open_low=True, choices=(LEARNED,)))
     min_scale: float = field(default=1e-3, metadata=_range(0, open_low=True))
 
@@ -149,6 +154,7 @@ class TrainSpec:
     kl_warmup_epochs: int = field(default=0, metadata=_range(0))
     eval_num_samples: int = field(default=1, metadata=_range(1))
     early_stopping_patience: Union[int, None] = field(default=None, metadata=_range(1))
+    tensorboard: bool = False
 
 
 @dataclass
@@ -169,7 +175,8 @@ class Spec:
         return spec
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as nested dicts; a part's own keys sit in its section, beside ``type``."""
+        return _flatten_options(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -273,7 +280,8 @@ def _type_name(annotation: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}s"
+        item = typing.get_args(annotation)[0]
+        return f"a list of {({int: 'integers', float: 'numbers', str: 'strings'}).get(item, _type_name(item))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
             type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
@@ -288,17 +296,44 @@ def _describe(annotation: Any, meta: typing.Mapping) -> str:
     return _type_name(annotation)
 
 
+def _flatten_options(tree: Any) -> Any:
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "options":
+            out.update(value or {})
+        else:
+            out[key] = _flatten_options(value)
+    return out
+
+
+def _part_config(cls: type, raw: dict, fields: dict) -> type | None:
+    """The registry config dataclass of the part this section selects, if the section is a part's."""
+    if "options" not in fields or "type" not in fields:
+        return None
+    kind = fields["type"].metadata.get("kind")
+    name = raw.get("type", fields["type"].default)
+    return registry.config(kind, name) if isinstance(name, str) else None
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the spec"
     if not isinstance(raw, dict):
         raise UserInputError(f"'{where}' must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields), key=str)
+    part = _part_config(cls, raw, fields)
+    part_keys = [f.name for f in dataclasses.fields(part)] if part is not None else []
+    own = [name for name in fields if name != "options"]
+    unknown = sorted(set(raw) - set(own) - set(part_keys), key=str)
     if unknown:
         raise UserInputError(
-            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(fields)}")
+            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}")
     values = {}
+    if part is not None:
+        values["options"] = _build(part, {k: raw[k] for k in part_keys if k in raw}, prefix)
+        raw = {k: v for k, v in raw.items() if k not in part_keys}
     for name, value in raw.items():
         annotation = hints[name]
         key = prefix + name
@@ -329,10 +364,14 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
         raise UserInputError(f"'{key}' is {value!r}; accepted: {accepted}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
+        example = "[200, 200]" if item_type is int else "[0.9, 0.999]"
+        if isinstance(value, str) and "," in value:
+            raise UserInputError(f"'{key}' is {value!r}; accepted: {_type_name(annotation)} such as {example} "
+                                 f"(with the brackets: --set {key}={example.replace(' ', '')})")
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
-            raise UserInputError(f"'{key}' must be {_type_name(annotation)}, got {value!r}")
+            raise UserInputError(f"'{key}' must be {_type_name(annotation)} such as {example}, got {value!r}")
         return [_coerce(item, item_type, key, meta) for item in value]
     if annotation is bool:
         if not isinstance(value, bool):

@@ -44,9 +44,8 @@ import numpy as np
 import pyro
 import torch
 from torch.distributions import kl_divergence
-from tqdm.auto import tqdm
 
-from pyro_vae import checkpoint, compiled, distributed, estimators, evaluation, optimizer, registry, runs
+from pyro_vae import checkpoint, compiled, distributed, estimators, evaluation, optimizer, progress, registry, runs
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.model import VAE, check_likelihood_support
@@ -183,6 +182,11 @@ def _dotted_get(tree: dict, key: str):
     return tree
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of ``epoch``: a permutation that depends on (seed, epoch) only."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -254,6 +258,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.data.num_train / self.batch_size)
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = Progress()
+        self.board = None  # the TensorBoard writer, opened at the first epoch's end
         self.dry_run()
         self.note = closed_form_note(self.vae, self.data.train) if spec.inference.estimator == "meanfield" else None
         self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
@@ -398,8 +403,8 @@ class Trainer:
         losses = torch.full((self.steps_per_epoch,), float("nan"), device=self.device)
         losses[:p.step_in_epoch] = torch.tensor(p.epoch_losses[:p.step_in_epoch])
         gradients = torch.zeros(self.steps_per_epoch, device=self.device)  # max |gradient| per step
-        bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{self.spec.train.epochs}",
-                   disable=not self.show_progress, leave=False, mininterval=0.5, unit="step")
+        bar = progress.bar(self.steps_per_epoch, f"epoch {p.epoch + 1}/{self.spec.train.epochs}", "step",
+                           quiet=not self.show_progress, initial=p.step_in_epoch, every=30.0)
         start = time.perf_counter()
         for step in range(p.step_in_epoch, self.steps_per_epoch):
             index = self.dist.shard(order[step * self.batch_size:(step + 1) * self.batch_size])  # rank's slice
@@ -448,9 +453,10 @@ class Trainer:
         """Evaluate, log and checkpoint the epoch just completed; keep the best; step the schedule; stop early."""
         p = self.progress
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
-            test = evaluation.test_elbo(self.vae, self.data.test)
+            draws = self.spec.train.eval_num_samples
+            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws)
             validation = (None if self.data.validation is None
-                          else evaluation.test_elbo(self.vae, self.data.validation)["test_elbo"])
+                          else evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws)["test_elbo"])
         if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
             raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
         row = {"epoch": p.epoch + 1,
@@ -461,6 +467,7 @@ class Trainer:
                "kl_weight": self.vae.kl_weight,
                "lr": optimizer.current_lr(self.optimizer)}
         p.metrics.append(row)
+        self.write_board(row)
         p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = p.epoch + 1, 0, [], 0.0
         improved = validation is not None and (p.best_validation is None or validation > p.best_validation)
         if improved:
@@ -478,6 +485,16 @@ class Trainer:
                           f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}")
         self.save()
 
+    def write_board(self, row: dict) -> None:
+        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard`` (:mod:`pyro_vae.board`)."""
+        if not self.spec.train.tensorboard or self.run_dir is None or not self.dist.is_main:
+            return
+        from pyro_vae import board
+
+        if self.board is None:
+            self.board = board.EpochWriter(self.run_dir, self.spec.train.seed)
+        self.board.write(row, self.vae, self.data)
+
     def save_best(self) -> None:
         """``best.pt``: the parameters of the epoch with the highest validation ELBO, written atomically."""
         if self.run_dir is None or not self.dist.is_main:
@@ -494,15 +511,21 @@ class Trainer:
         from pyro_vae import plots  # matplotlib and torchvision: ~3 s of imports that bad input should not pay
 
         folder, data = self.run_dir, self.data
-        plots.image_grid(self.vae.sample(64), data.image_shape, folder / "samples.png", "E[x | z], z ~ p(z)")
-        originals = data.test[:16]
-        plots.reconstructions(originals, self.vae.reconstruct(originals), data.image_shape, folder / "reconstructions.png")
-        plots.elbo_curves(self.progress.metrics, folder / "elbo.png")
-        subset = data.test[:5000]
-        if subset.shape[0] < 2:  # a map of one point says nothing (and PCA needs two)
-            return
-        labels = data.test_labels[:5000] if data.test_labels is not None else None
-        plots.latent_map(self.vae.encode(subset)[0], labels, folder / "latent.png")
+        with progress.bar(4, "pictures", "picture", quiet=not self.show_progress) as bar:
+            plots.image_grid(self.vae.sample(64), data.image_shape, folder / "samples.png", "E[x | z], z ~ p(z)")
+            bar.update(1)
+            originals = data.test[:16]
+            plots.reconstructions(originals, self.vae.reconstruct(originals), data.image_shape,
+                                  folder / "reconstructions.png")
+            bar.update(1)
+            plots.elbo_curves(self.progress.metrics, folder / "elbo.png")
+            bar.update(1)
+            subset = data.test[:5000]
+            if subset.shape[0] < 2:  # a map of one point says nothing (and PCA needs two)
+                return
+            labels = data.test_labels[:5000] if data.test_labels is not None else None
+            plots.latent_map(self.vae.encode(subset)[0], labels, folder / "latent.png")
+            bar.update(1)
 
 
 def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = True) -> Trainer:
@@ -512,6 +535,10 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     before anything is written, so bad input leaves an existing folder as it was.
     """
     run_dir = Path(run_dir)
+    if spec.train.tensorboard:
+        from pyro_vae import board
+
+        board.check_available()
     if distributed.is_main():  # under torchrun, rank 0 alone checks and writes the folder
         runs.check_new_run(run_dir, spec, force)
     trainer = Trainer(spec, None, show_progress=show_progress)
@@ -521,7 +548,7 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     if trainer.dist.enabled:
         trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
     trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: {trainer.data.binarize}) "
-                     f"with {spec.inference.estimator}, {spec.train.epochs} epochs; run folder {run_dir}")
+                     f"with {spec.inference.estimator}, {plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
     trainer.save()
     trainer.fit()
     trainer.write_pictures()
@@ -536,10 +563,19 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
-    if epochs is not None:
-        spec.train.epochs = epochs
+    if spec.train.tensorboard:
+        from pyro_vae import board
+
+        board.check_available()
     path = run_dir / runs.CHECKPOINT
     state = checkpoint.load(path, required=STATE_KEYS) if path.exists() else None
+    if epochs is not None:
+        done = int(state["epoch"]) if state is not None else 0
+        if epochs < done:
+            raise UserInputError(f"--epochs {epochs} is the total number of epochs, and '{run_dir}' has already "
+                                 f"trained {plural(done, 'epoch')}; give --epochs above {done} to train further "
+                                 f"(nothing was changed)")
+        spec.train.epochs = epochs
     trainer = Trainer(spec, None, show_progress=show_progress)
     trainer.attach(run_dir)
     if state is not None:

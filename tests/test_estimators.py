@@ -465,9 +465,16 @@ def test_mxk_bounds_match_their_definitions_on_the_same_particles():
         "piwae": (torch.logsumexp(log_w, 0) - math.log(m * k)).sum(),
         "ciwae": (0.3 * log_w[:k].mean(0) + 0.7 * (torch.logsumexp(log_w[:k], 0) - math.log(k))).sum(),
     }
+    per_example = {"ciwae": 0.3 * log_w[:k].mean(0) + 0.7 * (torch.logsumexp(log_w[:k], 0) - math.log(k)),
+                   "miwae": (torch.logsumexp(groups, 1) - math.log(k)).mean(0)}
     for name, elbo in (("miwae", MIWAE_ELBO(m, k)), ("piwae", PIWAE_ELBO(m, k)), ("ciwae", CIWAE_ELBO(k, 0.3))):
         pyro.set_rng_seed(8)
         assert bound(elbo, problem.model, problem.guide, x).item() == pytest.approx(expected[name].item(), rel=1e-10)
+        if name in per_example:                                  # each example's own bound, not only their sum
+            pyro.set_rng_seed(8)
+            with torch.no_grad():
+                bounds, _ = elbo.example_bounds(problem.model, problem.guide, x)
+            assert torch.allclose(bounds, per_example[name], rtol=1e-10)
 
 
 def test_piwae_gives_the_decoder_iwae_and_the_encoder_miwae_draw_for_draw():
