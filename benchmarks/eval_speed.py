@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
               f"± {result['log_likelihood_stderr']:.3f} nats", flush=True)
 
     if args.ratio_rounds:
-        # side by side (DESIGN §7): evaluate() on a subset against the bare decoder GEMMs of the same
+        # side by side (the README's speed section): evaluate() on a subset against the bare decoder GEMMs of the same
         # number of draws, interleaved, so the ratio holds on a shared machine whatever its load
         k = args.num_samples[-1]
         subset = test[:args.ratio_examples]

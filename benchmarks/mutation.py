@@ -69,7 +69,7 @@ def report(workdir: Path, out: Path) -> str:
     untested = len(by_status.get("no tests", []))
     tested = killed + len(survived) + timeouts
     score = 100.0 * (killed + timeouts) / tested if tested else float("nan")
-    lines = [f"# Mutation testing", "",
+    lines = ["# Mutation testing", "",
              f"score {score:.1f}%: {killed} killed, {timeouts} timed out, {len(survived)} survived "
              f"({untested} mutants in code no selected test reaches are not counted)", ""]
     for name in survived:

@@ -5,7 +5,7 @@ Gaussian guide with softplus scale, Bernoulli likelihood: PyTorch's
 examples/vae) on the same batch, in this one process, with the same thread
 count. Repeats are interleaved (every variant once per round, in a shuffled
 order), and each round's time is divided by the same round's plain step, so
-machine noise shared by a round cancels (DESIGN §7). Reported: the median
+machine noise shared by a round cancels (see the README's speed section). Reported: the median
 ratio over rounds with min–max.
 
 The plain step is what one writes by hand: encoder → loc, softplus scale →
@@ -46,7 +46,7 @@ import pyro
 import torch
 import torch.nn.functional as F
 
-from pyro_vae import compiled, optimizer, training
+from pyro_vae import optimizer, training
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.spec import Spec
 from machine import cpu_name

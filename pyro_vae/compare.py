@@ -6,7 +6,7 @@ fresh initialization from the spec's seed, or the trained checkpoint of
 data.batch_size`` training examples, binarized once (under dynamic
 binarization) with a generator seeded by the comparison's seed. The minibatch
 is scaled to the N training examples as in training (``num_data = N``), and the
-KL weight is ``train.beta`` (1 unless the spec is a β-VAE), so one draw of an
+KL weight ``kl_weight`` is ``train.beta`` (1 unless the spec is a β-VAE), so one draw of an
 estimator's loss estimates −(full-data bound) and
 
     bound per example = −loss / N                                  (nats per example)
@@ -72,8 +72,6 @@ import argparse
 import csv
 import dataclasses
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -269,7 +267,8 @@ def fixed_minibatch(data, batch_size: int, seed: int) -> torch.Tensor:
     return x
 
 
-def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, bar=None) -> dict:
+def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, bar=None,
+            kl_weight: float = 1.0) -> dict:
     """Bound, gradient moments and time of one estimator over ``repeats`` draws at the current parameters.
 
     Parameters are not changed (their gradients are, and are cleared at the end).
@@ -279,16 +278,15 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
     encoder, decoder = vae.encoder_parameters(), vae.decoder_parameters()
     moments = {"encoder": Moments(), "decoder": Moments()}
     bounds, seconds = [], []
-    pyro.clear_param_store()
     seed_everything(seed)
     with pyro.validation_enabled(True):  # warm-up, untimed, validated
         vae.zero_grad(set_to_none=True)
-        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data)
+        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
     with pyro.validation_enabled(False):
         for _ in range(repeats):
             vae.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            loss = estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data)
+            loss = estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
             loss = float(loss)  # waits for the device, inside the timed step
             seconds.append(time.perf_counter() - start)
             bounds.append(-loss / num_data)
@@ -299,8 +297,7 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
     vae.zero_grad(set_to_none=True)
     row = {"bound_mean": statistics.fmean(bounds),
            "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan"),
-           **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1))}
-    pyro.clear_param_store()
+           **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1), kl_weight)}
     for part, stream in moments.items():
         summary = snr_summary(stream.mean, stream.variance)
         row[f"grad_snr_{part}"], row[f"grad_snr_{part}_median"] = summary["snr"], summary["snr_median"]
@@ -310,7 +307,7 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
     return row
 
 
-def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int) -> dict:
+def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int, kl_weight: float = 1.0) -> dict:
     """ESS / P and Pareto k̂ of the bound's P importance weights per example (:mod:`pyro_vae.diagnostics`).
 
     ESS is taken per draw of P weights and averaged over draws; k̂ is fitted to
@@ -320,7 +317,7 @@ def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int) -> d
     draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
     with pyro.validation_enabled(False):  # i.i.d. weights: one vectorized pass, then groups of P
         log_w = estimators.particle_log_weights(vae.model, vae.guide, x, num_particles=draws * particles,
-                                                num_data=num_data)
+                                                num_data=num_data, kl_weight=kl_weight)
     groups = log_w.reshape(draws, particles, *log_w.shape[1:])
     ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)     # (B,)
     khat = diagnostics.pareto_k(log_w)
@@ -340,7 +337,7 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     The curve holds (step, test ELBO) at step 0, about every ``steps / 20`` steps, and at the end.
     A non-finite loss or gradient ends that estimator's training with NaN figures.
     """
-    from pyro_vae.training import Trainer, epoch_order, seed_everything
+    from pyro_vae.training import Trainer, seed_everything
 
     spec = dataclasses.replace(spec, inference=choice.inference(spec.inference))
     trainer = Trainer(spec, None, data=data, show_progress=False)
@@ -350,31 +347,24 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     seed_everything(seed)
     every = max(1, steps // CURVE_POINTS)
     curve = [(0, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"])]
-    start, order = time.perf_counter(), None
-    nan = float("nan")
-    for step in range(steps):
-        epoch, position = divmod(step, trainer.steps_per_epoch)
-        if position == 0:
-            order = epoch_order(trainer.data.num_train, spec.train.seed, epoch).to(trainer.device)
-        index = order[position * trainer.batch_size:(position + 1) * trainer.batch_size]
-        try:
-            loss, largest = trainer.step(trainer.data.training_batch(index))
-        except NonFiniteError:
-            loss = largest = torch.tensor(nan)
-        trainer.progress.global_step += 1
-        if not (math.isfinite(float(loss)) and math.isfinite(float(largest))):
-            tqdm.write(f"{choice.label}: non-finite loss or gradient at step {step + 1}; its training stopped",
-                       file=sys.stderr)
-            curve.append((step + 1, nan))
-            return {"train_steps": step + 1, "test_elbo": nan, "test_log_likelihood": nan,
-                    "test_log_likelihood_stderr": nan, "train_seconds": time.perf_counter() - start, "test_pareto_k_share": nan}, curve
-        if (step + 1) % every == 0 or step + 1 == steps:
-            curve.append((step + 1, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"]))
+
+    def record(step: int) -> None:
+        if step % every == 0 or step == steps:
+            curve.append((step, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"]))
         if bar is not None:
             bar.update(1)
+
+    start, nan = time.perf_counter(), float("nan")
+    try:
+        trainer.run_steps(steps, record)
+    except NonFiniteError:
+        step = trainer.progress.global_step + 1
+        tqdm.write(f"{choice.label}: non-finite loss or gradient at step {step}; its training stopped", file=sys.stderr)
+        curve.append((step, nan))
+        return {"train_steps": step, "test_elbo": nan, "test_log_likelihood": nan, "test_log_likelihood_stderr": nan,
+                "train_seconds": time.perf_counter() - start, "test_pareto_k_share": nan}, curve
     seconds = time.perf_counter() - start
     result = evaluation.evaluate(vae, trainer.data.test, num_samples)
-    pyro.clear_param_store()
     return {"train_steps": steps, "test_elbo": curve[-1][1], "test_log_likelihood": result["log_likelihood"],
             "test_log_likelihood_stderr": result["log_likelihood_stderr"], "train_seconds": seconds,
             "test_pareto_k_share": result["pareto_k"]["share_above_0.7"]}, curve
@@ -394,14 +384,13 @@ def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT
     seed = spec.train.seed if seed is None else seed
     x = fixed_minibatch(data, spec.data.batch_size, seed)
     initial_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-    vae.kl_weight = spec.train.beta
     rows, curves = [], {}
     for choice in choices:
         elbo = choice.build(spec.inference)
         bar = progress.bar(repeats, f"measuring {choice.label}", "draw", quiet=not show_progress)
         row = {"estimator": choice.label, "family": choice.family, "k": choice.k,
                "alpha": choice.alpha if choice.alpha is not None else ""}
-        row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar))
+        row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar, kl_weight=spec.train.beta))
         bar.close()
         rows.append(row)
         if show_progress:
@@ -471,17 +460,6 @@ def _families(rows: list[dict]) -> dict[str, list[dict]]:
     return {name: sorted(group, key=lambda r: r["k"]) for name, group in groups.items()}
 
 
-def machine() -> str:
-    """The processor's model name (Linux), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}".strip()
-
-
 def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps: int, num_samples: int) -> list[str]:
     """The lines that say what was compared, and where."""
     m = spec.model
@@ -497,7 +475,7 @@ def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps:
         + f", scaled to N (bound per example = −loss / N); R = {repeats} draws per estimator, seed {seed}",
         "SNR: per parameter element |E[g]| / std[g] over the R draws, averaged over the encoder's (guide) and the "
         "decoder's (model) elements whose gradient varies; var: mean per-element gradient variance",
-        f"ms/step: median time of loss + backward; {machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"ms/step: median time of loss + backward; {runs.machine()}, {torch.get_num_threads()} torch thread(s), "
         f"device {spec.train.device}",
     ]
     if train_steps:

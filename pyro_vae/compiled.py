@@ -126,14 +126,7 @@ class _Objective(nn.Module):
         self.elbo = elbo
 
     def forward(self, x: torch.Tensor, beta, num_data: int) -> torch.Tensor:
-        vae = self.vae
-        saved_weight, saved_register = vae.kl_weight, getattr(vae, "register_modules", True)
-        vae.kl_weight = beta
-        vae.register_modules = False  # no pyro.param with a traced tensor in the param store
-        try:
-            return self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data=num_data)
-        finally:
-            vae.kl_weight, vae.register_modules = saved_weight, saved_register
+        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=beta)
 
 
 class Graph:
@@ -150,7 +143,7 @@ class Graph:
 class CompiledStep:
     """``bound_and_backward`` of an estimator, traced once per batch shape and replayed.
 
-    ``step(x, num_data)`` leaves each parameter's gradient in ``.grad`` and
+    ``step(x, num_data, kl_weight)`` leaves each parameter's gradient in ``.grad`` and
     returns the detached loss, exactly like :func:`estimators.bound_and_backward`
     (which it calls while Pyro's validation is on, and for good after a failure).
     """
@@ -171,26 +164,28 @@ class CompiledStep:
             self._give_up(f"{type(elbo).__name__} has no differentiable_loss to trace")
 
     # -- the step ---------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, num_data: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
         from pyro.infer.util import is_validation_enabled
 
         if self.failed is not None or is_validation_enabled():
-            return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data)
+            return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
+                                                 kl_weight=kl_weight)
         if self._inputs is None:  # the module's parameters and buffers, looked up once
             names, params = self._parameters()
             self._inputs = (names, params, [b for _, b in self.objective.named_buffers()])
         names, params, buffers = self._inputs
-        beta = self._beta_tensor(x.device)
-        key = (x.shape, x.dtype, x.device, num_data, _beta_kind(self.vae.kl_weight))
+        beta = self._beta_tensor(kl_weight, x.device)
+        key = (x.shape, x.dtype, x.device, num_data, _beta_kind(kl_weight))
         graph = self.graphs.get(key)
         if graph is None:
             start = _rng_state(x.device)
             try:
-                graph, loss, grads = self._build(key, names, params, buffers, x, beta, num_data)
+                graph, loss, grads = self._build(key, names, params, buffers, x, beta, num_data, kl_weight)
             except Exception as exc:  # anything tracing cannot take: run as Pyro always does
                 _set_rng_state(x.device, start)
                 self._give_up(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
-                return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data)
+                return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
+                                                     kl_weight=kl_weight)
             self.graphs[key] = graph
         else:
             loss, grads = graph(params, buffers, x, beta)
@@ -210,8 +205,8 @@ class CompiledStep:
         pairs = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         return [n for n, _ in pairs], [p for _, p in pairs]
 
-    def _beta_tensor(self, device: torch.device) -> torch.Tensor:
-        value = float(self.vae.kl_weight)
+    def _beta_tensor(self, kl_weight: float, device: torch.device) -> torch.Tensor:
+        value = float(kl_weight)
         if self._beta is None or self._beta.device != device:
             self._beta = torch.tensor(value, device=device)
             self._beta_value = value
@@ -220,14 +215,17 @@ class CompiledStep:
             self._beta_value = value
         return self._beta
 
-    def _build(self, key, names, params, buffers, x, beta, num_data):
+    def _build(self, key, names, params, buffers, x, beta, num_data, kl_weight):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         buffer_names = [n for n, _ in self.objective.named_buffers()]
         grad_slots: list[int] = []
         # β = 1 and β = 0 change the program's structure (no scale, a mask): a constant of the
         # graph; any other β is an input, so a KL warm-up replays one graph
-        constant_beta = float(self.vae.kl_weight) if key[-1] != "scaled" else None
+        constant_beta = float(kl_weight) if key[-1] != "scaled" else None
+        # the programs' pyro.module calls find the real parameters in the param store, so the traced
+        # ones never enter it
+        self.vae.register()
 
         def loss_and_grads(params_, buffers_, x_, beta_):
             state = {**dict(zip(names, params_)), **dict(zip(buffer_names, buffers_))}
@@ -248,7 +246,7 @@ class CompiledStep:
 
         # the eager estimator from the same generator state: the reference
         _set_rng_state(device, start)
-        ref_loss, ref_grads = self._eager_reference(params, x, num_data)
+        ref_loss, ref_grads = self._eager_reference(params, x, num_data, kl_weight)
         graph = Graph(traced, slots, compiled=False)
         _set_rng_state(device, start)
         loss, grads = graph(params, buffers, x, beta)
@@ -280,16 +278,9 @@ class CompiledStep:
                           f"{tuple(x.shape)} is traced once and replayed (TorchInductor off)")
         return graph, loss, grads
 
-    def _eager_reference(self, params, x, num_data):
-        vae = self.vae
-        saved = getattr(vae, "register_modules", True)
-        vae.register_modules = False
-        try:
-            loss = self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data=num_data)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
-            vae.register_modules = saved
-        return loss.detach(), grads
+    def _eager_reference(self, params, x, num_data, kl_weight):
+        loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=kl_weight)
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
     def _give_up(self, reason: str) -> None:
         self.failed = reason
@@ -317,11 +308,11 @@ def _mismatch(ref_loss, ref_grads, loss, grads, slots) -> str | None:
 
 
 def build_step(elbo, vae: nn.Module, compile: bool, log: logging.Logger | None = None) -> Callable:
-    """The trainer's ``(x, num_data) → loss`` step: traced and compiled, or Pyro's eager one."""
+    """The trainer's ``(x, num_data, kl_weight) → loss`` step: traced and compiled, or Pyro's eager one."""
     if compile:
         return CompiledStep(elbo, vae, log)
 
-    def eager(x: torch.Tensor, num_data: int) -> torch.Tensor:
-        return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data)
+    def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
+        return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
 
     return eager

@@ -1,6 +1,6 @@
 """Closed forms for Gaussians: the KL divergence and the linear-Gaussian model.
 
-Gaussian KL (DESIGN §1)::
+Gaussian KL (the README's mathematics table)::
 
     KL(N(μ1, σ1²) ‖ N(μ2, σ2²)) = log σ2/σ1 − ½ + (σ1² + (μ1 − μ2)²) / (2 σ2²)
 

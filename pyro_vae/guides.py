@@ -1,8 +1,8 @@
 """Amortized guides q_φ(z|x), chosen by ``model.guide.type``.
 
 Each turns encoder features h into a reparameterized distribution over z with
-event shape (d,), so z = μ_φ(x) + L_φ(x) ε with ε ~ N(0, I) (DESIGN §1, the
-reparameterization trick), optionally pushed through a flow:
+event shape (d,), so z = μ_φ(x) + L_φ(x) ε with ε ~ N(0, I) (the
+reparameterization trick of the README's mathematics table), optionally pushed through a flow:
 
 - ``diagonal-normal``: L = diag(σ_φ(x)), the mean-field guide.
 - ``low-rank-normal``: Σ = F Fᵀ + diag(σ²) with F of shape (d, ``rank``).

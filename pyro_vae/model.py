@@ -17,8 +17,13 @@ so one ``svi.step(x, num_data=N)`` on a minibatch estimates the full-data ELBO
 
     ELBO = Σ_i E_q[log p_θ(x_i|z)] − KL(q_φ(z|x_i) ‖ p(z)).
 
-``kl_weight`` β scales the z sites in both programs (``poutine.scale``): the
-objective becomes E_q[log p(x|z)] − β KL, the β-VAE.
+``kl_weight`` β, an argument of both programs (``svi.step(x, num_data=N,
+kl_weight=0.5)``; Pyro passes the same arguments to model and guide), scales
+the z sites (``poutine.scale``; β = 0 masks them): the objective becomes
+E_q[log p(x|z)] − β KL, the β-VAE. Both programs register their modules with
+``pyro.module`` on every call, as Pyro's own examples do, so ``SVI`` with a
+``pyro.optim`` optimizer finds the parameters in the param store; the
+package's trainer steps ``torch.optim`` over ``vae.parameters()`` instead.
 """
 from __future__ import annotations
 
@@ -44,10 +49,6 @@ class VAE(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.guide_head, self.prior, self.likelihood = guide_head, prior, likelihood
         self.latent_dim = latent_dim
-        self.kl_weight = 1.0
-        # pyro.module on every call; a trainer that owns the optimizer turns it off once the
-        # parameters are registered (it walks every parameter into the param store each step)
-        self.register_modules = True
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None,
@@ -96,34 +97,36 @@ class VAE(nn.Module):
             return pyro.plate("data", batch, dim=-1)
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
 
-    def _kl_scale(self):
+    @staticmethod
+    def _kl_scale(kl_weight):
         """β on the z sites; β = 0 masks them (Pyro's scale must be positive), leaving E_q[log p(x|z)]."""
-        if isinstance(self.kl_weight, torch.Tensor):  # a traced step's β input (pyro_vae.compiled), 0 < β
-            return poutine.scale(scale=self.kl_weight)
-        if self.kl_weight == 1.0:
+        if isinstance(kl_weight, (int, float)) and kl_weight == 1.0:
             return contextlib.nullcontext()
-        if self.kl_weight == 0.0:
+        if isinstance(kl_weight, (int, float)) and kl_weight == 0.0:
             return poutine.mask(mask=False)
-        return poutine.scale(scale=self.kl_weight)
+        return poutine.scale(scale=kl_weight)  # a float in (0, ∞), or a traced step's tensor β
 
-    def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples."""
-        if self.register_modules:
-            pyro.module("decoder", self.decoder)
-            pyro.module("prior", self.prior)
-            pyro.module("likelihood", self.likelihood)
+    def register(self, programs: tuple[str, ...] = ("model", "guide")) -> None:
+        """``pyro.module`` for the modules of the model (decoder, prior, likelihood) and of the guide."""
+        names = {"model": (("decoder", self.decoder), ("prior", self.prior), ("likelihood", self.likelihood)),
+                 "guide": (("encoder", self.encoder), ("guide", self.guide_head))}
+        for program in programs:
+            for name, module in names[program]:
+                pyro.module(name, module)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
+        """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples, the z sites weighted by β."""
+        self.register(("model",))
         with self._plate(x, num_data):
-            with self._kl_scale():
+            with self._kl_scale(kl_weight):
                 z = pyro.sample("z", self.prior_distribution())
             return pyro.sample("x", self.likelihood_distribution(z), obs=x)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """q_φ(z|x) over the same plate."""
-        if self.register_modules:
-            pyro.module("encoder", self.encoder)
-            pyro.module("guide", self.guide_head)
+    def guide(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
+        """q_φ(z|x) over the same plate, with the same β."""
+        self.register(("guide",))
         with self._plate(x, num_data):
-            with self._kl_scale():
+            with self._kl_scale(kl_weight):
                 return pyro.sample("z", self.posterior(x))
 
     # -- what users expect of a VAE object ----------------------------------------

@@ -164,6 +164,17 @@ def environment(spec: Spec) -> dict:
     }
 
 
+def machine() -> str:
+    """The processor's model name and logical CPU count (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".strip()
+
+
 def git_revision() -> str | None:
     """The package's git revision, when it runs from a checkout."""
     here = Path(__file__).resolve().parent

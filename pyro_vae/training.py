@@ -39,6 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyro
@@ -244,7 +245,7 @@ class Trainer:
         # from Python's global one (scikit-learn imports rich where it is installed), so seed after it
         self.data = (data or load_dataset(spec.data, spec.train.seed)).to(self.device)
         seed_everything(spec.train.seed)
-        pyro.clear_param_store()
+        pyro.clear_param_store()  # the one place: a new VAE's parameters replace any earlier ones there
         self.vae = VAE.from_spec(spec.model, self.data.data_dim, self.data.image_shape, self.data.train).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         check_memory(self.vae, self.device)
@@ -253,12 +254,12 @@ class Trainer:
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = compiled.build_step(self.elbo, self.vae, spec.inference.compile, self.log)
-        self.registered = False  # pyro.module has put the parameters in the param store in this process
         self.batch_size = min(spec.data.batch_size, self.data.num_train)
         self.steps_per_epoch = math.ceil(self.data.num_train / self.batch_size)
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = Progress()
         self.board = None  # the TensorBoard writer, opened at the first epoch's end
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
         self.dry_run()
         self.note = closed_form_note(self.vae, self.data.train) if spec.inference.estimator == "meanfield" else None
         self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
@@ -290,8 +291,6 @@ class Trainer:
                 f" (images {self.data.image_shape})" if self.data.image_shape else "")
             raise UserInputError(f"the spec and data '{self.spec.data.name}' ({shape}) fail a first model/guide pass: "
                                  f"{' '.join(str(exc).split())[:300]}") from None
-        finally:
-            pyro.clear_param_store()
 
     # -- checkpoints ------------------------------------------------------------
     def attach(self, run_dir: Path) -> None:
@@ -335,7 +334,6 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise UserInputError(f"the checkpoint in '{self.run_dir}' does not fit this model: "
                                  f"{' '.join(str(exc).split())[:200]}") from None
-        pyro.clear_param_store()
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
 
     # -- the loop ---------------------------------------------------------------
@@ -345,12 +343,12 @@ class Trainer:
         Pyro's validation is on for the first ``VALIDATED_STEPS`` steps; an invalid
         distribution there (parameters already damaged) stops training like a NaN.
         """
-        self.vae.kl_weight = kl_weight(self.spec, self.progress.global_step, self.steps_per_epoch)
+        beta = kl_weight(self.spec, self.progress.global_step, self.steps_per_epoch)
         validate = self.progress.global_step < VALIDATED_STEPS
-        with pyro.validation_enabled(validate), self.registering():
+        with pyro.validation_enabled(validate):
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss = self.loss_and_grads(x, self.data.num_train)  # pyro_vae.compiled: eager or traced
+                loss = self.loss_and_grads(x, self.data.num_train, beta)  # pyro_vae.compiled: eager or traced
             except ValueError as exc:
                 if not validate:
                     raise
@@ -373,19 +371,6 @@ class Trainer:
                                      "the step size overflows float32") from None
         return loss, largest
 
-    @contextmanager
-    def registering(self):
-        """pyro.module registers the parameters on this process's first step only (not per step).
-
-        With an estimator that finds parameters through the trace (no
-        ``differentiable_loss``) registration stays on every step.
-        """
-        self.vae.register_modules = not (self.registered and hasattr(self.elbo, "differentiable_loss"))
-        try:
-            yield
-        finally:
-            self.vae.register_modules, self.registered = True, True
-
     def fit(self) -> list[dict]:
         """Train until ``train.epochs`` epochs are complete; returns the metrics."""
         if self.note:
@@ -397,9 +382,31 @@ class Trainer:
                 self.end_epoch()
         return self.progress.metrics
 
+    def minibatch(self, epoch: int, position: int) -> torch.Tensor:
+        """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.data.num_train, self.spec.train.seed, epoch).to(self.device))
+        index = self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
+        return self.data.training_batch(self.dist.shard(index))
+
+    def run_steps(self, count: int, on_step: Callable[[int], None] | None = None) -> None:
+        """``count`` steps from where training stands, through the epochs' data orders, with no epoch-end evaluation
+        or checkpoint (``pyro-vae compare --train-steps``); ``on_step(global_step)`` after each.
+
+        A non-finite loss or gradient raises :class:`NonFiniteError` at once.
+        """
+        p = self.progress
+        for _ in range(count):
+            if p.step_in_epoch == self.steps_per_epoch:
+                p.epoch, p.step_in_epoch = p.epoch + 1, 0
+            loss, largest = self.step(self.minibatch(p.epoch, p.step_in_epoch))
+            p.step_in_epoch, p.global_step = p.step_in_epoch + 1, p.global_step + 1
+            self.check_finite(loss.reshape(1), largest.reshape(1))
+            if on_step is not None:
+                on_step(p.global_step)
+
     def train_epoch(self, stop: list[int]) -> None:
         p = self.progress
-        order = epoch_order(self.data.num_train, self.spec.train.seed, p.epoch).to(self.device)
         losses = torch.full((self.steps_per_epoch,), float("nan"), device=self.device)
         losses[:p.step_in_epoch] = torch.tensor(p.epoch_losses[:p.step_in_epoch])
         gradients = torch.zeros(self.steps_per_epoch, device=self.device)  # max |gradient| per step
@@ -407,8 +414,7 @@ class Trainer:
                            quiet=not self.show_progress, initial=p.step_in_epoch, every=30.0)
         start = time.perf_counter()
         for step in range(p.step_in_epoch, self.steps_per_epoch):
-            index = self.dist.shard(order[step * self.batch_size:(step + 1) * self.batch_size])  # rank's slice
-            losses[step], gradients[step] = self.step(self.data.training_batch(index))
+            losses[step], gradients[step] = self.step(self.minibatch(p.epoch, step))
             p.step_in_epoch, p.global_step = step + 1, p.global_step + 1
             if (step + 1) % self.check_every == 0 or step + 1 == self.steps_per_epoch:
                 self.check_finite(losses[:step + 1], gradients[:step + 1])
@@ -464,7 +470,7 @@ class Trainer:
                **({"validation_elbo": validation} if validation is not None else {}),
                **test,
                "seconds": p.epoch_seconds,
-               "kl_weight": self.vae.kl_weight,
+               "kl_weight": kl_weight(self.spec, p.global_step - 1, self.steps_per_epoch),  # the epoch's last β
                "lr": optimizer.current_lr(self.optimizer)}
         p.metrics.append(row)
         self.write_board(row)
@@ -610,7 +616,6 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
         spec.train.device = device
     target = resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
     data = load_dataset(spec.data, spec.train.seed).to(target)
-    pyro.clear_param_store()
     vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape)
     try:
         vae.load_state_dict(state["model"])

@@ -107,14 +107,11 @@ def test_beta_scales_the_kl_term_in_model_and_guide():
 
     elbo = TraceMeanField_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(0)
-    vae.kl_weight = 1.0
-    full = elbo.loss(vae.model, vae.guide, x)
-    vae.kl_weight = 0.0
+    full = elbo.loss(vae.model, vae.guide, x, kl_weight=1.0)
     pyro.set_rng_seed(0)
-    reconstruction_only = elbo.loss(vae.model, vae.guide, x)
-    vae.kl_weight = 0.5
+    reconstruction_only = elbo.loss(vae.model, vae.guide, x, kl_weight=0.0)
     pyro.set_rng_seed(0)
-    half = elbo.loss(vae.model, vae.guide, x)
+    half = elbo.loss(vae.model, vae.guide, x, kl_weight=0.5)
     kl = full - reconstruction_only
     assert kl > 0
     assert half == pytest.approx(reconstruction_only + 0.5 * kl, rel=1e-5)

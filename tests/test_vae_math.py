@@ -1,4 +1,4 @@
-"""The ELBO mathematics checked through the package's own VAE (DESIGN §1).
+"""The ELBO mathematics checked through the package's own VAE (the README's mathematics table).
 
 The linear-Gaussian VAE (linear decoder, Gaussian likelihood with the true σ,
 full-covariance guide on a linear encoder) can represent the true model and
