@@ -30,8 +30,13 @@ def copy_checkout(workdir: Path, only: list[str] | None) -> None:
     """The tracked and untracked (not ignored) files of the checkout, into ``workdir``."""
     if workdir.exists():
         shutil.rmtree(workdir)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:
+        files = listed.stdout.split()
+    else:  # not a git checkout: every file but runs, environments and caches
+        skip = {"runs", "mutants", ".venv", "__pycache__", ".git"}
+        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
     for name in files:
         target = workdir / name
         target.parent.mkdir(parents=True, exist_ok=True)

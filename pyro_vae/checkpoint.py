@@ -16,22 +16,25 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
-from pyro_vae.errors import UserInputError
+from pyro_vae.errors import UserInputError, one_line
 
 FORMAT = 1
 
 
-def save_atomic(state: dict, path: Path) -> None:
-    """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
+    """Replace ``path`` whole with what ``write(handle)`` writes: a temporary file, fsync, rename, folder fsync.
+
+    ``what`` (e.g. "checkpoint") names the kind of file in the one-line error.
+    """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -42,8 +45,13 @@ def save_atomic(state: dict, path: Path) -> None:
             os.close(folder)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise UserInputError(f"cannot write checkpoint '{path}' ({exc.strerror or exc}); "
-                             f"the previous checkpoint, if any, is unchanged") from None
+        kept = f"; the previous {what}, if any, is unchanged" if what else ""
+        raise UserInputError(f"cannot write {what + ' ' if what else ''}'{path}' ({exc.strerror or exc}){kept}") from None
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """Write the checkpoint ``state`` to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda handle: torch.save({"format": FORMAT, **state}, handle), "checkpoint")
 
 
 def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -60,7 +68,7 @@ def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
         state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file can raise almost any type: report all as one line
         raise UserInputError(f"checkpoint '{path}' is truncated or corrupted "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+                             f"({type(exc).__name__}: {one_line(exc, 120)})") from None
     if damaged:
         raise UserInputError(f"checkpoint '{path}' is corrupted (record '{damaged}' fails its CRC check)")
     if not isinstance(state, dict) or state.get("format") != FORMAT:

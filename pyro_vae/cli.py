@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
 
 MAX_SAMPLES = 1024      # sample grids beyond this are unreadable in one picture
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as exc:
         if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
             raise
-        print(f"pyro-vae: error: out of memory ({' '.join(str(exc).split())[:160]}); reduce data.batch_size, "
+        print(f"pyro-vae: error: out of memory ({one_line(exc, 160)}); reduce data.batch_size, "
               f"inference.num_particles, the network sizes, or --memory-mb", file=sys.stderr)
         return 2
 

@@ -85,7 +85,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs
-from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.spec import InferenceSpec, Spec
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
@@ -187,7 +187,7 @@ def parse_token(token: str) -> Choice:
         spec = Spec.from_dict({"inference": dataclasses.asdict(choice.inference(InferenceSpec()))})
         choice.build(spec.inference)
     except (UserInputError, ValueError) as exc:
-        raise bad(f"is refused ({' '.join(str(exc).split())})") from None
+        raise bad(f"is refused ({one_line(exc)})") from None
     return choice
 
 

@@ -49,7 +49,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pyro_vae import estimators
+from pyro_vae import estimators, rng
+from pyro_vae.errors import one_line
 
 #: environment switch: ``0`` replays the traced graph without Inductor (tests, debugging)
 INDUCTOR_ENV = "PYRO_VAE_INDUCTOR"
@@ -58,33 +59,28 @@ GRAD_RTOL = 1e-3      # compiled vs eager, relative to each gradient tensor's la
 
 
 # --------------------------------------------------------------------------
-# Generators: tracing must not move them
+# Pyro while tracing: the one place the package patches Pyro
 # --------------------------------------------------------------------------
 
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+#: the module attributes :func:`host_free_pyro` replaces while a step is traced; tests/test_speed_paths.py
+#: fails when a Pyro release moves one of them (the trace would then stop at a host conversion)
+PATCHED = (("pyro.infer.trace_elbo", "torch_item"), ("pyro.infer.trace_elbo", "warn_if_nan"),
+           ("pyro.infer.trace_mean_field_elbo", "torch_item"), ("pyro.infer.trace_mean_field_elbo", "warn_if_nan"),
+           ("pyro.infer.tracegraph_elbo", "torch_item"), ("pyro.infer.tracegraph_elbo", "warn_if_nan"),
+           ("pyro.poutine.trace_struct", "warn_if_nan"), ("pyro.poutine.trace_struct", "warn_if_inf"),
+           ("pyro_vae.estimators", "torch_item"))
 
 
 @contextlib.contextmanager
-def _host_free_pyro():
-    """While tracing: Pyro's ``torch_item`` returns a detached tensor and ``warn_if_nan`` does nothing.
+def host_free_pyro():
+    """While tracing: Pyro's ``torch_item`` returns a detached tensor and ``warn_if_nan``/``warn_if_inf`` do nothing.
 
     ``Trace_ELBO.differentiable_loss`` returns ``loss + (surrogate − item(surrogate))``;
     with a detached tensor in place of the float the value and the gradient are
-    the same, and no value leaves the device.
+    the same, and no value leaves the device. The attributes are those of
+    ``PATCHED``; a missing one is an ``AttributeError`` here, not a silent skip.
     """
-    import pyro.infer.trace_elbo
-    import pyro.infer.trace_mean_field_elbo
-    import pyro.infer.tracegraph_elbo
-    import pyro.poutine.trace_struct
+    import importlib
 
     def item(x):
         return x.detach() if torch.is_tensor(x) else x
@@ -93,9 +89,10 @@ def _host_free_pyro():
         return value
 
     replacements = {"torch_item": item, "warn_if_nan": no_warning, "warn_if_inf": no_warning}
-    modules = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo, pyro.infer.tracegraph_elbo,
-               pyro.poutine.trace_struct, estimators)
-    saved = [(m, name, getattr(m, name)) for m in modules for name in replacements if hasattr(m, name)]
+    saved = []
+    for module_name, name in PATCHED:
+        module = importlib.import_module(module_name)
+        saved.append((module, name, getattr(module, name)))
     try:
         for module, name, _ in saved:
             setattr(module, name, replacements[name])
@@ -178,12 +175,12 @@ class CompiledStep:
         key = (x.shape, x.dtype, x.device, num_data, _beta_kind(kl_weight))
         graph = self.graphs.get(key)
         if graph is None:
-            start = _rng_state(x.device)
+            start = rng.fork_torch(x.device)
             try:
                 graph, loss, grads = self._build(key, names, params, buffers, x, beta, num_data, kl_weight)
             except Exception as exc:  # anything tracing cannot take: run as Pyro always does
-                _set_rng_state(x.device, start)
-                self._give_up(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+                rng.restore_torch(x.device, start)
+                self._give_up(f"{type(exc).__name__}: {one_line(exc, 160)}")
                 return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
                                                      kl_weight=kl_weight)
             self.graphs[key] = graph
@@ -236,31 +233,31 @@ class CompiledStep:
             return loss.detach(), [g for g in grads if g is not None]
 
         device = x.device
-        start = _rng_state(device)
+        start = rng.fork_torch(device)
         inputs = [p.detach().requires_grad_(True) for p in params]
-        with _host_free_pyro():
+        with host_free_pyro():
             traced = make_fx(loss_and_grads)(inputs, list(buffers), x, beta)
         traced.graph.eliminate_dead_code(is_impure_node=_keeps_random)
         traced.recompile()
         slots = list(grad_slots)
 
         # the eager estimator from the same generator state: the reference
-        _set_rng_state(device, start)
+        rng.restore_torch(device, start)
         ref_loss, ref_grads = self._eager_reference(params, x, num_data, kl_weight)
         graph = Graph(traced, slots, compiled=False)
-        _set_rng_state(device, start)
+        rng.restore_torch(device, start)
         loss, grads = graph(params, buffers, x, beta)
         problem = _mismatch(ref_loss, ref_grads, loss, grads, slots)
         if problem:
             raise RuntimeError(f"the traced step differs from the eager one ({problem})")
-        after = _rng_state(device)
+        after = rng.fork_torch(device)
 
         if self.inductor and self.inductor_shape in (None, key[0]):
             self.inductor_shape = key[0]
             try:
                 compiled = Graph(torch.compile(traced, backend="inductor", dynamic=False,
                                                options={"fallback_random": True}), slots, compiled=True)
-                _set_rng_state(device, start)
+                rng.restore_torch(device, start)
                 c_loss, c_grads = compiled(params, buffers, x, beta)
                 problem = _mismatch(ref_loss, ref_grads, c_loss, c_grads, slots)
                 if problem:
@@ -270,9 +267,9 @@ class CompiledStep:
                 return compiled, c_loss, c_grads
             except Exception as exc:  # no C++ compiler, unsupported device, a lowering failure
                 self.inductor = False
-                _set_rng_state(device, after)
+                rng.restore_torch(device, after)
                 self.log.info(f"inference.compile: TorchInductor unavailable ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:160]}); replaying the traced step without it")
+                              f"{one_line(exc, 160)}); replaying the traced step without it")
         elif not self.graphs:
             self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
                           f"{tuple(x.shape)} is traced once and replayed (TorchInductor off)")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pyro_vae import registry
-from pyro_vae.errors import UserInputError
+from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.gaussian import LinearGaussian
 from pyro_vae.spec import PUBLISHED, DataSpec
 
@@ -205,9 +205,9 @@ def _torchvision(spec: DataSpec, cls_name: str, name: str) -> Dataset:
         splits = [cls(root=str(root), train=train, download=spec.download) for train in (True, False)]
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
         if spec.download:
-            raise UserInputError(f"could not download {cls_name} into '{root}': {' '.join(str(exc).split())}") from None
+            raise UserInputError(f"could not download {cls_name} into '{root}': {one_line(exc)}") from None
         raise UserInputError(
-            f"data root '{root}' has no readable {cls_name} files ({' '.join(str(exc).split())[:100]}; expected "
+            f"data root '{root}' has no readable {cls_name} files ({one_line(exc, 100)}; expected "
             f"{root}/{cls_name}/raw/train-images-idx3-ubyte); "
             f"set data.root or ${DATA_ENV} to a torchvision root, or data.download: true on a machine with a network") from None
     train, test = (s.data.reshape(s.data.shape[0], -1).float() / 255.0 for s in splits)
@@ -283,7 +283,7 @@ def read_array(path: Path) -> torch.Tensor:
     except UserInputError:
         raise
     except Exception as exc:  # corrupt files raise many types; report them as one line
-        raise UserInputError(f"cannot read data file '{path}': {' '.join(str(exc).split())[:200]}") from None
+        raise UserInputError(f"cannot read data file '{path}': {one_line(exc, 200)}") from None
     if not isinstance(array, torch.Tensor) or array.dim() < 2 or array.dtype.is_complex:
         raise UserInputError(f"data file '{path}' must hold one numeric array of shape (N, D) or (N, H, W) or (N, C, H, W)")
     if array.numel() == 0:

@@ -7,6 +7,12 @@ training: exit status 3, the last good checkpoint untouched.
 """
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message as one line (whitespace runs collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if limit is None else text[:limit]
+
+
 class UserInputError(Exception):
     """Bad input from the user; the message is one line naming the key or file."""
 

@@ -22,7 +22,7 @@ import sys
 from importlib import metadata
 from typing import Iterable
 
-from pyro_vae.errors import UserInputError
+from pyro_vae.errors import UserInputError, one_line
 
 ENTRY_POINT_GROUP = "pyro_vae.plugins"
 _LOADED: list[str] = []
@@ -39,7 +39,7 @@ def load(names: Iterable[str], where: str = "--plugin") -> list[str]:
             importlib.import_module(name)
         except ImportError as exc:
             raise UserInputError(f"{where}: cannot import plugin module {name!r} ({type(exc).__name__}: "
-                                 f"{' '.join(str(exc).split())[:160]}); install it, or run from the folder "
+                                 f"{one_line(exc, 160)}); install it, or run from the folder "
                                  f"that holds {name}.py") from None
         _LOADED.append(name)
     return list(_LOADED)

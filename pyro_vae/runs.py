@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pyro_vae import plugins
-from pyro_vae.errors import UserInputError
+from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.spec import Spec
 
 CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
@@ -80,17 +80,10 @@ def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole: a temporary file, fsync'ed, then renamed over it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise UserInputError(f"cannot write '{path}' ({exc.strerror or exc})") from None
+    """Replace ``path`` with ``text`` whole (:func:`pyro_vae.checkpoint.write_atomic`)."""
+    from pyro_vae.checkpoint import write_atomic
+
+    write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 def read_spec(run_dir: Path) -> Spec:
@@ -104,7 +97,7 @@ def read_spec(run_dir: Path) -> Spec:
     except OSError as exc:
         raise UserInputError(f"cannot read '{path}': {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"'{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise UserInputError(f"'{path}' is not valid YAML: {one_line(exc)}") from None
     try:
         return Spec.from_dict(raw)
     except UserInputError as exc:

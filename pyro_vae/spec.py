@@ -20,7 +20,7 @@ from typing import Any, Union
 import yaml
 
 from pyro_vae import registry
-from pyro_vae.errors import UserInputError
+from pyro_vae.errors import UserInputError, one_line
 
 LEARNED = "learned"
 OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened into its section in YAML
@@ -197,7 +197,7 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
-        raise UserInputError(f"--set {key}: value {text!r} is not valid YAML ({_first_line(exc)})") from None
+        raise UserInputError(f"--set {key}: value {text!r} is not valid YAML ({one_line(exc)})") from None
     return key.strip(), value
 
 
@@ -219,6 +219,21 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
         current["type"] = value  # `--set optim.schedule=plateau` picks the type, keeping the section's other keys
     else:
         node[parts[-1]] = value
+
+
+def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every leaf of a nested dict as a dotted path (``model.prior.type``), in order."""
+    keys = []
+    for name, value in tree.items():
+        keys += dotted_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
+    return keys
+
+
+def get_dotted(tree: dict, key: str) -> Any:
+    """The value at the dotted path ``key`` of a nested dict."""
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -247,7 +262,7 @@ def read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserInputError(f"spec file '{path}' is not valid YAML: {_first_line(exc)}") from None
+        raise UserInputError(f"spec file '{path}' is not valid YAML: {one_line(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -269,10 +284,6 @@ def load_spec(config: str | None = None, overrides: list[str] | None = None) -> 
                 f"--config {config!r} is neither a spec file nor a packaged spec; packaged: {', '.join(sorted(packaged))}")
     spec = Spec.from_dict(raw)
     return spec.with_overrides(overrides or [])
-
-
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def _type_name(annotation: Any) -> str:

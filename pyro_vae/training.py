@@ -33,7 +33,6 @@ Nothing lost:
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from contextlib import contextmanager
@@ -44,16 +43,15 @@ from typing import Callable
 import numpy as np
 import pyro
 import torch
-from torch.distributions import kl_divergence
 
 from pyro_vae import checkpoint, compiled, distributed, estimators, evaluation, optimizer, progress, registry, runs
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE, check_likelihood_support
-from pyro_vae.spec import Spec
+from pyro_vae.rng import rng_state, seed_everything, set_rng_state  # noqa: F401  (public here too)
+from pyro_vae.spec import Spec, dotted_keys, get_dotted
 
 VALIDATED_STEPS = 3
-MAX_SEED = 2**32 - 1  # numpy's limit
 NONFINITE_CHECK_EVERY = 100
 STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",
               "epoch_losses", "epoch_seconds", "best_validation", "best_epoch", "stopped_early")
@@ -80,37 +78,6 @@ class Progress:
     best_validation: float | None = None   # the highest validation ELBO so far, and its epoch
     best_epoch: int = 0
     stopped_early: bool = False
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python's ``random`` from one seed."""
-    if not 0 <= seed <= MAX_SEED:
-        raise UserInputError(f"seed {seed} (train.seed or --seed) is out of range; accepted: 0 to {MAX_SEED}")
-    pyro.set_rng_seed(seed)
-
-
-def rng_state() -> dict:
-    """The state of every generator training draws from: torch (and CUDA), numpy, Python.
-
-    The numpy state is kept as plain numbers, so a checkpoint loads with ``weights_only=True``.
-    """
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian],
-             "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Put every generator back where :func:`rng_state` found it."""
-    torch.set_rng_state(state["torch"])
-    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def resolve_device(name: str, key: str) -> torch.device:
@@ -163,24 +130,11 @@ def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
         raise UserInputError(f"the checkpoint in '{where}' holds an invalid spec: {exc}") from None
     saved.train.epochs = spec.train.epochs
     if saved != spec:
-        different = next(key for key in _dotted_keys(spec.to_dict())
-                         if _dotted_get(saved.to_dict(), key) != _dotted_get(spec.to_dict(), key))
+        different = next(key for key in dotted_keys(spec.to_dict())
+                         if get_dotted(saved.to_dict(), key) != get_dotted(spec.to_dict(), key))
         raise UserInputError(f"the checkpoint in '{where}' was written by a different spec than its {runs.CONFIG} "
-                             f"({different}: {_dotted_get(saved.to_dict(), different)!r} in the checkpoint, "
-                             f"{_dotted_get(spec.to_dict(), different)!r} in {runs.CONFIG})")
-
-
-def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in tree.items():
-        keys += _dotted_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
-    return keys
-
-
-def _dotted_get(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
+                             f"({different}: {get_dotted(saved.to_dict(), different)!r} in the checkpoint, "
+                             f"{get_dotted(spec.to_dict(), different)!r} in {runs.CONFIG})")
 
 
 def plural(count: int, noun: str) -> str:
@@ -205,13 +159,11 @@ def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
 def closed_form_note(vae: VAE, x: torch.Tensor) -> str | None:
     """With the mean-field estimator: say when KL(q‖p) has no closed form and is sampled."""
     with torch.no_grad():
-        try:
-            kl_divergence(vae.posterior(x[:2]), vae.prior_distribution())
+        if evaluation.closed_form_kl(vae, x[:2]) is not None:
             return None
-        except NotImplementedError:
-            q, p = type(vae.posterior(x[:2])).__name__, type(vae.prior_distribution()).__name__
-            return (f"meanfield: KL({q} ‖ {p}) has no closed form; that term is estimated by sampling "
-                    f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)")
+        q, p = type(vae.posterior(x[:2])).__name__, type(vae.prior_distribution()).__name__
+    return (f"meanfield: KL({q} ‖ {p}) has no closed form; that term is estimated by sampling "
+            f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)")
 
 
 @contextmanager
@@ -290,7 +242,7 @@ class Trainer:
             shape = f"examples of {self.data.data_dim} values" + (
                 f" (images {self.data.image_shape})" if self.data.image_shape else "")
             raise UserInputError(f"the spec and data '{self.spec.data.name}' ({shape}) fail a first model/guide pass: "
-                                 f"{' '.join(str(exc).split())[:300]}") from None
+                                 f"{one_line(exc, 300)}") from None
 
     # -- checkpoints ------------------------------------------------------------
     def attach(self, run_dir: Path) -> None:
@@ -333,7 +285,7 @@ class Trainer:
                                      bool(state["stopped_early"]))
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise UserInputError(f"the checkpoint in '{self.run_dir}' does not fit this model: "
-                                 f"{' '.join(str(exc).split())[:200]}") from None
+                                 f"{one_line(exc, 200)}") from None
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
 
     # -- the loop ---------------------------------------------------------------
@@ -353,7 +305,7 @@ class Trainer:
                 if not validate:
                     raise
                 raise self.nonfinite("invalid distribution parameters", self.progress.step_in_epoch + 1,
-                                     " ".join(str(exc).split())[:200]) from None
+                                     one_line(exc, 200)) from None
             if self.dist.enabled:  # data-parallel: Σ_r (B_r/B) · (gradients, loss), one all-reduce
                 loss = self.dist.all_reduce(list(self.vae.parameters()), loss)
             grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
@@ -621,5 +573,5 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
         vae.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
-                             f"{' '.join(str(exc).split())[:200]}") from None
+                             f"{one_line(exc, 200)}") from None
     return spec, vae.to(target).eval(), data

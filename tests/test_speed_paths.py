@@ -272,3 +272,18 @@ def test_inductor_compiled_step_matches_eager_within_float_tolerance(monkeypatch
     assert step.mode == "inductor"
     assert torch.allclose(torch.stack(losses), eager_losses, rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(vae.parameters(), eager_params))
+
+
+def test_what_the_traced_step_patches_in_pyro_is_still_there_and_is_restored():
+    import importlib
+
+    originals = {}
+    for module_name, name in compiled.PATCHED:
+        module = importlib.import_module(module_name)
+        assert hasattr(module, name), f"{module_name}.{name} moved: pyro_vae.compiled.host_free_pyro must follow it"
+        originals[module_name, name] = getattr(module, name)
+    with compiled.host_free_pyro():
+        for module_name, name in compiled.PATCHED:
+            assert getattr(importlib.import_module(module_name), name) is not originals[module_name, name]
+    for (module_name, name), original in originals.items():
+        assert getattr(importlib.import_module(module_name), name) is original
