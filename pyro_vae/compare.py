@@ -113,7 +113,8 @@ def accepted() -> str:
     """The token forms of every registered estimator, e.g. ``iwae:K, renyi:K:ALPHA, miwae:M:K``."""
     forms = [":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in registry.token_fields(name))])
              for name in registry.names("estimator")]
-    return ", ".join(forms) + " (K and M positive integers, ALPHA a number other than 1, BETA in [0, 1])"
+    return ", ".join(forms) + (" (K and M positive integers, K >= 2 for tail-adaptive; ALPHA a number other than 1; "
+                               "BETA in [0, 1])")
 
 
 @dataclass(frozen=True)

@@ -189,32 +189,57 @@ class Trainer:
 
     def __init__(self, spec: Spec, run_dir: Path | None, data: Dataset | None = None, show_progress: bool = True):
         self.spec, self.run_dir = spec, run_dir
-        self.dist, device_name = distributed.setup(spec.train.device)  # torchrun: join the process group
+        self.join_job(show_progress)
+        self.load_data(data)
+        self.build_model()
+        self.build_inference()
+        self.prepare_loop()
+        self.dry_run()
+        self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
+
+    def join_job(self, show_progress: bool) -> None:
+        """torchrun's process group (if any), the device, the log; progress bars on rank 0 only."""
+        self.dist, device_name = distributed.setup(self.spec.train.device)
         self.show_progress = show_progress and self.dist.is_main
         self.device = resolve_device(device_name, "'train.device'")
-        self.log = runs.run_logger(run_dir, self.dist.rank)
-        # data first: loading draws only from its own generators, but importing a loader's library may draw
-        # from Python's global one (scikit-learn imports rich where it is installed), so seed after it
-        self.data = (data or load_dataset(spec.data, spec.train.seed)).to(self.device)
-        seed_everything(spec.train.seed)
+        self.log = runs.run_logger(self.run_dir, self.dist.rank)
+
+    def load_data(self, data: Dataset | None) -> None:
+        """The dataset on the device, then every generator seeded.
+
+        Data first: loading draws only from its own generators, but importing a
+        loader's library may draw from Python's global one (scikit-learn imports
+        rich where it is installed), so the seed comes after it.
+        """
+        self.data = (data or load_dataset(self.spec.data, self.spec.train.seed)).to(self.device)
+        seed_everything(self.spec.train.seed)
+
+    def build_model(self) -> None:
+        """The VAE from the spec (the same on every rank), checked against free memory and the data's support."""
         pyro.clear_param_store()  # the one place: a new VAE's parameters replace any earlier ones there
-        self.vae = VAE.from_spec(spec.model, self.data.data_dim, self.data.image_shape, self.data.train).to(self.device)
+        self.vae = VAE.from_spec(self.spec.model, self.data.data_dim, self.data.image_shape,
+                                 self.data.train).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         check_memory(self.vae, self.device)
         self.check_data()
+
+    def build_inference(self) -> None:
+        """Estimator, optimizer, schedule and the training step (eager or compiled)."""
+        spec = self.spec
         self.elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = compiled.build_step(self.elbo, self.vae, spec.inference.compile, self.log)
-        self.batch_size = min(spec.data.batch_size, self.data.num_train)
+        self.note = closed_form_note(self.vae, self.data.train) if spec.inference.estimator == "meanfield" else None
+
+    def prepare_loop(self) -> None:
+        """Batch size, steps per epoch, how often to check for non-finite values, and the progress."""
+        self.batch_size = min(self.spec.data.batch_size, self.data.num_train)
         self.steps_per_epoch = math.ceil(self.data.num_train / self.batch_size)
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = Progress()
         self.board = None  # the TensorBoard writer, opened at the first epoch's end
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
-        self.dry_run()
-        self.note = closed_form_note(self.vae, self.data.train) if spec.inference.estimator == "meanfield" else None
-        self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
 
     def check_data(self) -> None:
         """Support: refuse data the likelihood cannot take (all of it; dynamic draws are 0/1 anyway)."""

@@ -496,3 +496,72 @@ def test_mxk_expected_gradients_match_their_definitions():
     se = (miwae.var(0) / len(miwae) + iwae.var(0) / len(iwae)).sqrt()
     z = torch.where(se > 0, difference / se, torch.zeros_like(se))
     assert z.abs().max() < Z
+
+
+# --------------------------------------------------------------------------- what the mutation run found untested
+
+def test_dreg_reads_a_tensor_mask_and_a_tensor_kl_weight_from_the_guide_site():
+    problem = perturbed()
+    x = problem.x
+    everyone = torch.ones(len(x), dtype=torch.bool)
+    gradients = []
+    for mask in (True, everyone):
+        problem.model(x), problem.guide(x)
+        params = problem.params(ENCODER)
+        for p in params:
+            p.grad = None
+        pyro.set_rng_seed(13)
+        bound_and_backward(DReG_ELBO(4), problem.model, problem.guide, x, mask=mask)
+        gradients.append(torch.cat([p.grad.flatten() for p in params]))
+    assert torch.allclose(gradients[0], gradients[1], rtol=1e-12)
+    with poutine.trace() as tape:
+        with poutine.scale(scale=torch.tensor(0.25)):
+            problem.guide(x)
+    assert float(guide_kl_weight(tape.trace, 1.0)) == pytest.approx(0.25)
+
+
+def test_dreg_refuses_guide_sites_with_different_kl_weights():
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            with poutine.scale(scale=0.5):
+                pyro.sample("a", dist.Normal(torch.zeros(len(x)), 1.0))
+            pyro.sample("b", dist.Normal(torch.zeros(len(x)), 1.0))
+
+    def same(x):
+        with pyro.plate("data", len(x)), poutine.scale(scale=0.5):
+            pyro.sample("a", dist.Normal(torch.zeros(len(x)), 1.0))
+            pyro.sample("b", dist.Normal(torch.zeros(len(x)), 1.0))
+
+    x = torch.zeros(3)
+    with pytest.raises(NotImplementedError, match="one KL weight"):
+        guide_kl_weight(poutine.trace(guide).get_trace(x), 1.0)
+    assert guide_kl_weight(poutine.trace(same).get_trace(x), 1.0) == 0.5
+
+
+def test_bound_keeps_the_minibatch_scale_and_its_sign_for_every_kind_of_elbo():
+    problem = perturbed(guide="diagonal")
+    x = problem.x
+    problem.model(x), problem.guide(x)
+    values = {}
+    for name, elbo in (("trace", Trace_ELBO(max_plate_nesting=1)), ("tracegraph", TraceGraph_ELBO(max_plate_nesting=1)),
+                       ("iwae", IWAE_ELBO(1))):
+        for num_data in (None, 60):
+            pyro.set_rng_seed(14)
+            values[name, num_data] = bound(elbo, problem.model, problem.guide, x, num_data=num_data).item()
+            pyro.set_rng_seed(14)
+            loss = bound_and_backward(elbo, problem.model, problem.guide, x, num_data=num_data).item()
+            assert loss == pytest.approx(-values[name, num_data], rel=1e-9)
+    for name in ("trace", "tracegraph", "iwae"):
+        assert values[name, 60] == pytest.approx(10 * values[name, None], rel=1e-9)   # N/B = 60/6
+        assert values[name, None] < 0 and values[name, None] == pytest.approx(values["trace", None], rel=1e-9)
+
+
+def test_estimator_arguments_are_checked_at_their_boundaries():
+    assert TailAdaptive_ELBO(2).num_particles == 2
+    TailAdaptive_ELBO(4, tail_adaptive_beta=0.0)
+    for bad in (lambda: TailAdaptive_ELBO(1), lambda: TailAdaptive_ELBO(4, tail_adaptive_beta=0.5),
+                lambda: CIWAE_ELBO(4, ciwae_beta=1.5), lambda: CIWAE_ELBO(4, ciwae_beta=-0.1), lambda: Renyi_ELBO(1.0, 4)):
+        with pytest.raises(ValueError):
+            bad()
+    assert CIWAE_ELBO(4, ciwae_beta=1.0).ciwae_beta == 1.0
+    assert build("trace", num_particles=2).vectorize_particles
