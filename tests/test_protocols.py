@@ -117,6 +117,7 @@ def test_schedule_names_build_torch_schedulers(schedule):
     adam = optimizer.adam(params, spec)
     scheduler = optimizer.scheduler(adam, spec, epochs=10)
     for epoch in range(3):
+        adam.step()                                                      # an epoch's steps (no gradients: no change)
         optimizer.step_scheduler(scheduler, validation_elbo=-1.0 - epoch)  # plateau: getting worse
     lr = optimizer.current_lr(adam)
     expected = {"constant": 0.1, "iwae": 0.1 * 10 ** (-1 / 7), "plateau": 0.05,
