@@ -54,7 +54,7 @@ from machine import cpu_name
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]
 
 
-def make_spec(args, estimator: str, compile_: bool) -> Spec:
+def make_spec(args, estimator: str, compile_: str) -> Spec:
     particles = max(args.particles, 2) if estimator == "tail-adaptive" else args.particles
     return Spec.from_dict({
         "data": {"name": "mnist", "batch_size": args.batch, "root": args.data_root},
@@ -71,7 +71,7 @@ def make_spec(args, estimator: str, compile_: bool) -> Spec:
 def mnist_or_synthetic(args) -> tuple[Dataset, str]:
     """Real MNIST (dynamic binarization) where a data root has it, else random images of its shape."""
     try:
-        spec = make_spec(args, "meanfield", False)
+        spec = make_spec(args, "meanfield", "eager")
         return load_dataset(spec.data, 0), "MNIST (60,000 train images, dynamic binarization)"
     except Exception as exc:  # no files: the step timings do not depend on pixel values
         generator = torch.Generator().manual_seed(0)
@@ -129,14 +129,7 @@ def plain_reference(estimator: str) -> str:
 # --------------------------------------------------------------------------
 
 def project_step(args, data: Dataset, estimator: str, mode: str) -> training.Trainer | None:
-    spec = make_spec(args, estimator, mode != "eager")
-    trainer = training.Trainer(spec, None, data=data, show_progress=False)
-    step = trainer.loss_and_grads
-    if mode == "traced":
-        step.inductor = False
-    elif mode == "inductor":
-        step.inductor = True
-    return trainer
+    return training.Trainer(make_spec(args, estimator, mode), None, data=data, show_progress=False)
 
 
 def warm(trainer: training.Trainer, x: torch.Tensor, steps: int) -> None:

@@ -43,17 +43,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
+import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from pyro_vae import estimators, rng
+from pyro_vae import compile_cache, estimators, rng
 from pyro_vae.errors import one_line
 
-#: environment switch: ``0`` replays the traced graph without Inductor (tests, debugging)
-INDUCTOR_ENV = "PYRO_VAE_INDUCTOR"
+#: fused kernels, random draws through the eager generator; Inductor's precompiled C++ headers live in the
+#: temporary folder, so a step compiled without them loads from the package's cache alone
+INDUCTOR_OPTIONS = {"fallback_random": True, "cpp_cache_precompile_headers": False}
 LOSS_RTOL = 1e-4      # compiled vs eager, relative to the loss
 GRAD_RTOL = 1e-3      # compiled vs eager, relative to each gradient tensor's largest entry
 
@@ -145,12 +146,11 @@ class CompiledStep:
     (which it calls while Pyro's validation is on, and for good after a failure).
     """
 
-    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool | None = None):
+    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool = True):
         self.elbo, self.vae = elbo, vae
         self.log = log or logging.getLogger("pyro_vae")
-        if inductor is None:
-            inductor = os.environ.get(INDUCTOR_ENV, "1") != "0"
         self.inductor = inductor
+        self.compile_seconds: float | None = None
         self.objective = _Objective(elbo, vae)
         self.graphs: dict[tuple, Graph] = {}
         self.failed: str | None = None
@@ -255,15 +255,13 @@ class CompiledStep:
         if self.inductor and self.inductor_shape in (None, key[0]):
             self.inductor_shape = key[0]
             try:
-                compiled = Graph(torch.compile(traced, backend="inductor", dynamic=False,
-                                               options={"fallback_random": True}), slots, compiled=True)
-                rng.restore_torch(device, start)
-                c_loss, c_grads = compiled(params, buffers, x, beta)
+                compiled, c_loss, c_grads = self._compile(traced, slots, params, buffers, x, beta, start)
                 problem = _mismatch(ref_loss, ref_grads, c_loss, c_grads, slots)
                 if problem:
                     raise RuntimeError(f"compiled step differs from the eager one ({problem})")
                 self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
-                              f"{tuple(x.shape)} is traced once and compiled with TorchInductor")
+                              f"{tuple(x.shape)} is traced once and compiled with TorchInductor "
+                              f"({self.compile_seconds:.1f} s)")
                 return compiled, c_loss, c_grads
             except Exception as exc:  # no C++ compiler, unsupported device, a lowering failure
                 self.inductor = False
@@ -274,6 +272,32 @@ class CompiledStep:
             self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
                           f"{tuple(x.shape)} is traced once and replayed (TorchInductor off)")
         return graph, loss, grads
+
+    def _compile(self, traced, slots, params, buffers, x, beta, start) -> tuple[Graph, torch.Tensor, list]:
+        """TorchInductor's build of the traced graph, run once from ``start``; Inductor's caches in the package's folder.
+
+        A compile that fails while that folder holds entries is retried once from an
+        emptied folder (:mod:`pyro_vae.compile_cache`), so a damaged cache costs a
+        recompile, not the run.
+        """
+        for attempt in (1, 2):
+            with compile_cache.inductor_cache(self.log) as folder:
+                began = time.perf_counter()
+                try:
+                    graph = Graph(torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS),
+                                  slots, compiled=True)
+                    rng.restore_torch(x.device, start)
+                    loss, grads = graph(params, buffers, x, beta)
+                except Exception as exc:
+                    torch.compiler.reset()
+                    if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
+                        raise
+                    compile_cache.wipe(folder, self.log, f"compiling failed with it ({type(exc).__name__}: "
+                                                         f"{one_line(exc, 100)})")
+                    continue
+                self.compile_seconds = time.perf_counter() - began
+                return graph, loss, grads
+        raise AssertionError("unreachable")
 
     def _eager_reference(self, params, x, num_data, kl_weight):
         loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=kl_weight)
@@ -302,14 +326,3 @@ def _mismatch(ref_loss, ref_grads, loss, grads, slots) -> str | None:
         if grad.shape != ref.shape or not bool(((grad - ref).abs() <= tol).all()):
             return "gradients"
     return None
-
-
-def build_step(elbo, vae: nn.Module, compile: bool, log: logging.Logger | None = None) -> Callable:
-    """The trainer's ``(x, num_data, kl_weight) → loss`` step: traced and compiled, or Pyro's eager one."""
-    if compile:
-        return CompiledStep(elbo, vae, log)
-
-    def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
-        return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
-
-    return eager

@@ -124,7 +124,8 @@ class InferenceSpec:
     outer_particles: int = field(default=1, metadata=_range(1))              # M of miwae, piwae
     ciwae_beta: float = field(default=0.5, metadata=_range(0, 1))            # ciwae's weight on the ELBO
     tail_adaptive_beta: float = field(default=-1.0, metadata=_range(high=0))  # β_ta of tail-adaptive
-    compile: bool = False
+    # the training step's path (pyro_vae.path_choice): true is inductor, false is eager
+    compile: Union[bool, str] = field(default="auto", metadata=_range(choices=("auto", "eager", "traced", "inductor")))
 
 
 @dataclass

@@ -44,7 +44,7 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_vae import checkpoint, compiled, distributed, estimators, evaluation, optimizer, progress, registry, runs
+from pyro_vae import checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry, runs
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE, check_likelihood_support
@@ -224,13 +224,20 @@ class Trainer:
         self.check_data()
 
     def build_inference(self) -> None:
-        """Estimator, optimizer, schedule and the training step (eager or compiled)."""
+        """Estimator, optimizer, schedule and the training step (eager, traced, compiled or chosen: auto)."""
         spec = self.spec
         self.elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
-        self.loss_and_grads = compiled.build_step(self.elbo, self.vae, spec.inference.compile, self.log)
+        self.loss_and_grads = self.training_step(spec.inference.compile)
         self.note = closed_form_note(self.vae, self.data.train) if spec.inference.estimator == "meanfield" else None
+
+    def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
+        """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
+        batch = (min(self.spec.data.batch_size, self.data.num_train), self.data.data_dim)
+        return path_choice.build_step(self.elbo, self.vae, setting, self.log,
+                                      steps_left=lambda: self.horizon - self.progress.global_step,
+                                      key=path_choice.step_key(self.spec, batch, self.device), chosen=chosen)
 
     def prepare_loop(self) -> None:
         """Batch size, steps per epoch, how often to check for non-finite values, and the progress."""
@@ -238,6 +245,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.data.num_train / self.batch_size)
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = Progress()
+        self.horizon = self.spec.train.epochs * self.steps_per_epoch  # the global step the current loop ends at
         self.board = None  # the TensorBoard writer, opened at the first epoch's end
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
 
@@ -282,7 +290,8 @@ class Trainer:
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "rng": rng_state(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
                 "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds,
-                "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early}
+                "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early,
+                "step_path": getattr(self.loss_and_grads, "path", None)}
 
     def save(self) -> None:
         """Checkpoint and metrics into the run folder; never parameters that are not finite."""
@@ -308,6 +317,8 @@ class Trainer:
                                      list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]),
                                      None if best is None else float(best), int(state["best_epoch"]),
                                      bool(state["stopped_early"]))
+            if state.get("step_path") is not None:  # auto chose it: the rest of the run takes it too
+                self.loss_and_grads = self.training_step(self.spec.inference.compile, chosen=state["step_path"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise UserInputError(f"the checkpoint in '{self.run_dir}' does not fit this model: "
                                  f"{one_line(exc, 200)}") from None
@@ -325,7 +336,7 @@ class Trainer:
         with pyro.validation_enabled(validate):
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss = self.loss_and_grads(x, self.data.num_train, beta)  # pyro_vae.compiled: eager or traced
+                loss = self.loss_and_grads(x, self.data.num_train, beta)  # pyro_vae.path_choice: eager, traced or compiled
             except ValueError as exc:
                 if not validate:
                     raise
@@ -353,6 +364,7 @@ class Trainer:
         if self.note:
             self.log.info(self.note)
         stop: list[int] = []
+        self.horizon = self.spec.train.epochs * self.steps_per_epoch
         with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
             while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
                 self.train_epoch(stop)
@@ -373,12 +385,13 @@ class Trainer:
         A non-finite loss or gradient raises :class:`NonFiniteError` at once.
         """
         p = self.progress
+        self.horizon = p.global_step + count
         for _ in range(count):
             if p.step_in_epoch == self.steps_per_epoch:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
             loss, largest = self.step(self.minibatch(p.epoch, p.step_in_epoch))
             p.step_in_epoch, p.global_step = p.step_in_epoch + 1, p.global_step + 1
-            self.check_finite(loss.reshape(1), largest.reshape(1))
+            self.check_finite(loss.reshape(1), largest.reshape(1), first_step=p.step_in_epoch)
             if on_step is not None:
                 on_step(p.global_step)
 
@@ -390,16 +403,18 @@ class Trainer:
         bar = progress.bar(self.steps_per_epoch, f"epoch {p.epoch + 1}/{self.spec.train.epochs}", "step",
                            quiet=not self.show_progress, initial=p.step_in_epoch, every=30.0)
         start = time.perf_counter()
+        checked = p.step_in_epoch  # steps before it are known to be finite
         for step in range(p.step_in_epoch, self.steps_per_epoch):
             losses[step], gradients[step] = self.step(self.minibatch(p.epoch, step))
             p.step_in_epoch, p.global_step = step + 1, p.global_step + 1
             if (step + 1) % self.check_every == 0 or step + 1 == self.steps_per_epoch:
-                self.check_finite(losses[:step + 1], gradients[:step + 1])
+                self.check_finite(losses[checked:step + 1], gradients[checked:step + 1], first_step=checked + 1)
+                checked = step + 1
             if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == self.steps_per_epoch:
                 bar.set_postfix_str(f"ELBO {-losses[:step + 1].mean().item() / self.data.num_train:.2f} nats")
             bar.update(1)
             if stop:
-                self.check_finite(losses[:step + 1], gradients[:step + 1])
+                self.check_finite(losses[checked:step + 1], gradients[checked:step + 1], first_step=checked + 1)
                 p.epoch_seconds += time.perf_counter() - start
                 p.epoch_losses = losses[:step + 1].tolist()
                 bar.close()
@@ -410,13 +425,13 @@ class Trainer:
         p.epoch_seconds += time.perf_counter() - start
         p.epoch_losses = losses.tolist()
 
-    def check_finite(self, losses: torch.Tensor, gradients: torch.Tensor) -> None:
-        """Stop at the first step of this epoch whose loss or gradient is NaN or infinite."""
+    def check_finite(self, losses: torch.Tensor, gradients: torch.Tensor, first_step: int = 1) -> None:
+        """Stop at the first non-finite loss or gradient; ``losses[0]`` is step ``first_step`` of the epoch."""
         finite = torch.isfinite(torch.stack([losses, gradients]))
         if bool(finite.all()):
             return
-        bad_step = int((~finite.all(0)).nonzero()[0])
-        raise self.nonfinite("non-finite loss" if not finite[0, bad_step] else "non-finite gradient", bad_step + 1)
+        bad = int((~finite.all(0)).nonzero()[0])
+        raise self.nonfinite("non-finite loss" if not finite[0, bad] else "non-finite gradient", first_step + bad)
 
     def check_parameters(self) -> None:
         """Stop if a parameter is NaN or infinite (an update overflowed): before evaluating or saving."""

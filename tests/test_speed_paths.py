@@ -24,7 +24,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import compiled, evaluation, fast_likelihood, registry, training
+from pyro_vae import compiled, evaluation, fast_likelihood, path_choice, registry, training
 from pyro_vae.optimizer import adam
 from pyro_vae.model import VAE
 from pyro_vae.spec import OptimSpec, Spec, load_spec
@@ -34,9 +34,8 @@ SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model
 
 
 @pytest.fixture(autouse=True)
-def no_inductor_one_thread(monkeypatch):
-    """Inductor off; one thread (tiny networks: two OpenMP threads only wait for each other on a busy machine)."""
-    monkeypatch.setenv(compiled.INDUCTOR_ENV, "0")
+def one_thread():
+    """One thread (tiny networks: two OpenMP threads only wait for each other on a busy machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,7 +57,7 @@ def train_steps(spec: Spec, x: torch.Tensor, traced: bool, steps: int = 5, beta=
     vae = VAE.from_spec(spec.model, x.shape[1], (1, 8, 8))
     elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
     optimizer = adam(vae.parameters(), OptimSpec(lr=1e-2))
-    step = compiled.CompiledStep(elbo, vae, log, inductor=False) if traced else compiled.build_step(elbo, vae, False)
+    step = compiled.CompiledStep(elbo, vae, log, inductor=False) if traced else path_choice.build_step(elbo, vae, False)
     losses = []
     half = x.shape[0] // 2
     for i in range(steps):
@@ -133,10 +132,10 @@ def test_what_cannot_be_traced_runs_eagerly_after_one_log_line(caplog):
 
 
 def test_the_compile_switch_trains_the_same_run(tmp_path):
-    """``inference.compile: true`` end to end (Inductor off): the same metrics as the eager run."""
-    eager = training.Trainer(load_spec(None, SMALL), None, show_progress=False)
+    """``inference.compile: traced`` end to end: the same metrics as the eager run."""
+    eager = training.Trainer(load_spec(None, [*SMALL, "inference.compile=eager"]), None, show_progress=False)
     eager.fit()
-    fast = training.Trainer(load_spec(None, [*SMALL, "inference.compile=true"]), None, show_progress=False)
+    fast = training.Trainer(load_spec(None, [*SMALL, "inference.compile=traced"]), None, show_progress=False)
     fast.fit()
     assert fast.loss_and_grads.mode == "traced"
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
