@@ -10,6 +10,7 @@ as soon as it is registered.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -451,6 +452,10 @@ def _check_cross_field(spec: Spec) -> None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
     if spec.inference.estimator == "renyi" and spec.inference.alpha == 1.0:
         raise UserInputError("'inference.alpha' is 1.0; the Rényi bound needs alpha != 1 (alpha = 1 is the ELBO: use 'trace')")
-    device = spec.train.device
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") or device == "mps"):
-        raise UserInputError(f"'train.device' is {device!r}; accepted: cpu, cuda, cuda:N, mps")
+    check_device_name(spec.train.device, "'train.device'")
+
+
+def check_device_name(name: str, key: str) -> None:
+    """Refuse a device name torch would not take (whether this machine has the device is the trainer's check)."""
+    if not (name in ("cpu", "cuda", "mps") or re.fullmatch(r"cuda:[0-9]+", name)):
+        raise UserInputError(f"{key} is {name!r}; accepted: cpu, cuda, cuda:N, mps")

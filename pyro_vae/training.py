@@ -36,7 +36,6 @@ import math
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,19 +43,16 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_vae import checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry, runs
+from pyro_vae import (checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry,
+                      run_state, runs)
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE, check_likelihood_support
-from pyro_vae.rng import rng_state, seed_everything, set_rng_state  # noqa: F401  (public here too)
-from pyro_vae.spec import Spec, dotted_keys, get_dotted
+from pyro_vae.rng import seed_everything
+from pyro_vae.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
-STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",
-              "epoch_losses", "epoch_seconds", "best_validation", "best_epoch", "stopped_early")
-
-
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint of the step reached was written."""
 
@@ -65,29 +61,10 @@ class TrainingInterrupted(Exception):
         self.exit_status = 128 + signum
 
 
-@dataclass
-class Progress:
-    """Where training stands: completed epochs, the step reached inside the current one."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    metrics: list[dict] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)
-    epoch_seconds: float = 0.0
-    best_validation: float | None = None   # the highest validation ELBO so far, and its epoch
-    best_epoch: int = 0
-    stopped_early: bool = False
-
-
 def resolve_device(name: str, key: str) -> torch.device:
     """``name`` as a device that exists on this machine; ``key`` names the setting in the error."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise UserInputError(f"{key} is {name!r}; accepted: cpu, cuda, cuda:N, mps")
+    check_device_name(name, key)
+    device = torch.device(name)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= count:
         raise UserInputError(f"{key} is {name!r} but this machine has {count} CUDA device(s); use cpu")
@@ -120,21 +97,6 @@ def check_memory(vae: VAE, device: torch.device) -> None:
             f"the model has {count:,} parameters: training needs about {needed / 2**30:.1f} GiB (parameters, "
             f"gradients, Adam state) but {available / 2**30:.1f} GiB is free on {device}; reduce model.encoder.hidden, "
             f"model.decoder.hidden, model.latent_dim or model.prior.pseudo_inputs")
-
-
-def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
-    """Refuse a checkpoint written by another spec than ``spec`` (``train.epochs`` may differ)."""
-    try:
-        saved = Spec.from_dict(state["spec"])
-    except UserInputError as exc:
-        raise UserInputError(f"the checkpoint in '{where}' holds an invalid spec: {exc}") from None
-    saved.train.epochs = spec.train.epochs
-    if saved != spec:
-        different = next(key for key in dotted_keys(spec.to_dict())
-                         if get_dotted(saved.to_dict(), key) != get_dotted(spec.to_dict(), key))
-        raise UserInputError(f"the checkpoint in '{where}' was written by a different spec than its {runs.CONFIG} "
-                             f"({different}: {get_dotted(saved.to_dict(), different)!r} in the checkpoint, "
-                             f"{get_dotted(spec.to_dict(), different)!r} in {runs.CONFIG})")
 
 
 def plural(count: int, noun: str) -> str:
@@ -244,7 +206,7 @@ class Trainer:
         self.batch_size = min(self.spec.data.batch_size, self.data.num_train)
         self.steps_per_epoch = math.ceil(self.data.num_train / self.batch_size)
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
-        self.progress = Progress()
+        self.progress = run_state.Progress()
         self.horizon = self.spec.train.epochs * self.steps_per_epoch  # the global step the current loop ends at
         self.board = None  # the TensorBoard writer, opened at the first epoch's end
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
@@ -284,14 +246,9 @@ class Trainer:
         self.log = runs.run_logger(self.run_dir, self.dist.rank)
 
     def state(self) -> dict:
-        """Everything a resumed run needs: spec, parameters, Adam, generators, progress, metrics."""
-        p = self.progress
-        return {"spec": self.spec.to_dict(), "model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "rng": rng_state(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
-                "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds,
-                "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early,
-                "step_path": getattr(self.loss_and_grads, "path", None)}
+        """Everything a resumed run needs (:func:`pyro_vae.run_state.snapshot`)."""
+        return run_state.snapshot(self.spec, self.vae, self.optimizer, self.scheduler, self.progress,
+                                  getattr(self.loss_and_grads, "path", None))
 
     def save(self) -> None:
         """Checkpoint and metrics into the run folder; never parameters that are not finite."""
@@ -305,23 +262,10 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint of this same spec (``train.epochs`` may differ)."""
-        check_same_spec(state, self.spec, self.run_dir)
-        try:
-            self.vae.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            best = state["best_validation"]
-            self.progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]),
-                                     list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]),
-                                     None if best is None else float(best), int(state["best_epoch"]),
-                                     bool(state["stopped_early"]))
-            if state.get("step_path") is not None:  # auto chose it: the rest of the run takes it too
-                self.loss_and_grads = self.training_step(self.spec.inference.compile, chosen=state["step_path"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise UserInputError(f"the checkpoint in '{self.run_dir}' does not fit this model: "
-                                 f"{one_line(exc, 200)}") from None
+        self.progress, step_path = run_state.restore(state, self.spec, self.vae, self.optimizer, self.scheduler,
+                                                     self.run_dir)
+        if step_path is not None:  # auto chose it: the rest of the run takes it too
+            self.loss_and_grads = self.training_step(self.spec.inference.compile, chosen=step_path)
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
 
     # -- the loop ---------------------------------------------------------------
@@ -566,7 +510,7 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
 
         board.check_available()
     path = run_dir / runs.CHECKPOINT
-    state = checkpoint.load(path, required=STATE_KEYS) if path.exists() else None
+    state = checkpoint.load(path, required=run_state.STATE_KEYS) if path.exists() else None
     if epochs is not None:
         done = int(state["epoch"]) if state is not None else 0
         if epochs < done:
@@ -603,7 +547,7 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
     state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
-    check_same_spec(state, spec, run_dir)
+    run_state.check_same_spec(state, spec, run_dir)
     if device is not None:
         spec.train.device = device
     target = resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")

@@ -25,7 +25,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import checkpoint, runs, training
+from pyro_vae import checkpoint, run_state, runs, training
 from pyro_vae.cli import main
 from pyro_vae.errors import NonFiniteError
 from pyro_vae.spec import load_spec
@@ -101,7 +101,7 @@ def reference(tmp_path_factory) -> Path:
 # -- what a checkpoint holds ---------------------------------------------------------------------
 
 def test_checkpoint_holds_everything_a_resume_needs(reference):
-    state = checkpoint.load(reference / runs.CHECKPOINT, required=training.STATE_KEYS)
+    state = checkpoint.load(reference / runs.CHECKPOINT, required=run_state.STATE_KEYS)
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
     assert load_spec(None, SMALL).to_dict() == state["spec"] == runs.read_spec(reference).to_dict()
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (3, 0, 3 * STEPS_PER_EPOCH)
@@ -158,7 +158,7 @@ def test_sigterm_writes_a_checkpoint_at_the_step_and_resume_is_bit_identical(tmp
     capsys.readouterr()
     assert main(["train", *cli_args(VAMP), "--out", str(interrupted), "--no-progress"]) == 128 + signal.SIGTERM
     assert error_lines(capsys)[-1] == "pyro-vae: stopped by signal SIGTERM"
-    state = checkpoint.load(interrupted / runs.CHECKPOINT, required=training.STATE_KEYS)
+    state = checkpoint.load(interrupted / runs.CHECKPOINT, required=run_state.STATE_KEYS)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, STEPS_PER_EPOCH + 3)
     assert len(state["epoch_losses"]) == 3 and all(math.isfinite(v) for v in state["epoch_losses"])
     monkeypatch.setattr(training.Trainer, "step", original)
@@ -226,7 +226,7 @@ def test_absurd_learning_rate_stops_with_exit_3_and_keeps_a_checkpoint_that_eval
     last = error_lines(capsys)[-1]
     assert "at epoch 1, step" in last and "learning rate" in last and "optim.lr=1e+30" in last
     assert "data outside the expected range" in last and "likelihood scale" in last
-    state = checkpoint.load(run / runs.CHECKPOINT, required=training.STATE_KEYS)
+    state = checkpoint.load(run / runs.CHECKPOINT, required=run_state.STATE_KEYS)
     assert state["epoch"] == 0 and all(bool(torch.isfinite(t).all()) for t in state["model"].values())
     result = evaluate(run, capsys)
     assert math.isfinite(result["elbo"]) and math.isfinite(result["log_likelihood"])

@@ -1,0 +1,86 @@
+"""The run's state: what a checkpoint holds, how it is taken and how it is put back.
+
+A checkpoint is one dict (written atomically by :mod:`pyro_vae.checkpoint`):
+the spec, the parameters, Adam's moments, the schedule, every generator
+(:mod:`pyro_vae.rng`), the loop's position (:class:`Progress`), the metrics so
+far and the path ``inference.compile: auto`` chose. Restoring refuses a
+checkpoint of another spec (``train.epochs`` may differ) or one that does not
+fit the model, in one line, so a resumed run is the interrupted one, bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyro_vae import runs
+from pyro_vae.errors import UserInputError, one_line
+from pyro_vae.rng import rng_state, set_rng_state
+from pyro_vae.spec import Spec, dotted_keys, get_dotted
+
+#: keys every training checkpoint has (``step_path`` is optional: older checkpoints lack it)
+STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",
+              "epoch_losses", "epoch_seconds", "best_validation", "best_epoch", "stopped_early")
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs, the step reached inside the current one."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_seconds: float = 0.0
+    best_validation: float | None = None   # the highest validation ELBO so far, and its epoch
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+
+def snapshot(spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
+             step_path: str | None) -> dict:
+    """Everything a resumed run needs: spec, parameters, Adam, schedule, generators, progress, metrics, path."""
+    p = progress
+    return {"spec": spec.to_dict(), "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": rng_state(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
+            "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds,
+            "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early,
+            "step_path": step_path}
+
+
+def restore(state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            where: Path | None) -> tuple[Progress, str | None]:
+    """Put a :func:`snapshot` of this same spec back; returns the progress and the path auto chose (or None)."""
+    check_same_spec(state, spec, where)
+    try:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        best = state["best_validation"]
+        progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]),
+                            list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]),
+                            None if best is None else float(best), int(state["best_epoch"]),
+                            bool(state["stopped_early"]))
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UserInputError(f"the checkpoint in '{where}' does not fit this model: {one_line(exc, 200)}") from None
+    return progress, state.get("step_path")
+
+
+def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
+    """Refuse a checkpoint written by another spec than ``spec`` (``train.epochs`` may differ)."""
+    try:
+        saved = Spec.from_dict(state["spec"])
+    except UserInputError as exc:
+        raise UserInputError(f"the checkpoint in '{where}' holds an invalid spec: {exc}") from None
+    saved.train.epochs = spec.train.epochs
+    if saved != spec:
+        different = next(key for key in dotted_keys(spec.to_dict())
+                         if get_dotted(saved.to_dict(), key) != get_dotted(spec.to_dict(), key))
+        raise UserInputError(f"the checkpoint in '{where}' was written by a different spec than its {runs.CONFIG} "
+                             f"({different}: {get_dotted(saved.to_dict(), different)!r} in the checkpoint, "
+                             f"{get_dotted(spec.to_dict(), different)!r} in {runs.CONFIG})")
