@@ -3,7 +3,7 @@
 Both sides train the identical network (default 784-400-20, ReLU, diagonal
 Gaussian guide with softplus scale, Bernoulli likelihood: PyTorch's
 examples/vae) on the same batch, in this one process, with the same thread
-count. Repeats are interleaved (every variant once per round, in a shuffled
+count (1, then torch's default, unless ``--threads`` says otherwise). Repeats are interleaved (every variant once per round, in a shuffled
 order), and each round's time is divided by the same round's plain step, so
 machine noise shared by a round cancels (see the README's speed section). Reported: the median
 ratio over rounds with min–max.
@@ -25,7 +25,7 @@ Then an epoch: ``Trainer.train_epoch`` over MNIST (60,000 images, dynamic
 binarization) against the bare loop (the same permutation, index batches,
 Bernoulli draws and plain step, losses kept in a tensor, one ``.tolist()``).
 
-    python benchmarks/overhead.py                         # steps and epochs, 1 thread
+    python benchmarks/overhead.py                         # steps and epochs, 1 thread then the default
     python benchmarks/overhead.py --no-epoch --repeats 21 # steps only
     PYRO_VAE_DATA=../shared/data python benchmarks/overhead.py --epoch-repeats 5
 """
@@ -280,7 +280,8 @@ def bench_epochs(args, data: Dataset) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: least noisy)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()],
+                        help="torch thread counts, measured one after the other (default: 1 and torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--hidden", type=int, nargs="+", default=[400])
@@ -303,24 +304,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="wall: time.perf_counter; cpu: this thread's CPU time (with --threads 1 on a shared "
                              "machine it leaves out the time other processes hold the core)")
     args = parser.parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
+    if args.clock == "cpu" and args.threads != [1]:
         parser.error("--clock cpu measures the calling thread only; use it with --threads 1")
     clock_name, args.clock = args.clock, (time.thread_time if args.clock == "cpu" else time.perf_counter)
-    torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
     np.random.seed(0)
     data, what = mnist_or_synthetic(args)
     data = data.to(args.device)
-    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; device {args.device}; torch threads {torch.get_num_threads()}")
+    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; device {args.device}; torch threads "
+          f"{', then '.join(map(str, args.threads))} (default {torch.get_num_threads()})")
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, python {platform.python_version()}")
     print(f"network 784-{'-'.join(map(str, args.hidden))}-{args.latent} ({args.activation}), batch {args.batch}, data: {what}")
     print(f"fused Adam in the project: {optimizer.adam_options(list(torch.nn.Linear(2, 2).parameters()))}")
     print(f"timing: {args.repeats} interleaved rounds of {args.steps} steps, {clock_name} clock; "
           f"ratio = project / plain of the same round; median [min–max]\n", flush=True)
-    if not args.no_steps:
-        bench_steps(args, data)
-    if not args.no_epoch:
-        bench_epochs(args, data)
+    default_threads = torch.get_num_threads()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"### {threads} torch thread{'s' if threads > 1 else ''}\n", flush=True)
+        if not args.no_steps:
+            bench_steps(args, data)
+        if not args.no_epoch:
+            bench_epochs(args, data)
+    torch.set_num_threads(default_threads)
     sys.stdout.flush()
 
 

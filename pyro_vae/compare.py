@@ -336,11 +336,16 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     """Train ``choice`` for ``steps`` Adam steps from ``initial_state``; (final figures, test-ELBO curve).
 
     The curve holds (step, test ELBO) at step 0, about every ``steps / 20`` steps, and at the end.
-    A non-finite loss or gradient ends that estimator's training with NaN figures.
+    A non-finite loss or gradient ends that estimator's training with NaN figures. Under
+    ``inference.compile: auto`` every estimator trains on the eager path, so ``train_seconds``
+    compares like with like (a path named in the spec is used for all of them).
     """
     from pyro_vae.training import Trainer, seed_everything
 
-    spec = dataclasses.replace(spec, inference=choice.inference(spec.inference))
+    inference = choice.inference(spec.inference)
+    if inference.compile == "auto":
+        inference = dataclasses.replace(inference, compile="eager")
+    spec = dataclasses.replace(spec, inference=inference)
     trainer = Trainer(spec, None, data=data, show_progress=False)
     vae = trainer.vae
     vae.load_state_dict(initial_state)

@@ -80,6 +80,18 @@ def checked(log: logging.Logger) -> Path:
     return folder
 
 
+def _chosen_by_user() -> bool:
+    """Whether ``TORCHINDUCTOR_CACHE_DIR`` names a folder of the user's (Inductor writes its default there itself)."""
+    value = os.environ.get(INDUCTOR_ENV)
+    if not value or os.path.abspath(value) == str(inductor_dir()):
+        return False
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return True
+    return os.path.abspath(value) != os.path.abspath(default_cache_dir())
+
+
 @contextlib.contextmanager
 def inductor_cache(log: logging.Logger) -> Iterator[Path | None]:
     """Inductor's cache in the package's folder while the block runs (unless the user chose one).
@@ -87,7 +99,7 @@ def inductor_cache(log: logging.Logger) -> Iterator[Path | None]:
     Yields the folder in use, or None where ``TORCHINDUCTOR_CACHE_DIR`` was set by
     the user (their folder, not ours to empty).
     """
-    if os.environ.get(INDUCTOR_ENV) and os.environ.get(INDUCTOR_ENV) != str(inductor_dir()):
+    if _chosen_by_user():
         yield None
         return
     try:

@@ -11,7 +11,8 @@ converts four values to Python floats (``.item()``, a host sync per value on a
 GPU). That is a fixed cost of Python per step, a few hundred microseconds to
 milliseconds on these machines, not more arithmetic.
 
-``inference.compile: true`` removes it while the model and guide stay Pyro
+The ``traced`` and ``inductor`` paths of ``inference.compile`` (and ``auto``
+where it picks them, :mod:`pyro_vae.path_choice`) remove it while the model and guide stay Pyro
 programs and the estimator stays Pyro's (or this package's) ``ELBO`` class:
 
 1. **Trace once** (per batch shape): the estimator's ``differentiable_loss`` and
@@ -27,9 +28,10 @@ programs and the estimator stays Pyro's (or this package's) ``ELBO`` class:
    training continues eagerly with one log line.
 3. **Compile** the graph with TorchInductor (fused elementwise kernels; random
    draws through the same generator as eager, ``fallback_random``), checked the
-   same way within float tolerance. Where Inductor is unavailable (no C++
-   compiler, an unsupported device) the checked graph is replayed as it is,
-   again with one log line.
+   same way within float tolerance, with Inductor's caches in the package's
+   folder (:mod:`pyro_vae.compile_cache`), so a later run loads it in seconds.
+   Where Inductor is unavailable (no C++ compiler, an unsupported device) the
+   checked graph is replayed as it is, again with one log line.
 
 Every step after that calls the graph: no effect handlers, no autograd tape,
 no host sync. Generator states are saved and restored around tracing, so a run
@@ -292,8 +294,7 @@ class CompiledStep:
                     torch.compiler.reset()
                     if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
                         raise
-                    compile_cache.wipe(folder, self.log, f"compiling failed with it ({type(exc).__name__}: "
-                                                         f"{one_line(exc, 100)})")
+                    compile_cache.wipe(folder, self.log, f"compiling with it failed ({type(exc).__name__})")
                     continue
                 self.compile_seconds = time.perf_counter() - began
                 return graph, loss, grads

@@ -35,6 +35,16 @@ def test_inductor_uses_the_package_folder_only_while_compiling(cache):
     assert compile_cache.INDUCTOR_ENV not in os.environ
 
 
+def test_inductor_s_own_default_in_the_environment_is_not_a_user_choice(cache, monkeypatch):
+    """Inductor writes its default folder into TORCHINDUCTOR_CACHE_DIR when anything first asks for it."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(compile_cache.INDUCTOR_ENV, default_cache_dir())
+    with compile_cache.inductor_cache(logging.getLogger("pyro_vae.test")) as folder:
+        assert folder is not None and os.environ[compile_cache.INDUCTOR_ENV] == str(folder)
+    assert os.environ[compile_cache.INDUCTOR_ENV] == default_cache_dir()
+
+
 def test_a_folder_the_user_chose_is_left_alone(cache, monkeypatch, tmp_path):
     monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(tmp_path / "theirs"))
     with compile_cache.inductor_cache(logging.getLogger("pyro_vae.test")) as folder:
