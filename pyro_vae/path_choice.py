@@ -15,8 +15,9 @@ costs b and compiling it c, the run takes::
 first steps) and takes the path with the smallest total. b, t_t / t_e, c and
 t_c / t_t come from earlier runs of the same step on this machine
 (:mod:`pyro_vae.compile_cache`, ``timings.json``) or, the first time, from the
-prior guesses below; the trace, once built, is timed too and dropped if it is
-not faster. The log says which path was taken and why, and the checkpoint
+prior guesses below (c: the cold compile until this step has been compiled
+once, then the time of loading it from the cache); the trace, once built, is
+timed too and dropped if it is not faster. The log says which path was taken and why, and the checkpoint
 records it, so a resumed run takes the same path.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ PROBE_STEPS = 5
 TRACE_BUILD_STEPS = 100        # b as a multiple of t_e (recording one step and checking it against eager)
 TRACED_RATIO = 0.9             # t_t / t_e
 COLD_COMPILE_SECONDS = 60.0    # c the first time on a machine (Inductor probes the CPU and compiles C++)
+WARM_COMPILE_SECONDS = 5.0     # c once the step's compile is in the cache folder (loading it)
 INDUCTOR_RATIO = 0.85          # t_c / t_t
 
 
@@ -127,8 +129,9 @@ class AutoStep:
             elif path == "inductor" and self.step.mode != "inductor":  # Inductor unavailable: said in the log
                 self.path = "traced"
                 self._probing = False
-            elif path == "inductor":
-                compile_cache.record_timing(self.key, {"compile_s": self.step.compile_seconds})
+            elif path == "inductor":  # the next compile of this step loads it from the cache folder
+                compile_cache.record_timing(self.key, {"compile_s": min(self.step.compile_seconds,
+                                                                         WARM_COMPILE_SECONDS)})
             else:
                 compile_cache.record_timing(self.key, {"trace_build_s": built[0]})
             return loss
@@ -154,7 +157,7 @@ class AutoStep:
         cost = record.get("compile_s", COLD_COMPILE_SECONDS)
         saving = n * t * (1.0 - record.get("inductor_ratio", INDUCTOR_RATIO))
         if saving > cost:
-            known = "measured" if "compile_s" in record else "estimated"
+            known = "cached, about" if "compile_s" in record else "estimated"
             self._use("inductor", f"{n:,} steps left at {t * 1e3:.2f} ms traced; TorchInductor ({known} "
                                   f"{cost:.0f} s to compile) saves {saving:.0f} s")
 

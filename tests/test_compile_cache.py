@@ -197,3 +197,18 @@ def test_a_measured_compile_time_replaces_the_guess(cache):
     step = probed_step(10**4)  # 10⁴ · 8 ms · 0.2 = 16 s > 4 s measured
     step._probed("traced", 0.008)
     assert step.path == "inductor"
+
+
+@pytest.mark.parametrize("seconds, recorded", [(40.0, path_choice.WARM_COMPILE_SECONDS), (3.3, 3.3)])
+def test_after_a_compile_the_next_one_is_expected_to_load_from_the_cache(cache, seconds, recorded):
+    class Compiled:  # stands in for a CompiledStep that has just compiled
+        mode, compile_seconds = "inductor", seconds
+
+        def __call__(self, x, num_data, kl_weight=1.0):
+            return x.sum()
+
+    step = path_choice.AutoStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), lambda: 10, "test")
+    step.path, step.step, step._probing, step._first = "inductor", Compiled(), True, True
+    with pyro.validation_enabled(False):
+        step(torch.ones(2), 2)
+    assert compile_cache.read_timings()["test"]["compile_s"] == recorded
