@@ -40,6 +40,7 @@ ENV = "PYRO_VAE_CACHE"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 LAYOUT = 1
 TIMINGS = "timings.json"
+WARM_COMPILE_SECONDS = 5.0  # what a compile costs once the step is in the cache folder (loading it), at most
 
 
 def root() -> Path:

@@ -143,13 +143,17 @@ class Graph:
 class CompiledStep:
     """``bound_and_backward`` of an estimator, traced once per batch shape and replayed.
 
+    ``timing_key`` (:func:`pyro_vae.path_choice.step_key`): where a compile records what the next
+    one of the same step is expected to cost, for ``inference.compile: auto``.
+
     ``step(x, num_data, kl_weight)`` leaves each parameter's gradient in ``.grad`` and
     returns the detached loss, exactly like :func:`estimators.bound_and_backward`
     (which it calls while Pyro's validation is on, and for good after a failure).
     """
 
-    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool = True):
-        self.elbo, self.vae = elbo, vae
+    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool = True,
+                 timing_key: str | None = None):
+        self.elbo, self.vae, self.timing_key = elbo, vae, timing_key
         self.log = log or logging.getLogger("pyro_vae")
         self.inductor = inductor
         self.compile_seconds: float | None = None
@@ -297,6 +301,9 @@ class CompiledStep:
                     compile_cache.wipe(folder, self.log, f"compiling with it failed ({type(exc).__name__})")
                     continue
                 self.compile_seconds = time.perf_counter() - began
+                if self.timing_key is not None:  # the next compile of this step loads it from the cache folder
+                    compile_cache.record_timing(self.timing_key, {
+                        "compile_s": min(self.compile_seconds, compile_cache.WARM_COMPILE_SECONDS)})
                 return graph, loss, grads
         raise AssertionError("unreachable")
 

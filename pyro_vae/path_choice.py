@@ -40,7 +40,6 @@ PROBE_STEPS = 5
 TRACE_BUILD_STEPS = 100        # b as a multiple of t_e (recording one step and checking it against eager)
 TRACED_RATIO = 0.9             # t_t / t_e
 COLD_COMPILE_SECONDS = 60.0    # c the first time on a machine (Inductor probes the CPU and compiles C++)
-WARM_COMPILE_SECONDS = 5.0     # c once the step's compile is in the cache folder (loading it)
 INDUCTOR_RATIO = 0.85          # t_c / t_t
 
 
@@ -57,7 +56,7 @@ class AutoStep:
                  path: str | None = None):
         self.elbo, self.vae, self.log, self.steps_left, self.key = elbo, vae, log, steps_left, key
         self.path = path
-        self.step = None if path in (None, "eager") else compiled.CompiledStep(elbo, vae, log, path == "inductor")
+        self.step = None if path in (None, "eager") else compiled.CompiledStep(elbo, vae, log, path == "inductor", key)
         self.times: dict[str, list[float]] = {"eager": [], "traced": [], "inductor": []}
         self._probing = False  # timing the first calls of self.step
         self._first = False    # the next call of self.step builds it
@@ -101,7 +100,7 @@ class AutoStep:
         self.log.info(f"inference.compile: auto chose {path} ({why})")
         if path != "eager":
             self.step, self._probing = compiled.CompiledStep(self.elbo, self.vae, self.log,
-                                                             inductor=path == "inductor"), True
+                                                             inductor=path == "inductor", timing_key=self.key), True
             self._first = True
         else:
             self.step, self._probing = None, False
@@ -129,10 +128,7 @@ class AutoStep:
             elif path == "inductor" and self.step.mode != "inductor":  # Inductor unavailable: said in the log
                 self.path = "traced"
                 self._probing = False
-            elif path == "inductor":  # the next compile of this step loads it from the cache folder
-                compile_cache.record_timing(self.key, {"compile_s": min(self.step.compile_seconds,
-                                                                         WARM_COMPILE_SECONDS)})
-            else:
+            elif path == "traced":  # (a compile records its own cost, pyro_vae.compiled)
                 compile_cache.record_timing(self.key, {"trace_build_s": built[0]})
             return loss
         times = self.times[path]
@@ -191,7 +187,7 @@ def build_step(elbo, vae: nn.Module, setting: Union[bool, str], log: logging.Log
     if path == "auto":
         return AutoStep(elbo, vae, log, steps_left, key, chosen)
     if path in ("traced", "inductor"):
-        return compiled.CompiledStep(elbo, vae, log, inductor=path == "inductor")
+        return compiled.CompiledStep(elbo, vae, log, inductor=path == "inductor", timing_key=key or None)
 
     def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
         return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
