@@ -12,7 +12,8 @@ costs b and compiling it c, the run takes::
     inductor  b + c + n · t_c
 
 :class:`AutoStep` times ``PROBE_STEPS`` eager steps (after Pyro's validated
-first steps) and takes the path with the smallest total. b, t_t / t_e, c and
+first steps; the fastest of them counts, since a busy machine only slows a step
+down) and takes the path with the smallest total. b, t_t / t_e, c and
 t_c / t_t come from earlier runs of the same step on this machine
 (:mod:`pyro_vae.compile_cache`, ``timings.json``) or, the first time, from the
 prior guesses below (c: the cold compile until this step has been compiled
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
 import time
 from typing import Callable, Union
 
@@ -107,7 +107,7 @@ class AutoStep:
 
     def _choose_trace(self) -> None:
         """eager or traced, from t_e, the steps left and what is known of b and t_t."""
-        t_e = statistics.median(self.times["eager"])
+        t_e = min(self.times["eager"])
         n = max(self.steps_left(), 0)
         record = compile_cache.read_timings().get(self.key, {})
         build = record.get("trace_build_s", TRACE_BUILD_STEPS * t_e)
@@ -135,16 +135,21 @@ class AutoStep:
         loss = self._timed(self.step, times, x, num_data, kl_weight)
         if len(times) == PROBE_STEPS:
             self._probing = False
-            self._probed(path, statistics.median(times))
+            self._probed(path, min(times))
         return loss
+
+    def _record_ratio(self, name: str, ratio: float) -> None:
+        """Keep the best ratio measured for this step: a busy machine only ever slows a probe down."""
+        known = compile_cache.read_timings().get(self.key, {}).get(name)
+        compile_cache.record_timing(self.key, {name: ratio if known is None else min(known, ratio)})
 
     def _probed(self, path: str, t: float) -> None:
         """After a path's probe: record its ratio; from traced, compile where the saving repays the compile."""
-        t_e = statistics.median(self.times["eager"])
+        t_e = min(self.times["eager"])
         if path == "inductor":
-            compile_cache.record_timing(self.key, {"inductor_ratio": t / statistics.median(self.times["traced"])})
+            self._record_ratio("inductor_ratio", t / min(self.times["traced"]))
             return
-        compile_cache.record_timing(self.key, {"traced_ratio": t / t_e})
+        self._record_ratio("traced_ratio", t / t_e)
         if t >= t_e:
             self._use("eager", f"the traced step ({t * 1e3:.2f} ms) is not faster than eager ({t_e * 1e3:.2f} ms)")
             return
