@@ -121,12 +121,16 @@ def inductor_cache(log: logging.Logger) -> Iterator[Path | None]:
 
 
 def read_timings() -> dict:
-    """Measured costs by step key (``pyro_vae.path_choice``); an unreadable file counts as none."""
+    """Measured costs by step key (``pyro_vae.path_choice``); an unreadable file, or entry, counts as none."""
     try:
         data = json.loads((root() / TIMINGS).read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: {name: float(value) for name, value in entry.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0}
+            for key, entry in data.items() if isinstance(entry, dict)}
 
 
 def record_timing(key: str, values: dict) -> None:

@@ -49,6 +49,7 @@ import time
 from typing import Callable
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_vae import compile_cache, estimators, rng
@@ -168,8 +169,6 @@ class CompiledStep:
 
     # -- the step ---------------------------------------------------------------
     def __call__(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
-        from pyro.infer.util import is_validation_enabled
-
         if self.failed is not None or is_validation_enabled():
             return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
                                                  kl_weight=kl_weight)

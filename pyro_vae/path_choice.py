@@ -30,6 +30,7 @@ import time
 from typing import Callable, Union
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_vae import compile_cache, compiled, estimators
@@ -60,14 +61,9 @@ class AutoStep:
         self.times: dict[str, list[float]] = {"eager": [], "traced": [], "inductor": []}
         self._probing = False  # timing the first calls of self.step
         self._first = False    # the next call of self.step builds it
-
-    def eager(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
-        return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
-                                             kl_weight=kl_weight)
+        self.eager = eager_step(elbo, vae)
 
     def __call__(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
-        from pyro.infer.util import is_validation_enabled
-
         if self.path == "eager" or is_validation_enabled():
             return self.eager(x, num_data, kl_weight)
         if self.path is None:
@@ -172,8 +168,9 @@ def path_name(setting: Union[bool, str]) -> str:
 
 def step_key(spec: Spec, batch_shape: tuple[int, ...], device: torch.device) -> str:
     """What the timing records of a step depend on: model, estimator, batch shape, device, torch and its threads."""
-    inference = {k: v for k, v in spec.to_dict()["inference"].items() if k != "compile"}
-    what = [spec.to_dict()["model"], inference, list(batch_shape), device.type, torch.__version__,
+    tree = spec.to_dict()
+    inference = {k: v for k, v in tree["inference"].items() if k != "compile"}
+    what = [tree["model"], inference, list(batch_shape), device.type, torch.__version__,
             torch.get_num_threads()]
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -194,6 +191,11 @@ def build_step(elbo, vae: nn.Module, setting: Union[bool, str], log: logging.Log
     if path in ("traced", "inductor"):
         return compiled.CompiledStep(elbo, vae, log, inductor=path == "inductor", timing_key=key or None)
 
+    return eager_step(elbo, vae)
+
+
+def eager_step(elbo, vae: nn.Module) -> Callable:
+    """Pyro's step: the estimator's loss and gradients through the effect handlers, every call."""
     def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
         return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
 

@@ -53,6 +53,8 @@ from pyro_vae.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint of the step reached was written."""
 

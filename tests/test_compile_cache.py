@@ -107,6 +107,8 @@ def test_timing_records_survive_a_damaged_file(cache):
     assert compile_cache.read_timings() == {"k": {"trace_build_s": 1.5, "traced_ratio": 0.8}}
     (cache / compile_cache.TIMINGS).write_text("{not json")
     assert compile_cache.read_timings() == {}
+    (cache / compile_cache.TIMINGS).write_text('{"k": [1], "j": {"compile_s": "soon", "traced_ratio": 0.8}}')
+    assert compile_cache.read_timings() == {"j": {"traced_ratio": 0.8}}
 
 
 # --------------------------------------------------------------------------
