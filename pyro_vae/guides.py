@@ -22,6 +22,7 @@ collapsing onto a point while the decoder still ignores z.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -31,7 +32,7 @@ from torch.nn.functional import softplus
 
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import GuideSpec
+from pyro_vae.spec import GuideSpec, accepts, section_at
 
 
 class Guide(nn.Module):
@@ -135,9 +136,21 @@ def diagonal_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide
     return DiagonalNormal(feature_dim, latent_dim, spec.min_scale, spec.log_variance_bounds)
 
 
-@registry.register("guide", "low-rank-normal")
+@dataclass
+class LowRankConfig:
+    """``low-rank-normal``: the rank of F, at most ``model.latent_dim``."""
+
+    rank: int = field(default=2, metadata=accepts(1))
+
+    def check(self, key: str, spec) -> None:
+        latent_dim = spec.model.latent_dim
+        if self.rank > latent_dim:
+            raise UserInputError(f"'{key}.rank' is {self.rank}; it must be between 1 and model.latent_dim ({latent_dim})")
+
+
+@registry.register("guide", "low-rank-normal", config=LowRankConfig)
 def low_rank_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return LowRankNormal(feature_dim, latent_dim, spec.rank, spec.min_scale, spec.log_variance_bounds)
+    return LowRankNormal(feature_dim, latent_dim, spec.options.rank, spec.min_scale, spec.log_variance_bounds)
 
 
 @registry.register("guide", "full-normal")
@@ -145,7 +158,20 @@ def full_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
     return FullNormal(feature_dim, latent_dim, spec.min_scale, spec.log_variance_bounds)
 
 
-@registry.register("guide", "iaf")
+@dataclass
+class AutoregressiveConfig:
+    """A flow of ``flows`` autoregressive transforms, each a MADE with ``hidden`` widths (``iaf``; the ``flow`` prior)."""
+
+    flows: int = field(default=2, metadata=accepts(1, 64))
+    hidden: list[int] = field(default_factory=lambda: [64], metadata=accepts(1))
+
+    def check(self, key: str, spec) -> None:
+        if not self.hidden:
+            raise UserInputError(f"'{key}.hidden' is []; a {section_at(spec, key).type} needs at least one hidden "
+                                 f"layer, e.g. [64]")
+
+
+@registry.register("guide", "iaf", config=AutoregressiveConfig)
 def inverse_autoregressive(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return InverseAutoregressive(feature_dim, latent_dim, spec.flows, spec.hidden, spec.min_scale,
+    return InverseAutoregressive(feature_dim, latent_dim, spec.options.flows, spec.options.hidden, spec.min_scale,
                                  spec.log_variance_bounds)

@@ -12,14 +12,18 @@ over the flat example x with event shape (D,):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Union
+
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae import registry
-from pyro_vae.spec import LEARNED, LikelihoodSpec
+from pyro_vae.spec import LikelihoodSpec, accepts
 
+LEARNED = "learned"
 MEAN_CLAMP = 1e-3  # data-mean initialization: means of 0 or 1 are moved this far inside (0, 1)
 
 
@@ -126,11 +130,19 @@ def continuous_bernoulli(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
     return ContinuousBernoulli()
 
 
-@registry.register("likelihood", "gaussian")
+@dataclass
+class ScaleConfig:
+    """``gaussian``, ``laplace``: a fixed scale, or ``learned`` (softplus(raw) + ``min_scale`` per dimension)."""
+
+    scale: Union[float, str] = field(default=1.0, metadata=accepts(0, open_low=True, choices=(LEARNED,)))
+    min_scale: float = field(default=1e-3, metadata=accepts(0, open_low=True))
+
+
+@registry.register("likelihood", "gaussian", config=ScaleConfig)
 def gaussian(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
-    return LocationScale(dist.Normal, data_dim, spec.scale, spec.min_scale)
+    return LocationScale(dist.Normal, data_dim, spec.options.scale, spec.options.min_scale)
 
 
-@registry.register("likelihood", "laplace")
+@registry.register("likelihood", "laplace", config=ScaleConfig)
 def laplace(spec: LikelihoodSpec, data_dim: int) -> Likelihood:
-    return LocationScale(dist.Laplace, data_dim, spec.scale, spec.min_scale)
+    return LocationScale(dist.Laplace, data_dim, spec.options.scale, spec.options.min_scale)

@@ -8,13 +8,14 @@ batch) pass through unchanged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import NetworkSpec
+from pyro_vae.spec import NetworkSpec, accepts
 
 ACTIVATIONS = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU,
@@ -154,11 +155,19 @@ def mlp_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | 
     return MLPDecoder(input_dim, spec.hidden, output_dim, spec.activation)
 
 
-@registry.register("network", "conv")
+@dataclass
+class ConvConfig:
+    """``conv``: the channels of the stride-2 layers, one entry per halving of the image."""
+
+    channels: list[int] = field(default_factory=lambda: [32, 64], metadata=accepts(1))
+
+
+@registry.register("network", "conv", config=ConvConfig)
 def conv_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
                  image_shape: tuple[int, int, int] | None) -> nn.Module:
     """Convolutional encoder or decoder for images (``channels``, then ``hidden``)."""
+    channels = spec.options.channels
     if role == "encoder":
-        return ConvEncoder(image_shape, spec.channels, spec.hidden, spec.activation)
-    _conv_geometry(image_shape, spec.channels, spec.activation)
-    return ConvDecoder(input_dim, image_shape, spec.channels, spec.hidden, spec.activation)
+        return ConvEncoder(image_shape, channels, spec.hidden, spec.activation)
+    _conv_geometry(image_shape, channels, spec.activation)
+    return ConvDecoder(input_dim, image_shape, channels, spec.hidden, spec.activation)

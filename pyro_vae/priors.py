@@ -18,6 +18,8 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
@@ -27,7 +29,8 @@ from torch.nn.functional import softplus
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
 from pyro_vae.mixtures import gaussian_mixture
-from pyro_vae.spec import PriorSpec
+from pyro_vae.guides import AutoregressiveConfig
+from pyro_vae.spec import PriorSpec, accepts
 
 
 class StandardNormal(nn.Module):
@@ -118,18 +121,33 @@ def learned_normal(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
     return LearnedNormal(latent_dim)
 
 
-@registry.register("prior", "mog")
+@dataclass
+class MixtureConfig:
+    """``mog``: K, the number of components."""
+
+    components: int = field(default=10, metadata=accepts(1))
+
+
+@registry.register("prior", "mog", config=MixtureConfig)
 def mixture_of_gaussians(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
-    return MixtureOfGaussians(latent_dim, spec.components)
+    return MixtureOfGaussians(latent_dim, spec.options.components)
 
 
-@registry.register("prior", "vamp")
+@dataclass
+class VampConfig:
+    """``vamp``: K pseudo-inputs, and whether they are clamped into the data's range."""
+
+    pseudo_inputs: int = field(default=100, metadata=accepts(1))
+    pseudo_input_activation: str = field(default="hardtanh", metadata=accepts(choices=("hardtanh", "none")))
+
+
+@registry.register("prior", "vamp", config=VampConfig)
 def vamp(spec: PriorSpec, latent_dim: int, *, data_dim: int, encoder: nn.Module, guide: nn.Module,
          data_range: tuple[float, float] = (0.0, 1.0), **parts) -> nn.Module:
-    bounds = data_range if spec.pseudo_input_activation == "hardtanh" else None
-    return VampPrior(data_dim, spec.pseudo_inputs, encoder, guide, bounds)
+    bounds = data_range if spec.options.pseudo_input_activation == "hardtanh" else None
+    return VampPrior(data_dim, spec.options.pseudo_inputs, encoder, guide, bounds)
 
 
-@registry.register("prior", "flow")
+@registry.register("prior", "flow", config=AutoregressiveConfig)
 def flow(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
-    return MaskedAutoregressiveFlow(latent_dim, spec.flows, spec.hidden)
+    return MaskedAutoregressiveFlow(latent_dim, spec.options.flows, spec.options.hidden)

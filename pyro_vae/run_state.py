@@ -74,7 +74,7 @@ def restore(state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.opti
 def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
     """Refuse a checkpoint written by another spec than ``spec`` (``train.epochs`` may differ)."""
     try:
-        saved = Spec.from_dict(state["spec"])
+        saved = Spec.from_saved(state["spec"])
     except UserInputError as exc:
         raise UserInputError(f"the checkpoint in '{where}' holds an invalid spec: {exc}") from None
     saved.train.epochs = spec.train.epochs

@@ -99,7 +99,7 @@ def read_spec(run_dir: Path) -> Spec:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserInputError(f"'{path}' is not valid YAML: {one_line(exc)}") from None
     try:
-        return Spec.from_dict(raw)
+        return Spec.from_saved(raw)
     except UserInputError as exc:
         raise UserInputError(f"'{path}': {exc}") from None
 

@@ -9,6 +9,7 @@ as soon as it is registered.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -23,13 +24,14 @@ import yaml
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError, one_line
 
-LEARNED = "learned"
 OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened into its section in YAML
 PUBLISHED = "published"  # data.validation_size: the dataset's own validation split (binarized-mnist)
 
 
-def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False,
-           choices: tuple[str, ...] | None = None, kind: str | None = None) -> dict:
+def accepts(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+            choices: tuple[str, ...] | None = None, kind: str | None = None) -> dict:
+    """A key's ``field`` metadata: numbers in [low, high] (> low with ``open_low``), strings in ``choices``,
+    or (``kind``) the names registered for a kind of part. Parts' config dataclasses use it too."""
     return {"low": low, "high": high, "open_low": open_low, "choices": choices, "kind": kind}
 
 
@@ -37,79 +39,68 @@ def _range(low: float | None = None, high: float | None = None, *, open_low: boo
 class LinearGaussianSpec:
     """Synthetic x = W z + b + σ ε (``data.name: linear-gaussian``)."""
 
-    data_dim: int = field(default=10, metadata=_range(1))
-    latent_dim: int = field(default=2, metadata=_range(1))
-    noise: float = field(default=0.5, metadata=_range(0, open_low=True))
-    num_train: int = field(default=2000, metadata=_range(2))
-    num_test: int = field(default=500, metadata=_range(1))
+    data_dim: int = field(default=10, metadata=accepts(1))
+    latent_dim: int = field(default=2, metadata=accepts(1))
+    noise: float = field(default=0.5, metadata=accepts(0, open_low=True))
+    num_train: int = field(default=2000, metadata=accepts(2))
+    num_test: int = field(default=500, metadata=accepts(1))
     seed: int = 0
 
 
 @dataclass
 class DataSpec:
-    name: str = field(default="digits", metadata=_range(kind="dataset"))
+    name: str = field(default="digits", metadata=accepts(kind="dataset"))
     root: Union[str, None] = None
     path: Union[str, None] = None
     test_path: Union[str, None] = None
-    test_fraction: float = field(default=0.1, metadata=_range(0, 1, open_low=True))
-    binarize: str = field(default="auto", metadata=_range(choices=("auto", "dynamic", "static", "none")))
-    batch_size: int = field(default=128, metadata=_range(1))
+    test_fraction: float = field(default=0.1, metadata=accepts(0, 1, open_low=True))
+    binarize: str = field(default="auto", metadata=accepts(choices=("auto", "dynamic", "static", "none")))
+    batch_size: int = field(default=128, metadata=accepts(1))
     download: bool = False
-    train_size: Union[int, None] = field(default=None, metadata=_range(1))
-    test_size: Union[int, None] = field(default=None, metadata=_range(1))
-    validation_size: Union[int, str, None] = field(default=None, metadata=_range(1, choices=(PUBLISHED,)))
+    train_size: Union[int, None] = field(default=None, metadata=accepts(1))
+    test_size: Union[int, None] = field(default=None, metadata=accepts(1))
+    validation_size: Union[int, str, None] = field(default=None, metadata=accepts(1, choices=(PUBLISHED,)))
     linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
 
 
 @dataclass
 class NetworkSpec:
-    type: str = field(default="mlp", metadata=_range(kind="network"))
+    type: str = field(default="mlp", metadata=accepts(kind="network"))
     options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
-    hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=_range(1))
-    activation: str = field(default="relu", metadata=_range(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")))
-    channels: list[int] = field(default_factory=lambda: [32, 64], metadata=_range(1))
+    hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=accepts(1))
+    activation: str = field(default="relu", metadata=accepts(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")))
 
 
 @dataclass
 class DecoderSpec(NetworkSpec):
     """A network spec plus how the decoder's output bias starts."""
 
-    init_bias: str = field(default="data-mean", metadata=_range(choices=("data-mean", "zero")))
+    init_bias: str = field(default="data-mean", metadata=accepts(choices=("data-mean", "zero")))
 
 
 @dataclass
 class PriorSpec:
-    type: str = field(default="standard-normal", metadata=_range(kind="prior"))
+    type: str = field(default="standard-normal", metadata=accepts(kind="prior"))
     options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
-    components: int = field(default=10, metadata=_range(1))
-    pseudo_inputs: int = field(default=100, metadata=_range(1))
-    pseudo_input_activation: str = field(default="hardtanh", metadata=_range(choices=("hardtanh", "none")))
-    flows: int = field(default=2, metadata=_range(1, 64))
-    hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
 
 
 @dataclass
 class GuideSpec:
-    type: str = field(default="diagonal-normal", metadata=_range(kind="guide"))
+    type: str = field(default="diagonal-normal", metadata=accepts(kind="guide"))
     options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
-    rank: int = field(default=2, metadata=_range(1))
-    flows: int = field(default=2, metadata=_range(1, 64))
-    hidden: list[int] = field(default_factory=lambda: [64], metadata=_range(1))
-    min_scale: float = field(default=1e-4, metadata=_range(0, open_low=True))
+    min_scale: float = field(default=1e-4, metadata=accepts(0, open_low=True))
     log_variance_bounds: Union[list[float], None] = None
 
 
 @dataclass
 class LikelihoodSpec:
-    type: str = field(default="bernoulli", metadata=_range(kind="likelihood"))
+    type: str = field(default="bernoulli", metadata=accepts(kind="likelihood"))
     options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
-    scale: Union[float, str] = field(default=1.0, metadata=_range(0, open_low=True, choices=(LEARNED,)))
-    min_scale: float = field(default=1e-3, metadata=_range(0, open_low=True))
 
 
 @dataclass
 class ModelSpec:
-    latent_dim: int = field(default=4, metadata=_range(1))
+    latent_dim: int = field(default=4, metadata=accepts(1))
     encoder: NetworkSpec = field(default_factory=NetworkSpec)
     decoder: DecoderSpec = field(default_factory=DecoderSpec)
     prior: PriorSpec = field(default_factory=PriorSpec)
@@ -119,43 +110,43 @@ class ModelSpec:
 
 @dataclass
 class InferenceSpec:
-    estimator: str = field(default="meanfield", metadata=_range(kind="estimator"))
-    num_particles: int = field(default=1, metadata=_range(1))
+    estimator: str = field(default="meanfield", metadata=accepts(kind="estimator"))
+    num_particles: int = field(default=1, metadata=accepts(1))
     alpha: float = 0.5
-    outer_particles: int = field(default=1, metadata=_range(1))              # M of miwae, piwae
-    ciwae_beta: float = field(default=0.5, metadata=_range(0, 1))            # ciwae's weight on the ELBO
-    tail_adaptive_beta: float = field(default=-1.0, metadata=_range(high=0))  # β_ta of tail-adaptive
+    outer_particles: int = field(default=1, metadata=accepts(1))              # M of miwae, piwae
+    ciwae_beta: float = field(default=0.5, metadata=accepts(0, 1))            # ciwae's weight on the ELBO
+    tail_adaptive_beta: float = field(default=-1.0, metadata=accepts(high=0))  # β_ta of tail-adaptive
     # the training step's path (pyro_vae.path_choice): true is inductor, false is eager
-    compile: Union[bool, str] = field(default="auto", metadata=_range(choices=("auto", "eager", "traced", "inductor")))
+    compile: Union[bool, str] = field(default="auto", metadata=accepts(choices=("auto", "eager", "traced", "inductor")))
 
 
 @dataclass
 class ScheduleSpec:
     """The learning-rate schedule (``optim.schedule``; a bare name is ``{type: name}``)."""
 
-    type: str = field(default="constant", metadata=_range(choices=("constant", "iwae", "plateau", "cosine")))
-    factor: float = field(default=0.5, metadata=_range(0, 1, open_low=True))
-    patience: int = field(default=10, metadata=_range(0))
+    type: str = field(default="constant", metadata=accepts(choices=("constant", "iwae", "plateau", "cosine")))
+    factor: float = field(default=0.5, metadata=accepts(0, 1, open_low=True))
+    patience: int = field(default=10, metadata=accepts(0))
 
 
 @dataclass
 class OptimSpec:
-    lr: float = field(default=1e-3, metadata=_range(0, open_low=True))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_range(0, 1))
-    eps: float = field(default=1e-8, metadata=_range(0, open_low=True))
-    clip_norm: Union[float, None] = field(default=None, metadata=_range(0, open_low=True))
+    lr: float = field(default=1e-3, metadata=accepts(0, open_low=True))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=accepts(0, 1))
+    eps: float = field(default=1e-8, metadata=accepts(0, open_low=True))
+    clip_norm: Union[float, None] = field(default=None, metadata=accepts(0, open_low=True))
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
 
 
 @dataclass
 class TrainSpec:
-    epochs: int = field(default=60, metadata=_range(1))
+    epochs: int = field(default=60, metadata=accepts(1))
     seed: int = 0
     device: str = "cpu"
-    beta: float = field(default=1.0, metadata=_range(0))
-    kl_warmup_epochs: int = field(default=0, metadata=_range(0))
-    eval_num_samples: int = field(default=1, metadata=_range(1))
-    early_stopping_patience: Union[int, None] = field(default=None, metadata=_range(1))
+    beta: float = field(default=1.0, metadata=accepts(0))
+    kl_warmup_epochs: int = field(default=0, metadata=accepts(0))
+    eval_num_samples: int = field(default=1, metadata=accepts(1))
+    early_stopping_patience: Union[int, None] = field(default=None, metadata=accepts(1))
     tensorboard: bool = False
 
 
@@ -176,6 +167,22 @@ class Spec:
         _check_cross_field(spec)
         return spec
 
+    @classmethod
+    def from_saved(cls, raw: Any) -> "Spec":
+        """``from_dict`` for a spec the package wrote itself (a run's config.yaml, a checkpoint).
+
+        Earlier versions wrote every built-in part's keys in each part section;
+        the keys of the parts that a section does not select are dropped.
+        """
+        if isinstance(raw, dict):
+            raw = copy.deepcopy(raw)
+            for prefix, _ in part_sections():
+                section = section_at(raw, prefix)
+                if isinstance(section, dict):
+                    for key in _other_parts_keys(prefix, section):
+                        del section[key]
+        return cls.from_dict(raw)
+
     def to_dict(self) -> dict:
         """The spec as nested dicts; a part's own keys sit in its section, beside ``type``."""
         return _flatten_options(dataclasses.asdict(self))
@@ -184,11 +191,59 @@ class Spec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, assignments: list[str]) -> "Spec":
-        """A new spec with ``KEY=VALUE`` assignments applied (VALUE read as YAML)."""
+        """A new spec with ``KEY=VALUE`` assignments applied (VALUE read as YAML).
+
+        An assignment that selects another part (``model.prior.type=mog``)
+        drops the keys of the part it replaces, except those that the new part
+        shares or that another assignment sets.
+        """
         raw = self.to_dict()
+        explicit = []
         for assignment in assignments:
-            set_dotted(raw, *parse_assignment(assignment))
+            key, value = parse_assignment(assignment)
+            set_dotted(raw, key, value)
+            explicit.append(key)
+        for prefix, _ in part_sections():
+            section = section_at(raw, prefix)
+            if isinstance(section, dict) and section.get("type") != section_at(self, prefix).type:
+                for key in _other_parts_keys(prefix, section):
+                    dotted = f"{prefix}.{key}"
+                    if not any(dotted == e or dotted.startswith(e + ".") for e in explicit):
+                        del section[key]
         return Spec.from_dict(raw)
+
+
+def part_sections(cls: type | None = None, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, kind) of every section that selects a registered part: ``("model.prior", "prior")``, …"""
+    found = []
+    for f in dataclasses.fields(cls or Spec):
+        annotation = typing.get_type_hints(cls or Spec)[f.name]
+        if not dataclasses.is_dataclass(annotation):
+            continue
+        names = {g.name: g for g in dataclasses.fields(annotation)}
+        if "options" in names and "type" in names:
+            found.append((prefix + f.name, names["type"].metadata["kind"]))
+        found += part_sections(annotation, f"{prefix}{f.name}.")
+    return found
+
+
+def section_at(tree: Any, dotted: str) -> Any:
+    """The node at ``dotted`` (``model.prior``) of a nested dict or a spec (None where a dict lacks it)."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else getattr(tree, part)
+    return tree
+
+
+def _other_parts_keys(prefix: str, section: dict) -> list[str]:
+    """The keys of ``section`` that belong only to parts other than the one it selects."""
+    kind = dict(part_sections())[prefix]
+    name = section.get("type", section_at(Spec(), prefix).type)
+    chosen = registry.config(kind, name) if isinstance(name, str) else None
+    mine = {f.name for f in dataclasses.fields(chosen)} if chosen else set()
+    theirs = {f.name for name in registry.names(kind) if (c := registry.config(kind, name))
+              for f in dataclasses.fields(c)}
+    own = {f.name for f in dataclasses.fields(type(section_at(Spec(), prefix)))}
+    return [key for key in section if key in theirs and key not in mine and key not in own]
 
 
 def parse_assignment(assignment: str) -> tuple[str, Any]:
@@ -321,6 +376,12 @@ def _flatten_options(tree: Any) -> Any:
     return out
 
 
+def _owners(kind: str, key: Any) -> list[str]:
+    """The parts of ``kind`` whose config has ``key``, as ``prior 'mog'``."""
+    return [f"{kind} {name!r}" for name in registry.names(kind)
+            if (c := registry.config(kind, name)) and key in {f.name for f in dataclasses.fields(c)}]
+
+
 def _part_config(cls: type, raw: dict, fields: dict) -> type | None:
     """The registry config dataclass of the part this section selects, if the section is a part's."""
     if "options" not in fields or "type" not in fields:
@@ -341,8 +402,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     own = [name for name in fields if name != "options"]
     unknown = sorted(set(raw) - set(own) - set(part_keys), key=str)
     if unknown:
+        owners = _owners(fields["type"].metadata["kind"], unknown[0]) if "options" in fields else []
+        hint = f" ('{unknown[0]}' is a key of {' and '.join(owners)})" if owners else ""
         raise UserInputError(
-            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}")
+            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}{hint}")
     values = {}
     if part is not None:
         values["options"] = _build(part, {k: raw[k] for k in part_keys if k in raw}, prefix)
@@ -393,7 +456,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserInputError(f"'{key}' must be an integer, got {value!r}")
-        return _check_range(value, key, meta)
+        return _checkaccepts(value, key, meta)
     if annotation is float:
         if isinstance(value, str):
             try:
@@ -404,7 +467,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
             raise UserInputError(f"'{key}' must be a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):
             raise UserInputError(f"'{key}' must be a finite number, got {value!r}")
-        return _check_range(float(value), key, meta)
+        return _checkaccepts(float(value), key, meta)
     if annotation is str:
         if not isinstance(value, str):
             raise UserInputError(f"'{key}' must be a string, got {value!r}")
@@ -418,7 +481,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
     raise TypeError(f"unsupported spec annotation {annotation!r} for {key}")
 
 
-def _check_range(value: float, key: str, meta: typing.Mapping) -> float:
+def _checkaccepts(value: float, key: str, meta: typing.Mapping) -> float:
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("open_low") and value == low)):
         bound = f"> {low}" if meta.get("open_low") else f">= {low}"
@@ -432,16 +495,14 @@ def _check_range(value: float, key: str, meta: typing.Mapping) -> float:
 def _check_cross_field(spec: Spec) -> None:
     """Constraints that involve more than one key."""
     model = spec.model
-    if model.guide.type == "low-rank-normal" and model.guide.rank > model.latent_dim:
-        raise UserInputError(
-            f"'model.guide.rank' is {model.guide.rank}; it must be between 1 and model.latent_dim ({model.latent_dim})")
+    for prefix, _ in part_sections():
+        check = getattr(section_at(spec, prefix).options, "check", None)
+        if check is not None:
+            check(prefix, spec)  # a part's own cross-key rule, e.g. a low-rank guide's rank <= latent_dim
     bounds = model.guide.log_variance_bounds
     if bounds is not None and (len(bounds) != 2 or not bounds[0] < bounds[1]):
         raise UserInputError(f"'model.guide.log_variance_bounds' is {bounds}; accepted: null or two numbers "
                              f"[low, high] with low < high, e.g. [-6, 2]")
-    for part, key in ((model.prior, "model.prior"), (model.guide, "model.guide")):
-        if part.type in ("flow", "iaf") and not part.hidden:
-            raise UserInputError(f"'{key}.hidden' is []; a {part.type} needs at least one hidden layer, e.g. [64]")
     if spec.optim.schedule.type == "plateau" and spec.data.validation_size is None:
         raise UserInputError("'optim.schedule' plateau reduces the rate when the validation ELBO stops rising; "
                              "set data.validation_size (e.g. 10000) to hold out a validation split")

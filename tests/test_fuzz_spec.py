@@ -33,9 +33,7 @@ from pyro_vae.spec import Spec
 
 BASE = Spec.from_dict({
     "data": {"train_size": 48, "test_size": 16, "batch_size": 16},
-    "model": {"latent_dim": 2, "encoder": {"hidden": [8]}, "decoder": {"hidden": [8]},
-              "prior": {"components": 3, "pseudo_inputs": 4, "flows": 1, "hidden": [8]},
-              "guide": {"flows": 1, "hidden": [8]}},
+    "model": {"latent_dim": 2, "encoder": {"hidden": [8]}, "decoder": {"hidden": [8]}},
     "train": {"epochs": 1},
 }).to_dict()
 

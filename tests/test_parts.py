@@ -14,8 +14,16 @@ from pyro_vae.training import Trainer
 PRIORS = ["standard-normal", "learned-normal", "mog", "vamp", "flow"]
 GUIDES = ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"]
 SMALL = ["data.train_size=400", "data.test_size=100", "model.latent_dim=3", "model.encoder.hidden=[32]",
-         "model.decoder.hidden=[32]", "model.prior.components=3", "model.prior.pseudo_inputs=5",
-         "model.prior.hidden=[8]", "model.guide.hidden=[8]", "train.epochs=1"]
+         "model.decoder.hidden=[32]", "train.epochs=1"]
+# small sizes for the parts that have keys of their own (each part takes only its own)
+OWN_KEYS = {"mog": ["model.prior.components=3"], "vamp": ["model.prior.pseudo_inputs=5"],
+            "flow": ["model.prior.hidden=[8]"], "iaf": ["model.guide.hidden=[8]"]}
+
+
+def choose(prior: str = "standard-normal", guide: str = "diagonal-normal") -> list[str]:
+    """Overrides that select ``prior`` and ``guide`` with their small sizes."""
+    return [f"model.prior.type={prior}", *OWN_KEYS.get(prior, []), f"model.guide.type={guide}",
+            *OWN_KEYS.get(guide, [])]
 
 
 def test_the_registry_holds_every_documented_part():
@@ -28,7 +36,7 @@ def test_the_registry_holds_every_documented_part():
 @pytest.mark.parametrize("guide", GUIDES)
 @pytest.mark.parametrize("prior", PRIORS)
 def test_every_prior_and_guide_trains_and_bounds_are_ordered(prior, guide):
-    spec = load_spec(None, [*SMALL, f"model.prior.type={prior}", f"model.guide.type={guide}"])
+    spec = load_spec(None, [*SMALL, *choose(prior, guide)])
     trainer = Trainer(spec, None, show_progress=False)
     metrics = trainer.fit()
     assert math.isfinite(metrics[-1]["test_elbo"])
@@ -44,12 +52,12 @@ def test_every_prior_and_guide_trains_and_bounds_are_ordered(prior, guide):
 def test_closed_form_kl_is_used_where_registered():
     trainer = Trainer(load_spec(None, [*SMALL, "model.guide.type=full-normal"]), None, show_progress=False)
     assert evaluation.evaluate(trainer.vae, trainer.data.test, num_samples=4)["kl_closed_form"]
-    trainer = Trainer(load_spec(None, [*SMALL, "model.prior.type=mog"]), None, show_progress=False)
+    trainer = Trainer(load_spec(None, [*SMALL, *choose("mog")]), None, show_progress=False)
     assert not evaluation.evaluate(trainer.vae, trainer.data.test, num_samples=4)["kl_closed_form"]
 
 
 def test_meanfield_without_closed_form_says_so_once(capsys):
-    Trainer(load_spec(None, [*SMALL, "model.prior.type=vamp", "train.epochs=2"]), None, show_progress=False).fit()
+    Trainer(load_spec(None, [*SMALL, *choose("vamp"), "train.epochs=2"]), None, show_progress=False).fit()
     assert capsys.readouterr().err.count("no closed form") == 1
     Trainer(load_spec(None, SMALL), None, show_progress=False).fit()
     assert "no closed form" not in capsys.readouterr().err
@@ -59,7 +67,7 @@ def test_meanfield_sampled_kl_term_is_unbiased():
     """For a mixture prior TraceMeanField_ELBO samples the KL term: same mean as Trace_ELBO."""
     from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-    trainer = Trainer(load_spec(None, [*SMALL, "model.prior.type=mog"]), None, show_progress=False)
+    trainer = Trainer(load_spec(None, [*SMALL, *choose("mog")]), None, show_progress=False)
     vae, x = trainer.vae, trainer.data.test[:50]
     torch.manual_seed(1)
     mf = torch.tensor([TraceMeanField_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide, x) for _ in range(300)])

@@ -30,10 +30,13 @@ def float64():
     torch.set_default_dtype(dtype)
 
 
+GUIDE_KEYS = {"low-rank-normal": ["model.guide.rank=2"], "iaf": ["model.guide.hidden=[8]"]}  # each part's own keys
+
+
 def setup(guide: str, kl_weight: float):
     torch.manual_seed(0)
     spec = load_spec(None, ["model.latent_dim=3", "model.encoder.hidden=[16]", "model.decoder.hidden=[16]",
-                            f"model.guide.type={guide}", "model.guide.rank=2", "model.guide.hidden=[8]"])
+                            f"model.guide.type={guide}", *GUIDE_KEYS.get(guide, [])])
     vae = VAE.from_spec(spec.model, D)
     x = torch.bernoulli(torch.full((B, D), 0.4), generator=torch.Generator().manual_seed(1))
     return vae, x

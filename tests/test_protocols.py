@@ -35,7 +35,8 @@ def cli_args(overrides):
 @pytest.mark.parametrize("network", ["mlp", "conv"])
 def test_decoder_output_starts_at_the_training_mean(likelihood, extra, network):
     spec = load_spec(None, [*TINY, *extra, f"model.likelihood.type={likelihood}", f"model.encoder.type={network}",
-                            f"model.decoder.type={network}", "model.encoder.channels=[4]", "model.decoder.channels=[4]"])
+                            f"model.decoder.type={network}",
+                            *(["model.encoder.channels=[4]", "model.decoder.channels=[4]"] if network == "conv" else [])])
     data = load_dataset(spec.data)
     vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape, data.train)
     mean = data.train.mean(0).clamp(1e-3, 1 - 1e-3) if likelihood != "gaussian" and likelihood != "laplace" \

@@ -1,4 +1,6 @@
 """The spec: defaults, YAML round trip, --set overrides, and one-line errors naming the key."""
+import dataclasses
+
 import pytest
 import yaml
 
@@ -38,7 +40,48 @@ def test_set_reads_yaml_values():
                             "model.likelihood.type=gaussian", "data.binarize=none"])
     assert spec.model.encoder.hidden == [200, 200]
     assert spec.optim.lr == pytest.approx(1e-3)
-    assert spec.model.likelihood.scale == "learned"
+    assert spec.model.likelihood.options.scale == "learned"
+
+
+def test_a_key_of_another_part_names_the_parts_that_take_it():
+    message = error_of(overrides=["model.prior.components=3"])
+    assert "unknown key 'model.prior.components'" in message and "prior 'mog'" in message
+    message = error_of(overrides=["model.likelihood.min_scale=0.1"])
+    assert "likelihood 'gaussian' and likelihood 'laplace'" in message
+
+
+def test_built_in_parts_declare_their_keys_in_the_registry():
+    for kind, name, key in [("prior", "mog", "components"), ("prior", "vamp", "pseudo_inputs"),
+                            ("prior", "flow", "flows"), ("guide", "low-rank-normal", "rank"),
+                            ("guide", "iaf", "hidden"), ("network", "conv", "channels"),
+                            ("likelihood", "gaussian", "scale")]:
+        assert key in {f.name for f in dataclasses.fields(registry.config(kind, name))}
+    spec = load_spec(None, ["model.prior.type=mog", "model.prior.components=3"])
+    assert spec.model.prior.options.components == 3
+    assert spec.to_dict()["model"]["prior"] == {"type": "mog", "components": 3}
+
+
+def test_choosing_another_part_drops_the_keys_of_the_one_it_replaces():
+    mog = load_spec(None, ["model.prior.type=mog", "model.prior.components=3"])
+    vamp = mog.with_overrides(["model.prior.type=vamp", "model.prior.pseudo_inputs=7"])
+    assert vamp.to_dict()["model"]["prior"] == {"type": "vamp", "pseudo_inputs": 7, "pseudo_input_activation": "hardtanh"}
+    assert mog.with_overrides(["model.prior.type=standard-normal"]).model.prior.options is None
+    gaussian = load_spec(None, ["model.likelihood.type=gaussian", "model.likelihood.scale=0.3", "data.binarize=none"])
+    assert gaussian.with_overrides(["model.likelihood.type=laplace"]).model.likelihood.options.scale == 0.3  # shared
+    with pytest.raises(UserInputError, match="unknown key 'model.prior.components'"):
+        mog.with_overrides(["model.prior.type=vamp", "model.prior.components=5"])  # set explicitly: still refused
+
+
+def test_a_saved_spec_with_every_built_in_parts_keys_still_loads():
+    old = Spec().to_dict()
+    old["model"]["prior"].update(components=10, pseudo_inputs=100, pseudo_input_activation="hardtanh", flows=2,
+                                 hidden=[64])
+    old["model"]["guide"].update(rank=2, flows=2, hidden=[64])
+    old["model"]["encoder"]["channels"] = [32, 64]
+    old["model"]["likelihood"].update(scale=1.0, min_scale=1e-3)
+    assert Spec.from_saved(old) == Spec()
+    with pytest.raises(UserInputError, match="unknown key 'model.encoder.channels'"):
+        Spec.from_dict(old)
 
 
 def test_integer_accepted_for_a_number_but_not_a_bool_for_an_integer():
@@ -85,11 +128,11 @@ def test_unknown_names_list_the_registered_ones(kind, key):
 
 
 @pytest.mark.parametrize("overrides, key, accepted", [
-    (["model.prior.components=0"], "model.prior.components", ">= 1"),
+    (["model.prior.type=mog", "model.prior.components=0"], "model.prior.components", ">= 1"),
     (["train.beta=-1"], "train.beta", ">= 0"),
     (["optim.lr=0"], "optim.lr", "> 0"),
     (["model.guide.type=low-rank-normal", "model.guide.rank=9"], "model.guide.rank", "model.latent_dim"),
-    (["model.likelihood.scale=-0.1"], "model.likelihood.scale", "learned"),
+    (["model.likelihood.type=gaussian", "model.likelihood.scale=-0.1"], "model.likelihood.scale", "learned"),
     (["data.test_fraction=1.5"], "data.test_fraction", "<= 1"),
     (["data.binarize=sometimes"], "data.binarize", "dynamic"),
 ])
@@ -120,7 +163,7 @@ def test_malformed_yaml_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("overrides, key", [
     (["model.prior.type=flow", "model.prior.hidden=[]"], "model.prior.hidden"),
     (["model.guide.type=iaf", "model.guide.hidden=[]"], "model.guide.hidden"),
-    (["model.prior.flows=100000"], "model.prior.flows"),
+    (["model.prior.type=flow", "model.prior.flows=100000"], "model.prior.flows"),
 ])
 def test_flows_need_hidden_layers_and_a_sane_count(overrides, key):
     assert f"'{key}'" in error_of(overrides=overrides)

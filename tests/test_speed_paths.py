@@ -43,8 +43,7 @@ def one_thread():
 
 
 def small_spec(estimator="meanfield", particles=1, **model) -> Spec:
-    raw = {"model": {"latent_dim": 3, "encoder": {"hidden": [16], "channels": [4]},
-                     "decoder": {"hidden": [16], "channels": [4]}, **model},
+    raw = {"model": {"latent_dim": 3, "encoder": {"hidden": [16]}, "decoder": {"hidden": [16]}, **model},
            "inference": {"estimator": estimator, "num_particles": particles}}
     return Spec.from_dict(raw)
 
