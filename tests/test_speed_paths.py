@@ -171,19 +171,43 @@ def test_fused_adam_is_adam():
 
 def test_fast_bernoulli_log_likelihood_agrees_with_float64():
     torch.manual_seed(0)
-    x = torch.bernoulli(torch.rand(7, 784))
-    for spread in (1.0, 8.0, 40.0):
-        logits = torch.randn(300, 7, 784) * spread
+    for dim, spread in [(784, 1.0), (784, 8.0), (784, 40.0), (97, 8.0), (12, 8.0), (1000, 40.0)]:  # odd, short, long
+        x = torch.bernoulli(torch.rand(7, dim))
+        logits = torch.randn(300, 7, dim) * spread
         exact = -torch.nn.functional.binary_cross_entropy_with_logits(
             logits.double(), x.double().expand_as(logits), reduction="none").sum(-1)
         plain = -torch.nn.functional.binary_cross_entropy_with_logits(
             logits, x.expand_as(logits), reduction="none").sum(-1)
-        fast = fast_likelihood.bernoulli_log_prob(logits, x, fast_likelihood.Scratch())
+        fast = fast_likelihood.bernoulli_log_prob(logits, x)
         plain_error = (plain.double() - exact).abs().max().item()
         fast_error = (fast.double() - exact).abs().max().item()
         assert fast_error <= max(2 * plain_error, 1e-4 * exact.abs().max().item()), (spread, fast_error, plain_error)
     assert fast_likelihood.group_size(784) == 56 and fast_likelihood.group_size(64) == 64
     assert fast_likelihood.group_size(97) == 1
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gated"])
+def test_the_decoder_layers_for_evaluation_give_the_decoders_logits(activation):
+    """tanh(a) = 2σ(2a) − 1 folded into the weights: the same logits as the decoder, to float32 rounding."""
+    torch.manual_seed(0)
+    spec = load_spec(None, ["model.latent_dim=5", "model.decoder.hidden=[40,30]",
+                            f"model.decoder.activation={activation}"])
+    vae = VAE.from_spec(spec.model, 64).eval()
+    if activation == "gated":
+        assert fast_likelihood.MLPLayers.of(vae.decoder) is None  # not covered: the decoder's own forward
+        return
+    with torch.no_grad():
+        for layer in vae.decoder.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(3)  # saturate some units: tanh near ±1 as well as near 0
+        layers = fast_likelihood.MLPLayers.of(vae.decoder)
+        z = torch.randn(200, 7, 5) * 2
+        logits = vae.decoder(z)
+        rebuilt = layers.hidden(z) @ layers.weight.t() + layers.bias
+        exact = vae.decoder.double()(z.double())
+    assert (rebuilt.double() - exact).abs().max() <= 4 * (logits.double() - exact).abs().max() + 1e-5
+    linear = fast_likelihood.MLPLayers.of(VAE.from_spec(load_spec(None, ["model.decoder.hidden=[]"]).model, 64).decoder)
+    assert linear.layers == [] and linear.weight.shape == (64, 4)
 
 
 def test_evaluation_takes_the_fast_path_only_where_it_is_exact():
@@ -195,17 +219,15 @@ def test_evaluation_takes_the_fast_path_only_where_it_is_exact():
         z = torch.randn(11, 30, 3)
         out = vae.decoder(z)
         reference = vae.likelihood(out).log_prob(binary)
-        assert torch.allclose(fast_likelihood.log_prob(vae.likelihood, out, binary), reference, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(fast_likelihood.bernoulli_log_prob(out, binary), reference, rtol=1e-5, atol=1e-4)
         assert torch.equal(out, vae.decoder(z))  # the decoder's output is not overwritten
+        for rows in (None, 40):  # one block, several blocks
+            fast = fast_likelihood.decoded_log_prob(vae, z, binary, rows=rows)
+            assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-4)
     torch.manual_seed(3)
     fast = evaluation.evaluate(vae, binary, num_samples=50, memory_mb=0.05)  # several chunks
     torch.manual_seed(3)
-    original = fast_likelihood.log_prob
-    try:
-        fast_likelihood.log_prob = lambda lik, out, x, *a: lik(out).log_prob(x)
-        slow = evaluation.evaluate(vae, binary, num_samples=50, memory_mb=0.05)
-    finally:
-        fast_likelihood.log_prob = original
+    slow = evaluation.evaluate(vae, binary, num_samples=50, memory_mb=0.05, fast=False)
     for key in ("elbo", "log_likelihood", "reconstruction", "kl"):
         assert math.isclose(fast[key], slow[key], rel_tol=1e-5), key
 
