@@ -76,6 +76,7 @@ import re
 import statistics
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -106,7 +107,13 @@ TRAINED_COLUMNS = ("train_steps", "test_elbo", "test_log_likelihood", "test_log_
 # --------------------------------------------------------------------------
 
 PLACEHOLDERS = {"num_particles": "K", "alpha": "ALPHA", "outer_particles": "M", "ciwae_beta": "BETA"}
-INTEGER_KEYS = ("num_particles", "outer_particles")
+
+
+def _key_type(name: str, key: str) -> type:
+    """The type of ``inference`` key ``key`` for estimator ``name``: a shared key or one of its config's."""
+    own = registry.config("estimator", name)
+    hints = {**typing.get_type_hints(InferenceSpec), **(typing.get_type_hints(own) if own else {})}
+    return hints[key]
 
 
 def accepted() -> str:
@@ -148,8 +155,18 @@ class Choice:
         return " ".join([self.name, *others])
 
     def inference(self, base: InferenceSpec) -> InferenceSpec:
-        """``base`` with this estimator and its token's values (K = 1 unless the token sets it)."""
-        return dataclasses.replace(base, estimator=self.name, **{"num_particles": 1, **self.settings})
+        """``base`` with this estimator and its token's values (K = 1 unless the token sets it).
+
+        Keys of ``base`` that this estimator also takes keep their values
+        (``inference.tail_adaptive_beta`` for ``tail-adaptive:K``); a value
+        out of range is a :class:`UserInputError` naming the key.
+        """
+        raw = {**Spec(inference=base).to_dict()["inference"], "estimator": self.name, "num_particles": 1,
+               **self.settings}
+        own = registry.config("estimator", self.name)
+        accepted = {f.name for f in dataclasses.fields(InferenceSpec)} | (
+            {f.name for f in dataclasses.fields(own)} if own else set())
+        return Spec.from_dict({"inference": {k: v for k, v in raw.items() if k in accepted}}).inference
 
     def build(self, base: InferenceSpec):
         """The Pyro ELBO, through the registry."""
@@ -171,7 +188,7 @@ def parse_token(token: str) -> Choice:
     values = []
     for key, text in zip(fields, given):
         placeholder = PLACEHOLDERS.get(key, key.upper())
-        if key in INTEGER_KEYS:
+        if _key_type(name, key) is int:
             if not re.fullmatch(r"\d+", text) or int(text) < 1:
                 raise bad(f"has {placeholder} = {text!r}, not a positive integer")
             values.append((key, int(text)))
@@ -185,8 +202,7 @@ def parse_token(token: str) -> Choice:
         values.append((key, number))
     choice = Choice(name, tuple(values))
     try:
-        spec = Spec.from_dict({"inference": dataclasses.asdict(choice.inference(InferenceSpec()))})
-        choice.build(spec.inference)
+        choice.build(InferenceSpec())
     except (UserInputError, ValueError) as exc:
         raise bad(f"is refused ({one_line(exc)})") from None
     return choice

@@ -91,6 +91,7 @@ the importance-weight diagnostics of :mod:`pyro_vae.diagnostics`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -103,7 +104,7 @@ from pyro.util import check_model_guide_match
 
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import InferenceSpec
+from pyro_vae.spec import InferenceSpec, accepts
 
 MAX_PLATE_NESTING = 1
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -570,12 +571,19 @@ def tracegraph_estimator(spec: InferenceSpec) -> ELBO:
     return TraceGraph_ELBO(**_pyro_options(spec))
 
 
-@registry.register("estimator", "tail-adaptive", token=("num_particles",))
+@dataclass
+class TailAdaptiveConfig:
+    """``tail-adaptive``: β_ta ≤ 0, the power of the tail rank (γ = F̂^β_ta)."""
+
+    tail_adaptive_beta: float = field(default=-1.0, metadata=accepts(high=0))
+
+
+@registry.register("estimator", "tail-adaptive", token=("num_particles",), config=TailAdaptiveConfig)
 def tail_adaptive_estimator(spec: InferenceSpec) -> ELBO:
     if spec.num_particles < 2:
         raise UserInputError(f"'inference.num_particles' is {spec.num_particles}; "
                              "the tail-adaptive estimator needs at least 2 particles")
-    return TailAdaptive_ELBO(num_particles=spec.num_particles, tail_adaptive_beta=spec.tail_adaptive_beta)
+    return TailAdaptive_ELBO(num_particles=spec.num_particles, tail_adaptive_beta=spec.options.tail_adaptive_beta)
 
 
 @registry.register("estimator", "iwae", token=("num_particles",))
@@ -583,9 +591,21 @@ def iwae_estimator(spec: InferenceSpec) -> ELBO:
     return IWAE_ELBO(num_particles=spec.num_particles)
 
 
-@registry.register("estimator", "renyi", token=("num_particles", "alpha"))
+@dataclass
+class RenyiConfig:
+    """``renyi``: α ≠ 1 (α = 0 is IWAE; α → 1 the ELBO)."""
+
+    alpha: float = 0.5
+
+    def check(self, key: str, spec) -> None:
+        if self.alpha == 1.0:
+            raise UserInputError(f"'{key}.alpha' is 1.0; the Rényi bound needs alpha != 1 "
+                                 "(alpha = 1 is the ELBO: use 'trace')")
+
+
+@registry.register("estimator", "renyi", token=("num_particles", "alpha"), config=RenyiConfig)
 def renyi_estimator(spec: InferenceSpec) -> ELBO:
-    return Renyi_ELBO(alpha=spec.alpha, num_particles=spec.num_particles)
+    return Renyi_ELBO(alpha=spec.options.alpha, num_particles=spec.num_particles)
 
 
 @registry.register("estimator", "stl")
@@ -598,19 +618,33 @@ def dreg_estimator(spec: InferenceSpec) -> ELBO:
     return DReG_ELBO(num_particles=spec.num_particles)
 
 
-@registry.register("estimator", "miwae", token=("outer_particles", "num_particles"))
+@dataclass
+class OuterConfig:
+    """``miwae``, ``piwae``: M, the number of IWAE-K bounds per example (M·K particles)."""
+
+    outer_particles: int = field(default=1, metadata=accepts(1))
+
+
+@registry.register("estimator", "miwae", token=("outer_particles", "num_particles"), config=OuterConfig)
 def miwae_estimator(spec: InferenceSpec) -> ELBO:
-    return MIWAE_ELBO(outer_particles=spec.outer_particles, num_particles=spec.num_particles)
+    return MIWAE_ELBO(outer_particles=spec.options.outer_particles, num_particles=spec.num_particles)
 
 
-@registry.register("estimator", "ciwae", token=("num_particles", "ciwae_beta"))
+@dataclass
+class CIWAEConfig:
+    """``ciwae``: β ∈ [0, 1], the weight on the ELBO (β ELBO + (1 − β) IWAE)."""
+
+    ciwae_beta: float = field(default=0.5, metadata=accepts(0, 1))
+
+
+@registry.register("estimator", "ciwae", token=("num_particles", "ciwae_beta"), config=CIWAEConfig)
 def ciwae_estimator(spec: InferenceSpec) -> ELBO:
-    return CIWAE_ELBO(num_particles=spec.num_particles, ciwae_beta=spec.ciwae_beta)
+    return CIWAE_ELBO(num_particles=spec.num_particles, ciwae_beta=spec.options.ciwae_beta)
 
 
-@registry.register("estimator", "piwae", token=("outer_particles", "num_particles"))
+@registry.register("estimator", "piwae", token=("outer_particles", "num_particles"), config=OuterConfig)
 def piwae_estimator(spec: InferenceSpec) -> ELBO:
-    return PIWAE_ELBO(outer_particles=spec.outer_particles, num_particles=spec.num_particles)
+    return PIWAE_ELBO(outer_particles=spec.options.outer_particles, num_particles=spec.num_particles)
 
 
 # --------------------------------------------------------------------------

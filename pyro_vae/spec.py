@@ -5,7 +5,9 @@ a range or a list of accepted values; ``Spec.from_dict`` checks all of them and
 raises :class:`~pyro_vae.errors.UserInputError` with one line that names the
 dotted key and what it accepts. Names of parts (``model.prior.type`` and the
 like) are checked against the registry, so a user-registered part is accepted
-as soon as it is registered.
+as soon as it is registered. A part section (``model.prior``, ``inference``, …)
+holds the keys every part of its kind shares and, beside them in YAML, the keys
+the selected part declares: its registry config dataclass, held in ``options``.
 """
 from __future__ import annotations
 
@@ -111,11 +113,8 @@ class ModelSpec:
 @dataclass
 class InferenceSpec:
     estimator: str = field(default="meanfield", metadata=accepts(kind="estimator"))
+    options: Any = field(default=None, metadata=OPTIONS)  # the estimator's own keys (registry config)
     num_particles: int = field(default=1, metadata=accepts(1))
-    alpha: float = 0.5
-    outer_particles: int = field(default=1, metadata=accepts(1))              # M of miwae, piwae
-    ciwae_beta: float = field(default=0.5, metadata=accepts(0, 1))            # ciwae's weight on the ELBO
-    tail_adaptive_beta: float = field(default=-1.0, metadata=accepts(high=0))  # β_ta of tail-adaptive
     # the training step's path (pyro_vae.path_choice): true is inductor, false is eager
     compile: Union[bool, str] = field(default="auto", metadata=accepts(choices=("auto", "eager", "traced", "inductor")))
 
@@ -204,13 +203,21 @@ class Spec:
             set_dotted(raw, key, value)
             explicit.append(key)
         for prefix, _ in part_sections():
-            section = section_at(raw, prefix)
-            if isinstance(section, dict) and section.get("type") != section_at(self, prefix).type:
+            section, selector = section_at(raw, prefix), part_selector(type(section_at(self, prefix)))
+            if isinstance(section, dict) and section.get(selector) != getattr(section_at(self, prefix), selector):
                 for key in _other_parts_keys(prefix, section):
                     dotted = f"{prefix}.{key}"
                     if not any(dotted == e or dotted.startswith(e + ".") for e in explicit):
                         del section[key]
         return Spec.from_dict(raw)
+
+
+def part_selector(cls: type) -> str | None:
+    """The key that selects the part of a section with part options (``type``, ``estimator``), else None."""
+    fields = dataclasses.fields(cls)
+    if not any(f.name == "options" for f in fields):
+        return None
+    return next((f.name for f in fields if f.metadata.get("kind")), None)
 
 
 def part_sections(cls: type | None = None, prefix: str = "") -> list[tuple[str, str]]:
@@ -220,9 +227,10 @@ def part_sections(cls: type | None = None, prefix: str = "") -> list[tuple[str, 
         annotation = typing.get_type_hints(cls or Spec)[f.name]
         if not dataclasses.is_dataclass(annotation):
             continue
-        names = {g.name: g for g in dataclasses.fields(annotation)}
-        if "options" in names and "type" in names:
-            found.append((prefix + f.name, names["type"].metadata["kind"]))
+        selector = part_selector(annotation)
+        if selector is not None:
+            kind = next(g for g in dataclasses.fields(annotation) if g.name == selector).metadata["kind"]
+            found.append((prefix + f.name, kind))
         found += part_sections(annotation, f"{prefix}{f.name}.")
     return found
 
@@ -237,7 +245,9 @@ def section_at(tree: Any, dotted: str) -> Any:
 def _other_parts_keys(prefix: str, section: dict) -> list[str]:
     """The keys of ``section`` that belong only to parts other than the one it selects."""
     kind = dict(part_sections())[prefix]
-    name = section.get("type", section_at(Spec(), prefix).type)
+    default = section_at(Spec(), prefix)
+    selector = part_selector(type(default))
+    name = section.get(selector, getattr(default, selector))
     chosen = registry.config(kind, name) if isinstance(name, str) else None
     mine = {f.name for f in dataclasses.fields(chosen)} if chosen else set()
     theirs = {f.name for name in registry.names(kind) if (c := registry.config(kind, name))
@@ -384,11 +394,11 @@ def _owners(kind: str, key: Any) -> list[str]:
 
 def _part_config(cls: type, raw: dict, fields: dict) -> type | None:
     """The registry config dataclass of the part this section selects, if the section is a part's."""
-    if "options" not in fields or "type" not in fields:
+    selector = part_selector(cls)
+    if selector is None:
         return None
-    kind = fields["type"].metadata.get("kind")
-    name = raw.get("type", fields["type"].default)
-    return registry.config(kind, name) if isinstance(name, str) else None
+    name = raw.get(selector, fields[selector].default)
+    return registry.config(fields[selector].metadata["kind"], name) if isinstance(name, str) else None
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -402,7 +412,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     own = [name for name in fields if name != "options"]
     unknown = sorted(set(raw) - set(own) - set(part_keys), key=str)
     if unknown:
-        owners = _owners(fields["type"].metadata["kind"], unknown[0]) if "options" in fields else []
+        selector = part_selector(cls)
+        owners = _owners(fields[selector].metadata["kind"], unknown[0]) if selector else []
         hint = f" ('{unknown[0]}' is a key of {' and '.join(owners)})" if owners else ""
         raise UserInputError(
             f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}{hint}")
@@ -511,8 +522,6 @@ def _check_cross_field(spec: Spec) -> None:
                              "(e.g. 10000)")
     if spec.data.name == "file" and spec.data.path is None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
-    if spec.inference.estimator == "renyi" and spec.inference.alpha == 1.0:
-        raise UserInputError("'inference.alpha' is 1.0; the Rényi bound needs alpha != 1 (alpha = 1 is the ELBO: use 'trace')")
     check_device_name(spec.train.device, "'train.device'")
 
 

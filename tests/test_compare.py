@@ -84,7 +84,10 @@ def test_parse_estimators():
                                                         ("renyi", 5, -0.5), ("tail-adaptive", 2, None)]
     assert [c.label for c in choices] == ["trace", "iwae:64", "renyi:5:-0.5", "tail-adaptive:2"]
     spec = choices[2].inference(Spec().inference)
-    assert (spec.estimator, spec.num_particles, spec.alpha) == ("renyi", 5, -0.5)
+    assert (spec.estimator, spec.num_particles, spec.options.alpha) == ("renyi", 5, -0.5)
+    tail = choices[3].inference(Spec.from_dict({"inference": {"estimator": "tail-adaptive",
+                                                              "tail_adaptive_beta": -0.5}}).inference)
+    assert tail.options.tail_adaptive_beta == -0.5  # the base spec's own setting carries over
     for text in ("", " , ", "iwae:8,iwae:8"):
         with pytest.raises(UserInputError):
             compare.parse_estimators(text)

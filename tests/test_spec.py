@@ -51,7 +51,8 @@ def test_a_key_of_another_part_names_the_parts_that_take_it():
 
 
 def test_built_in_parts_declare_their_keys_in_the_registry():
-    for kind, name, key in [("prior", "mog", "components"), ("prior", "vamp", "pseudo_inputs"),
+    for kind, name, key in [("estimator", "renyi", "alpha"), ("estimator", "miwae", "outer_particles"),
+                            ("prior", "mog", "components"), ("prior", "vamp", "pseudo_inputs"),
                             ("prior", "flow", "flows"), ("guide", "low-rank-normal", "rank"),
                             ("guide", "iaf", "hidden"), ("network", "conv", "channels"),
                             ("likelihood", "gaussian", "scale")]:
@@ -135,6 +136,9 @@ def test_unknown_names_list_the_registered_ones(kind, key):
     (["model.likelihood.type=gaussian", "model.likelihood.scale=-0.1"], "model.likelihood.scale", "learned"),
     (["data.test_fraction=1.5"], "data.test_fraction", "<= 1"),
     (["data.binarize=sometimes"], "data.binarize", "dynamic"),
+    (["inference.estimator=renyi", "inference.alpha=1"], "inference.alpha", "alpha != 1"),
+    (["inference.estimator=tail-adaptive", "inference.tail_adaptive_beta=0.5"], "inference.tail_adaptive_beta",
+     "<= 0"),
 ])
 def test_impossible_values_name_the_key_and_the_range(overrides, key, accepted):
     message = error_of(overrides=overrides)
