@@ -2,28 +2,26 @@ r"""log p_θ(x | z) for many draws at once: the evaluation's inner loop, at clos
 
 The importance-sampled log-likelihood evaluates the decoder on K × B latent
 draws; for MNIST with K = 5000 that is 5·10⁷ decoder outputs of 784 logits.
-Three rewrites, each an identity, keep the work beside the matrix multiplies
+Two rewrites, each an identity, keep the work beside the matrix multiplies
 small. All apply only without gradients, to a Bernoulli likelihood on binary
 x; any other case uses the decoder and the likelihood's own ``log_prob``.
 
 **The Bernoulli density without an exp and a log per logit.** For logits l and s = 2x − 1,
-x·log σ(l) + (1 − x)·log σ(−l) = log σ(s·l), and with log σ(t) = min(t, 0) + log σ(|t|)
-and min(t, 0) = (t − |t|)/2::
+x·log σ(l) + (1 − x)·log σ(−l) = log σ(s·l), so::
 
-    log p(x | l) = ½ (Σ_d s_d l_d − Σ_d |l_d|)  +  Σ_g log Π_{d ∈ g} σ(|l_d|)
+    log p(x | l) = Σ_d log σ(s_d l_d) = Σ_g log Π_{d ∈ g} σ(s_d l_d)
 
-Every factor σ(|l|) lies in [1/2, 1), so a product over a group of G ≤ 64
-logits stays ≥ 2⁻⁶⁴ (no underflow in float32) and one ``log`` serves G
-logits (the products are formed pairwise first: half a row times the other
-half, three times, then over groups). Σ s·l and Σ |l| are summed apart, so the
-float32 error is that of a sum of D terms of size |l|, as in the plain formula
-(checked against float64 in ``tests/test_speed_paths.py``).
-
-**The linear term without the logits.** For an MLP decoder whose last layer
-is l = W h + b (W of shape (D, H)), Σ_d s_d l_d = h · (Wᵀ s) + b · s: a
-product with an (H,) vector per example instead of a pass over D logits.
-What remains per logit is |l| in place, its sum, σ in place and the group
-products.
+over groups g of at most 64 logits: one in-place multiply by s, one in-place
+sigmoid, and one ``log`` per group instead of an exp and a log1p per logit.
+The products are formed pairwise first (half a row times the other half,
+three times), which vectorizes better than a reduction over a short last dim,
+then over groups. Each factor lies in (0, 1) and a product of G factors has at
+most G roundings, so the float32 error is that of the plain formula's sum
+(checked against float64 in ``tests/test_speed_paths.py``, on logits that
+predict x as a trained decoder's do as well as on random ones). A group's
+product falls below the smallest normal float only where the decoder is
+confidently wrong about that group (log-density under −87 nats in float32);
+those rows are found and recomputed with ``logsigmoid``.
 
 **tanh as a sigmoid.** tanh(a) = 2σ(2a) − 1, and the sigmoid kernel is several
 times cheaper than tanh's. For a tanh MLP, with g = σ(2a) the layer after it sees
@@ -72,17 +70,9 @@ def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _abs_sum_and_log_sigmoid(buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_d |l_d|, Σ_g log Π_g σ(|l_d|)) over the last dim; ``buffer`` (…, D) holds the logits and is overwritten.
-
-    The products start with up to ``PAIRWISE_STEPS`` in-place halvings (the first
-    half of the row times the second), which vectorize better than a reduction
-    over a short last dim; the rest is a product over groups, at most
-    ``MAX_GROUP`` factors in all.
-    """
-    absolute = buffer.abs_()
-    total = absolute.sum(-1)
-    values = absolute.sigmoid_()
+def _sum_log_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_d log σ(t_d) over the last dim, whether each row's group products stayed normal floats); overwrites t."""
+    values = t.sigmoid_()
     width, factors = values.shape[-1], 1
     for _ in range(PAIRWISE_STEPS):
         if width % 2:
@@ -92,20 +82,29 @@ def _abs_sum_and_log_sigmoid(buffer: torch.Tensor) -> tuple[torch.Tensor, torch.
         factors *= 2
     group = group_size(width, MAX_GROUP // factors)
     products = values[..., :width].unflatten(-1, (width // group, group)).prod(-1)
-    return total, products.log_().sum(-1)
+    normal = products.amin(-1) >= torch.finfo(products.dtype).tiny
+    return products.log_().sum(-1), normal
+
+
+def _bernoulli(t: torch.Tensor, recompute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ_d log σ(t_d) for t = s·l of shape (rows, D), overwriting t.
+
+    ``recompute(index)``: s·l again for the rows ``index`` (1-d), for the rare
+    rows whose products underflowed; those take ``logsigmoid``.
+    """
+    total, normal = _sum_log_sigmoid(t)
+    if not bool(normal.all()):
+        index = (~normal).nonzero().squeeze(1)
+        total[index] = torch.nn.functional.logsigmoid(recompute(index)).sum(-1)
+    return total
 
 
 @torch.no_grad()
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_d log Bernoulli(x_d | logits_d) over the last dim, for logits (…, B, D) and binary x (B, D)."""
-    return _bernoulli_in_place(logits.clone(), x)
-
-
-def _bernoulli_in_place(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``bernoulli_log_prob``, overwriting ``logits``."""
-    linear = (logits * (x * 2 - 1)).sum(-1)
-    absolute, log_sigmoid = _abs_sum_and_log_sigmoid(logits)
-    return linear.sub_(absolute).mul_(0.5).add_(log_sigmoid)
+    signs = (x * 2 - 1).expand_as(logits).reshape(-1, logits.shape[-1])
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _bernoulli(flat * signs, lambda index: flat[index] * signs[index]).view(logits.shape[:-1])
 
 
 class MLPLayers:
@@ -152,17 +151,27 @@ class MLPLayers:
         return h.reshape(*z.shape[:-1], -1)
 
 
+def _signed_logits(logits: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """s·l in place for logits (rows, D) of draws (k, B) flattened with the example fastest, signs (B, D)."""
+    return logits.view(-1, *signs.shape).mul_(signs).view(logits.shape)
+
+
 @torch.no_grad()
-def _bernoulli_from_hidden(layers: MLPLayers, z: torch.Tensor, linear_weight: torch.Tensor,
-                           linear_bias: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """log p(x | z) for draws z (k, B, d) through the output layer, with Wᵀ s and b · s precomputed."""
-    h = layers.hidden(z)                                               # (k, B, H)
-    linear = (h * linear_weight).sum(-1).add_(linear_bias)             # h · (Wᵀ s) + b · s
-    rows = h.shape[0] * h.shape[1]
-    buffer = scratch.get(torch.Size([rows, layers.weight.shape[0]]), h)
-    torch.addmm(layers.bias, h.reshape(rows, -1), layers.weight.t(), out=buffer)
-    absolute, log_sigmoid = _abs_sum_and_log_sigmoid(buffer)
-    return linear.sub_(absolute.view_as(linear)).mul_(0.5).add_(log_sigmoid.view_as(linear))
+def _block_log_prob(vae, layers: MLPLayers | None, z: torch.Tensor, signs: torch.Tensor,
+                    scratch: Scratch) -> torch.Tensor:
+    """log p(x | z) of one block of draws z (k, B, d): the decoder's logits, then the grouped products."""
+    flat_z = z.reshape(-1, z.shape[-1])
+
+    def recompute(index: torch.Tensor) -> torch.Tensor:   # the decoder itself, for the rare underflowing rows
+        return vae.decoder(flat_z[index]) * signs[index % signs.shape[0]]
+
+    if layers is None:                                     # another network: its own forward
+        logits = vae.decoder(z).reshape(flat_z.shape[0], -1)
+    else:
+        h = layers.hidden(flat_z)
+        logits = scratch.get(torch.Size([h.shape[0], layers.weight.shape[0]]), h)
+        torch.addmm(layers.bias, h, layers.weight.t(), out=logits)
+    return _bernoulli(_signed_logits(logits, signs), recompute).view(z.shape[:2])
 
 
 def decoded_log_prob(vae, z: torch.Tensor, x: torch.Tensor, binary: bool | None = None,
@@ -183,10 +192,5 @@ def decoded_log_prob(vae, z: torch.Tensor, x: torch.Tensor, binary: bool | None 
     if not (fast and isinstance(vae.likelihood, Bernoulli) and not torch.is_grad_enabled() and z.dim() == 3
             and z.dtype in (torch.float32, torch.float64) and (is_binary(x) if binary is None else binary)):
         return torch.cat([vae.likelihood(vae.decoder(block)).log_prob(x) for block in blocks])
-    scratch = scratch or Scratch()
-    layers = MLPLayers.of(vae.decoder)
-    if layers is None:                      # another network: its logits, then the density's two passes in place
-        return torch.cat([_bernoulli_in_place(vae.decoder(block), x) for block in blocks])
-    signs = x * 2 - 1
-    linear_weight, linear_bias = signs @ layers.weight, signs @ layers.bias   # Wᵀ s (B, H) and b · s (B,)
-    return torch.cat([_bernoulli_from_hidden(layers, block, linear_weight, linear_bias, scratch) for block in blocks])
+    scratch, layers, signs = scratch or Scratch(), MLPLayers.of(vae.decoder), x * 2 - 1
+    return torch.cat([_block_log_prob(vae, layers, block, signs, scratch) for block in blocks])

@@ -186,6 +186,26 @@ def test_fast_bernoulli_log_likelihood_agrees_with_float64():
     assert fast_likelihood.group_size(97) == 1
 
 
+def test_fast_paths_keep_float32_accuracy_where_the_decoder_predicts_x():
+    """A trained decoder's logits mostly agree with x, so Σ s·l and Σ |l| nearly cancel: no worse than the plain sum."""
+    torch.manual_seed(0)
+    vae = VAE.from_spec(load_spec(None, ["model.latent_dim=5", "model.decoder.hidden=[64,64]",
+                                         "model.decoder.activation=tanh"]).model, 784).eval()
+    with torch.no_grad():
+        vae.decoder.net[-1].weight.mul_(3)
+        vae.decoder.net[-1].bias.copy_(15 * torch.randn(784).sign())  # logits of ±15 or so, as after training
+        z = torch.randn(1, 6, 5) + 0.05 * torch.randn(200, 6, 5)
+        x = torch.bernoulli(torch.sigmoid(vae.decoder(z[0])))  # what the decoder predicts, near z
+        logits = vae.decoder(z)
+        exact = -torch.nn.functional.binary_cross_entropy_with_logits(
+            vae.decoder.double()(z.double()), x.double().expand(200, 6, 784), reduction="none").sum(-1)
+        vae.decoder.float()
+        assert exact.mean() > -0.05 * logits.abs().sum(-1).mean()  # the cancelling regime: log p ≪ Σ |l|
+        plain_error = (vae.likelihood(logits).log_prob(x).double() - exact).abs().max().item()
+        for fast in (fast_likelihood.decoded_log_prob(vae, z, x, True), fast_likelihood.bernoulli_log_prob(logits, x)):
+            assert (fast.double() - exact).abs().max().item() <= 2 * plain_error + 1e-6
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu", "gated"])
 def test_the_decoder_layers_for_evaluation_give_the_decoders_logits(activation):
     """tanh(a) = 2σ(2a) − 1 folded into the weights: the same logits as the decoder, to float32 rounding."""
