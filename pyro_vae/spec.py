@@ -175,10 +175,10 @@ class Spec:
         """
         if isinstance(raw, dict):
             raw = copy.deepcopy(raw)
-            for prefix, _ in part_sections():
+            for prefix, kind in part_sections():
                 section = section_at(raw, prefix)
                 if isinstance(section, dict):
-                    for key in _other_parts_keys(prefix, section):
+                    for key in _other_parts_keys(prefix, kind, section):
                         del section[key]
         return cls.from_dict(raw)
 
@@ -202,10 +202,11 @@ class Spec:
             key, value = parse_assignment(assignment)
             set_dotted(raw, key, value)
             explicit.append(key)
-        for prefix, _ in part_sections():
-            section, selector = section_at(raw, prefix), part_selector(type(section_at(self, prefix)))
-            if isinstance(section, dict) and section.get(selector) != getattr(section_at(self, prefix), selector):
-                for key in _other_parts_keys(prefix, section):
+        for prefix, kind in part_sections():
+            section, current = section_at(raw, prefix), section_at(self, prefix)
+            selector = part_selector(type(current))
+            if isinstance(section, dict) and section.get(selector) != getattr(current, selector):
+                for key in _other_parts_keys(prefix, kind, section):
                     dotted = f"{prefix}.{key}"
                     if not any(dotted == e or dotted.startswith(e + ".") for e in explicit):
                         del section[key]
@@ -238,13 +239,17 @@ def part_sections(cls: type | None = None, prefix: str = "") -> list[tuple[str, 
 def section_at(tree: Any, dotted: str) -> Any:
     """The node at ``dotted`` (``model.prior``) of a nested dict or a spec (None where a dict lacks it)."""
     for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else getattr(tree, part)
+        if isinstance(tree, dict):
+            tree = tree.get(part)
+        elif dataclasses.is_dataclass(tree):
+            tree = getattr(tree, part)
+        else:
+            return None  # a value where a section should be: from_dict names the key
     return tree
 
 
-def _other_parts_keys(prefix: str, section: dict) -> list[str]:
-    """The keys of ``section`` that belong only to parts other than the one it selects."""
-    kind = dict(part_sections())[prefix]
+def _other_parts_keys(prefix: str, kind: str, section: dict) -> list[str]:
+    """The keys of ``section`` (the part section at ``prefix``, of ``kind``) that belong only to parts it does not select."""
     default = section_at(Spec(), prefix)
     selector = part_selector(type(default))
     name = section.get(selector, getattr(default, selector))

@@ -73,6 +73,13 @@ def test_choosing_another_part_drops_the_keys_of_the_one_it_replaces():
         mog.with_overrides(["model.prior.type=vamp", "model.prior.components=5"])  # set explicitly: still refused
 
 
+@pytest.mark.parametrize("make", [lambda: Spec().with_overrides(["model=5"]), lambda: Spec.from_saved({"model": 5}),
+                                  lambda: Spec.from_saved({"model": {"prior": ["mog"]}})])
+def test_a_value_where_a_part_section_belongs_is_one_line(make):
+    with pytest.raises(UserInputError, match="must be a mapping"):
+        make()
+
+
 def test_a_saved_spec_with_every_built_in_parts_keys_still_loads():
     old = Spec().to_dict()
     old["model"]["prior"].update(components=10, pseudo_inputs=100, pseudo_input_activation="hardtanh", flows=2,
