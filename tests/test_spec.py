@@ -6,6 +6,7 @@ import yaml
 
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
+from pyro_vae.model import VAE
 from pyro_vae.spec import Spec, load_spec, packaged_configs, parse_assignment
 
 
@@ -60,6 +61,7 @@ def test_built_in_parts_declare_their_keys_in_the_registry():
     spec = load_spec(None, ["model.prior.type=mog", "model.prior.components=3"])
     assert spec.model.prior.options.components == 3
     assert spec.to_dict()["model"]["prior"] == {"type": "mog", "components": 3}
+    assert VAE.from_spec(spec.model, 16).prior.logits.shape == (3,)  # the builder takes the value
 
 
 def test_choosing_another_part_drops_the_keys_of_the_one_it_replaces():
