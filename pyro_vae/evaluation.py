@@ -86,7 +86,7 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "reconstruction", "kl_sampled", "kl", "ll", "ess",
                                                              "khat")}
     closed_form = True
-    binary, scratch = fast_likelihood.is_binary(data), fast_likelihood.Scratch()  # one check, one buffer
+    binary, scratch = fast_likelihood.is_binary(data), fast_likelihood.Scratch()  # one check, one scratch
     for start in range(0, data.shape[0], chunk):
         x = data[start:start + chunk]
         log_lik, log_prior, log_q = log_weights(vae, x, num_samples, binary, scratch, fast)

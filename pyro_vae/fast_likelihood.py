@@ -30,7 +30,8 @@ evaluation (:class:`MLPLayers`): each hidden layer becomes one GEMM and one
 in-place sigmoid.
 
 The decoder runs over blocks of draws that stay in the CPU's cache
-(``CPU_BLOCK_ROWS``), with one scratch buffer for a whole evaluation.
+(``CPU_BLOCK_ROWS``); one :class:`Scratch` holds the buffer and the folded
+layers for a whole evaluation.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ from torch import nn
 from pyro_vae.likelihoods import Bernoulli
 from pyro_vae.networks import MLPDecoder
 
-MAX_GROUP = 64       # factors σ(|l|) ≥ 1/2 per product: ≥ 2⁻⁶⁴, far from float32's underflow
-PAIRWISE_STEPS = 3   # in-place halvings before the grouped product (see _abs_sum_and_log_sigmoid)
+MAX_GROUP = 64       # factors σ(s·l) per product: bounds its roundings and how often a group underflows
+PAIRWISE_STEPS = 3   # in-place halvings before the grouped product (see _bernoulli)
 CPU_BLOCK_ROWS = 2048  # draws per decoder block on a CPU (see decoded_log_prob)
 
 
@@ -53,10 +54,17 @@ def group_size(dim: int, largest: int = MAX_GROUP) -> int:
 
 
 class Scratch:
-    """One reusable scratch tensor for a whole evaluation (grown as needed)."""
+    """What one evaluation reuses across its chunks: a buffer (grown as needed) and the decoder's folded layers."""
 
     def __init__(self):
         self.tensor: torch.Tensor | None = None
+        self._layers: tuple[nn.Module, MLPLayers | None] | None = None
+
+    def layers(self, decoder: nn.Module) -> "MLPLayers | None":
+        """``MLPLayers.of(decoder)``, built once per evaluation (the weights do not change during one)."""
+        if self._layers is None or self._layers[0] is not decoder:
+            self._layers = (decoder, MLPLayers.of(decoder))
+        return self._layers[1]
 
     def get(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         n = shape.numel()
@@ -70,8 +78,13 @@ def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _sum_log_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_d log σ(t_d) over the last dim, whether each row's group products stayed normal floats); overwrites t."""
+def _bernoulli(t: torch.Tensor, recompute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ_d log σ(t_d) for t = s·l of shape (rows, D), overwriting t.
+
+    ``recompute(index)``: s·l again for the rows ``index`` (1-d), for the rare
+    rows where a group's product fell below the smallest normal float; those
+    take ``logsigmoid``.
+    """
     values = t.sigmoid_()
     width, factors = values.shape[-1], 1
     for _ in range(PAIRWISE_STEPS):
@@ -83,16 +96,7 @@ def _sum_log_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     group = group_size(width, MAX_GROUP // factors)
     products = values[..., :width].unflatten(-1, (width // group, group)).prod(-1)
     normal = products.amin(-1) >= torch.finfo(products.dtype).tiny
-    return products.log_().sum(-1), normal
-
-
-def _bernoulli(t: torch.Tensor, recompute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Σ_d log σ(t_d) for t = s·l of shape (rows, D), overwriting t.
-
-    ``recompute(index)``: s·l again for the rows ``index`` (1-d), for the rare
-    rows whose products underflowed; those take ``logsigmoid``.
-    """
-    total, normal = _sum_log_sigmoid(t)
+    total = products.log_().sum(-1)
     if not bool(normal.all()):
         index = (~normal).nonzero().squeeze(1)
         total[index] = torch.nn.functional.logsigmoid(recompute(index)).sum(-1)
@@ -192,5 +196,6 @@ def decoded_log_prob(vae, z: torch.Tensor, x: torch.Tensor, binary: bool | None 
     if not (fast and isinstance(vae.likelihood, Bernoulli) and not torch.is_grad_enabled() and z.dim() == 3
             and z.dtype in (torch.float32, torch.float64) and (is_binary(x) if binary is None else binary)):
         return torch.cat([vae.likelihood(vae.decoder(block)).log_prob(x) for block in blocks])
-    scratch, layers, signs = scratch or Scratch(), MLPLayers.of(vae.decoder), x * 2 - 1
+    scratch = scratch or Scratch()
+    layers, signs = scratch.layers(vae.decoder), x * 2 - 1
     return torch.cat([_block_log_prob(vae, layers, block, signs, scratch) for block in blocks])
