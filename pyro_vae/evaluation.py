@@ -26,7 +26,7 @@ import pyro
 import torch
 from torch.distributions import kl_divergence
 
-from pyro_vae import diagnostics, fast_likelihood
+from pyro_vae import diagnostics, fast_likelihood, gaussian
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -51,6 +51,7 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int, binary: bool | None
                 scratch: fast_likelihood.Scratch | None = None, fast: bool = True) -> tuple[torch.Tensor, ...]:
     """(log p(x|z), log p(z), log q(z|x)) for K draws per example, each (K, B).
 
+    log q and log p of diagonal Gaussians take :func:`pyro_vae.gaussian.log_density`;
     log p(x|z) of a Bernoulli likelihood on binary x takes the fast path of
     :mod:`pyro_vae.fast_likelihood` (same value; ``binary`` says x is 0/1, checked when None;
     ``fast=False``: the likelihood's own ``log_prob``), and on a CPU the decoder runs over
@@ -59,8 +60,8 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int, binary: bool | None
     with pyro.validation_enabled(False):  # z is drawn from q: no support checks of the K × B draws
         q = vae.posterior(x)
         z = q.rsample((num_samples,))
-        log_q = q.log_prob(z)
-        log_prior = vae.prior_distribution().log_prob(z)
+        log_q = gaussian.log_density(q, z)
+        log_prior = gaussian.log_density(vae.prior_distribution(), z)
     log_lik = fast_likelihood.decoded_log_prob(vae, z, x, binary, scratch, fast=fast)
     return log_lik, log_prior, log_q
 

@@ -16,7 +16,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from pyro_vae.gaussian import LinearGaussian, diagonal_normal_kl, gaussian_diagonal_kl
+from pyro_vae.gaussian import LinearGaussian, diagonal_normal_kl, gaussian_diagonal_kl, log_density
 
 NUM_SE = 4.0
 
@@ -72,6 +72,27 @@ def test_diagonal_normal_kl_matches_monte_carlo():
     exact = diagonal_normal_kl(loc_q, scale_q, loc_p, scale_p)
     # Within 4 SE; the absolute 1e-9 covers rounding where q = p makes the SE exactly 0.
     assert torch.all((estimate - exact).abs() <= NUM_SE * se + 1e-9), (estimate, exact, se)
+
+
+@pytest.mark.parametrize("batch", [(), (4,)], ids=["shared", "per-example"])
+def test_diagonal_gaussian_log_density_matches_the_multivariate_normal(batch):
+    # K draws of B = 4 examples against a diagonal Gaussian shared by all examples (a prior) or one per
+    # example (a guide); scales from 1e-3 to 1e3; reference: torch's full-covariance MultivariateNormal
+    torch.manual_seed(0)
+    scale = torch.logspace(-3, 3, 5).repeat(*batch, 1) * (torch.rand(*batch, 5) + 0.5)
+    loc = torch.randn(*batch, 5)
+    p = dist.Normal(loc, scale).to_event(1)
+    z = loc + scale * torch.randn(7, 4, 5)
+    reference = dist.MultivariateNormal(loc, covariance_matrix=torch.diag_embed(scale ** 2)).log_prob(z)
+    value = log_density(p, z)
+    assert value.shape == (7, 4)
+    torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_log_density_of_any_other_distribution_is_its_log_prob():
+    q = dist.MultivariateNormal(torch.randn(4, 3), scale_tril=torch.eye(3) * 0.5)
+    z = q.sample((6,))
+    torch.testing.assert_close(log_density(q, z), q.log_prob(z), rtol=0, atol=0)
 
 
 def full_and_low_rank_guides(batch: int, dim: int) -> list[torch.distributions.Distribution]:
