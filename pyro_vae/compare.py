@@ -87,7 +87,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
-from pyro_vae.spec import InferenceSpec, Spec
+from pyro_vae.spec import InferenceSpec, Spec, part_keys
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
 DEFAULT_REPEATS = 100
@@ -163,9 +163,7 @@ class Choice:
         """
         raw = {**Spec(inference=base).to_dict()["inference"], "estimator": self.name, "num_particles": 1,
                **self.settings}
-        own = registry.config("estimator", self.name)
-        accepted = {f.name for f in dataclasses.fields(InferenceSpec)} | (
-            {f.name for f in dataclasses.fields(own)} if own else set())
+        accepted = {f.name for f in dataclasses.fields(InferenceSpec)} | part_keys("estimator", self.name)
         return Spec.from_dict({"inference": {k: v for k, v in raw.items() if k in accepted}}).inference
 
     def build(self, base: InferenceSpec):

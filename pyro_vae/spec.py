@@ -248,17 +248,20 @@ def section_at(tree: Any, dotted: str) -> Any:
     return tree
 
 
+def part_keys(kind: str, name: Any) -> set[str]:
+    """The keys part ``name`` of ``kind`` declares: its registry config's fields (none without a config)."""
+    config = registry.config(kind, name) if isinstance(name, str) else None
+    return {f.name for f in dataclasses.fields(config)} if config else set()
+
+
 def _other_parts_keys(prefix: str, kind: str, section: dict) -> list[str]:
     """The keys of ``section`` (the part section at ``prefix``, of ``kind``) that belong only to parts it does not select."""
     default = section_at(Spec(), prefix)
     selector = part_selector(type(default))
-    name = section.get(selector, getattr(default, selector))
-    chosen = registry.config(kind, name) if isinstance(name, str) else None
-    mine = {f.name for f in dataclasses.fields(chosen)} if chosen else set()
-    theirs = {f.name for name in registry.names(kind) if (c := registry.config(kind, name))
-              for f in dataclasses.fields(c)}
-    own = {f.name for f in dataclasses.fields(type(section_at(Spec(), prefix)))}
-    return [key for key in section if key in theirs and key not in mine and key not in own]
+    mine = part_keys(kind, section.get(selector, getattr(default, selector)))
+    theirs = set().union(*(part_keys(kind, name) for name in registry.names(kind)))
+    others = theirs - mine - {f.name for f in dataclasses.fields(type(default))}
+    return [key for key in section if key in others]
 
 
 def parse_assignment(assignment: str) -> tuple[str, Any]:
@@ -393,8 +396,7 @@ def _flatten_options(tree: Any) -> Any:
 
 def _owners(kind: str, key: Any) -> list[str]:
     """The parts of ``kind`` whose config has ``key``, as ``prior 'mog'``."""
-    return [f"{kind} {name!r}" for name in registry.names(kind)
-            if (c := registry.config(kind, name)) and key in {f.name for f in dataclasses.fields(c)}]
+    return [f"{kind} {name!r}" for name in registry.names(kind) if key in part_keys(kind, name)]
 
 
 def _part_config(cls: type, raw: dict, fields: dict) -> type | None:
@@ -472,7 +474,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserInputError(f"'{key}' must be an integer, got {value!r}")
-        return _checkaccepts(value, key, meta)
+        return _check_range(value, key, meta)
     if annotation is float:
         if isinstance(value, str):
             try:
@@ -483,7 +485,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
             raise UserInputError(f"'{key}' must be a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):
             raise UserInputError(f"'{key}' must be a finite number, got {value!r}")
-        return _checkaccepts(float(value), key, meta)
+        return _check_range(float(value), key, meta)
     if annotation is str:
         if not isinstance(value, str):
             raise UserInputError(f"'{key}' must be a string, got {value!r}")
@@ -497,7 +499,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
     raise TypeError(f"unsupported spec annotation {annotation!r} for {key}")
 
 
-def _checkaccepts(value: float, key: str, meta: typing.Mapping) -> float:
+def _check_range(value: float, key: str, meta: typing.Mapping) -> float:
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("open_low") and value == low)):
         bound = f"> {low}" if meta.get("open_low") else f">= {low}"
