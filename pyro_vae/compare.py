@@ -87,6 +87,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
+from pyro_vae.log_weights import log_weights
 from pyro_vae.spec import InferenceSpec, Spec, part_keys
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
@@ -330,9 +331,9 @@ def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int, kl_w
     which are i.i.d. draws of the same weight distribution p(x, z) / q(z|x).
     """
     draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
-    with pyro.validation_enabled(False):  # i.i.d. weights: one vectorized pass, then groups of P
-        log_w = estimators.particle_log_weights(vae.model, vae.guide, x, num_particles=draws * particles,
-                                                num_data=num_data, kl_weight=kl_weight)
+    with pyro.validation_enabled(False), torch.no_grad():  # i.i.d. weights: one vectorized pass, then groups of P
+        log_w = log_weights(vae.model, vae.guide, x, num_particles=draws * particles, num_data=num_data,
+                            kl_weight=kl_weight).log_w
     groups = log_w.reshape(draws, particles, *log_w.shape[1:])
     ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)     # (B,)
     khat = diagnostics.pareto_k(log_w)

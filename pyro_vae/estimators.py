@@ -84,9 +84,9 @@ Gaussian prior, and MultivariateNormal / LowRankMultivariateNormal guide →
 Training-loop helpers
 ---------------------
 :func:`bound_and_backward` runs one estimator step (backward included) and
-returns the detached loss; :func:`bound` returns the bound without gradients;
-:func:`particle_log_weights` returns log w of K particles per example, for
-the importance-weight diagnostics of :mod:`pyro_vae.diagnostics`.
+returns the detached loss; :func:`bound` returns the bound without gradients. log w itself comes from
+:func:`pyro_vae.log_weights.log_weights`, which evaluation and ``compare``
+call too.
 """
 from __future__ import annotations
 
@@ -98,63 +98,20 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match
+from pyro.infer.util import torch_item
+from pyro.poutine.util import site_is_subsample
 
+from pyro_vae import log_weights as weights
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError
 from pyro_vae.spec import InferenceSpec, accepts
 
 MAX_PLATE_NESTING = 1
-PARTICLE_PLATE = "num_particles_vectorized"
 
 
 # --------------------------------------------------------------------------
-# Shared pieces: log-densities from a pair of traces, a late-bound gradient scale
+# Shared pieces: the guide's KL weight, a late-bound gradient scale
 # --------------------------------------------------------------------------
-
-def _site_log_prob(site: dict, path_derivative: bool = False) -> torch.Tensor:
-    """Unscaled log-density of one sample site (batch shape; event dims summed).
-
-    With ``path_derivative`` the value is the same, but the gradient is only the
-    path derivative: log q(z) − [log q(z.detach()) − log q(z.detach()).detach()].
-    """
-    fn, value = site["fn"], site["value"]
-    log_prob = fn.log_prob(value, *site["args"], **site["kwargs"])
-    if path_derivative:
-        fixed = fn.log_prob(value.detach(), *site["args"], **site["kwargs"])
-        log_prob = log_prob - (fixed - fixed.detach())
-    return log_prob
-
-
-def log_densities(model_trace, guide_trace, path_derivative: bool = False):
-    """``(log_p, log_q, scale)`` of a model/guide trace pair, from unscaled log-densities.
-
-    ``log_p`` = Σ log p over the model's sample sites, ``log_q`` = Σ log q over
-    the guide's. Dims of the plates that every site shares (the particle plate
-    and the data plate) are kept; every other plate dim is summed (kept as size
-    1). ``scale`` is the subsampling factor of the shared plates (N/B); each
-    site's remaining scale (its ``site["scale"]`` divided by N/B, e.g. β) and
-    its mask are applied inside. ``log_p − log_q`` is then log w per particle
-    and example, and a bound is ``scale · Σ_examples f(log w)``.
-    """
-    model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
-    guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample"]
-    shared = set.intersection(*(set(s["cond_indep_stack"]) for s in model_sites + guide_sites))
-    scale = math.prod(f.full_size / f.size for f in shared if f.full_size)
-
-    def total(sites, stl):
-        out = 0.0
-        for site in sites:
-            log_prob = _site_log_prob(site, stl and not site["is_observed"])
-            log_prob = scale_and_mask(log_prob, site["scale"] / scale, site["mask"])
-            dims = tuple(f.dim for f in site["cond_indep_stack"] if f.vectorized and f not in shared)
-            out = out + (log_prob.sum(dims, keepdim=True) if dims else log_prob)
-        return out
-
-    return total(model_sites, False), total(guide_sites, path_derivative), scale
-
 
 def guide_kl_weight(guide_trace, scale: float):
     """β of the guide's latent site: its scale over the plates' N/B, times its mask (0 where masked).
@@ -254,46 +211,33 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         self.alpha = float(alpha)
         self.particle_dim = -(max_plate_nesting + 1)
 
-    def _get_trace(self, model, guide, args, kwargs, scale_values=None):
-        """Run the guide with K particles, then the model on its samples.
-
-        ``scale_values`` (DReG) wraps each latent value before the model sees it.
-        """
-        particles = pyro.plate(PARTICLE_PLATE, self.num_particles, dim=self.particle_dim)
-        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-        replayed = guide_trace
-        if scale_values is not None:
-            replayed = guide_trace.copy()
-            for name, site in guide_trace.nodes.items():
-                if site["type"] == "sample" and not site_is_subsample(site):
-                    replayed.nodes[name] = {**site, "value": scale_values(site["value"], site["fn"].event_dim)}
-        model_trace = poutine.trace(poutine.replay(particles(model), trace=replayed)).get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, -self.particle_dim)
-        guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and not site["fn"].has_rsample:
-                raise NotImplementedError(f"{type(self).__name__} needs a reparameterized guide; "
-                                          f"site {site['name']!r} has none")
-        return model_trace, guide_trace
-
     @property
     def weights_per_bound(self) -> int:
         """How many importance weights one example's bound normalizes over (K; for MIWAE the inner K)."""
         return self.num_particles
 
+    def _get_trace(self, model, guide, args, kwargs):
+        """The model and guide traces of ``num_particles`` vectorized particles (Pyro's ``ELBO`` interface)."""
+        return weights.traces(model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1)
+
     def log_weights(self, model, guide, args, kwargs, late_scale=None):
-        """``(log_w, scale, guide_trace)``: log w of shape (K, B), N/B, and the guide's trace.
+        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.log_weights`), N/B, the guide's trace.
 
         With ``late_scale`` (DReG, PIWAE) every latent value the model sees and
         the guide's log q pass through it, so their gradient can be reweighted
         once the weights are known.
         """
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs, late_scale)
-        log_p, log_q, scale = log_densities(model_trace, guide_trace, self.path_derivative)
+        model_trace, guide_trace = weights.traces(model, guide, args, kwargs, self.num_particles,
+                                                  -self.particle_dim - 1, late_scale)
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and not site["fn"].has_rsample:
+                raise NotImplementedError(f"{type(self).__name__} needs a reparameterized guide; "
+                                          f"site {site['name']!r} has none")
+        sites = weights.from_traces(model_trace, guide_trace, self.path_derivative)
+        log_q = sites.log_q
         if late_scale is not None:
             log_q = late_scale(log_q)
-        return log_p - log_q, scale, guide_trace
+        return sites.log_p - log_q, sites.scale, guide_trace
 
     def example_bounds(self, model, guide, *args, **kwargs):
         """``(bounds, scale)``: each example's bound L(x_b) (shape of the data plate) and N/B.
@@ -673,10 +617,3 @@ def bound(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
         if hasattr(elbo, "differentiable_loss"):
             return -elbo.differentiable_loss(model, guide, *args, **kwargs).detach()
         return -torch.tensor(elbo.loss(model, guide, *args, **kwargs))
-
-
-@torch.no_grad()
-def particle_log_weights(model, guide, *args, num_particles: int, **kwargs) -> torch.Tensor:
-    """log w = log p(x, z_k) − log q(z_k|x) of ``num_particles`` draws per example, shape (K, B), unscaled by N/B."""
-    log_w, _, _ = IWAE_ELBO(num_particles=num_particles).log_weights(model, guide, args, kwargs)
-    return log_w

@@ -1,12 +1,15 @@
 """Test ELBO, importance-sampled log-likelihood and active units, in nats per example.
 
-For each example x and K draws z_k ~ q_φ(z|x), with log weights
-log w_k = log p_θ(x|z_k) + log p(z_k) − log q_φ(z_k|x):
+Every number comes from the traces of the VAE's own Pyro model and guide
+(:func:`pyro_vae.log_weights.log_weights`): for each example x and K draws
+z_k ~ q_φ(z|x), with log w_k = log p_θ(x|z_k) + log p(z_k) − log q_φ(z_k|x)
+summed over every site of the two programs,
 
 - ``elbo``            = (1/K) Σ_k log w_k  (Monte Carlo ELBO)
-- ``reconstruction``  = (1/K) Σ_k log p_θ(x|z_k)
-- ``kl``              = KL(q_φ(z|x) ‖ p(z)): closed form where one is registered,
-                         else (1/K) Σ_k [log q − log p(z_k)]
+- ``reconstruction``  = (1/K) Σ_k log p_θ(x|z_k)  (the model's observed sites)
+- ``kl``              = KL(q_φ(z|x) ‖ p(z)) summed over the latent sites: closed form
+                         for a site whose pair has a registered ``kl_divergence``, else
+                         (1/K) Σ_k [log q − log p] of that site
 - ``elbo_analytic_kl`` = reconstruction − kl
 - ``log_likelihood``  = log (1/K) Σ_k w_k, the importance-sampled estimate of
   log p(x) (Burda et al. 2016): a lower bound in expectation that rises to
@@ -15,65 +18,104 @@ log w_k = log p_θ(x|z_k) + log p(z_k) − log q_φ(z_k|x):
   sample size and Pareto k̂ (:mod:`pyro_vae.diagnostics`), saying how far the
   log-likelihood can be trusted.
 
-The K draws are vectorized; examples are processed in chunks so that the
-largest tensor, K × chunk × D decoder outputs, stays under ``memory_mb``.
+The program runs on passes of at most ``rows`` (particle, example) pairs: all
+K particles of several examples, or, for large K, blocks of one example's
+particles. ``rows`` keeps every activation of the model and guide of one pass
+under ``memory_mb`` (measured on the VAE itself, so a convolutional decoder's
+feature maps count) and, on a CPU, within ``CPU_BLOCK_ROWS``, so the decoder's
+outputs are still in cache when the likelihood reads them. The densities' own
+speed lives in the parts (:mod:`pyro_vae.distributions`).
 """
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import pyro
 import torch
-from torch.distributions import kl_divergence
 
-from pyro_vae import diagnostics, fast_likelihood, gaussian
+from pyro_vae import diagnostics
+from pyro_vae.log_weights import LogWeights, log_weights
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+CPU_BLOCK_ROWS = 2048    # (particle, example) pairs per pass on a CPU: the decoder's outputs stay in cache
+TEMPORARIES = 3          # bytes of a pass, as a multiple of its modules' outputs (temporaries, log-densities)
 
 
-def chunk_size(num_samples: int, data_dim: int, hidden: int, memory_mb: float) -> int:
-    """Examples per chunk so that K × chunk × (D + hidden) floats fit in ``memory_mb``."""
-    per_example = num_samples * (data_dim + hidden) * 4 * 3  # outputs, activations, log-probs
-    return max(1, int(memory_mb * 2 ** 20 // per_example))
+def _own_draws(device: torch.device):
+    """A block whose random draws leave the caller's generators where they were (a probe, a note)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def closed_form_kl(vae: VAE, x: torch.Tensor) -> torch.Tensor | None:
-    """KL(q(z|x) ‖ p(z)) per example, or None where no closed form is registered."""
+def row_bytes(vae: VAE, x: torch.Tensor) -> int:
+    """Bytes one (particle, example) pair of a pass costs: every module's output on one example, times TEMPORARIES."""
+    seen: dict[int, int] = {}
+
+    def count(module, inputs, output) -> None:
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if torch.is_tensor(tensor):
+                seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+
+    handles = [m.register_forward_hook(count) for m in vae.modules()]
     try:
-        return kl_divergence(vae.posterior(x), vae.prior_distribution())
-    except NotImplementedError:
-        return None
+        with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
+            log_weights(vae.model, vae.guide, x[:1], num_particles=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return TEMPORARIES * (sum(seen.values()) + x[:1].numel() * x.element_size())
+
+
+def rows_per_pass(vae: VAE, x: torch.Tensor, memory_mb: float) -> int:
+    """(particle, example) pairs per pass: under ``memory_mb``, and at most ``CPU_BLOCK_ROWS`` on a CPU."""
+    rows = max(1, int(memory_mb * 2 ** 20 // row_bytes(vae, x)))
+    return min(rows, CPU_BLOCK_ROWS) if x.device.type == "cpu" else rows
+
+
+def passes(num_examples: int, num_samples: int, rows: int) -> Iterator[tuple[int, int, list[int]]]:
+    """``(start, stop, particle blocks)`` covering every example with K = ``num_samples`` particles each.
+
+    K ≤ rows: rows // K examples per chunk, all K particles in one block; else one
+    example per chunk and its K particles in near-equal blocks of at most ``rows``.
+    """
+    if num_samples <= rows:
+        step = max(1, rows // num_samples)
+        for start in range(0, num_examples, step):
+            yield start, min(start + step, num_examples), [num_samples]
+        return
+    count = math.ceil(num_samples / rows)
+    sizes = [num_samples // count + (1 if i < num_samples % count else 0) for i in range(count)]
+    for start in range(num_examples):
+        yield start, start + 1, sizes
+
+
+def chunk_sites(vae: VAE, x: torch.Tensor, blocks: list[int]) -> Iterator[LogWeights]:
+    """The :class:`~pyro_vae.log_weights.LogWeights` of each particle block for the examples ``x``."""
+    for size in blocks:
+        yield log_weights(vae.model, vae.guide, x, num_particles=size)
 
 
 @torch.no_grad()
-def log_weights(vae: VAE, x: torch.Tensor, num_samples: int, binary: bool | None = None,
-                scratch: fast_likelihood.Scratch | None = None, fast: bool = True) -> tuple[torch.Tensor, ...]:
-    """(log p(x|z), log p(z), log q(z|x)) for K draws per example, each (K, B).
-
-    log q and log p of diagonal Gaussians take :func:`pyro_vae.gaussian.log_density`;
-    log p(x|z) of a Bernoulli likelihood on binary x takes the fast path of
-    :mod:`pyro_vae.fast_likelihood` (same value; ``binary`` says x is 0/1, checked when None;
-    ``fast=False``: the likelihood's own ``log_prob``), and on a CPU the decoder runs over
-    blocks of draws that stay in cache.
-    """
-    with pyro.validation_enabled(False):  # z is drawn from q: no support checks of the K × B draws
-        q = vae.posterior(x)
-        z = q.rsample((num_samples,))
-        log_q = gaussian.log_density(q, z)
-        log_prior = gaussian.log_density(vae.prior_distribution(), z)
-    log_lik = fast_likelihood.decoded_log_prob(vae, z, x, binary, scratch, fast=fast)
-    return log_lik, log_prior, log_q
+def log_weight_terms(vae: VAE, x: torch.Tensor, num_samples: int, memory_mb: float = 512.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(x|z), log p(z), log q(z|x)) of K = ``num_samples`` draws per example, each (K, B), from the program."""
+    was_training = vae.training
+    vae.eval()
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    with pyro.validation_enabled(False):
+        for start, stop, blocks in passes(x.shape[0], num_samples, rows_per_pass(vae, x, memory_mb)):
+            sites = list(chunk_sites(vae, x[start:stop], blocks))
+            for part, name in zip(parts, ("log_likelihood", "log_prior", "log_guide")):
+                part.append(torch.cat([getattr(s, name).expand(s.log_w.shape) for s in sites]))
+    vae.train(was_training)
+    return tuple(torch.cat(part, dim=1) for part in parts)
 
 
 @torch.no_grad()
 def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: float = 512.0,
-             hidden: int = 1024, per_example: bool = False, progress=None, fast: bool = True) -> dict:
+             per_example: bool = False, progress=None) -> dict:
     """All the per-example bounds on ``data``, averaged, with their standard errors.
-
-    ``fast=False`` computes log p(x|z) by the decoder and the likelihood's own
-    ``log_prob`` instead of :mod:`pyro_vae.fast_likelihood` (the same values
-    up to float32 rounding; slower).
 
     ``progress`` (a :func:`pyro_vae.progress.bar`) is advanced by the examples of each chunk.
 
@@ -83,26 +125,30 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
     """
     was_training = vae.training
     vae.eval()
-    chunk = chunk_size(num_samples, data.shape[1], hidden, memory_mb)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "reconstruction", "kl_sampled", "kl", "ll", "ess",
-                                                             "khat")}
+    names = ("elbo", "reconstruction", "kl_sampled", "kl", "ll", "ess", "khat")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     closed_form = True
-    binary, scratch = fast_likelihood.is_binary(data), fast_likelihood.Scratch()  # one check, one scratch
-    for start in range(0, data.shape[0], chunk):
-        x = data[start:start + chunk]
-        log_lik, log_prior, log_q = log_weights(vae, x, num_samples, binary, scratch, fast)
-        log_w = log_lik + log_prior - log_q
-        parts["elbo"].append(log_w.mean(0))
-        parts["reconstruction"].append(log_lik.mean(0))
-        parts["kl_sampled"].append((log_q - log_prior).mean(0))
-        exact = closed_form_kl(vae, x)
-        closed_form = closed_form and exact is not None
-        parts["kl"].append(exact if exact is not None else parts["kl_sampled"][-1])
-        parts["ll"].append(torch.logsumexp(log_w, 0) - math.log(num_samples))
-        parts["ess"].append(diagnostics.effective_sample_fraction(log_w))
-        parts["khat"].append(diagnostics.pareto_k(log_w).to(log_w.device))
-        if progress is not None:
-            progress.update(x.shape[0])
+    with pyro.validation_enabled(False):  # z is drawn from q: no support checks of the K × B draws
+        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb)):
+            columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "log_lik", "kl_sampled", "kl")}
+            for sites in chunk_sites(vae, data[start:stop], blocks):
+                log_w = sites.log_w
+                kl, closed = sites.kl()
+                closed_form = closed_form and all(closed.values())
+                columns["log_w"].append(log_w)
+                columns["log_lik"].append(sites.log_likelihood.expand(log_w.shape))
+                columns["kl_sampled"].append((sites.log_guide - sites.log_prior).expand(log_w.shape))
+                columns["kl"].append(kl.expand(log_w.shape))
+            log_w, log_lik, kl_sampled, kl = (torch.cat(v) for v in columns.values())
+            parts["elbo"].append(log_w.mean(0))
+            parts["reconstruction"].append(log_lik.mean(0))
+            parts["kl_sampled"].append(kl_sampled.mean(0))
+            parts["kl"].append(kl.mean(0))
+            parts["ll"].append(torch.logsumexp(log_w, 0) - math.log(num_samples))
+            parts["ess"].append(diagnostics.effective_sample_fraction(log_w))
+            parts["khat"].append(diagnostics.pareto_k(log_w).to(log_w.device))
+            if progress is not None:
+                progress.update(stop - start)
     vae.train(was_training)
     values = {k: torch.cat(v).double() for k, v in parts.items()}
     n = data.shape[0]
@@ -126,21 +172,41 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
 
 
 @torch.no_grad()
-def test_elbo(vae: VAE, data: torch.Tensor, batch_size: int = 1024, num_samples: int = 1) -> dict:
+def test_elbo(vae: VAE, data: torch.Tensor, num_samples: int = 1, memory_mb: float = 512.0) -> dict:
     """ELBO and its two terms per example, from ``num_samples`` draws each (``train.eval_num_samples``):
     the per-epoch test figure. The KL term is closed form where one is registered."""
     was_training = vae.training
     vae.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=data.device)
-    for start in range(0, data.shape[0], batch_size):
-        x = data[start:start + batch_size]
-        log_lik, log_prior, log_q = (t.mean(0) for t in log_weights(vae, x, num_samples))
-        exact = closed_form_kl(vae, x)
-        kl = exact if exact is not None else log_q - log_prior
-        totals += torch.stack([(log_lik - kl).sum(), log_lik.sum(), kl.sum()]).double()
+    with pyro.validation_enabled(False):
+        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb)):
+            for sites in chunk_sites(vae, data[start:stop], blocks):
+                log_lik = sites.log_likelihood.expand(sites.log_w.shape)
+                kl = sites.kl()[0].expand(log_lik.shape)
+                totals += torch.stack([(log_lik - kl).sum(), log_lik.sum(), kl.sum()]).double() / num_samples
     vae.train(was_training)
     elbo, reconstruction, kl = (totals / data.shape[0]).tolist()
     return {"test_elbo": elbo, "test_reconstruction": reconstruction, "test_kl": kl}
+
+
+def kl_note(vae: VAE, x: torch.Tensor) -> str | None:
+    """Which latent sites' KL(q ‖ p) has no closed form (so ``meanfield`` samples it), as one line; None if all do."""
+    with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
+        sites = log_weights(vae.model, vae.guide, x[:2], num_particles=1)
+        _, closed = sites.kl()
+    sampled = [name for name, has in closed.items() if not has]
+    if not sampled:
+        return None
+    pairs = ", ".join(f"{name}: KL({_name(sites.guide[name].fn)} ‖ {_name(sites.model[name].fn)})" for name in sampled)
+    return (f"meanfield: {pairs} has no closed form; that term is estimated by sampling "
+            f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)")
+
+
+def _name(fn: torch.distributions.Distribution) -> str:
+    """A distribution's name, looking inside ``Independent`` (``Normal``, not ``Independent``)."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return type(fn).__name__
 
 
 @torch.no_grad()

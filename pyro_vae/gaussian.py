@@ -58,20 +58,32 @@ def _diagonal_normal(p: Independent, event_shape: torch.Size) -> Normal:
     return p.base_dist
 
 
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with every broadcast (stride-0) leading dimension cut to size 1: the same values, broadcastable."""
+    for dim in range(tensor.dim() - 1):
+        if tensor.stride(dim) == 0 and tensor.shape[dim] > 1:
+            tensor = tensor.narrow(dim, 0, 1)
+    return tensor
+
+
 def log_density(p: torch.distributions.Distribution, z: torch.Tensor) -> torch.Tensor:
     """log p(z) summed over the event, for draws z of shape (..., *p.batch_shape, d).
 
-    A diagonal Gaussian (``Independent(Normal, 1)``, the mean-field guide and
-    the standard and learned priors) takes the formula in the module docstring;
-    any other p its own ``log_prob``. Equal up to float rounding.
+    A diagonal Gaussian (``Independent(Normal, 1)``) takes the formula in the
+    module docstring, its σ terms computed once per distinct (μ, σ) (broadcast
+    copies, such as a prior expanded over a plate, count once); any other p its
+    own ``log_prob``. Equal up to float rounding.
     """
     if not (isinstance(p, Independent) and isinstance(p.base_dist, Normal) and p.reinterpreted_batch_ndims == 1):
         return p.log_prob(z)
     normal = p.base_dist
-    loc, scale = normal.loc.expand(p.batch_shape + p.event_shape), normal.scale.expand(p.batch_shape + p.event_shape)
+    loc, scale = _compact(normal.loc), _compact(normal.scale)
     standardized = (z - loc).mul_(scale.reciprocal())
-    squares = torch.linalg.vector_norm(standardized, dim=-1).square_()
-    return squares.mul_(-0.5).sub_(scale.log().sum(-1) + 0.5 * z.shape[-1] * math.log(2 * math.pi))
+    half_squares = torch.linalg.vector_norm(standardized, dim=-1).square_().mul_(0.5)
+    constant = scale.log().sum(-1) + 0.5 * z.shape[-1] * math.log(2 * math.pi)
+    if torch.broadcast_shapes(half_squares.shape, constant.shape) == half_squares.shape:
+        return half_squares.add_(constant).neg_()
+    return -(half_squares + constant)
 
 
 @register_kl(MultivariateNormal, Independent)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae import registry
+from pyro_vae import distributions
 from pyro_vae.errors import UserInputError
 from pyro_vae.spec import GuideSpec, accepts, section_at
 
@@ -69,7 +70,7 @@ class DiagonalNormal(Guide):
 
     def gaussian(self, h: torch.Tensor) -> dist.TorchDistribution:
         scale = positive_scale(self.raw_scale(h), self.min_scale, self.log_variance_bounds)
-        return dist.Normal(self.loc(h), scale).to_event(1)
+        return distributions.DiagonalNormal(self.loc(h), scale)
 
 
 class LowRankNormal(Guide):

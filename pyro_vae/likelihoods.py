@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae import registry
+from pyro_vae.distributions import BernoulliImage
 from pyro_vae.spec import LikelihoodSpec, accepts
 
 LEARNED = "learned"
@@ -55,7 +56,7 @@ class Bernoulli(Likelihood):
     support_name = "0 and 1 only (binarize the data, or use continuous-bernoulli)"
 
     def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=out).to_event(1)
+        return BernoulliImage(out)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out)

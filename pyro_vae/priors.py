@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae import registry
+from pyro_vae.distributions import DiagonalNormal
 from pyro_vae.errors import UserInputError
 from pyro_vae.mixtures import gaussian_mixture
 from pyro_vae.guides import AutoregressiveConfig
@@ -40,7 +41,7 @@ class StandardNormal(nn.Module):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def forward(self) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return DiagonalNormal(self.loc, self.scale)
 
 
 class LearnedNormal(nn.Module):
@@ -50,7 +51,7 @@ class LearnedNormal(nn.Module):
         self.raw_scale = nn.Parameter(torch.full((latent_dim,), 0.5413))  # softplus⁻¹(1)
 
     def forward(self) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, softplus(self.raw_scale)).to_event(1)
+        return DiagonalNormal(self.loc, softplus(self.raw_scale))
 
 
 class MixtureOfGaussians(nn.Module):

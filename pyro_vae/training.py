@@ -120,16 +120,6 @@ def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
     return beta * min(1.0, global_step / (warmup * steps_per_epoch))
 
 
-def closed_form_note(vae: VAE, x: torch.Tensor) -> str | None:
-    """With the mean-field estimator: say when KL(q‖p) has no closed form and is sampled."""
-    with torch.no_grad():
-        if evaluation.closed_form_kl(vae, x[:2]) is not None:
-            return None
-        q, p = type(vae.posterior(x[:2])).__name__, type(vae.prior_distribution()).__name__
-    return (f"meanfield: KL({q} ‖ {p}) has no closed form; that term is estimated by sampling "
-            f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)")
-
-
 @contextmanager
 def signals_to_flag(flag: list[int]):
     """While training, SIGINT/SIGTERM only set ``flag``; the loop checkpoints and stops."""
@@ -194,7 +184,7 @@ class Trainer:
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = self.training_step(spec.inference.compile)
-        self.note = closed_form_note(self.vae, self.data.train) if spec.inference.estimator == "meanfield" else None
+        self.note = evaluation.kl_note(self.vae, self.data.test) if spec.inference.estimator == "meanfield" else None
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""

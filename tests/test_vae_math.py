@@ -67,7 +67,7 @@ def test_elbo_is_below_log_evidence_and_the_gap_is_the_posterior_kl(linear_gauss
     for _ in range(3):  # three random encoders
         for p in vae.guide_head.parameters():
             torch.nn.init.normal_(p, std=0.3)
-        log_lik, log_prior, log_q = evaluation.log_weights(vae, x, 400)
+        log_lik, log_prior, log_q = evaluation.log_weight_terms(vae, x, 400)
         log_w = (log_lik + log_prior - log_q).double()
         elbo = log_w.mean()
         stderr = (log_w.var(0).mean() / log_w.numel()).sqrt()  # 400 draws for each example
@@ -83,7 +83,7 @@ def test_gap_vanishes_when_the_guide_is_the_exact_posterior(linear_gaussian):
     set_exact_posterior(vae, data.exact)
     x = data.test
     torch.manual_seed(2)
-    log_lik, log_prior, log_q = evaluation.log_weights(vae, x, 1)
+    log_lik, log_prior, log_q = evaluation.log_weight_terms(vae, x, 1)
     # with q = p(z|x), log p(x, z) − log q(z|x) = log p(x) for every z: even one draw is exact
     assert torch.allclose((log_lik + log_prior - log_q)[0], data.exact.log_marginal(x), atol=1e-4)
     gap = torch.distributions.kl_divergence(vae.posterior(x), data.exact.posterior(x))

@@ -1,0 +1,230 @@
+r"""log w from the traces of the model and the guide: where every number the package reports comes from.
+
+For each example x_b and K particles, the guide is run once with a vectorized
+particle plate of size K (at dim −(max_plate_nesting + 1)), and the model is
+replayed on the guide's draws. Every sample site s of either program keeps its
+**unscaled** log-density, summed over its event dims::
+
+    model:  log p_s(value_s | parents),  observed sites (x) and latent sites (z)
+    guide:  log q_s(z_s | x, parents)
+
+and its weight β_s, the site's own scale with the subsampling factor N/B of the
+plates shared by every site divided out (``poutine.scale`` of a β-VAE or a KL
+warm-up; 1 otherwise), times its mask (0 where ``poutine.mask`` hides it). Then,
+per particle and example::
+
+    log w = Σ_model β_s log p_s − Σ_guide β_s log q_s
+
+and a bound over a minibatch is N/B · Σ_b f(log w_{·b}) (the N/B factor is
+applied *after* the function of the particles, see :mod:`pyro_vae.estimators`).
+The decomposition is kept too: :attr:`LogWeights.log_likelihood` (the observed
+sites: log p(x|z)), :attr:`LogWeights.log_prior` (the model's latent sites:
+log p(z)) and :attr:`LogWeights.log_guide` (log q(z|x)), unweighted, each of
+shape (K, B), and the per-site pairs for closed-form KL terms
+(:meth:`LogWeights.kl`).
+
+Training estimators (:mod:`pyro_vae.estimators`), the per-epoch test ELBO,
+``evaluate``, ``compare`` and ``table`` all take their numbers from
+:func:`log_weights`, so a part is scored by the same density it is trained
+with; the speed of evaluation lives inside the parts' own distributions
+(:mod:`pyro_vae.distributions`).
+
+Plates other than the ones every site shares (the particle plate and the data
+plate), such as a plate nested inside the data plate, are summed inside log w.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match
+from torch.distributions import kl_divergence
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+@dataclass
+class Site:
+    """One sample site's share of log w.
+
+    ``log_prob``: the unscaled log-density, event dims summed (batch shape,
+    broadcastable against (K, B)); ``weight``: β_s (a float or a tensor);
+    ``mask``: the site's mask or None; ``dims``: the plate dims to sum beyond
+    the shared plates; ``fn``, ``value``: the site's distribution and value.
+    """
+
+    name: str
+    log_prob: torch.Tensor
+    weight: float | torch.Tensor
+    mask: torch.Tensor | bool | None
+    dims: tuple[int, ...]
+    observed: bool
+    fn: torch.distributions.Distribution
+    value: torch.Tensor
+
+    def weighted(self) -> torch.Tensor:
+        """β_s log p_s with the mask applied, summed over the site's own plates."""
+        out = scale_and_mask(self.log_prob, self.weight, self.mask)
+        return out.sum(self.dims, keepdim=True) if self.dims else out
+
+    def unweighted(self) -> torch.Tensor:
+        """log p_s, masked entries 0, summed over the site's own plates."""
+        out = scale_and_mask(self.log_prob, 1.0, self.mask)
+        return out.sum(self.dims, keepdim=True) if self.dims else out
+
+
+def _total(terms) -> torch.Tensor | float:
+    out: torch.Tensor | float = 0.0
+    for term in terms:
+        out = out + term
+    return out
+
+
+@dataclass
+class LogWeights:
+    """The model's and the guide's sites of K particles per example, and N/B (see the module docstring)."""
+
+    model: dict[str, Site]
+    guide: dict[str, Site]
+    scale: float
+    model_trace: poutine.Trace
+    guide_trace: poutine.Trace
+
+    @property
+    def log_p(self) -> torch.Tensor:
+        """Σ_model β_s log p_s, (K, B)."""
+        return _total(site.weighted() for site in self.model.values())
+
+    @property
+    def log_q(self) -> torch.Tensor:
+        """Σ_guide β_s log q_s, (K, B)."""
+        return _total(site.weighted() for site in self.guide.values())
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        """log w = log p − log q, (K, B)."""
+        return self.log_p - self.log_q
+
+    @property
+    def log_likelihood(self) -> torch.Tensor:
+        """log p(x | z): the model's observed sites, unweighted, (K, B)."""
+        return _total(site.unweighted() for site in self.model.values() if site.observed)
+
+    @property
+    def log_prior(self) -> torch.Tensor:
+        """log p(z): the model's latent sites, unweighted, (K, B)."""
+        return _total(site.unweighted() for site in self.model.values() if not site.observed)
+
+    @property
+    def log_guide(self) -> torch.Tensor:
+        """log q(z | x): the guide's sites, unweighted, (K, B)."""
+        return _total(site.unweighted() for site in self.guide.values())
+
+    def kl(self) -> tuple[torch.Tensor, dict[str, bool]]:
+        """KL(q ‖ p) summed over the latent sites, (K, B), and which sites had a closed form.
+
+        A site whose pair (q_s, p_s) has a registered ``kl_divergence`` takes it
+        (evaluated at the particle's draws of the sites p_s depends on); any
+        other takes the sampled log q_s − log p_s of the same draws.
+        """
+        terms, closed = [], {}
+        for name, q in self.guide.items():
+            p = self.model.get(name)
+            if p is None:
+                terms.append(q.unweighted())
+                continue
+            try:
+                exact = kl_divergence(q.fn, p.fn)
+            except NotImplementedError:
+                exact = None
+            closed[name] = exact is not None
+            if exact is None:
+                terms.append(q.unweighted() - p.unweighted())
+            else:
+                exact = scale_and_mask(exact, 1.0, q.mask)
+                terms.append(exact.sum(q.dims, keepdim=True) if q.dims else exact)
+        return _total(terms), closed
+
+
+def _site_log_prob(site: dict, path_derivative: bool) -> torch.Tensor:
+    """Unscaled log-density of one sample site (batch shape; event dims summed).
+
+    With ``path_derivative`` the value is the same, but the gradient is only the
+    path derivative: log q(z) − [log q(z.detach()) − log q(z.detach()).detach()].
+    """
+    fn, value = site["fn"], site["value"]
+    log_prob = fn.log_prob(value, *site["args"], **site["kwargs"])
+    if path_derivative:
+        fixed = fn.log_prob(value.detach(), *site["args"], **site["kwargs"])
+        log_prob = log_prob - (fixed - fixed.detach())
+    return log_prob
+
+
+def _sites(trace: poutine.Trace) -> list[dict]:
+    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+
+
+def traces(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int,
+           max_plate_nesting: int = 1, scale_values: Callable | None = None
+           ) -> tuple[poutine.Trace, poutine.Trace]:
+    """``(model_trace, guide_trace)``: the guide run with ``num_particles`` vectorized particles, the model replayed.
+
+    ``scale_values`` (DReG, PIWAE) wraps each latent value, given its event dim,
+    before the model sees it. Subsample sites are pruned; with Pyro's validation
+    on, the two traces are checked to match.
+    """
+    particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
+    guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+    replayed = guide_trace
+    if scale_values is not None:
+        replayed = guide_trace.copy()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                replayed.nodes[name] = {**site, "value": scale_values(site["value"], site["fn"].event_dim)}
+    model_trace = poutine.trace(poutine.replay(particles(model), trace=replayed)).get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
+    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+
+def from_traces(model_trace: poutine.Trace, guide_trace: poutine.Trace,
+                path_derivative: bool = False) -> LogWeights:
+    """The :class:`LogWeights` of a (model, guide) trace pair.
+
+    The plates every site shares set N/B (``scale``); each site's weight is its
+    ``site["scale"]`` divided by N/B. ``path_derivative`` (STL, DReG): the
+    guide's latent sites keep only the path derivative of log q.
+    """
+    model_sites, guide_sites = _sites(model_trace), _sites(guide_trace)
+    shared = set.intersection(*(set(s["cond_indep_stack"]) for s in model_sites + guide_sites))
+    scale = math.prod(f.full_size / f.size for f in shared if f.full_size)
+
+    def collect(sites: list[dict], stl: bool) -> dict[str, Site]:
+        out = {}
+        for site in sites:
+            dims = tuple(f.dim for f in site["cond_indep_stack"] if f.vectorized and f not in shared)
+            out[site["name"]] = Site(site["name"], _site_log_prob(site, stl and not site["is_observed"]),
+                                     site["scale"] / scale, site["mask"], dims, bool(site["is_observed"]),
+                                     site["fn"], site["value"])
+        return out
+
+    return LogWeights(collect(model_sites, False), collect(guide_sites, path_derivative), scale,
+                      model_trace, guide_trace)
+
+
+def log_weights(model: Callable, guide: Callable, *args, num_particles: int = 1, max_plate_nesting: int = 1,
+                path_derivative: bool = False, scale_values: Callable | None = None, **kwargs) -> LogWeights:
+    """The sites of ``num_particles`` particles per example of ``model``/``guide`` called with ``args``, ``kwargs``.
+
+    ``log_weights(vae.model, vae.guide, x, num_particles=K).log_w`` is log w of
+    shape (K, B); see :class:`LogWeights` for the rest.
+    """
+    model_trace, guide_trace = traces(model, guide, args, kwargs, num_particles, max_plate_nesting, scale_values)
+    return from_traces(model_trace, guide_trace, path_derivative)
