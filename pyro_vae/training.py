@@ -198,10 +198,8 @@ class Trainer:
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
-        batch = (min(self.spec.data.batch_size, self.data.num_train), self.data.data_dim)
         return path_choice.build_step(self.elbo, self.vae, setting, self.log,
-                                      steps_left=lambda: self.horizon - self.progress.global_step,
-                                      key=path_choice.step_key(self.spec, batch, self.device), chosen=chosen)
+                                      steps_left=lambda: self.horizon - self.progress.global_step, chosen=chosen)
 
     def prepare_loop(self) -> None:
         """Batch size, steps per epoch, how often to check for non-finite values, and the progress."""
