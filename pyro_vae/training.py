@@ -11,11 +11,14 @@ each parameter element separately, so one ``torch.optim.Adam`` over all the
 module parameters gives the same updates as Pyro's one-optimizer-per-parameter
 wrapper, with a single fused step instead of one per tensor.
 
-Everything random comes from torch's global generator (initialization,
-binarization draws, the guide's ε) except the data order, which is a fresh
-permutation per epoch from a generator seeded by (seed, epoch). A checkpoint
-holds all of it (the data order through the seed in its spec and its epoch), so
-a resumed run repeats the interrupted epoch bit for bit.
+Everything random in training comes from torch's global generator
+(initialization, binarization draws, the guide's ε) except the data order, which
+is a fresh permutation per epoch from a generator seeded by (seed, epoch). The
+end-of-epoch test and validation ELBOs draw from their own generator, seeded by
+(seed, epoch) too (:func:`evaluation_seed`), so the size of the test split and
+``train.eval_num_samples`` change no number of the training trajectory. A
+checkpoint holds all of it (the data order through the seed in its spec and its
+epoch), so a resumed run repeats the interrupted epoch bit for bit.
 
 Nothing lost:
 
@@ -53,6 +56,7 @@ from pyro_vae.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
+EVALUATION_STREAM = 1  # the (seed, epoch, stream) entropy of the end-of-epoch evaluation's generator
 
 
 class TrainingInterrupted(Exception):
@@ -110,6 +114,11 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of ``epoch``: a permutation that depends on (seed, epoch) only."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_examples, generator=generator)
+
+
+def evaluation_seed(seed: int, epoch: int) -> int:
+    """The seed of the end-of-epoch evaluation of ``epoch``: a function of (seed, epoch) only."""
+    return int(np.random.SeedSequence([seed, epoch, EVALUATION_STREAM]).generate_state(1)[0])
 
 
 def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
@@ -394,11 +403,12 @@ class Trainer:
     def end_epoch(self) -> None:
         """Evaluate, log and checkpoint the epoch just completed; keep the best; step the schedule; stop early."""
         p = self.progress
+        seed = evaluation_seed(self.spec.train.seed, p.epoch)  # its own generator: training's is left as it was
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
             draws = self.spec.train.eval_num_samples
-            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws)
-            validation = (None if self.data.validation is None
-                          else evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws)["test_elbo"])
+            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws, seed=seed)
+            validation = (None if self.data.validation is None else
+                          evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"])
         if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
             raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
         row = {"epoch": p.epoch + 1,
