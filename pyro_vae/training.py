@@ -20,6 +20,13 @@ end-of-epoch test and validation ELBOs draw from their own generator, seeded by
 checkpoint holds all of it (the data order through the seed in its spec and its
 epoch), so a resumed run repeats the interrupted epoch bit for bit.
 
+What a run changes in the process that runs it: Pyro's param store is cleared
+(the new VAE's parameters replace any there), every global generator (torch,
+numpy, Python's ``random``) is seeded from ``train.seed``, and, while a run with
+a folder lasts, the ``pyro_vae`` logger writes to its ``log.txt``
+(:func:`pyro_vae.runs.run_log`). Nothing else global: no other logger, no
+environment variable, no ``sys.path`` entry.
+
 Nothing lost:
 
 - a checkpoint is written (atomically, :mod:`pyro_vae.checkpoint`) at the start,
@@ -35,6 +42,7 @@ Nothing lost:
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -158,7 +166,13 @@ def signals_to_flag(flag: list[int]):
 
 
 class Trainer:
-    """Builds data, VAE, estimator and optimizer from a spec and runs SVI into a run folder."""
+    """Builds data, VAE, estimator and optimizer from a spec and runs SVI into a run folder.
+
+    Building a trainer clears Pyro's param store (the new VAE's parameters replace
+    any there) and seeds every global generator (torch, numpy, Python's ``random``)
+    from ``train.seed``. It logs through the ``pyro_vae`` logger and adds no handler
+    to it; :func:`train` and :func:`resume` add the run's ``log.txt`` for the run.
+    """
 
     def __init__(self, spec: Spec, run_dir: Path | None, data: Dataset | None = None, show_progress: bool = True):
         self.spec, self.run_dir = spec, run_dir
@@ -171,14 +185,14 @@ class Trainer:
         self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
 
     def join_job(self, show_progress: bool) -> None:
-        """torchrun's process group (if any), the device, the log; progress bars on rank 0 only."""
+        """torchrun's process group (if any), the device, the package's logger; progress bars on rank 0 only."""
         self.dist, device_name = distributed.setup(self.spec.train.device)
         self.show_progress = show_progress and self.dist.is_main
         self.device = resolve_device(device_name, "'train.device'")
-        self.log = runs.run_logger(self.run_dir, self.dist.rank)
+        self.log = logging.getLogger(runs.LOGGER)
 
     def load_data(self, data: Dataset | None) -> None:
-        """The dataset on the device, then every generator seeded.
+        """The dataset on the device, then every generator seeded (:func:`pyro_vae.rng.seed_everything`).
 
         Data first: loading draws only from its own generators, but importing a
         loader's library may draw from Python's global one (scikit-learn imports
@@ -250,9 +264,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------
     def attach(self, run_dir: Path) -> None:
-        """From now on, checkpoint and log into ``run_dir`` (a folder that ``runs.prepare`` made)."""
+        """From now on, checkpoint into ``run_dir`` (a folder that ``runs.prepare`` made)."""
         self.run_dir = Path(run_dir)
-        self.log = runs.run_logger(self.run_dir, self.dist.rank)
 
     def state(self) -> dict:
         """Everything a resumed run needs (:func:`pyro_vae.run_state.snapshot`)."""
@@ -485,6 +498,12 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
 
     The folder, the data, the model and a first model/guide pass are checked
     before anything is written, so bad input leaves an existing folder as it was.
+
+    What it changes in the calling process: Pyro's param store is cleared and every
+    global generator (torch, numpy, Python's ``random``) is seeded from
+    ``train.seed`` (:class:`Trainer`); while it runs, the ``pyro_vae`` logger also
+    writes to ``run_dir/log.txt`` (:func:`pyro_vae.runs.run_log`). It adds no console
+    handler: the lines reach the host's own logging handlers, if any.
     """
     run_dir = Path(run_dir)
     if spec.train.tensorboard:
@@ -497,13 +516,15 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     if trainer.dist.is_main:
         runs.prepare(run_dir, spec, force)
     trainer.attach(run_dir)
-    if trainer.dist.enabled:
-        trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
-    trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: {trainer.data.binarize}) "
-                     f"with {spec.inference.estimator}, {plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
-    trainer.save()
-    trainer.fit()
-    trainer.write_pictures()
+    with runs.run_log(run_dir, trainer.dist.rank):
+        if trainer.dist.enabled:
+            trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
+        trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
+                         f"{trainer.data.binarize}) with {spec.inference.estimator}, "
+                         f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
+        trainer.save()
+        trainer.fit()
+        trainer.write_pictures()
     return trainer
 
 
@@ -512,6 +533,8 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
 
     The checkpoint is read and checked against the run's spec before anything
     in the folder changes; ``epochs`` (``--epochs``) replaces ``train.epochs``.
+    The calling process is changed as by :func:`train` (param store, generators,
+    ``log.txt`` while it runs).
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
@@ -534,16 +557,17 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
         trainer.restore(state)
     if epochs is not None and trainer.dist.is_main:
         runs.write_text_atomic(run_dir / runs.CONFIG, spec.to_yaml())
-    if state is not None:
-        p = trainer.progress
-        if trainer.dist.is_main:
-            runs.write_metrics(run_dir, p.metrics)  # a kill between checkpoint and metrics left them behind
-        trainer.log.info(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
-    else:
-        trainer.log.info(f"no checkpoint in {run_dir}: starting the run from the beginning with its saved spec")
-        trainer.save()
-    trainer.fit()
-    trainer.write_pictures()
+    with runs.run_log(run_dir, trainer.dist.rank):
+        if state is not None:
+            p = trainer.progress
+            if trainer.dist.is_main:
+                runs.write_metrics(run_dir, p.metrics)  # a kill between checkpoint and metrics left them behind
+            trainer.log.info(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
+        else:
+            trainer.log.info(f"no checkpoint in {run_dir}: starting the run from the beginning with its saved spec")
+            trainer.save()
+        trainer.fit()
+        trainer.write_pictures()
     return trainer
 
 

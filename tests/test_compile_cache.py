@@ -31,6 +31,25 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def inductor_folder_of_the_command(env: dict) -> str:
+    """TORCHINDUCTOR_CACHE_DIR as ``pyro-vae`` sees it while a command runs, and after it, in a fresh process."""
+    code = ("import os, pyro_vae.cli as cli\n"
+            "cli.run_command = lambda argv: print(os.environ.get('TORCHINDUCTOR_CACHE_DIR')) or 0\n"
+            "cli.main(['configs'])\n"
+            "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_the_command_line_alone_points_inductor_at_the_package_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != compile_cache.INDUCTOR_ENV}
+    env[compile_cache.ENV] = str(tmp_path / "cache")
+    during, after = inductor_folder_of_the_command(env).splitlines()
+    assert during == str(tmp_path / "cache" / f"inductor-torch{torch.__version__}") and after == "None"
+    env[compile_cache.INDUCTOR_ENV] = str(tmp_path / "theirs")
+    assert inductor_folder_of_the_command(env).splitlines() == [str(tmp_path / "theirs")] * 2
+
+
 def test_inductor_s_own_default_in_the_environment_is_not_a_user_choice(cache, monkeypatch):
     """Inductor writes its default folder into TORCHINDUCTOR_CACHE_DIR when anything first asks for it."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
