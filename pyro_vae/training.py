@@ -129,6 +129,11 @@ def evaluation_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, EVALUATION_STREAM]).generate_state(1)[0])
 
 
+def is_invalid_parameter(exc: ValueError) -> bool:
+    """Whether ``exc`` is a distribution refusing its parameters (Pyro's validation: NaN or out of range)."""
+    return str(exc).startswith("Expected parameter")
+
+
 def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
     """β, reached linearly over ``train.kl_warmup_epochs`` epochs."""
     beta, warmup = spec.train.beta, spec.train.kl_warmup_epochs
@@ -294,8 +299,11 @@ class Trainer:
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SVI step; returns the detached loss (−ELBO of the full training set) and max |gradient|.
 
-        Pyro's validation is on for the first ``VALIDATED_STEPS`` steps; an invalid
-        distribution there (parameters already damaged) stops training like a NaN.
+        Pyro's validation is on for the first ``VALIDATED_STEPS`` steps: a distribution
+        refusing its parameters there (parameters already damaged) stops training like
+        a NaN (:class:`NonFiniteError`); any other ``ValueError`` there (a value outside
+        a distribution's support, say) stops it with its own one-line message
+        (:class:`UserInputError`).
         """
         beta = kl_weight(self.spec, self.progress.global_step, self.steps_per_epoch)
         validate = self.progress.global_step < VALIDATED_STEPS
@@ -306,8 +314,11 @@ class Trainer:
             except ValueError as exc:
                 if not validate:
                     raise
-                raise self.nonfinite("invalid distribution parameters", self.progress.step_in_epoch + 1,
-                                     one_line(exc, 200)) from None
+                step = self.progress.step_in_epoch + 1
+                if is_invalid_parameter(exc):
+                    raise self.nonfinite("invalid distribution parameters", step, one_line(exc, 200)) from None
+                raise UserInputError(f"training stopped at epoch {self.progress.epoch + 1}, step {step}: "
+                                     f"{one_line(exc, 300)} (the last good checkpoint is kept)") from None
             if self.dist.enabled:  # data-parallel: Σ_r (B_r/B) · (gradients, loss), one all-reduce
                 loss = self.dist.all_reduce(list(self.vae.parameters()), loss)
             grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
@@ -326,15 +337,21 @@ class Trainer:
         return loss, largest
 
     def fit(self) -> list[dict]:
-        """Train until ``train.epochs`` epochs are complete; returns the metrics."""
+        """Train until ``train.epochs`` epochs are complete; returns the metrics.
+
+        The TensorBoard writer (if any) is closed however training ends.
+        """
         if self.note:
             self.log.info(self.note)
         stop: list[int] = []
         self.horizon = self.spec.train.epochs * self.steps_per_epoch
-        with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
-            while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
-                self.train_epoch(stop)
-                self.end_epoch()
+        try:
+            with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
+                while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
+                    self.train_epoch(stop)
+                    self.end_epoch()
+        finally:
+            self.close_board()
         return self.progress.metrics
 
     def minibatch(self, epoch: int, position: int) -> torch.Tensor:
@@ -459,6 +476,12 @@ class Trainer:
         if self.board is None:
             self.board = board.EpochWriter(self.run_dir, self.spec.train.seed)
         self.board.write(row, self.vae, self.data)
+
+    def close_board(self) -> None:
+        """Close the TensorBoard writer, if one is open (the next epoch's end opens a new one)."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def save_best(self) -> None:
         """``best.pt``: the parameters of the epoch with the highest validation ELBO, written atomically."""
