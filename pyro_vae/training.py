@@ -437,8 +437,8 @@ class Trainer:
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
             draws = self.spec.train.eval_num_samples
             test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws, seed=seed)
-            validation = (None if self.data.validation is None else
-                          evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"])
+            validation = (None if self.data.validation is None else evaluation.test_elbo(
+                self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"])
         if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
             raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
         row = {"epoch": p.epoch + 1,
