@@ -3,15 +3,23 @@
 Bad input of any kind ends with one line on stderr and exit status 2; a
 non-finite loss with exit status 3; SIGINT/SIGTERM during training with a
 checkpoint and 128 + the signal number.
+
+The command, and only it, sets up the process for itself (:func:`command_line`):
+the ``pyro_vae`` logger's lines on stderr (rank 0), and TorchInductor's caches in
+the package's folder (:mod:`pyro_vae.compile_cache`) unless
+``TORCHINDUCTOR_CACHE_DIR`` names the user's own.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
@@ -250,7 +258,42 @@ def run_compare(args: argparse.Namespace) -> None:
     compare.run(args)
 
 
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """While a command runs: the ``pyro_vae`` logger at INFO with one stderr handler (rank 0 only, plain lines),
+    and ``TORCHINDUCTOR_CACHE_DIR`` at the package's folder unless the user chose one; both put back after."""
+    from pyro_vae import compile_cache, distributed, runs
+
+    logger = logging.getLogger(runs.LOGGER)
+    level, console = logger.level, None
+    if distributed.is_main():
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+    logger.setLevel(logging.INFO)
+    inductor = os.environ.get(compile_cache.INDUCTOR_ENV)
+    if not compile_cache.chosen_by_user():
+        os.environ[compile_cache.INDUCTOR_ENV] = str(compile_cache.inductor_dir())
+    try:
+        yield
+    finally:
+        if inductor is None:
+            os.environ.pop(compile_cache.INDUCTOR_ENV, None)
+        else:
+            os.environ[compile_cache.INDUCTOR_ENV] = inductor
+        logger.setLevel(level)
+        if console is not None:
+            logger.removeHandler(console)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``pyro-vae`` command: run it, and return its exit status."""
+    with command_line():
+        return run_command(argv)
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Parse ``argv``, run the command; bad input, a non-finite loss or a signal become one line and a status."""
     from pyro_vae.training import TrainingInterrupted, is_out_of_memory
 
     try:

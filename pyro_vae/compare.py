@@ -355,7 +355,7 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     ``inference.compile: auto`` every estimator trains on the eager path, so ``train_seconds``
     compares like with like (a path named in the spec is used for all of them).
     """
-    from pyro_vae.training import Trainer, seed_everything
+    from pyro_vae.training import Trainer, evaluation_seed, seed_everything
 
     inference = choice.inference(spec.inference)
     if inference.compile == "auto":
@@ -367,11 +367,14 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     vae.train()
     seed_everything(seed)
     every = max(1, steps // CURVE_POINTS)
-    curve = [(0, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"])]
+    def test(step: int) -> float:  # its own generator: the estimator's training draws are left as they were
+        return evaluation.test_elbo(vae, trainer.data.test, seed=evaluation_seed(seed, step))["test_elbo"]
+
+    curve = [(0, test(0))]
 
     def record(step: int) -> None:
         if step % every == 0 or step == steps:
-            curve.append((step, evaluation.test_elbo(vae, trainer.data.test)["test_elbo"]))
+            curve.append((step, test(step)))
         if bar is not None:
             bar.update(1)
 

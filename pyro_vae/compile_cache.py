@@ -1,46 +1,40 @@
-"""The folder the package keeps compiled training steps in, between runs and across reboots.
+"""The folder the ``pyro-vae`` command keeps TorchInductor's compiled training steps in.
 
 TorchInductor caches what it compiles (the FX graph and AOTAutograd entries,
 the C++ kernels, the probes of the CPU's vector instructions) under
 ``TORCHINDUCTOR_CACHE_DIR``, by default a folder in the system's temporary
-directory that disappears whenever that directory is cleared. While a training
-step is compiled (:class:`pyro_vae.compiled.CompiledStep`) this module points
-Inductor at a folder the package owns::
+directory that disappears whenever that directory is cleared. The ``pyro-vae``
+command (:func:`pyro_vae.cli.main`, and only it: the library never edits the
+environment) sets that variable, when the user has not, to a folder the
+package owns::
 
     $PYRO_VAE_CACHE, or the user cache directory (platformdirs: ~/.cache/pyro_vae on Linux)
         inductor-torch<version>/     Inductor's caches for this torch (one folder per version)
-            STAMP                    the torch version and the layout, checked before every use
-        timings.json                 the measured cost of each path, for ``inference.compile: auto``
+            STAMP                    the torch version and the layout, checked before every compile
 
 so a later run of the same spec and batch shape loads its compiled step
-instead of compiling it. A user who sets ``TORCHINDUCTOR_CACHE_DIR`` keeps
-their own folder. A stamp that is missing or from another torch means a stale
-folder; a compile that fails with a cache present means a damaged one; either
-way the folder is emptied with one log line and the step compiled afresh.
+instead of compiling it (``inference.compile: inductor``). A user who sets
+``TORCHINDUCTOR_CACHE_DIR`` keeps their own folder, and a program that trains
+through the library keeps Inductor's default. Where the variable names the
+package's folder, a stamp that is missing or from another torch means a stale
+folder and a compile that fails with a cache present a damaged one; either way
+the folder is emptied with one log line and the step compiled afresh.
 Inductor's precompiled C++ headers always live in the temporary directory, so
 they are not used for these steps (a missing header would cost a recompile).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import platformdirs
 import torch
 
-from pyro_vae.checkpoint import write_atomic
-from pyro_vae.errors import UserInputError
-
 ENV = "PYRO_VAE_CACHE"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 LAYOUT = 1
-TIMINGS = "timings.json"
-WARM_COMPILE_SECONDS = 5.0  # what a compile costs once the step is in the cache folder (loading it), at most
 
 
 def root() -> Path:
@@ -81,7 +75,7 @@ def checked(log: logging.Logger) -> Path:
     return folder
 
 
-def _chosen_by_user() -> bool:
+def chosen_by_user() -> bool:
     """Whether ``TORCHINDUCTOR_CACHE_DIR`` names a folder of the user's (Inductor writes its default there itself)."""
     value = os.environ.get(INDUCTOR_ENV)
     if not value or os.path.abspath(value) == str(inductor_dir()):
@@ -93,53 +87,17 @@ def _chosen_by_user() -> bool:
     return os.path.abspath(value) != os.path.abspath(default_cache_dir())
 
 
-@contextlib.contextmanager
-def inductor_cache(log: logging.Logger) -> Iterator[Path | None]:
-    """Inductor's cache in the package's folder while the block runs (unless the user chose one).
+def package_folder_in_use(log: logging.Logger) -> Path | None:
+    """The package's Inductor folder, stamped, where ``TORCHINDUCTOR_CACHE_DIR`` names it; else None.
 
-    Yields the folder in use, or None where ``TORCHINDUCTOR_CACHE_DIR`` was set by
-    the user (their folder, not ours to empty).
+    None also where the folder cannot be made (one log line; the compile then
+    fails there and the step is replayed without Inductor).
     """
-    if _chosen_by_user():
-        yield None
-        return
+    value = os.environ.get(INDUCTOR_ENV)
+    if not value or os.path.abspath(value) != str(inductor_dir()):
+        return None
     try:
-        folder = checked(log)
+        return checked(log)
     except OSError as exc:
-        log.info(f"compile cache: cannot use {inductor_dir()} ({exc.strerror or exc}); Inductor keeps its default folder")
-        yield None
-        return
-    previous = os.environ.get(INDUCTOR_ENV)
-    os.environ[INDUCTOR_ENV] = str(folder)
-    try:
-        yield folder
-    finally:
-        if previous is None:
-            os.environ.pop(INDUCTOR_ENV, None)
-        else:
-            os.environ[INDUCTOR_ENV] = previous
-
-
-def read_timings() -> dict:
-    """Measured costs by step key (``pyro_vae.path_choice``); an unreadable file, or entry, counts as none."""
-    try:
-        data = json.loads((root() / TIMINGS).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {key: {name: float(value) for name, value in entry.items()
-                  if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0}
-            for key, entry in data.items() if isinstance(entry, dict)}
-
-
-def record_timing(key: str, values: dict) -> None:
-    """Merge ``values`` into the record of ``key``; a cache folder that cannot be written is skipped."""
-    data = read_timings()
-    data[key] = {**data.get(key, {}), **values}
-    text = json.dumps(data, indent=1, sort_keys=True).encode()
-    try:
-        root().mkdir(parents=True, exist_ok=True)
-        write_atomic(root() / TIMINGS, lambda handle: handle.write(text), "compile timings")
-    except (OSError, UserInputError):
-        pass
+        log.info(f"compile cache: cannot use {inductor_dir()} ({exc.strerror or exc})")
+        return None

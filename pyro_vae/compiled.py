@@ -28,8 +28,9 @@ programs and the estimator stays Pyro's (or this package's) ``ELBO`` class:
    training continues eagerly with one log line.
 3. **Compile** the graph with TorchInductor (fused elementwise kernels; random
    draws through the same generator as eager, ``fallback_random``), checked the
-   same way within float tolerance, with Inductor's caches in the package's
-   folder (:mod:`pyro_vae.compile_cache`), so a later run loads it in seconds.
+   same way within float tolerance. Under the ``pyro-vae`` command Inductor's
+   caches live in the package's folder (:mod:`pyro_vae.compile_cache`), so a
+   later run loads the compiled step instead of compiling it again.
    Where Inductor is unavailable (no C++ compiler, an unsupported device) the
    checked graph is replayed as it is, again with one log line.
 
@@ -38,7 +39,8 @@ no host sync. Generator states are saved and restored around tracing, so a run
 draws the same random numbers as an eager run of the same seed. The first
 ``training.VALIDATED_STEPS`` steps always run eagerly with Pyro's validation on.
 
-Both paths step the same optimizer, :func:`pyro_vae.optimizer.adam`.
+Both paths step the same optimizer, :func:`pyro_vae.optimizer.adam`, and both
+receive the KL weight β the same way (:class:`KLWeight`), so they round it alike.
 """
 from __future__ import annotations
 
@@ -130,6 +132,36 @@ class _Objective(nn.Module):
         return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=beta)
 
 
+class KLWeight:
+    """β as every training step passes it to the model and guide.
+
+    β = 1 and β = 0 change the programs' structure (no scale; a mask) and are
+    passed as the numbers; any other β is one float32 tensor on the batch's
+    device, refilled in place when β changes (a KL warm-up). The eager and the
+    traced step both receive this tensor, so ``poutine.scale`` multiplies the
+    same float32 value on either path and their parameters agree bit for bit.
+    """
+
+    def __init__(self):
+        self.tensor: torch.Tensor | None = None
+        self.value: float | None = None
+
+    def __call__(self, kl_weight: float, device: torch.device) -> float | torch.Tensor:
+        value = float(kl_weight)
+        if value in (0.0, 1.0):
+            return value
+        return self.as_tensor(value, device)
+
+    def as_tensor(self, value: float, device: torch.device) -> torch.Tensor:
+        """``value`` as the held float32 tensor on ``device``."""
+        if self.tensor is None or self.tensor.device != device:
+            self.tensor = torch.tensor(value, device=device)
+        elif value != self.value:
+            self.tensor.fill_(value)  # a kernel launch, no host sync
+        self.value = value
+        return self.tensor
+
+
 class Graph:
     """Loss and gradients of one batch shape, as one traced (and maybe compiled) function."""
 
@@ -144,17 +176,13 @@ class Graph:
 class CompiledStep:
     """``bound_and_backward`` of an estimator, traced once per batch shape and replayed.
 
-    ``timing_key`` (:func:`pyro_vae.path_choice.step_key`): where a compile records what the next
-    one of the same step is expected to cost, for ``inference.compile: auto``.
-
     ``step(x, num_data, kl_weight)`` leaves each parameter's gradient in ``.grad`` and
     returns the detached loss, exactly like :func:`estimators.bound_and_backward`
     (which it calls while Pyro's validation is on, and for good after a failure).
     """
 
-    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool = True,
-                 timing_key: str | None = None):
-        self.elbo, self.vae, self.timing_key = elbo, vae, timing_key
+    def __init__(self, elbo, vae: nn.Module, log: logging.Logger | None = None, inductor: bool = True):
+        self.elbo, self.vae = elbo, vae
         self.log = log or logging.getLogger("pyro_vae")
         self.inductor = inductor
         self.compile_seconds: float | None = None
@@ -162,7 +190,7 @@ class CompiledStep:
         self.graphs: dict[tuple, Graph] = {}
         self.failed: str | None = None
         self.inductor_shape: tuple | None = None  # Inductor compiles the first (full) batch shape only
-        self._beta: torch.Tensor | None = None
+        self._beta = KLWeight()
         self._inputs: tuple | None = None  # (names, parameters, buffers); parameters must not be replaced
         if not hasattr(elbo, "differentiable_loss"):
             self._give_up(f"{type(elbo).__name__} has no differentiable_loss to trace")
@@ -170,13 +198,12 @@ class CompiledStep:
     # -- the step ---------------------------------------------------------------
     def __call__(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
         if self.failed is not None or is_validation_enabled():
-            return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
-                                                 kl_weight=kl_weight)
+            return self._eager(x, num_data, kl_weight)
         if self._inputs is None:  # the module's parameters and buffers, looked up once
             names, params = self._parameters()
             self._inputs = (names, params, [b for _, b in self.objective.named_buffers()])
         names, params, buffers = self._inputs
-        beta = self._beta_tensor(kl_weight, x.device)
+        beta = self._beta.as_tensor(float(kl_weight), x.device)
         key = (x.shape, x.dtype, x.device, num_data, _beta_kind(kl_weight))
         graph = self.graphs.get(key)
         if graph is None:
@@ -186,8 +213,7 @@ class CompiledStep:
             except Exception as exc:  # anything tracing cannot take: run as Pyro always does
                 rng.restore_torch(x.device, start)
                 self._give_up(f"{type(exc).__name__}: {one_line(exc, 160)}")
-                return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
-                                                     kl_weight=kl_weight)
+                return self._eager(x, num_data, kl_weight)
             self.graphs[key] = graph
         else:
             loss, grads = graph(params, buffers, x, beta)
@@ -207,15 +233,10 @@ class CompiledStep:
         pairs = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         return [n for n, _ in pairs], [p for _, p in pairs]
 
-    def _beta_tensor(self, kl_weight: float, device: torch.device) -> torch.Tensor:
-        value = float(kl_weight)
-        if self._beta is None or self._beta.device != device:
-            self._beta = torch.tensor(value, device=device)
-            self._beta_value = value
-        elif value != self._beta_value:
-            self._beta.fill_(value)  # a kernel launch, no host sync
-            self._beta_value = value
-        return self._beta
+    def _eager(self, x: torch.Tensor, num_data: int, kl_weight: float) -> torch.Tensor:
+        """Pyro's step, β passed as the graphs receive it."""
+        return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
+                                             kl_weight=self._beta(kl_weight, x.device))
 
     def _build(self, key, names, params, buffers, x, beta, num_data, kl_weight):
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -248,7 +269,7 @@ class CompiledStep:
 
         # the eager estimator from the same generator state: the reference
         rng.restore_torch(device, start)
-        ref_loss, ref_grads = self._eager_reference(params, x, num_data, kl_weight)
+        ref_loss, ref_grads = self._eager_reference(params, x, num_data, self._beta(kl_weight, device))
         graph = Graph(traced, slots, compiled=False)
         rng.restore_torch(device, start)
         loss, grads = graph(params, buffers, x, beta)
@@ -279,31 +300,29 @@ class CompiledStep:
         return graph, loss, grads
 
     def _compile(self, traced, slots, params, buffers, x, beta, start) -> tuple[Graph, torch.Tensor, list]:
-        """TorchInductor's build of the traced graph, run once from ``start``; Inductor's caches in the package's folder.
+        """TorchInductor's build of the traced graph, run once from ``start``.
 
-        A compile that fails while that folder holds entries is retried once from an
-        emptied folder (:mod:`pyro_vae.compile_cache`), so a damaged cache costs a
-        recompile, not the run.
+        Where ``TORCHINDUCTOR_CACHE_DIR`` names the package's folder (the ``pyro-vae``
+        command sets it, :mod:`pyro_vae.compile_cache`), that folder is checked first,
+        and a compile that fails while it holds entries is retried once from an
+        emptied folder, so a damaged cache costs a recompile, not the run.
         """
+        folder = compile_cache.package_folder_in_use(self.log)
         for attempt in (1, 2):
-            with compile_cache.inductor_cache(self.log) as folder:
-                began = time.perf_counter()
-                try:
-                    graph = Graph(torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS),
-                                  slots, compiled=True)
-                    rng.restore_torch(x.device, start)
-                    loss, grads = graph(params, buffers, x, beta)
-                except Exception as exc:
-                    torch.compiler.reset()
-                    if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
-                        raise
-                    compile_cache.wipe(folder, self.log, f"compiling with it failed ({type(exc).__name__})")
-                    continue
-                self.compile_seconds = time.perf_counter() - began
-                if self.timing_key is not None:  # the next compile of this step loads it from the cache folder
-                    compile_cache.record_timing(self.timing_key, {
-                        "compile_s": min(self.compile_seconds, compile_cache.WARM_COMPILE_SECONDS)})
-                return graph, loss, grads
+            began = time.perf_counter()
+            try:
+                graph = Graph(torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS),
+                              slots, compiled=True)
+                rng.restore_torch(x.device, start)
+                loss, grads = graph(params, buffers, x, beta)
+            except Exception as exc:
+                torch.compiler.reset()
+                if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
+                    raise
+                compile_cache.wipe(folder, self.log, f"compiling with it failed ({type(exc).__name__})")
+                continue
+            self.compile_seconds = time.perf_counter() - began
+            return graph, loss, grads
         raise AssertionError("unreachable")
 
     def _eager_reference(self, params, x, num_data, kl_weight):

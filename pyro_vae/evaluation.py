@@ -171,10 +171,27 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
     return summary
 
 
-@torch.no_grad()
-def test_elbo(vae: VAE, data: torch.Tensor, num_samples: int = 1, memory_mb: float = 512.0) -> dict:
+def test_elbo(vae: VAE, data: torch.Tensor, num_samples: int = 1, memory_mb: float = 512.0,
+              seed: int | None = None) -> dict:
     """ELBO and its two terms per example, from ``num_samples`` draws each (``train.eval_num_samples``):
-    the per-epoch test figure. The KL term is closed form where one is registered."""
+    the per-epoch test figure. The KL term is closed form where one is registered.
+
+    With ``seed``, the draws come from torch's generator (CPU, and ``data``'s CUDA
+    device) seeded with it inside :func:`torch.random.fork_rng`: the generators'
+    states afterwards are those from before, so evaluating changes no later draw.
+    Without it, the draws continue torch's global generator.
+    """
+    if seed is None:
+        return _test_elbo(vae, data, num_samples, memory_mb)
+    with _own_draws(data.device):
+        torch.default_generator.manual_seed(seed)
+        if data.is_cuda:
+            torch.cuda.default_generators[data.device.index].manual_seed(seed)
+        return _test_elbo(vae, data, num_samples, memory_mb)
+
+
+@torch.no_grad()
+def _test_elbo(vae: VAE, data: torch.Tensor, num_samples: int, memory_mb: float) -> dict:
     was_training = vae.training
     vae.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=data.device)

@@ -6,6 +6,7 @@ object per epoch), ``checkpoint.pt``, ``log.txt``, and the pictures.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import sys
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -178,20 +180,33 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_logger(run_dir: Path | None, rank: int = 0) -> logging.Logger:
-    """The ``pyro_vae`` logger, writing to stderr and to the run's ``log.txt``."""
-    logger = logging.getLogger("pyro_vae")
-    logger.setLevel(logging.INFO)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+#: the package's logger: every line a run says goes through it (and, as usual, on to the host's handlers)
+LOGGER = "pyro_vae"
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path, rank: int = 0) -> Iterator[logging.Logger]:
+    """The ``pyro_vae`` logger, also writing to the run's ``log.txt`` while the block runs (rank 0 only).
+
+    The file handler is attached on entry and removed and closed on exit. So that
+    the file gets the run's INFO lines, the ``pyro_vae`` logger's level is INFO
+    for the block where the host has left it unset (NOTSET), and is put back on
+    exit. No other logger, the root included, is touched; console output is the
+    command line's (:func:`pyro_vae.cli.main`) or the host's own handlers'.
+    """
+    logger = logging.getLogger(LOGGER)
+    level = logger.level
+    handler = None
     if rank == 0:
-        console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(console)
-        if run_dir is not None:
-            to_file = logging.FileHandler(Path(run_dir) / LOG)
-            to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            logger.addHandler(to_file)
-    logger.propagate = False
-    return logger
+        handler = logging.FileHandler(Path(run_dir) / LOG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    if level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(level)
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()

@@ -11,11 +11,21 @@ each parameter element separately, so one ``torch.optim.Adam`` over all the
 module parameters gives the same updates as Pyro's one-optimizer-per-parameter
 wrapper, with a single fused step instead of one per tensor.
 
-Everything random comes from torch's global generator (initialization,
-binarization draws, the guide's ε) except the data order, which is a fresh
-permutation per epoch from a generator seeded by (seed, epoch). A checkpoint
-holds all of it (the data order through the seed in its spec and its epoch), so
-a resumed run repeats the interrupted epoch bit for bit.
+Everything random in training comes from torch's global generator
+(initialization, binarization draws, the guide's ε) except the data order, which
+is a fresh permutation per epoch from a generator seeded by (seed, epoch). The
+end-of-epoch test and validation ELBOs draw from their own generator, seeded by
+(seed, epoch) too (:func:`evaluation_seed`), so the size of the test split and
+``train.eval_num_samples`` change no number of the training trajectory. A
+checkpoint holds all of it (the data order through the seed in its spec and its
+epoch), so a resumed run repeats the interrupted epoch bit for bit.
+
+What a run changes in the process that runs it: Pyro's param store is cleared
+(the new VAE's parameters replace any there), every global generator (torch,
+numpy, Python's ``random``) is seeded from ``train.seed``, and, while a run with
+a folder lasts, the ``pyro_vae`` logger writes to its ``log.txt``
+(:func:`pyro_vae.runs.run_log`). Nothing else global: no other logger, no
+environment variable, no ``sys.path`` entry.
 
 Nothing lost:
 
@@ -32,6 +42,7 @@ Nothing lost:
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -53,6 +64,7 @@ from pyro_vae.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
+EVALUATION_STREAM = 1  # the (seed, epoch, stream) entropy of the end-of-epoch evaluation's generator
 
 
 class TrainingInterrupted(Exception):
@@ -112,6 +124,16 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=generator)
 
 
+def evaluation_seed(seed: int, epoch: int) -> int:
+    """The seed of the end-of-epoch evaluation of ``epoch``: a function of (seed, epoch) only."""
+    return int(np.random.SeedSequence([seed, epoch, EVALUATION_STREAM]).generate_state(1)[0])
+
+
+def is_invalid_parameter(exc: ValueError) -> bool:
+    """Whether ``exc`` is a distribution refusing its parameters (Pyro's validation: NaN or out of range)."""
+    return str(exc).startswith("Expected parameter")
+
+
 def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
     """β, reached linearly over ``train.kl_warmup_epochs`` epochs."""
     beta, warmup = spec.train.beta, spec.train.kl_warmup_epochs
@@ -139,7 +161,13 @@ def signals_to_flag(flag: list[int]):
 
 
 class Trainer:
-    """Builds data, VAE, estimator and optimizer from a spec and runs SVI into a run folder."""
+    """Builds data, VAE, estimator and optimizer from a spec and runs SVI into a run folder.
+
+    Building a trainer clears Pyro's param store (the new VAE's parameters replace
+    any there) and seeds every global generator (torch, numpy, Python's ``random``)
+    from ``train.seed``. It logs through the ``pyro_vae`` logger and adds no handler
+    to it; :func:`train` and :func:`resume` add the run's ``log.txt`` for the run.
+    """
 
     def __init__(self, spec: Spec, run_dir: Path | None, data: Dataset | None = None, show_progress: bool = True):
         self.spec, self.run_dir = spec, run_dir
@@ -152,14 +180,14 @@ class Trainer:
         self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
 
     def join_job(self, show_progress: bool) -> None:
-        """torchrun's process group (if any), the device, the log; progress bars on rank 0 only."""
+        """torchrun's process group (if any), the device, the package's logger; progress bars on rank 0 only."""
         self.dist, device_name = distributed.setup(self.spec.train.device)
         self.show_progress = show_progress and self.dist.is_main
         self.device = resolve_device(device_name, "'train.device'")
-        self.log = runs.run_logger(self.run_dir, self.dist.rank)
+        self.log = logging.getLogger(runs.LOGGER)
 
     def load_data(self, data: Dataset | None) -> None:
-        """The dataset on the device, then every generator seeded.
+        """The dataset on the device, then every generator seeded (:func:`pyro_vae.rng.seed_everything`).
 
         Data first: loading draws only from its own generators, but importing a
         loader's library may draw from Python's global one (scikit-learn imports
@@ -188,10 +216,8 @@ class Trainer:
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
-        batch = (min(self.spec.data.batch_size, self.data.num_train), self.data.data_dim)
         return path_choice.build_step(self.elbo, self.vae, setting, self.log,
-                                      steps_left=lambda: self.horizon - self.progress.global_step,
-                                      key=path_choice.step_key(self.spec, batch, self.device), chosen=chosen)
+                                      steps_left=lambda: self.horizon - self.progress.global_step, chosen=chosen)
 
     def prepare_loop(self) -> None:
         """Batch size, steps per epoch, how often to check for non-finite values, and the progress."""
@@ -233,9 +259,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------
     def attach(self, run_dir: Path) -> None:
-        """From now on, checkpoint and log into ``run_dir`` (a folder that ``runs.prepare`` made)."""
+        """From now on, checkpoint into ``run_dir`` (a folder that ``runs.prepare`` made)."""
         self.run_dir = Path(run_dir)
-        self.log = runs.run_logger(self.run_dir, self.dist.rank)
 
     def state(self) -> dict:
         """Everything a resumed run needs (:func:`pyro_vae.run_state.snapshot`)."""
@@ -264,8 +289,11 @@ class Trainer:
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SVI step; returns the detached loss (−ELBO of the full training set) and max |gradient|.
 
-        Pyro's validation is on for the first ``VALIDATED_STEPS`` steps; an invalid
-        distribution there (parameters already damaged) stops training like a NaN.
+        Pyro's validation is on for the first ``VALIDATED_STEPS`` steps: a distribution
+        refusing its parameters there (parameters already damaged) stops training like
+        a NaN (:class:`NonFiniteError`); any other ``ValueError`` there (a value outside
+        a distribution's support, say) stops it with its own one-line message
+        (:class:`UserInputError`).
         """
         beta = kl_weight(self.spec, self.progress.global_step, self.steps_per_epoch)
         validate = self.progress.global_step < VALIDATED_STEPS
@@ -276,8 +304,11 @@ class Trainer:
             except ValueError as exc:
                 if not validate:
                     raise
-                raise self.nonfinite("invalid distribution parameters", self.progress.step_in_epoch + 1,
-                                     one_line(exc, 200)) from None
+                step = self.progress.step_in_epoch + 1
+                if is_invalid_parameter(exc):
+                    raise self.nonfinite("invalid distribution parameters", step, one_line(exc, 200)) from None
+                raise UserInputError(f"training stopped at epoch {self.progress.epoch + 1}, step {step}: "
+                                     f"{one_line(exc, 300)} (the last good checkpoint is kept)") from None
             if self.dist.enabled:  # data-parallel: Σ_r (B_r/B) · (gradients, loss), one all-reduce
                 loss = self.dist.all_reduce(list(self.vae.parameters()), loss)
             grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
@@ -296,15 +327,21 @@ class Trainer:
         return loss, largest
 
     def fit(self) -> list[dict]:
-        """Train until ``train.epochs`` epochs are complete; returns the metrics."""
+        """Train until ``train.epochs`` epochs are complete; returns the metrics.
+
+        The TensorBoard writer (if any) is closed however training ends.
+        """
         if self.note:
             self.log.info(self.note)
         stop: list[int] = []
         self.horizon = self.spec.train.epochs * self.steps_per_epoch
-        with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
-            while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
-                self.train_epoch(stop)
-                self.end_epoch()
+        try:
+            with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
+                while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
+                    self.train_epoch(stop)
+                    self.end_epoch()
+        finally:
+            self.close_board()
         return self.progress.metrics
 
     def minibatch(self, epoch: int, position: int) -> torch.Tensor:
@@ -386,11 +423,12 @@ class Trainer:
     def end_epoch(self) -> None:
         """Evaluate, log and checkpoint the epoch just completed; keep the best; step the schedule; stop early."""
         p = self.progress
+        seed = evaluation_seed(self.spec.train.seed, p.epoch)  # its own generator: training's is left as it was
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
             draws = self.spec.train.eval_num_samples
-            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws)
-            validation = (None if self.data.validation is None
-                          else evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws)["test_elbo"])
+            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws, seed=seed)
+            validation = (None if self.data.validation is None else evaluation.test_elbo(
+                self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"])
         if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
             raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
         row = {"epoch": p.epoch + 1,
@@ -428,6 +466,12 @@ class Trainer:
         if self.board is None:
             self.board = board.EpochWriter(self.run_dir, self.spec.train.seed)
         self.board.write(row, self.vae, self.data)
+
+    def close_board(self) -> None:
+        """Close the TensorBoard writer, if one is open (the next epoch's end opens a new one)."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def save_best(self) -> None:
         """``best.pt``: the parameters of the epoch with the highest validation ELBO, written atomically."""
@@ -467,6 +511,12 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
 
     The folder, the data, the model and a first model/guide pass are checked
     before anything is written, so bad input leaves an existing folder as it was.
+
+    What it changes in the calling process: Pyro's param store is cleared and every
+    global generator (torch, numpy, Python's ``random``) is seeded from
+    ``train.seed`` (:class:`Trainer`); while it runs, the ``pyro_vae`` logger also
+    writes to ``run_dir/log.txt`` (:func:`pyro_vae.runs.run_log`). It adds no console
+    handler: the lines reach the host's own logging handlers, if any.
     """
     run_dir = Path(run_dir)
     if spec.train.tensorboard:
@@ -479,13 +529,15 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     if trainer.dist.is_main:
         runs.prepare(run_dir, spec, force)
     trainer.attach(run_dir)
-    if trainer.dist.enabled:
-        trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
-    trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: {trainer.data.binarize}) "
-                     f"with {spec.inference.estimator}, {plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
-    trainer.save()
-    trainer.fit()
-    trainer.write_pictures()
+    with runs.run_log(run_dir, trainer.dist.rank):
+        if trainer.dist.enabled:
+            trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
+        trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
+                         f"{trainer.data.binarize}) with {spec.inference.estimator}, "
+                         f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
+        trainer.save()
+        trainer.fit()
+        trainer.write_pictures()
     return trainer
 
 
@@ -494,6 +546,8 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
 
     The checkpoint is read and checked against the run's spec before anything
     in the folder changes; ``epochs`` (``--epochs``) replaces ``train.epochs``.
+    The calling process is changed as by :func:`train` (param store, generators,
+    ``log.txt`` while it runs).
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
@@ -516,16 +570,17 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
         trainer.restore(state)
     if epochs is not None and trainer.dist.is_main:
         runs.write_text_atomic(run_dir / runs.CONFIG, spec.to_yaml())
-    if state is not None:
-        p = trainer.progress
-        if trainer.dist.is_main:
-            runs.write_metrics(run_dir, p.metrics)  # a kill between checkpoint and metrics left them behind
-        trainer.log.info(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
-    else:
-        trainer.log.info(f"no checkpoint in {run_dir}: starting the run from the beginning with its saved spec")
-        trainer.save()
-    trainer.fit()
-    trainer.write_pictures()
+    with runs.run_log(run_dir, trainer.dist.rank):
+        if state is not None:
+            p = trainer.progress
+            if trainer.dist.is_main:
+                runs.write_metrics(run_dir, p.metrics)  # a kill between checkpoint and metrics left them behind
+            trainer.log.info(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
+        else:
+            trainer.log.info(f"no checkpoint in {run_dir}: starting the run from the beginning with its saved spec")
+            trainer.save()
+        trainer.fit()
+        trainer.write_pictures()
     return trainer
 
 

@@ -1,4 +1,4 @@
-"""Every test uses its own compile cache: no timing record or compiled step of this machine's runs leaks in."""
+"""Every test uses its own compile cache: no compiled step of this machine's runs leaks in."""
 import os
 
 import pytest

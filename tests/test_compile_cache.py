@@ -4,8 +4,11 @@ Real TorchInductor compiles take tens of seconds; here torch.compile is replaced
 where a test is about the cache's bookkeeping, and ``auto`` is checked on the
 traced replay, which is bit for bit the eager step.
 """
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import pyro
 import pytest
@@ -22,17 +25,29 @@ SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """The package's folder under tmp_path, named by TORCHINDUCTOR_CACHE_DIR as the command line names it."""
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(compile_cache.INDUCTOR_ENV, raising=False)
+    monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(compile_cache.inductor_dir()))
     return tmp_path / "cache"
 
 
-def test_inductor_uses_the_package_folder_only_while_compiling(cache):
-    log = logging.getLogger("pyro_vae.test")
-    with compile_cache.inductor_cache(log) as folder:
-        assert os.environ[compile_cache.INDUCTOR_ENV] == str(folder)
-        assert folder == cache / f"inductor-torch{torch.__version__}" and (folder / "STAMP").exists()
-    assert compile_cache.INDUCTOR_ENV not in os.environ
+def inductor_folder_of_the_command(env: dict) -> str:
+    """TORCHINDUCTOR_CACHE_DIR as ``pyro-vae`` sees it while a command runs, and after it, in a fresh process."""
+    code = ("import os, pyro_vae.cli as cli\n"
+            "cli.run_command = lambda argv: print(os.environ.get('TORCHINDUCTOR_CACHE_DIR')) or 0\n"
+            "cli.main(['configs'])\n"
+            "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_the_command_line_alone_points_inductor_at_the_package_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != compile_cache.INDUCTOR_ENV}
+    env[compile_cache.ENV] = str(tmp_path / "cache")
+    during, after = inductor_folder_of_the_command(env).splitlines()
+    assert during == str(tmp_path / "cache" / f"inductor-torch{torch.__version__}") and after == "None"
+    env[compile_cache.INDUCTOR_ENV] = str(tmp_path / "theirs")
+    assert inductor_folder_of_the_command(env).splitlines() == [str(tmp_path / "theirs")] * 2
 
 
 def test_inductor_s_own_default_in_the_environment_is_not_a_user_choice(cache, monkeypatch):
@@ -40,15 +55,18 @@ def test_inductor_s_own_default_in_the_environment_is_not_a_user_choice(cache, m
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     monkeypatch.setenv(compile_cache.INDUCTOR_ENV, default_cache_dir())
-    with compile_cache.inductor_cache(logging.getLogger("pyro_vae.test")) as folder:
-        assert folder is not None and os.environ[compile_cache.INDUCTOR_ENV] == str(folder)
-    assert os.environ[compile_cache.INDUCTOR_ENV] == default_cache_dir()
+    assert not compile_cache.chosen_by_user()
+    monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(cache / "theirs"))
+    assert compile_cache.chosen_by_user()
 
 
-def test_a_folder_the_user_chose_is_left_alone(cache, monkeypatch, tmp_path):
-    monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(tmp_path / "theirs"))
-    with compile_cache.inductor_cache(logging.getLogger("pyro_vae.test")) as folder:
-        assert folder is None and os.environ[compile_cache.INDUCTOR_ENV] == str(tmp_path / "theirs")
+def test_a_folder_that_is_not_the_package_s_is_left_alone(cache, monkeypatch, tmp_path):
+    for value in (str(tmp_path / "theirs"), None):
+        if value is None:
+            monkeypatch.delenv(compile_cache.INDUCTOR_ENV)
+        else:
+            monkeypatch.setenv(compile_cache.INDUCTOR_ENV, value)
+        assert compile_cache.package_folder_in_use(logging.getLogger("pyro_vae.test")) is None
     assert not cache.exists()
 
 
@@ -60,8 +78,7 @@ def test_a_stale_folder_is_emptied_with_one_log_line(cache, caplog, stamp):
     if stamp is not None:
         (folder / "STAMP").write_text(stamp)
     with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
-        with compile_cache.inductor_cache(logging.getLogger("pyro_vae.test")):
-            pass
+        assert compile_cache.package_folder_in_use(logging.getLogger("pyro_vae.test")) == folder
     lines = [r.getMessage() for r in caplog.records if "compile cache" in r.getMessage()]
     assert len(lines) == 1 and "rebuilt" in lines[0]
     assert sorted(p.name for p in folder.iterdir()) == ["STAMP"]
@@ -100,125 +117,86 @@ def test_a_compile_that_fails_without_a_cache_is_not_retried(cache, monkeypatch)
     assert calls == [1]
 
 
-def test_timing_records_survive_a_damaged_file(cache):
-    assert compile_cache.read_timings() == {}
-    compile_cache.record_timing("k", {"trace_build_s": 1.5})
-    compile_cache.record_timing("k", {"traced_ratio": 0.8})
-    assert compile_cache.read_timings() == {"k": {"trace_build_s": 1.5, "traced_ratio": 0.8}}
-    (cache / compile_cache.TIMINGS).write_text("{not json")
-    assert compile_cache.read_timings() == {}
-    (cache / compile_cache.TIMINGS).write_text('{"k": [1], "j": {"compile_s": "soon", "traced_ratio": 0.8}}')
-    assert compile_cache.read_timings() == {"j": {"traced_ratio": 0.8}}
-
-
 # --------------------------------------------------------------------------
 # inference.compile: auto
 # --------------------------------------------------------------------------
 
-def auto_run(steps_left: int, x: torch.Tensor, steps: int, log: logging.Logger):
+def auto_run(steps_left: int, x: torch.Tensor, steps: int, log: logging.Logger, trace_after: int = 100):
     """``steps`` steps of an AutoStep (the first validated, as in training); losses, parameters, the step."""
     pyro.set_rng_seed(0)
     spec = Spec.from_dict({"model": {"latent_dim": 3, "encoder": {"hidden": [16]}, "decoder": {"hidden": [16]}}})
     vae = VAE.from_spec(spec.model, x.shape[1], (1, 8, 8))
     elbo = registry.get("estimator", "trace")(spec.inference)
     optimizer = adam(vae.parameters(), OptimSpec(lr=1e-2))
-    step = path_choice.build_step(elbo, vae, "auto", log, steps_left=lambda: steps_left, key="test")
+    step = path_choice.AutoStep(elbo, vae, log, lambda: steps_left, trace_after=trace_after)
     losses = []
     for i in range(steps):
         optimizer.zero_grad(set_to_none=True)
         with pyro.validation_enabled(i == 0):
-            losses.append(step(x, 1000))
+            losses.append(step(x, 1000, 0.5))
         optimizer.step()
     return torch.stack(losses), [p.detach().clone() for p in vae.parameters()], step
 
 
-def test_auto_stays_eager_for_a_short_run_and_says_why(cache, caplog):
+@pytest.mark.parametrize("steps_left, path", [(99, "eager"), (100, "traced")])
+def test_auto_traces_when_enough_steps_are_left_and_says_why(steps_left, path, caplog):
     x = torch.bernoulli(torch.rand(12, 64, generator=torch.Generator().manual_seed(1)))
     with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
-        _, _, step = auto_run(10, x, 1 + path_choice.PROBE_STEPS + 2, logging.getLogger("pyro_vae.test"))
+        _, _, step = auto_run(steps_left, x, 3, logging.getLogger("pyro_vae.test"))
     lines = [r.getMessage() for r in caplog.records if "auto chose" in r.getMessage()]
-    assert step.path == "eager" and len(lines) == 1 and "steps left" in lines[0], lines
+    assert step.path == path == step.mode and len(lines) == 1 and f"{steps_left} steps left" in lines[0], lines
 
 
-def test_auto_traces_a_long_run_bit_for_bit_and_records_what_it_measured(cache, monkeypatch):
-    monkeypatch.setattr(path_choice, "COLD_COMPILE_SECONDS", float("inf"))  # no real Inductor compile here
-    monkeypatch.setattr(path_choice, "TRACE_BUILD_STEPS", 0)  # tracing always pays
+def test_auto_gives_the_eager_bits_on_either_path():
     x = torch.bernoulli(torch.rand(12, 64, generator=torch.Generator().manual_seed(1)))
     log = logging.getLogger("pyro_vae.test")
-    steps = 1 + path_choice.PROBE_STEPS + path_choice.PROBE_STEPS + 3
-    eager_losses, eager_params, _ = auto_run(0, x, steps, log)
-    auto_losses, auto_params, step = auto_run(10**6, x, steps, log)
-    assert step.path in ("traced", "eager") and step.times["traced"], step.times
-    assert torch.allclose(eager_losses, auto_losses, rtol=1e-6, atol=0)
-    assert all(torch.equal(a, b) for a, b in zip(eager_params, auto_params))
-    record = compile_cache.read_timings()["test"]
-    assert record["trace_build_s"] > 0 and record["traced_ratio"] > 0
-    # a traced step slower than eager goes back to eager, said in the log
-    assert step.path == ("traced" if record["traced_ratio"] < 1 else "eager")
+    eager_losses, eager_params, eager = auto_run(0, x, 6, log)
+    traced_losses, traced_params, traced = auto_run(10**6, x, 6, log)
+    assert (eager.mode, traced.mode) == ("eager", "traced")
+    assert torch.allclose(eager_losses, traced_losses, rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, traced_params))
 
 
-def test_a_resumed_run_takes_the_path_auto_chose(cache, monkeypatch, tmp_path):
-    monkeypatch.setattr(path_choice, "COLD_COMPILE_SECONDS", float("inf"))
-    monkeypatch.setattr(path_choice, "TRACE_BUILD_STEPS", 0)
+def metrics_without_seconds(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("trace_after", [0, path_choice.TRACE_AFTER_STEPS])
+def test_auto_runs_with_a_cold_and_a_warm_cache_folder_are_the_same(tmp_path, monkeypatch, trace_after):
+    """The cache folder's contents (any timing record an older version left in it too) choose nothing."""
+    monkeypatch.setattr(path_choice, "TRACE_AFTER_STEPS", trace_after)  # 0: traced; the default: eager, here
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    spec = load_spec(None, [*SMALL, "train.kl_warmup_epochs=2", "inference.compile=auto"])
+    cold = training.train(spec, tmp_path / "cold", show_progress=False)
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "cache" / "timings.json").write_text('{"x": {"trace_build_s": 0.0, "traced_ratio": 0.1}}')
+    warm = training.train(spec, tmp_path / "warm", show_progress=False)
+    assert cold.loss_and_grads.path == warm.loss_and_grads.path == ("traced" if trace_after == 0 else "eager")
+    assert metrics_without_seconds(tmp_path / "cold") == metrics_without_seconds(tmp_path / "warm")
+    cold_state, warm_state = cold.vae.state_dict(), warm.vae.state_dict()
+    assert cold_state.keys() == warm_state.keys()
+    assert all(torch.equal(cold_state[k], warm_state[k]) for k in cold_state)
+
+
+def test_a_resumed_run_takes_the_path_auto_chose(monkeypatch):
+    monkeypatch.setattr(path_choice, "TRACE_AFTER_STEPS", 0)
     trainer = training.Trainer(load_spec(None, [*SMALL, "train.epochs=4"]), None, show_progress=False)
     trainer.fit()
     state = trainer.state()
-    assert state["step_path"] == trainer.loss_and_grads.path and state["step_path"] in ("traced", "eager")
+    assert state["step_path"] == trainer.loss_and_grads.path == "traced"
+    monkeypatch.setattr(path_choice, "TRACE_AFTER_STEPS", 10**9)  # would choose eager afresh
     resumed = training.Trainer(load_spec(None, [*SMALL, "train.epochs=4"]), None, show_progress=False)
     resumed.restore(state)
-    assert resumed.loss_and_grads.path == state["step_path"] and resumed.loss_and_grads.mode == "eager"
+    assert resumed.loss_and_grads.path == "traced" and resumed.loss_and_grads.mode == "eager"  # not built yet
     resumed.fit()  # nothing left to train, the path kept
-    assert resumed.state()["step_path"] == state["step_path"]
+    assert resumed.state()["step_path"] == "traced"
 
 
-def probed_step(steps_left: int) -> path_choice.AutoStep:
-    step = path_choice.AutoStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"),
-                                lambda: steps_left, "test", path="traced")
-    step.times["eager"] = [0.010] * path_choice.PROBE_STEPS
-    return step
-
-
-@pytest.mark.parametrize("traced_seconds, steps_left, path", [
-    (0.012, 10**7, "eager"),      # a trace slower than eager is dropped
-    (0.008, 10**4, "traced"),     # 10⁴ · 8 ms · 0.15 = 12 s does not repay a 60 s compile
-    (0.008, 10**6, "inductor"),   # 1200 s does
-])
-def test_after_timing_the_trace_auto_keeps_drops_or_compiles_it(cache, caplog, traced_seconds, steps_left, path):
-    step = probed_step(steps_left)
-    with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
-        step._probed("traced", traced_seconds)
-    assert step.path == path
-    assert (step.step is None) == (path == "eager")
-    assert path != "inductor" or step.step.inductor
-    assert compile_cache.read_timings()["test"]["traced_ratio"] == pytest.approx(traced_seconds / 0.010)
-    assert sum("auto chose" in r.getMessage() for r in caplog.records) == (0 if path == "traced" else 1)
-
-
-def test_a_measured_compile_time_replaces_the_guess(cache):
-    compile_cache.record_timing("test", {"compile_s": 4.0, "inductor_ratio": 0.8})
-    step = probed_step(10**4)  # 10⁴ · 8 ms · 0.2 = 16 s > 4 s measured
-    step._probed("traced", 0.008)
-    assert step.path == "inductor"
-
-
-@pytest.mark.parametrize("seconds, recorded", [(40.0, compile_cache.WARM_COMPILE_SECONDS), (3.3, 3.3)])
-def test_after_a_compile_the_next_one_is_expected_to_load_from_the_cache(cache, monkeypatch, seconds, recorded):
-    """A compile records its cost for auto, capped at a cache load: the compiled step is in the folder now."""
-    clock = iter([100.0, 100.0 + seconds])
-    monkeypatch.setattr(compiled.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
-    step = compiled.CompiledStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), inductor=True,
-                                 timing_key="test")
-    traced = lambda params, buffers, x, beta: (x.sum(), [x])  # noqa: E731
-    step._compile(traced, [0], [], [], torch.ones(2), None, compiled.rng.fork_torch(torch.device("cpu")))
-    assert step.compile_seconds == pytest.approx(seconds)
-    assert compile_cache.read_timings()["test"]["compile_s"] == pytest.approx(recorded)
-
-
-def test_one_slow_probe_does_not_spoil_the_record(cache):
-    """A trace that timed slow on a busy machine is dropped for this run; the record keeps the better ratio."""
-    compile_cache.record_timing("test", {"traced_ratio": 0.7})
-    step = probed_step(10**4)
-    step._probed("traced", 0.020)
+def test_a_path_auto_no_longer_takes_is_chosen_afresh():
+    """A checkpoint of an older version may record ``inductor``: auto only ever takes the bit-for-bit paths."""
+    step = path_choice.AutoStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), lambda: 0,
+                                path="inductor")
+    assert step.path is None
+    step.choose(0)
     assert step.path == "eager"
-    assert compile_cache.read_timings()["test"]["traced_ratio"] == 0.7
