@@ -72,6 +72,13 @@ def test_a_command_runs_with_its_threads_and_restores_the_callers(bare_run, thre
     assert seen == [2, 1] and torch.get_num_threads() == thread_count
 
 
+def test_compare_measures_with_threads_and_says_how_many(tmp_path, thread_count):
+    out = tmp_path / "report"
+    assert main(["compare", "--estimators", "trace", "--repeats", "2", "--threads", "2", "--out", str(out),
+                 "--set", "model.encoder.hidden=[8]", "--set", "model.decoder.hidden=[8]", "--no-progress"]) == 0
+    assert "2 torch thread(s)" in (out / "comparison.md").read_text() and torch.get_num_threads() == thread_count
+
+
 @pytest.mark.parametrize("args,needle", [(["train", "--threads", "0"], "--threads is '0'; accepted: auto or an integer"),
                                          (["pictures", "x", "--threads", "many"], "--threads is 'many'"),
                                          (["train", "--set", "train.threads=0"], "'train.threads' is 0"),
