@@ -34,12 +34,25 @@ def _show_images(ax, images: torch.Tensor, image_shape, nrow: int, limits: tuple
         ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         return heat
-    from torchvision.utils import make_grid  # torchvision is slow to import: only when drawing
-
-    grid = make_grid(images.reshape(-1, *image_shape).clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    grid = tile(images.reshape(-1, *image_shape).clamp(0, 1).cpu(), nrow)
     ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     return None
+
+
+def tile(images: torch.Tensor, nrow: int, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:
+    """Images (n, C, H, W) as one (C, rows·(H+p)+p, nrow·(W+p)+p) grid, row by row, ``padding`` p between them.
+
+    torchvision's ``make_grid`` does the same, but importing torchvision takes
+    seconds, more than drawing all the pictures of a run on a small machine.
+    """
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    blank = images.new_full((rows * nrow - n, c, h, w), pad_value)
+    cells = torch.nn.functional.pad(torch.cat([images, blank]), (0, padding, 0, padding), value=pad_value)
+    grid = cells.reshape(rows, nrow, c, h + padding, w + padding).permute(2, 0, 3, 1, 4)
+    grid = grid.reshape(c, rows * (h + padding), nrow * (w + padding))
+    return torch.nn.functional.pad(grid, (padding, 0, padding, 0), value=pad_value)
 
 
 def image_grid(images: torch.Tensor, image_shape, path: Path, title: str) -> Figure:

@@ -195,6 +195,18 @@ def test_snr_legends_sit_outside_their_panels(tmp_path):
     assert "trace (K=1): 1" in [t.get_text() for t in panels[0].get_legend().get_texts()]
 
 
+def test_tile_places_images_row_by_row_between_borders():
+    images = torch.arange(3.0).reshape(3, 1, 1, 1).expand(3, 1, 2, 2)  # three 2x2 images of 0, 1, 2
+    grid = plots.tile(images, nrow=2)
+    assert grid.shape == (1, 7, 7)
+    assert grid[0, 1:3, 1:3].eq(0).all() and grid[0, 1:3, 4:6].eq(1).all() and grid[0, 4:6, 1:3].eq(2).all()
+    assert grid[0, 4:6, 4:6].eq(1).all() and grid[0, 0].eq(1).all() and grid[0, :, 3].eq(1).all()  # blank, borders
+    from torchvision.utils import make_grid
+
+    faces = torch.rand(5, 1, 3, 4)
+    assert torch.equal(plots.tile(faces, nrow=3), make_grid(faces, nrow=3, padding=1, pad_value=1.0)[:1])
+
+
 def test_elbo_curve_of_a_short_run_has_whole_epoch_ticks(tmp_path):
     metrics = [{"epoch": e, "train_elbo": -10.0 + e, "test_elbo": -9.0 + e} for e in (1, 2)]
     fig = plots.elbo_curves(metrics, tmp_path / "elbo.png")
