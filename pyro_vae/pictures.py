@@ -16,8 +16,8 @@ a few thousand points), which is why it is left to ``all``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pyro_vae import progress
 from pyro_vae.data import Dataset
@@ -28,10 +28,10 @@ SAMPLES, ORIGINALS, LATENT_POINTS = 64, 16, 5000
 
 
 def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str) -> list[tuple[str, Callable]]:
-    """(label, draw) of each picture ``which`` asks for, in order; drawing imports matplotlib on the first call."""
+    """(label, draw) of each picture ``which`` asks for, in order (matplotlib is imported unless ``which`` is none)."""
     if which == "none":
         return []
-    from pyro_vae import plots  # matplotlib and torchvision: seconds of imports that bad input should not pay
+    from pyro_vae import plots  # matplotlib: seconds of imports that a run without pictures should not pay
 
     folder = Path(folder)
     steps: list[tuple[str, Callable]] = [

@@ -9,8 +9,8 @@ the figure, so its layout can be inspected.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from matplotlib import colormaps, ticker

@@ -1,5 +1,6 @@
 """Threads per command, the pictures a run writes (and ``pyro-vae pictures``), and what each picture shows."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_none_draws_nothing_and_cheap_never_runs_tsne(bare_run, monkeypatch):
         raise AssertionError("t-SNE drawn by cheap")
 
     monkeypatch.setattr(plots, "tsne", no_tsne)
-    spec, vae, data = training.load_run(bare_run, which="last")
+    _, vae, data = training.load_run(bare_run, which="last")
     out = bare_run.parent / "cheap"
     out.mkdir()
     written = pictures.write(out, vae, data, [{"epoch": 1, "train_elbo": -5.0, "test_elbo": -4.0}], "cheap",
@@ -127,7 +128,7 @@ def test_progress_moves_one_step_per_picture_and_names_it(bare_run, tmp_path, mo
     bars = []
     monkeypatch.setattr(pictures.progress, "bar", lambda *a, **k: bars.append(Recorder(*a, **k)) or bars[-1])
     monkeypatch.setattr(plots, "tsne", lambda points: points[:, :2])  # the label is the point, not the embedding
-    spec, vae, data = training.load_run(bare_run, which="last")
+    _, vae, data = training.load_run(bare_run, which="last")
     pictures.write(tmp_path, vae, data, [{"epoch": 1, "train_elbo": -5.0, "test_elbo": -4.0}], "all")
     (bar,) = bars
     assert bar.total == bar.steps == 4
@@ -239,7 +240,6 @@ def test_latent_map_names_the_classes_where_the_dataset_names_them(tmp_path):
 def test_fashion_mnist_carries_torchvisions_class_names():
     from pyro_vae.data import DATA_ENV, load_dataset
     from pyro_vae.spec import DataSpec
-    import os
 
     root = Path(os.environ.get(DATA_ENV, "/work/shared/data"))
     if not (root / "FashionMNIST").is_dir():
