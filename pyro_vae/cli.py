@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: train, evaluate, sample, configs, compare.
+"""The ``pyro-vae`` command: train, evaluate, sample, pictures, configs, table, compare.
 
 Bad input of any kind ends with one line on stderr and exit status 2; a
 non-finite loss with exit status 3; SIGINT/SIGTERM during training with a
@@ -24,6 +24,7 @@ from typing import Iterator
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
 
+OWN_THREADS = ("train", "compare")  # their spec's train.threads is the default of --threads
 MAX_SAMPLES = 1024      # sample grids beyond this are unreadable in one picture
 PICTURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -67,6 +68,25 @@ def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
                              "checkpoint; or always the last")
 
 
+def thread_setting(text: str) -> int | str:
+    """``--threads``: ``auto`` or an integer >= 1 (:mod:`pyro_vae.threads`)."""
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--threads is {text!r}; accepted: auto or an integer >= 1")
+    return count
+
+
+def _add_threads(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--threads", type=thread_setting, metavar="N|auto",
+                        help=f"torch's CPU threads for this command: a count, or auto (one below 8 CPUs, at most 4); "
+                             f"default: {default}")
+
+
 def _plugin_option() -> argparse.ArgumentParser:
     """``--plugin MODULE``, shared by every command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -98,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in RUN_DIR from its checkpoint, up to --epochs in total")
     train.add_argument("--force", action="store_true", help="overwrite a run folder that holds another run")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(train, "train.threads of the spec (auto)")
 
     evaluate = commands.add_parser("evaluate", help="bounds and importance-sampled log-likelihood of a run, as JSON")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
@@ -109,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--memory-mb", type=float, default=512.0, help="bound on the largest evaluation tensor, MB")
     _add_checkpoint(evaluate)
     _add_plain_progress(evaluate)
+    _add_threads(evaluate, "auto")
 
     sample = commands.add_parser("sample", help="a grid of samples from a trained run")
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
@@ -118,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="picture to write (.png, .pdf, .svg, .jpg; folders are made); default "
                              "RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png")
     _add_checkpoint(sample)
+    _add_threads(sample, "auto")
+
+    pictures = commands.add_parser("pictures", help="draw a run's pictures from its last checkpoint, into its folder")
+    pictures.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
+    pictures.add_argument("--which", choices=("cheap", "all"), default="cheap",
+                          help="cheap: samples, reconstructions, ELBO curve, latent map without t-SNE; all: with t-SNE")
+    _add_plain_progress(pictures)
+    _add_threads(pictures, "auto")
 
     commands.add_parser("configs", help="list the packaged specs")
 
@@ -131,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", type=Path, metavar="DIR", help="folder for table.md, table.csv, curves.png; "
                        "default runs/table-<time>")
     _add_plain_progress(table)
+    _add_threads(table, "auto")
 
     from pyro_vae import compare
-    compare.add_parser(commands, _add_spec_options)
+    _add_threads(compare.add_parser(commands, _add_spec_options), "train.threads of the spec (auto)")
     return parser
 
 
@@ -159,7 +190,8 @@ def run_train(args: argparse.Namespace) -> None:
     _positive(args.epochs, "--epochs")
     if args.resume is not None:
         given = (("--config", args.config is not None), ("--set", bool(args.overrides)), ("--seed", args.seed is not None),
-                 ("--device", args.device is not None), ("--out", args.out is not None), ("--force", args.force))
+                 ("--device", args.device is not None), ("--out", args.out is not None), ("--force", args.force),
+                 ("--threads", args.threads is not None))
         clashes = [flag for flag, present in given if present]
         if clashes:
             raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
@@ -168,7 +200,8 @@ def run_train(args: argparse.Namespace) -> None:
             print(trainer.run_dir)
         return
     overrides = list(args.overrides)
-    for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("train.device", args.device)):
+    for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("train.device", args.device),
+                       ("train.threads", args.threads)):
         if value is not None:
             overrides.append(f"{key}={value}")
     spec = load_spec(args.config, overrides)
@@ -227,6 +260,20 @@ def run_sample(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     plots.image_grid(vae.sample(args.n), data.image_shape, out, f"E[x | z], z ~ p(z), {args.n} draws, seed {args.seed}")
     print(out)
+
+
+def run_pictures(args: argparse.Namespace) -> None:
+    """Draw the pictures of a run from its last checkpoint, with the run's seed; print their paths."""
+    from pyro_vae import pictures, runs
+    from pyro_vae.training import load_run, seed_everything
+
+    spec, vae, data = load_run(args.run_dir, which="last")
+    say_checkpoint(args.run_dir, "last")
+    runs.writable_folder(Path(args.run_dir), "run folder")
+    seed_everything(spec.train.seed)
+    for path in pictures.write(args.run_dir, vae, data, runs.read_metrics(args.run_dir), args.which,
+                               show_progress=not args.quiet):
+        print(path)
 
 
 def run_configs(args: argparse.Namespace) -> None:
@@ -304,10 +351,17 @@ def run_command(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
         plugins.load(getattr(args, "plugins", []))
         if args.command is None:
-            raise UserInputError("choose a command: train, evaluate, sample, configs, table, compare (see --help)")
-        handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "configs": run_configs,
-                   "table": run_table, "compare": run_compare}[args.command]
-        handler(args)
+            raise UserInputError("choose a command: train, evaluate, sample, pictures, configs, table, compare "
+                                 "(see --help)")
+        handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "pictures": run_pictures,
+                   "configs": run_configs, "table": run_table, "compare": run_compare}[args.command]
+        if args.command in OWN_THREADS or not hasattr(args, "threads"):
+            handler(args)
+        else:  # torch's thread count for the command, restored after it (main may be called from Python)
+            from pyro_vae import threads
+
+            with threads.using(args.threads or threads.AUTO):
+                handler(args)
         return 0
     except UserInputError as exc:
         print(f"pyro-vae: error: {exc}", file=sys.stderr)

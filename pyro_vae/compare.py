@@ -85,7 +85,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs
+from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs, threads
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.log_weights import log_weights
 from pyro_vae.spec import InferenceSpec, Spec, part_keys
@@ -584,9 +584,11 @@ def run(args: argparse.Namespace) -> None:
     for choice in choices:  # every estimator builds before any time is spent
         choice.build(spec.inference)
     out = _prepare_out(args.out or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    rows, curves = compare(spec, vae, data, choices, repeats=args.repeats, seed=seed, train_steps=args.train_steps,
-                           num_samples=args.num_samples, show_progress=not args.no_progress)
-    about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
-    write_report(out, rows, curves, about)
+    with threads.using(args.threads or spec.train.threads):  # --threads, else the spec's train.threads
+        rows, curves = compare(spec, vae, data, choices, repeats=args.repeats, seed=seed,
+                               train_steps=args.train_steps, num_samples=args.num_samples,
+                               show_progress=not args.no_progress)
+        about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
+        write_report(out, rows, curves, about)
     print(markdown_table(rows))
     print(out)

@@ -40,7 +40,11 @@ IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
 
 @dataclass
 class Dataset:
-    """Train and test tensors (N, D), labels where known, and what generated them."""
+    """Train and test tensors (N, D), labels where known, and what generated them.
+
+    ``class_names[label]`` names a label where the dataset names its classes
+    (Fashion-MNIST's garments); None where the labels are their own names (digits).
+    """
 
     name: str
     train: torch.Tensor
@@ -51,6 +55,7 @@ class Dataset:
     binarize: str = "none"
     exact: LinearGaussian | None = None
     validation: torch.Tensor | None = None
+    class_names: tuple[str, ...] | None = None
 
     @property
     def data_dim(self) -> int:
@@ -222,8 +227,11 @@ def mnist(spec: DataSpec) -> Dataset:
 
 @registry.register("dataset", "fashion-mnist")
 def fashion_mnist(spec: DataSpec) -> Dataset:
-    """Fashion-MNIST through torchvision from a local root (60k train, 10k test)."""
-    return _torchvision(spec, "FashionMNIST", "fashion-mnist")
+    """Fashion-MNIST through torchvision from a local root (60k train, 10k test); classes named as torchvision names them."""
+    import torchvision
+
+    return replace(_torchvision(spec, "FashionMNIST", "fashion-mnist"),
+                   class_names=tuple(torchvision.datasets.FashionMNIST.classes))
 
 
 def read_amat(path: Path) -> torch.Tensor:

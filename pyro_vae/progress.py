@@ -23,7 +23,7 @@ class PlainProgress:
 
     def __init__(self, total: int | None, desc: str, unit: str, every: float = PLAIN_EVERY_SECONDS):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.n, self.postfix = 0, ""
+        self.n, self.postfix, self.shown = 0, "", 0
         self.start = self.last = time.monotonic()
 
     def update(self, count: int = 1) -> None:
@@ -42,9 +42,11 @@ class PlainProgress:
         extra = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {self.n}{of} {self.unit}s{share}, {now - self.start:.0f} s{extra}", file=sys.stderr,
               flush=True)
+        self.shown = self.n
 
     def close(self) -> None:
-        if self.n and time.monotonic() - self.start >= self.every:
+        """The final line, unless the last line already said as much (or the work was too short for lines)."""
+        if self.n != self.shown and time.monotonic() - self.start >= self.every:
             self._line(time.monotonic())
 
     def __enter__(self) -> "PlainProgress":

@@ -147,6 +147,10 @@ class TrainSpec:
     eval_num_samples: int = field(default=1, metadata=accepts(1))
     early_stopping_patience: Union[int, None] = field(default=None, metadata=accepts(1))
     tensorboard: bool = False
+    # torch's CPU threads while the run trains (pyro_vae.threads): auto or a count
+    threads: Union[int, str] = field(default="auto", metadata=accepts(1, choices=("auto",)))
+    # the pictures written after training (pyro_vae.pictures): all adds t-SNE to cheap's
+    pictures: str = field(default="cheap", metadata=accepts(choices=("all", "cheap", "none")))
 
 
 @dataclass

@@ -55,7 +55,7 @@ import pyro
 import torch
 
 from pyro_vae import (checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry,
-                      run_state, runs)
+                      run_state, runs, threads)
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE, check_likelihood_support
@@ -483,27 +483,13 @@ class Trainer:
                                 "validation_elbo": p.best_validation}, self.run_dir / runs.BEST)
 
     def write_pictures(self) -> None:
-        """samples.png, reconstructions.png, elbo.png and latent.png (two or more test examples) in the run folder."""
+        """The pictures ``train.pictures`` asks for in the run folder (:mod:`pyro_vae.pictures`)."""
         if not self.dist.is_main:
             return
-        from pyro_vae import plots  # matplotlib and torchvision: ~3 s of imports that bad input should not pay
+        from pyro_vae import pictures
 
-        folder, data = self.run_dir, self.data
-        with progress.bar(4, "pictures", "picture", quiet=not self.show_progress) as bar:
-            plots.image_grid(self.vae.sample(64), data.image_shape, folder / "samples.png", "E[x | z], z ~ p(z)")
-            bar.update(1)
-            originals = data.test[:16]
-            plots.reconstructions(originals, self.vae.reconstruct(originals), data.image_shape,
-                                  folder / "reconstructions.png")
-            bar.update(1)
-            plots.elbo_curves(self.progress.metrics, folder / "elbo.png")
-            bar.update(1)
-            subset = data.test[:5000]
-            if subset.shape[0] < 2:  # a map of one point says nothing (and PCA needs two)
-                return
-            labels = data.test_labels[:5000] if data.test_labels is not None else None
-            plots.latent_map(self.vae.encode(subset)[0], labels, folder / "latent.png")
-            bar.update(1)
+        pictures.write(self.run_dir, self.vae, self.data, self.progress.metrics, self.spec.train.pictures,
+                       self.show_progress)
 
 
 def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = True) -> Trainer:
@@ -517,8 +503,14 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     ``train.seed`` (:class:`Trainer`); while it runs, the ``pyro_vae`` logger also
     writes to ``run_dir/log.txt`` (:func:`pyro_vae.runs.run_log`). It adds no console
     handler: the lines reach the host's own logging handlers, if any.
+    torch uses ``train.threads`` threads meanwhile (:mod:`pyro_vae.threads`); the
+    caller's thread count is restored afterwards.
     """
-    run_dir = Path(run_dir)
+    with threads.using(spec.train.threads):
+        return _train(spec, Path(run_dir), force, show_progress)
+
+
+def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Trainer:
     if spec.train.tensorboard:
         from pyro_vae import board
 
@@ -548,9 +540,15 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
     in the folder changes; ``epochs`` (``--epochs``) replaces ``train.epochs``.
     The calling process is changed as by :func:`train` (param store, generators,
     ``log.txt`` while it runs).
+    torch uses the run's ``train.threads`` threads meanwhile, then the caller's again.
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
+    with threads.using(spec.train.threads):
+        return _resume(spec, run_dir, epochs, show_progress)
+
+
+def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer:
     if spec.train.tensorboard:
         from pyro_vae import board
 

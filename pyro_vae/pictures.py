@@ -1,0 +1,68 @@
+"""The pictures of a run folder (``train.pictures``, ``pyro-vae pictures RUN``).
+
+=================== ====================================================== =========
+file                what                                                   drawn by
+=================== ====================================================== =========
+samples.png         64 draws E[x | z], z ~ p(z)                            cheap, all
+reconstructions.png 16 test examples above E[x | z = mean of q(z|x)]       cheap, all
+elbo.png            train and test ELBO per epoch (runs with an epoch)     cheap, all
+latent.png          posterior means of up to 5,000 test examples in 2-D:   cheap, all
+                    as they are (d ≤ 2), else the first two principal
+                    components, and with ``all`` a t-SNE panel too
+=================== ====================================================== =========
+
+``none`` draws nothing. t-SNE is the one slow picture (seconds to minutes for
+a few thousand points), which is why it is left to ``all``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pyro_vae import progress
+from pyro_vae.data import Dataset
+from pyro_vae.model import VAE
+
+CHOICES = ("all", "cheap", "none")
+SAMPLES, ORIGINALS, LATENT_POINTS = 64, 16, 5000
+
+
+def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str) -> list[tuple[str, Callable]]:
+    """(label, draw) of each picture ``which`` asks for, in order (matplotlib is imported unless ``which`` is none)."""
+    if which == "none":
+        return []
+    from pyro_vae import plots  # matplotlib: seconds of imports that a run without pictures should not pay
+
+    folder = Path(folder)
+    steps: list[tuple[str, Callable]] = [
+        ("samples.png", lambda: plots.image_grid(vae.sample(SAMPLES), data.image_shape, folder / "samples.png",
+                                                 "E[x | z], z ~ p(z)")),
+        ("reconstructions.png", lambda: plots.reconstructions(data.test[:ORIGINALS], vae.reconstruct(data.test[:ORIGINALS]),
+                                                              data.image_shape, folder / "reconstructions.png"))]
+    if metrics:
+        steps.append(("elbo.png", lambda: plots.elbo_curves(metrics, folder / "elbo.png")))
+    subset = data.test[:LATENT_POINTS]
+    if subset.shape[0] >= 2:  # a map of one point says nothing (and principal components need two)
+        with_tsne = which == "all" and vae.latent_dim > 2
+        labels = None if data.test_labels is None else data.test_labels[:LATENT_POINTS]
+        label = "latent.png" + (f" (t-SNE of {min(subset.shape[0], plots.TSNE_POINTS)} points)" if with_tsne else "")
+        steps.append((label, lambda: plots.latent_map(vae.encode(subset)[0], labels, folder / "latent.png",
+                                                      with_tsne=with_tsne, class_names=data.class_names)))
+    return steps
+
+
+def write(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str = "cheap",
+          show_progress: bool = True) -> list[Path]:
+    """Draw the pictures ``which`` (``all``, ``cheap`` or ``none``) asks for into ``folder``; returns their paths.
+
+    The progress bar moves one step per picture and names the picture being drawn (with t-SNE, how many points).
+    """
+    steps = plan(folder, vae, data, metrics, which)
+    written = []
+    with progress.bar(len(steps), "pictures", "picture", quiet=not show_progress, every=2.0) as bar:
+        for label, draw in steps:
+            bar.set_postfix_str(label)
+            draw()
+            bar.update(1)
+            written.append(Path(folder) / label.split()[0])
+    return written
