@@ -1,17 +1,20 @@
 """The papers' training protocols: data-initialized decoder, VampPrior recipe, schedules, validation,
 early stopping, best checkpoint, and the results table of finished runs."""
+import csv
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import pyro.distributions as dist
 
-from pyro_vae import checkpoint, optimizer, runs, training
+from pyro_vae import checkpoint, optimizer, runs, table, training
 from pyro_vae.cli import main
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
@@ -221,3 +224,50 @@ def test_table_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is not a run folder" in err
+
+
+def test_runs_of_different_training_seeds_are_paired_and_labelled_by_their_paths(tmp_path, capsys):
+    first, second = tmp_path / "seed0" / "digits", tmp_path / "seed1" / "digits"
+    for run, seed in ((first, 0), (second, 1)):
+        training.train(load_spec(None, [*TINY, "train.epochs=1", f"train.seed={seed}"]), run, show_progress=False)
+    out = tmp_path / "table"
+    assert main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    text = (out / "table.md").read_text()
+    assert "vs `seed0/digits` (paired)" in text and "| `seed1/digits` |" in text
+    assert "other test images" not in text
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [row["label"] for row in rows] == ["seed0/digits", "seed1/digits"]
+    assert rows[0]["vs_reference"] == "reference" and math.isfinite(float(rows[1]["vs_reference"]))
+    cache = next(second.glob("scores-*.pt"))
+    cache.write_bytes(cache.read_bytes()[:200])                                 # a damaged cache is scored again
+    capsys.readouterr()
+    assert main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err and (out / "table.md").read_text() == text
+    assert checkpoint.load(cache)["row"]["test"] == table.fingerprint(load_dataset(load_spec(None, TINY).data).test)
+
+
+def test_a_damaged_checkpoint_stops_table_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    training.train(load_spec(None, [*TINY, "train.epochs=1"]), run, show_progress=False)
+    path = run / runs.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["table", str(run), "--num-samples", "5", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and "Traceback" not in err
+
+
+def test_table_fingerprint_tells_apart_test_sets_of_equal_sum_and_shape():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert a.sum() == b.sum() and a.shape == b.shape
+    assert table.fingerprint(a) != table.fingerprint(b)
+    assert table.fingerprint(a) == table.fingerprint(a.clone().t().contiguous().t())
+    assert table.fingerprint(a) != table.fingerprint(a.reshape(1, 4)) != table.fingerprint(a.double())
+
+
+def test_table_labels_are_the_shortest_distinct_trailing_paths(tmp_path):
+    paths = [tmp_path / "a" / "seed0" / "digits", tmp_path / "a" / "seed1" / "digits", tmp_path / "mnist"]
+    assert table.labels(paths) == ["seed0/digits", "seed1/digits", "mnist"]
+    assert table.labels([tmp_path / "x" / "run", tmp_path / "y" / "x" / "run"]) == [
+        str(Path(*(tmp_path / "x" / "run").parts[-3:])), "y/x/run"]
