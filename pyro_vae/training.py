@@ -487,7 +487,7 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
         runs.check_new_run(run_dir, spec, force)
     trainer = Trainer(spec, None, show_progress=show_progress)
     if trainer.dist.is_main:
-        runs.prepare(run_dir, spec, force)
+        runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
     trainer.attach(run_dir)
     if trainer.dist.enabled:
         trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
@@ -539,6 +539,33 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
     return trainer
 
 
+def model_inputs(data: Dataset) -> dict:
+    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into."""
+    return {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
+
+
+def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec, dict, torch.device]:
+    """The run's spec, its checkpoint ``which`` (checked against the spec) and the device to load onto."""
+    spec = runs.read_spec(run_dir)
+    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
+    run_state.check_same_spec(state, spec, run_dir)
+    if device is not None:
+        spec.train.device = device
+    return spec, state, resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
+
+
+def _trained_vae(spec: Spec, state: dict, data_dim: int, image_shape: tuple[int, int, int] | None,
+                 run_dir: Path, target: torch.device) -> VAE:
+    """The VAE of ``spec`` with the checkpoint's parameters, on ``target``, in eval mode."""
+    vae = VAE.from_spec(spec.model, data_dim, image_shape)
+    try:
+        vae.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
+                             f"{one_line(exc, 200)}") from None
+    return vae.to(target).eval()
+
+
 def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
     """The spec, trained VAE (eval mode) and data of a finished or interrupted run.
 
@@ -547,17 +574,24 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
     (see :func:`pyro_vae.runs.checkpoint_path`).
     """
     run_dir = Path(run_dir)
-    spec = runs.read_spec(run_dir)
-    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
-    run_state.check_same_spec(state, spec, run_dir)
-    if device is not None:
-        spec.train.device = device
-    target = resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
+    spec, state, target = _checked_state(run_dir, device, which)
     data = load_dataset(spec.data, spec.train.seed).to(target)
-    vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape)
-    try:
-        vae.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
-                             f"{one_line(exc, 200)}") from None
-    return spec, vae.to(target).eval(), data
+    return spec, _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target), data
+
+
+def load_model(run_dir: Path, device: str | None = None,
+               which: str = "best") -> tuple[Spec, VAE, tuple[int, int, int] | None]:
+    """The spec, trained VAE (eval mode) and image shape of a run, without its data where it can.
+
+    The model is built from what ``run.json`` recorded at training time
+    (:func:`pyro_vae.runs.read_model_inputs`); a run without that record loads
+    its dataset for it. ``which`` as in :func:`load_run`.
+    """
+    run_dir = Path(run_dir)
+    spec, state, target = _checked_state(run_dir, device, which)
+    inputs = runs.read_model_inputs(run_dir)
+    if inputs is None:
+        data = load_dataset(spec.data, spec.train.seed)
+        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape}
+    vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run_dir, target)
+    return spec, vae, inputs["image_shape"]
