@@ -58,6 +58,7 @@ class Dataset:
     binarize: str = "none"
     exact: LinearGaussian | None = None
     validation: torch.Tensor | None = None
+    notes: tuple[str, ...] = ()  # what loading used instead of what the spec asked (a size beyond the data)
 
     @property
     def data_dim(self) -> int:
@@ -106,6 +107,8 @@ def data_root(spec: DataSpec) -> Path:
 def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
     """Load ``spec.name``, cut it to size, resolve and apply binarization, move it to ``device``."""
     data = registry.get("dataset", spec.name)(spec)
+    data = replace(data, notes=tuple(note for note in (size_note("train_size", spec, data.num_train),
+                                                       size_note("test_size", spec, data.test.shape[0])) if note))
     if spec.train_size is not None:
         data = replace(data, train=data.train[:spec.train_size],
                        train_labels=None if data.train_labels is None else data.train_labels[:spec.train_size])
@@ -117,6 +120,15 @@ def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cp
     check_finite(data.train, f"data '{spec.name}' (training split)")
     check_finite(data.test, f"data '{spec.name}' (test split)")
     return binarized(data, resolve_binarization(spec), seed, evaluation_seed(spec)).to(device)
+
+
+def size_note(key: str, spec: DataSpec, available: int) -> str | None:
+    """The line saying that ``data.<key>`` asks for more than the ``available`` examples, all of which are used."""
+    asked = getattr(spec, key)
+    if asked is None or asked <= available:
+        return None
+    split = "training" if key == "train_size" else "test"
+    return f"data.{key} is {asked} but '{spec.name}' has {available} {split} examples: all {available} are used"
 
 
 def evaluation_seed(spec: DataSpec) -> int | None:

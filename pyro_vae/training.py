@@ -29,6 +29,19 @@ Nothing lost:
   checkpoint of the damaged parameters is ever written;
 - before a new run touches its folder, the data, the model and one validated
   model/guide pass on two examples are checked, so bad input fails first.
+
+Said out loud (a warning in the log and on stderr, at most one line per epoch):
+a train ELBO that diverges while staying finite. The reference is the ELBO of
+the starting parameters, E₀ (the first step's estimate, taken before its
+update); epoch e's train ELBO E_e is diverging when
+
+    E_e < E₀ − DIVERGENCE_FACTOR · max(|E₀|, 1 nat),
+
+that is, for the usual negative E₀, more than ten times its magnitude below it
+(E_e < 11 E₀): worse by an order of magnitude than the untrained model.
+Checkpoints older than this record use the first epoch's train ELBO as E₀.
+Sizes (``data.train_size``, ``data.test_size``) beyond the data are logged with
+what was used.
 """
 from __future__ import annotations
 
@@ -53,6 +66,16 @@ from pyro_vae.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
+DIVERGENCE_FACTOR = 10.0  # see the module docstring: E_e < E₀ − factor · max(|E₀|, 1) warns
+
+
+def divergence_warning(epoch: int, train_elbo: float, start_elbo: float, lr: float) -> str | None:
+    """The warning line for ``train_elbo`` of ``epoch`` far below the starting point's ``start_elbo``; else None."""
+    if not train_elbo < start_elbo - DIVERGENCE_FACTOR * max(abs(start_elbo), 1.0):
+        return None
+    return (f"warning: epoch {epoch}: train ELBO {train_elbo:.4g} nats, more than {DIVERGENCE_FACTOR:g}×|E₀| below "
+            f"the starting point's E₀ = {start_elbo:.4g} nats: training is diverging. Try a lower optim.lr "
+            f"(now {lr:g}) or optim.clip_norm")
 
 
 class TrainingInterrupted(Exception):
@@ -309,6 +332,8 @@ class Trainer:
         """Train until ``train.epochs`` epochs are complete; returns the metrics."""
         if self.note:
             self.log.info(self.note)
+        for line in self.data.notes:
+            self.log.info(line)
         stop: list[int] = []
         self.horizon = self.spec.train.epochs * self.steps_per_epoch
         with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
@@ -410,6 +435,8 @@ class Trainer:
                "seconds": p.epoch_seconds,
                "kl_weight": kl_weight(self.spec, p.global_step - 1, self.steps_per_epoch),  # the epoch's last β
                "lr": optimizer.current_lr(self.optimizer)}
+        if p.start_elbo is None and p.epoch == 0:
+            p.start_elbo = -p.epoch_losses[0] / self.data.num_train
         p.metrics.append(row)
         self.write_board(row)
         p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = p.epoch + 1, 0, [], 0.0
@@ -424,6 +451,10 @@ class Trainer:
         where = f"  validation ELBO {validation:9.3f}" + (" (best)" if improved else "") if validation is not None else ""
         self.log.info(f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}{where}  test ELBO "
                       f"{row['test_elbo']:9.3f} nats  ({row['seconds']:.1f} s)")
+        start = p.start_elbo if p.start_elbo is not None else p.metrics[0]["train_elbo"]
+        diverging = divergence_warning(row["epoch"], row["train_elbo"], start, self.spec.optim.lr)
+        if diverging:
+            self.log.warning(diverging)
         if p.stopped_early:
             self.log.info(f"early stopping: no better validation ELBO for {patience} epochs; the best is epoch "
                           f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}")

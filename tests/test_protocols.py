@@ -271,3 +271,30 @@ def test_table_labels_are_the_shortest_distinct_trailing_paths(tmp_path):
     assert table.labels(paths) == ["seed0/digits", "seed1/digits", "mnist"]
     assert table.labels([tmp_path / "x" / "run", tmp_path / "y" / "x" / "run"]) == [
         str(Path(*(tmp_path / "x" / "run").parts[-3:])), "y/x/run"]
+
+
+# -- said out loud: divergence, sizes beyond the data -------------------------------------------------
+
+def test_a_diverging_run_warns_once_per_epoch_and_sizes_beyond_the_data_say_what_was_used(tmp_path, capsys):
+    run = tmp_path / "run"
+    spec = load_spec(None, [*TINY, "data.train_size=100000", "data.test_size=100000", "optim.lr=50", "train.epochs=2",
+                            "model.latent_dim=2"])  # d = 2: the latent map skips t-SNE, which the diverged means crash
+    training.train(spec, run, show_progress=False)
+    err, log = capsys.readouterr().err, (run / runs.LOG).read_text()
+    for text in (err, log):
+        assert "data.train_size is 100000 but 'digits' has 1617 training examples: all 1617 are used" in text
+        assert "data.test_size is 100000 but 'digits' has 180 test examples: all 180 are used" in text
+        warnings = [line for line in text.splitlines() if "training is diverging" in line]
+        assert len(warnings) == 2 and "epoch 1:" in warnings[0] and "epoch 2:" in warnings[1]
+        assert "optim.lr (now 50)" in warnings[0]
+    start = checkpoint.load(run / runs.CHECKPOINT)["start_elbo"]
+    assert -100 < start < 0 and all(m["train_elbo"] < 11 * start for m in runs.read_metrics(run))
+
+
+def test_divergence_rule_is_ten_times_the_starting_magnitude_below_the_start():
+    assert training.divergence_warning(3, -330.0, -30.0, 1e-3) is None            # E₀ − 10 |E₀| exactly
+    line = training.divergence_warning(3, -331.0, -30.0, 1e-3)
+    assert line.startswith("warning: epoch 3: train ELBO -331 nats") and "E₀ = -30 nats" in line
+    assert training.divergence_warning(1, -9.0, 0.5, 1e-3) is None                 # |E₀| < 1: one nat instead
+    assert training.divergence_warning(1, -10.0, 0.5, 1e-3) is not None
+    assert training.divergence_warning(1, -1e20, -1e19, 1e-3) is None             # no worse than 10 |E₀| below
