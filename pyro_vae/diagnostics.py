@@ -73,7 +73,7 @@ def pareto_k(log_w: torch.Tensor) -> torch.Tensor:
     equal = constant_tail(flat)
     khat = np.full(flat.shape[0], -np.inf)
     if not equal.all():
-        # arviz_stats' psislw takes LOO's log-likelihoods, whose importance weights are their negatives: give it −log w
+        # arviz_stats' psislw takes LOO's log-likelihoods, whose importance weights are their negatives: −log w
         _, fitted = array_stats.psislw(-flat[~equal], r_eff=1.0, axis=-1)
         khat[~equal] = np.asarray(fitted, dtype=np.float64)
     return torch.from_numpy(khat).reshape(values.shape[1:])

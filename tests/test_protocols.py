@@ -298,3 +298,14 @@ def test_divergence_rule_is_ten_times_the_starting_magnitude_below_the_start():
     assert training.divergence_warning(1, -9.0, 0.5, 1e-3) is None                 # |E₀| < 1: one nat instead
     assert training.divergence_warning(1, -10.0, 0.5, 1e-3) is not None
     assert training.divergence_warning(1, -1e20, -1e19, 1e-3) is None             # no worse than 10 |E₀| below
+
+
+def test_a_checkpoint_without_the_starting_elbo_resumes_against_the_first_epoch(tmp_path):
+    run = tmp_path / "run"
+    training.train(load_spec(None, [*TINY, "train.epochs=1", "model.latent_dim=2"]), run, show_progress=False)
+    state = checkpoint.load(run / runs.CHECKPOINT)
+    del state["start_elbo"], state["format"]                                    # as checkpoints were written before
+    checkpoint.save_atomic(state, run / runs.CHECKPOINT)
+    trainer = training.resume(run, epochs=2, show_progress=False)
+    assert trainer.progress.start_elbo is None and len(runs.read_metrics(run)) == 2
+    assert "training is diverging" not in (run / runs.LOG).read_text()
