@@ -64,7 +64,7 @@ class DataSpec:
     test_size: Union[int, None] = field(default=None, metadata=accepts(1))
     validation_size: Union[int, str, None] = field(default=None, metadata=accepts(1, choices=(PUBLISHED,)))
     # the seed of the test and validation splits' fixed binarization; "train": train.seed (runs before this key)
-    eval_binarize_seed: Union[int, str] = field(default=0, metadata=accepts(0, choices=(TRAIN_SEED,)))
+    eval_binarize_seed: Union[int, str] = field(default=0, metadata=accepts(0, 2**64 - 1, choices=(TRAIN_SEED,)))
     linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
 
 

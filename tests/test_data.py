@@ -181,3 +181,6 @@ def test_a_saved_spec_without_the_evaluation_seed_keeps_the_training_seed():
     assert Spec.from_saved(saved).data.eval_binarize_seed == "train"
     assert Spec.from_saved(Spec().to_dict()).data.eval_binarize_seed == 0
     assert Spec.from_dict({}).data.eval_binarize_seed == 0
+    for bad in (-1, 2**64, True, "test"):                                       # a seed torch's generator takes
+        with pytest.raises(UserInputError, match="data.eval_binarize_seed"):
+            Spec.from_dict({"data": {"eval_binarize_seed": bad}})
