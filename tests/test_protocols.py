@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import pyro.distributions as dist
 
 from pyro_vae import checkpoint, optimizer, runs, table, training
@@ -309,3 +310,18 @@ def test_a_checkpoint_without_the_starting_elbo_resumes_against_the_first_epoch(
     trainer = training.resume(run, epochs=2, show_progress=False)
     assert trainer.progress.start_elbo is None and len(runs.read_metrics(run)) == 2
     assert "training is diverging" not in (run / runs.LOG).read_text()
+
+
+def test_a_run_folder_written_before_the_evaluation_seed_keeps_its_test_images(tmp_path):
+    run = tmp_path / "run"
+    training.train(load_spec(None, [*TINY, "train.epochs=1", "train.seed=1"]), run, show_progress=False)
+    config = yaml.safe_load((run / runs.CONFIG).read_text())
+    del config["data"]["eval_binarize_seed"]
+    (run / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    state = checkpoint.load(run / runs.CHECKPOINT)
+    del state["spec"]["data"]["eval_binarize_seed"], state["format"]
+    checkpoint.save_atomic(state, run / runs.CHECKPOINT)
+    spec, _, data = training.load_run(run)
+    assert spec.data.eval_binarize_seed == "train"
+    assert torch.equal(data.test, load_dataset(load_spec(None, [*TINY, "data.eval_binarize_seed=train"]).data, 1).test)
+    assert not torch.equal(data.test, load_dataset(load_spec(None, TINY).data, 1).test)
