@@ -240,7 +240,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_sample(args: argparse.Namespace) -> None:
     from pyro_vae import plots
-    from pyro_vae.training import load_run, seed_everything
+    from pyro_vae.training import load_model, seed_everything
 
     from pyro_vae import runs
 
@@ -254,11 +254,11 @@ def run_sample(args: argparse.Namespace) -> None:
                              f"{', '.join(PICTURE_FORMATS)}")
     if out.is_dir():
         raise UserInputError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}")
-    spec, vae, data = load_run(args.run_dir, which=args.checkpoint)
+    spec, vae, image_shape = load_model(args.run_dir, which=args.checkpoint)
     say_checkpoint(args.run_dir, args.checkpoint)
     runs.writable_folder(out.parent, "the folder of --out")
     seed_everything(args.seed)
-    plots.image_grid(vae.sample(args.n), data.image_shape, out, f"E[x | z], z ~ p(z), {args.n} draws, seed {args.seed}")
+    plots.image_grid(vae.sample(args.n), image_shape, out, f"E[x | z], z ~ p(z), {args.n} draws, seed {args.seed}")
     print(out)
 
 

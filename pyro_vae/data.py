@@ -5,11 +5,18 @@ with values in [0, 1] for images, plus the image shape (C, H, W) where there is
 one. A batch is an index slice; binarization is one vectorized Bernoulli draw:
 
 - ``dynamic``: a fresh draw x ~ Bernoulli(pixel intensity) every time a training
-  image is used (the IWAE protocol); the test set is binarized once with the
-  run's seed so every evaluation sees the same binary images;
+  image is used (the IWAE protocol); the test set is binarized once so every
+  evaluation sees the same binary images;
 - ``static``: one fixed draw for both splits (for ``binarized-mnist`` the
   published binarization of Larochelle & Murray 2011 is used as it is);
 - ``none``: the values as they are.
+
+The fixed draws of the test and validation splits come from their own generator,
+seeded by ``data.eval_binarize_seed`` (default 0), so runs with different
+``train.seed`` are scored on the same binary test images and can be paired;
+``eval_binarize_seed: train`` seeds it with the run's seed (the behaviour of run
+folders written before the key existed, which read back as ``train``). The
+static training split is drawn with the run's seed.
 
 Validation (``data.validation_size``): n examples held out of the training
 split, chosen by a generator seeded with the run's seed (the same on every
@@ -32,7 +39,7 @@ import torch
 from pyro_vae import registry
 from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.gaussian import LinearGaussian
-from pyro_vae.spec import PUBLISHED, DataSpec
+from pyro_vae.spec import PUBLISHED, TRAIN_SEED, DataSpec
 
 DATA_ENV = "PYRO_VAE_DATA"
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
@@ -56,6 +63,7 @@ class Dataset:
     exact: LinearGaussian | None = None
     validation: torch.Tensor | None = None
     class_names: tuple[str, ...] | None = None
+    notes: tuple[str, ...] = ()  # what loading used instead of what the spec asked (a size beyond the data)
 
     @property
     def data_dim(self) -> int:
@@ -104,6 +112,8 @@ def data_root(spec: DataSpec) -> Path:
 def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
     """Load ``spec.name``, cut it to size, resolve and apply binarization, move it to ``device``."""
     data = registry.get("dataset", spec.name)(spec)
+    data = replace(data, notes=tuple(note for note in (size_note("train_size", spec, data.num_train),
+                                                       size_note("test_size", spec, data.test.shape[0])) if note))
     if spec.train_size is not None:
         data = replace(data, train=data.train[:spec.train_size],
                        train_labels=None if data.train_labels is None else data.train_labels[:spec.train_size])
@@ -114,7 +124,21 @@ def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cp
     check_size(data, spec.name)
     check_finite(data.train, f"data '{spec.name}' (training split)")
     check_finite(data.test, f"data '{spec.name}' (test split)")
-    return binarized(data, resolve_binarization(spec), seed).to(device)
+    return binarized(data, resolve_binarization(spec), seed, evaluation_seed(spec)).to(device)
+
+
+def size_note(key: str, spec: DataSpec, available: int) -> str | None:
+    """The line saying that ``data.<key>`` asks for more than the ``available`` examples, all of which are used."""
+    asked = getattr(spec, key)
+    if asked is None or asked <= available:
+        return None
+    split = "training" if key == "train_size" else "test"
+    return f"data.{key} is {asked} but '{spec.name}' has {available} {split} examples: all {available} are used"
+
+
+def evaluation_seed(spec: DataSpec) -> int | None:
+    """The seed of the evaluation splits' fixed binarization: ``data.eval_binarize_seed``, None for ``train``."""
+    return None if spec.eval_binarize_seed == TRAIN_SEED else spec.eval_binarize_seed
 
 
 def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset:
@@ -144,8 +168,13 @@ def resolve_binarization(spec: DataSpec) -> str:
     return "dynamic" if spec.name in IMAGE_DATASETS else "none"
 
 
-def binarized(data: Dataset, mode: str, seed: int) -> Dataset:
-    """Apply ``mode``: fixed draws where the protocol asks for them, with their own generator."""
+def binarized(data: Dataset, mode: str, seed: int, eval_seed: int | None = None) -> Dataset:
+    """Apply ``mode``: fixed draws where the protocol asks for them, with their own generators.
+
+    The static training split is drawn with ``seed``; the test and validation splits with a
+    generator of their own seeded by ``eval_seed``, or, when it is None
+    (``eval_binarize_seed: train``), by the same generator as the training split, after it.
+    """
     if mode != "none":
         for name, tensor in (("training", data.train), ("test", data.test)):
             if bool(((tensor < 0) | (tensor > 1)).any()):
@@ -153,16 +182,17 @@ def binarized(data: Dataset, mode: str, seed: int) -> Dataset:
                     f"data.binarize '{mode}' needs values in [0, 1], but the {name} split of '{data.name}' "
                     f"has values in [{tensor.min():.3g}, {tensor.max():.3g}]; use data.binarize: none")
     generator = torch.Generator().manual_seed(seed)
+    evaluation_generator = (generator if eval_seed is None
+                            else torch.Generator().manual_seed(eval_seed))
 
-    def once(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else torch.bernoulli(tensor, generator=generator)
+    def once(tensor: torch.Tensor | None, source: torch.Generator) -> torch.Tensor | None:
+        return None if tensor is None else torch.bernoulli(tensor, generator=source)
 
-    if mode == "static":
-        return replace(data, train=once(data.train), test=once(data.test), validation=once(data.validation),
-                       binarize=mode)
-    if mode == "dynamic":
-        return replace(data, test=once(data.test), validation=once(data.validation), binarize=mode)
-    return replace(data, binarize=mode)
+    if mode == "none":
+        return replace(data, binarize=mode)
+    train = once(data.train, generator) if mode == "static" else data.train
+    return replace(data, train=train, test=once(data.test, evaluation_generator),
+                   validation=once(data.validation, evaluation_generator), binarize=mode)
 
 
 def check_size(data: Dataset, name: str) -> None:

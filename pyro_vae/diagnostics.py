@@ -20,6 +20,14 @@ maximum, and the share of examples with k̂ > 0.7. A log-likelihood whose share
 exceeds ``UNRELIABLE_SHARE`` is flagged (``log_likelihood_reliable: false``);
 with fewer than ``MIN_PARETO_WEIGHTS`` weights per example k̂ is not estimated
 (NaN per example; null in the summaries and ``log_likelihood_reliable``).
+
+Equal weights: where the M weights PSIS fits (the largest, M = ⌊min(K/5, 3√K)⌋)
+are all equal, which is always so when all K are (q equal to the posterior),
+k̂ = −∞. Their exceedances over the cutoff are all zero: the limit of a
+generalized Pareto with bounded support (k < 0) as k → −∞. The weights are
+bounded, their variance finite, so such an example counts as reliable (k̂ ≤ 0.7);
+it is left out of the median and maximum, which cover finite k̂ only (null when
+no example has one).
 """
 from __future__ import annotations
 
@@ -40,17 +48,35 @@ def effective_sample_fraction(log_w: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)) / k
 
 
+def tail_size(num_weights: int) -> int:
+    """M, the number of largest weights PSIS fits: ⌊3√K⌋ for K > 225, else ⌊K/5⌋ (= ⌊min(K/5, 3√K)⌋)."""
+    return int(math.floor(3 * math.sqrt(num_weights))) if num_weights > 225 else num_weights // 5
+
+
+def constant_tail(flat: np.ndarray) -> np.ndarray:
+    """Per row of log weights (E, K): whether the M largest are all equal (:func:`tail_size`)."""
+    tail = np.sort(flat, axis=-1)[:, -tail_size(flat.shape[-1]):]
+    return tail[:, -1] - tail[:, 0] < np.finfo(float).tiny
+
+
 def pareto_k(log_w: torch.Tensor) -> torch.Tensor:
-    """Pareto k̂ per example, for log weights of shape (K, ...) (ArviZ's PSIS fit of the largest weights)."""
+    """Pareto k̂ per example, for log weights of shape (K, ...) (ArviZ's PSIS fit of the largest weights).
+
+    −∞ where the largest weights are all equal (see the module docstring); NaN for K < ``MIN_PARETO_WEIGHTS``.
+    """
     from arviz_stats.base.array import array_stats
 
     if log_w.shape[0] < MIN_PARETO_WEIGHTS:
         return torch.full(log_w.shape[1:], math.nan, dtype=torch.float64)
     values = log_w.detach().double().cpu().numpy()
     flat = np.moveaxis(values, 0, -1).reshape(-1, values.shape[0])
-    # arviz_stats' psislw takes LOO's log-likelihoods, whose importance weights are their negatives: give it −log w
-    _, khat = array_stats.psislw(-flat, r_eff=1.0, axis=-1)
-    return torch.from_numpy(np.asarray(khat, dtype=np.float64)).reshape(values.shape[1:])
+    equal = constant_tail(flat)
+    khat = np.full(flat.shape[0], -np.inf)
+    if not equal.all():
+        # arviz_stats' psislw takes LOO's log-likelihoods, whose importance weights are their negatives: −log w
+        _, fitted = array_stats.psislw(-flat[~equal], r_eff=1.0, axis=-1)
+        khat[~equal] = np.asarray(fitted, dtype=np.float64)
+    return torch.from_numpy(khat).reshape(values.shape[1:])
 
 
 def summarize(ess_fraction: torch.Tensor, khat: torch.Tensor, num_weights: int) -> dict:

@@ -37,6 +37,7 @@ class Progress:
     best_validation: float | None = None   # the highest validation ELBO so far, and its epoch
     best_epoch: int = 0
     stopped_early: bool = False
+    start_elbo: float | None = None  # the train ELBO at the starting parameters (the run's first step), per example
 
 
 def snapshot(spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
@@ -48,7 +49,7 @@ def snapshot(spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer,
             "rng": rng_state(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
             "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds,
             "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early,
-            "step_path": step_path}
+            "start_elbo": p.start_elbo, "step_path": step_path}
 
 
 def restore(state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -61,11 +62,11 @@ def restore(state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.opti
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        best = state["best_validation"]
+        best, start = state["best_validation"], state.get("start_elbo")  # older checkpoints lack start_elbo
         progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]),
                             list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]),
                             None if best is None else float(best), int(state["best_epoch"]),
-                            bool(state["stopped_early"]))
+                            bool(state["stopped_early"]), None if start is None else float(start))
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise UserInputError(f"the checkpoint in '{where}' does not fit this model: {one_line(exc, 200)}") from None
     return progress, state.get("step_path")

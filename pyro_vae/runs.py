@@ -1,8 +1,10 @@
 """The run folder: what a training run writes, and reading it back.
 
 Files: ``config.yaml`` (the resolved spec), ``run.json`` (seed, package
-versions, git revision, device, thread count), ``metrics.jsonl`` (one JSON
-object per epoch), ``checkpoint.pt``, ``log.txt``, and the pictures.
+versions, git revision, device, thread count, and under ``model_inputs`` what
+building the model needs besides the spec: ``data_dim`` and ``image_shape``),
+``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt``, ``log.txt``,
+and the pictures.
 """
 from __future__ import annotations
 
@@ -69,8 +71,11 @@ def writable_folder(folder: Path, what: str) -> Path:
     return folder
 
 
-def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
-    """Create ``run_dir`` for a new run; refuse a folder that holds another run unless ``force``."""
+def prepare(run_dir: Path, spec: Spec, force: bool, model_inputs: dict | None = None) -> None:
+    """Create ``run_dir`` for a new run; refuse a folder that holds another run unless ``force``.
+
+    ``model_inputs`` (:func:`read_model_inputs`) is recorded in ``run.json``.
+    """
     run_dir = Path(run_dir)
     check_new_run(run_dir, spec, force)
     writable_folder(run_dir, "output folder")
@@ -78,7 +83,8 @@ def prepare(run_dir: Path, spec: Spec, force: bool) -> None:
         for name in (METRICS, CHECKPOINT, BEST, LOG):
             (run_dir / name).unlink(missing_ok=True)
     write_text_atomic(run_dir / CONFIG, spec.to_yaml())
-    write_text_atomic(run_dir / RUN_INFO, json.dumps(environment(spec), indent=2) + "\n")
+    info = {**environment(spec), **({"model_inputs": model_inputs} if model_inputs is not None else {})}
+    write_text_atomic(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -123,6 +129,24 @@ def recorded_plugins(run_dir: Path) -> list[str]:
         return []
     names = info.get("plugins", []) if isinstance(info, dict) else []
     return [name for name in names if isinstance(name, str)]
+
+
+def read_model_inputs(run_dir: Path) -> dict | None:
+    """What building the run's model needs besides its spec, as recorded in ``run.json`` at training time:
+    ``{"data_dim": int, "image_shape": (C, H, W) or None}``; None for a run without a usable record."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    record = info.get("model_inputs") if isinstance(info, dict) else None
+    if not isinstance(record, dict):
+        return None
+    data_dim, shape = record.get("data_dim"), record.get("image_shape")
+    whole = (lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0)
+    if not whole(data_dim) or not (shape is None or (isinstance(shape, list) and len(shape) == 3
+                                                      and all(whole(size) for size in shape))):
+        return None
+    return {"data_dim": data_dim, "image_shape": None if shape is None else tuple(shape)}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -28,6 +28,7 @@ from pyro_vae.errors import UserInputError, one_line
 
 OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened into its section in YAML
 PUBLISHED = "published"  # data.validation_size: the dataset's own validation split (binarized-mnist)
+TRAIN_SEED = "train"  # data.eval_binarize_seed: binarize the evaluation splits with train.seed
 
 
 def accepts(low: float | None = None, high: float | None = None, *, open_low: bool = False,
@@ -62,6 +63,8 @@ class DataSpec:
     train_size: Union[int, None] = field(default=None, metadata=accepts(1))
     test_size: Union[int, None] = field(default=None, metadata=accepts(1))
     validation_size: Union[int, str, None] = field(default=None, metadata=accepts(1, choices=(PUBLISHED,)))
+    # the seed of the test and validation splits' fixed binarization; "train": train.seed (runs before this key)
+    eval_binarize_seed: Union[int, str] = field(default=0, metadata=accepts(0, 2**64 - 1, choices=(TRAIN_SEED,)))
     linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
 
 
@@ -175,10 +178,14 @@ class Spec:
         """``from_dict`` for a spec the package wrote itself (a run's config.yaml, a checkpoint).
 
         Earlier versions wrote every built-in part's keys in each part section;
-        the keys of the parts that a section does not select are dropped.
+        the keys of the parts that a section does not select are dropped. They
+        also binarized the evaluation splits with ``train.seed``: a saved spec
+        without ``data.eval_binarize_seed`` reads as ``train``, so its scores stay.
         """
         if isinstance(raw, dict):
             raw = copy.deepcopy(raw)
+            if isinstance(raw.get("data"), dict):
+                raw["data"].setdefault("eval_binarize_seed", TRAIN_SEED)
             for prefix, kind in part_sections():
                 section = section_at(raw, prefix)
                 if isinstance(section, dict):

@@ -10,28 +10,39 @@ adds the **paired** difference
 
 over the same test images, which cancels the image-to-image spread that
 dominates each row's own standard error. Two runs are paired only when their
-test tensors are identical (same data, binarization and seed); otherwise the
-column says why not.
+test tensors are identical, byte for byte: the SHA-256 of the test tensor's
+bytes (contiguous, on the CPU) with its dtype and shape. Same data, sizes,
+binarization and ``data.eval_binarize_seed`` give the same test images whatever
+``train.seed`` is; otherwise the column says "other test images".
+
+Rows are labelled by the shortest trailing part of each run folder's path that
+no other run in the table shares (``seed0/digits`` and ``seed1/digits``, not
+``digits`` twice); the CSV keeps the full path as well.
 
 Scores are cached in each run folder (``scores-<checkpoint>-K<K>-seed<S>.pt``,
 with the per-image log-likelihoods and the checkpoint's size and modification
 time), so a table of many runs, or the same runs with another reference,
-evaluates each run once.
+evaluates each run once. Checkpoints and caches are read through
+:func:`pyro_vae.checkpoint.load` (CRC-checked); a damaged, foreign or outdated
+cache is scored again and rewritten, atomically.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from pyro_vae import evaluation, runs
+from pyro_vae import checkpoint, evaluation, runs
 from pyro_vae.errors import UserInputError
 
-COLUMNS = ("run", "data", "checkpoint", "epoch", "epochs", "test_elbo", "log_likelihood", "log_likelihood_stderr",
-           "vs_reference", "vs_reference_stderr", "active_units", "latent_dim", "seconds_per_epoch", "num_samples")
+CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
+COLUMNS = ("label", "run", "data", "checkpoint", "epoch", "epochs", "test_elbo", "log_likelihood",
+           "log_likelihood_stderr", "vs_reference", "vs_reference_stderr", "active_units", "latent_dim",
+           "seconds_per_epoch", "num_samples")
 
 
 def _stamp(path: Path) -> list[int]:
@@ -39,23 +50,47 @@ def _stamp(path: Path) -> list[int]:
     return [info.st_size, info.st_mtime_ns]
 
 
+def fingerprint(tensor: torch.Tensor) -> str:
+    """SHA-256 (hex) of the tensor's dtype, shape and bytes (contiguous, on the CPU): equal only for equal tensors."""
+    values = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{values.dtype} {tuple(values.shape)}".encode())
+    digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_row(cache: Path, stamp: list[int]) -> dict | None:
+    """The row saved in ``cache`` for a checkpoint with this ``stamp``; None when absent, stale or unreadable."""
+    if not cache.exists():
+        return None
+    try:
+        saved = checkpoint.load(cache, required=("stamp", "row"))
+    except UserInputError:  # damaged or foreign: scored again
+        return None
+    return saved["row"] if saved.get("cache_format") == CACHE_FORMAT and saved["stamp"] == stamp else None
+
+
+def save_row(cache: Path, stamp: list[int], row: dict) -> None:
+    """Write ``row`` to ``cache`` atomically, in the checkpoint format :func:`cached_row` reads."""
+    payload = {"format": checkpoint.FORMAT, "cache_format": CACHE_FORMAT, "stamp": stamp, "row": row}
+    checkpoint.write_atomic(cache, lambda handle: torch.save(payload, handle), "score cache")
+
+
 def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str = "best") -> dict:
     """The row of one run (see the module docstring), from its cache when the checkpoint is unchanged.
 
     The returned dict also holds ``per_image`` (float64 log-likelihoods) and ``test`` (the test tensor's
-    fingerprint: a float64 sum and its shape, to tell whether two runs share their test images).
+    :func:`fingerprint`, to tell whether two runs share their test images).
     """
     from pyro_vae.training import load_run, seed_everything
 
     run_dir = Path(run_dir)
     path = runs.checkpoint_path(run_dir, which)
     cache = run_dir / f"scores-{path.stem}-K{num_samples}-seed{seed}.pt"
-    if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("stamp") == _stamp(path):
-            return saved["row"]
+    saved = cached_row(cache, _stamp(path)) if path.exists() else None
+    if saved is not None:
+        return {**saved, "run": str(run_dir)}
     spec, vae, data = load_run(run_dir, which=which)
-    state_epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    state_epoch = int(checkpoint.load(path, required=("epoch",))["epoch"])
     metrics = runs.read_metrics(run_dir)
     seed_everything(seed)
     started = time.perf_counter()
@@ -69,9 +104,9 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
         "seconds_per_epoch": (sum(m["seconds"] for m in metrics) / len(metrics)) if metrics else float("nan"),
         "num_samples": num_samples, "eval_seconds": time.perf_counter() - started,
         "per_image": result["per_example"]["log_likelihood"],
-        "test": [float(data.test.double().sum()), *data.test.shape],
+        "test": fingerprint(data.test),
     }
-    torch.save({"stamp": _stamp(path), "row": row}, cache)
+    save_row(cache, _stamp(path), row)
     return row
 
 
@@ -83,16 +118,30 @@ def paired(row: dict, reference: dict) -> tuple[float, float] | str:
     return difference.mean().item(), (difference.std() / math.sqrt(difference.numel())).item()
 
 
+def labels(run_dirs: list[Path]) -> list[str]:
+    """Each folder's shortest trailing path that no other folder in ``run_dirs`` ends with (``seed0/digits``)."""
+    paths = [Path(run_dir).absolute().parts for run_dir in run_dirs]
+    names = []
+    for mine in paths:
+        others = [theirs for theirs in paths if theirs != mine]
+        length = 1
+        while length < len(mine) and any(theirs[-length:] == mine[-length:] for theirs in others):
+            length += 1
+        names.append(str(Path(*mine[-length:])))
+    return names
+
+
 def build_rows(run_dirs: list[Path], reference: Path | None, num_samples: int, seed: int = 0,
                which: str = "best", progress=None) -> list[dict]:
-    """One scored row per run, with the paired column against ``reference`` (scored too, and listed first)."""
+    """One scored row per run, labelled (:func:`labels`), with the paired column against ``reference``
+    (scored too, and listed first)."""
     ordered = list(dict.fromkeys([*([reference] if reference is not None else []), *run_dirs]))
     for run_dir in ordered:
         if not (Path(run_dir) / runs.CONFIG).exists():
             raise UserInputError(f"'{run_dir}' is not a run folder (no {runs.CONFIG})")
     rows = []
-    for run_dir in ordered:
-        rows.append(score_run(run_dir, num_samples, seed, which))
+    for run_dir, label in zip(ordered, labels(ordered)):
+        rows.append({**score_run(run_dir, num_samples, seed, which), "label": label})
         if progress is not None:
             progress.update(1)
     if reference is not None:
@@ -110,12 +159,13 @@ def _cell(value, digits: int = 2) -> str:
 
 
 def markdown(rows: list[dict], reference: Path | None) -> str:
+    """The table as Markdown; with ``reference``, its row is the first of ``rows`` (:func:`build_rows`)."""
     head = ["run", "checkpoint (epoch)", "test ELBO (nats)", "log-likelihood (nats)"]
-    head += [f"vs `{Path(reference).name}` (paired)"] if reference is not None else []
+    head += [f"vs `{rows[0]['label']}` (paired)"] if reference is not None else []
     head += ["active units", "epochs", "s / epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [f"`{Path(r['run']).name}`", f"{r['checkpoint']} ({r['epoch']})", _cell(r["test_elbo"]),
+        cells = [f"`{r['label']}`", f"{r['checkpoint']} ({r['epoch']})", _cell(r["test_elbo"]),
                  f"{r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f}"]
         if reference is not None:
             vs = r["vs_reference"]
@@ -140,4 +190,4 @@ def write_table(rows: list[dict], reference: Path | None, out: Path) -> None:
 
     (out / "table.md").write_text(markdown(rows, reference))
     write_csv(rows, out / "table.csv")
-    plots.run_curves({Path(r["run"]).name: runs.read_metrics(Path(r["run"])) for r in rows}, out / "curves.png")
+    plots.run_curves({r["label"]: runs.read_metrics(Path(r["run"])) for r in rows}, out / "curves.png")

@@ -39,6 +39,19 @@ Nothing lost:
   checkpoint of the damaged parameters is ever written;
 - before a new run touches its folder, the data, the model and one validated
   model/guide pass on two examples are checked, so bad input fails first.
+
+Said out loud (a warning in the log and on stderr, at most one line per epoch):
+a train ELBO that diverges while staying finite. The reference is the ELBO of
+the starting parameters, E₀ (the first step's estimate, taken before its
+update); epoch e's train ELBO E_e is diverging when
+
+    E_e < E₀ − DIVERGENCE_FACTOR · max(|E₀|, 1 nat),
+
+that is, for the usual negative E₀, more than ten times its magnitude below it
+(E_e < 11 E₀): worse by an order of magnitude than the untrained model.
+Checkpoints older than this record use the first epoch's train ELBO as E₀.
+Sizes (``data.train_size``, ``data.test_size``) beyond the data are logged with
+what was used.
 """
 from __future__ import annotations
 
@@ -65,6 +78,16 @@ from pyro_vae.spec import Spec, check_device_name
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
 EVALUATION_STREAM = 1  # the (seed, epoch, stream) entropy of the end-of-epoch evaluation's generator
+DIVERGENCE_FACTOR = 10.0  # see the module docstring: E_e < E₀ − factor · max(|E₀|, 1) warns
+
+
+def divergence_warning(epoch: int, train_elbo: float, start_elbo: float, lr: float) -> str | None:
+    """The warning line for ``train_elbo`` of ``epoch`` far below the starting point's ``start_elbo``; else None."""
+    if not train_elbo < start_elbo - DIVERGENCE_FACTOR * max(abs(start_elbo), 1.0):
+        return None
+    return (f"warning: epoch {epoch}: train ELBO {train_elbo:.4g} nats, more than {DIVERGENCE_FACTOR:g}×|E₀| below "
+            f"the starting point's E₀ = {start_elbo:.4g} nats: training is diverging. Try a lower optim.lr "
+            f"(now {lr:g}) or optim.clip_norm")
 
 
 class TrainingInterrupted(Exception):
@@ -333,6 +356,8 @@ class Trainer:
         """
         if self.note:
             self.log.info(self.note)
+        for line in self.data.notes:
+            self.log.info(line)
         stop: list[int] = []
         self.horizon = self.spec.train.epochs * self.steps_per_epoch
         try:
@@ -438,6 +463,8 @@ class Trainer:
                "seconds": p.epoch_seconds,
                "kl_weight": kl_weight(self.spec, p.global_step - 1, self.steps_per_epoch),  # the epoch's last β
                "lr": optimizer.current_lr(self.optimizer)}
+        if p.start_elbo is None and p.epoch == 0:
+            p.start_elbo = -p.epoch_losses[0] / self.data.num_train
         p.metrics.append(row)
         self.write_board(row)
         p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = p.epoch + 1, 0, [], 0.0
@@ -452,6 +479,10 @@ class Trainer:
         where = f"  validation ELBO {validation:9.3f}" + (" (best)" if improved else "") if validation is not None else ""
         self.log.info(f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}{where}  test ELBO "
                       f"{row['test_elbo']:9.3f} nats  ({row['seconds']:.1f} s)")
+        start = p.start_elbo if p.start_elbo is not None else p.metrics[0]["train_elbo"]
+        diverging = divergence_warning(row["epoch"], row["train_elbo"], start, self.spec.optim.lr)
+        if diverging:
+            self.log.warning(diverging)
         if p.stopped_early:
             self.log.info(f"early stopping: no better validation ELBO for {patience} epochs; the best is epoch "
                           f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}")
@@ -519,7 +550,7 @@ def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Train
         runs.check_new_run(run_dir, spec, force)
     trainer = Trainer(spec, None, show_progress=show_progress)
     if trainer.dist.is_main:
-        runs.prepare(run_dir, spec, force)
+        runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
     trainer.attach(run_dir)
     with runs.run_log(run_dir, trainer.dist.rank):
         if trainer.dist.enabled:
@@ -582,6 +613,33 @@ def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) 
     return trainer
 
 
+def model_inputs(data: Dataset) -> dict:
+    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into."""
+    return {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
+
+
+def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec, dict, torch.device]:
+    """The run's spec, its checkpoint ``which`` (checked against the spec) and the device to load onto."""
+    spec = runs.read_spec(run_dir)
+    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
+    run_state.check_same_spec(state, spec, run_dir)
+    if device is not None:
+        spec.train.device = device
+    return spec, state, resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
+
+
+def _trained_vae(spec: Spec, state: dict, data_dim: int, image_shape: tuple[int, int, int] | None,
+                 run_dir: Path, target: torch.device) -> VAE:
+    """The VAE of ``spec`` with the checkpoint's parameters, on ``target``, in eval mode."""
+    vae = VAE.from_spec(spec.model, data_dim, image_shape)
+    try:
+        vae.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
+                             f"{one_line(exc, 200)}") from None
+    return vae.to(target).eval()
+
+
 def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
     """The spec, trained VAE (eval mode) and data of a finished or interrupted run.
 
@@ -590,17 +648,24 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
     (see :func:`pyro_vae.runs.checkpoint_path`).
     """
     run_dir = Path(run_dir)
-    spec = runs.read_spec(run_dir)
-    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
-    run_state.check_same_spec(state, spec, run_dir)
-    if device is not None:
-        spec.train.device = device
-    target = resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
+    spec, state, target = _checked_state(run_dir, device, which)
     data = load_dataset(spec.data, spec.train.seed).to(target)
-    vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape)
-    try:
-        vae.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
-                             f"{one_line(exc, 200)}") from None
-    return spec, vae.to(target).eval(), data
+    return spec, _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target), data
+
+
+def load_model(run_dir: Path, device: str | None = None,
+               which: str = "best") -> tuple[Spec, VAE, tuple[int, int, int] | None]:
+    """The spec, trained VAE (eval mode) and image shape of a run, without its data where it can.
+
+    The model is built from what ``run.json`` recorded at training time
+    (:func:`pyro_vae.runs.read_model_inputs`); a run without that record loads
+    its dataset for it. ``which`` as in :func:`load_run`.
+    """
+    run_dir = Path(run_dir)
+    spec, state, target = _checked_state(run_dir, device, which)
+    inputs = runs.read_model_inputs(run_dir)
+    if inputs is None:
+        data = load_dataset(spec.data, spec.train.seed)
+        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape}
+    vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run_dir, target)
+    return spec, vae, inputs["image_shape"]

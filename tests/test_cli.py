@@ -87,3 +87,25 @@ def test_existing_run_is_not_overwritten(digits_run, capsys):
     assert main(["train", "--epochs", "1", "--out", str(digits_run), *TINY]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (digits_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_sample_needs_no_training_data_once_the_run_recorded_its_model_inputs(tmp_path, capsys):
+    import numpy as np
+
+    array = tmp_path / "images.npy"
+    np.save(array, (np.random.default_rng(0).random((120, 8, 8)) > 0.5).astype(np.float32))
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(run), "--set", "data.name=file", "--set", f"data.path={array}",
+                 *TINY]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_inputs"] == {"data_dim": 64, "image_shape": [1, 8, 8]}
+    array.unlink()
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    del info["model_inputs"]                                   # a run written before the record: loads its data
+    (run / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "old.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(array) in err and not (tmp_path / "old.png").exists()

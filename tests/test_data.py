@@ -156,3 +156,31 @@ def test_real_static_binarized_mnist():
     data = load_dataset(data_spec(name="binarized-mnist", root=str(SHARED)))
     assert data.train.shape == (50000, 784) and data.test.shape == (10000, 784)
     assert set(data.test.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static"])
+def test_evaluation_splits_are_binarized_by_their_own_seed_not_the_training_seed(binarize):
+    keys = {"binarize": binarize, "validation_size": 100}
+    first, second = (load_dataset(data_spec(**keys), seed=seed) for seed in (0, 1))
+    assert torch.equal(first.test, second.test)
+    other = load_dataset(data_spec(**keys, eval_binarize_seed=5), seed=0)
+    assert not torch.equal(first.test, other.test)
+    old = [load_dataset(data_spec(**keys, eval_binarize_seed="train"), seed=seed) for seed in (0, 1)]
+    assert not torch.equal(old[0].test, old[1].test)                      # "train": follows train.seed
+    grey = load_dataset(data_spec(**{**keys, "binarize": "none"}), seed=1)
+    generator = torch.Generator().manual_seed(1)                            # the draws runs made before the key
+    train = torch.bernoulli(grey.train, generator=generator) if binarize == "static" else grey.train
+    test, validation = (torch.bernoulli(t, generator=generator) for t in (grey.test, grey.validation))
+    assert torch.equal(old[1].train, train) or binarize == "dynamic"
+    assert torch.equal(old[1].test, test) and torch.equal(old[1].validation, validation)
+
+
+def test_a_saved_spec_without_the_evaluation_seed_keeps_the_training_seed():
+    saved = Spec().to_dict()
+    del saved["data"]["eval_binarize_seed"]
+    assert Spec.from_saved(saved).data.eval_binarize_seed == "train"
+    assert Spec.from_saved(Spec().to_dict()).data.eval_binarize_seed == 0
+    assert Spec.from_dict({}).data.eval_binarize_seed == 0
+    for bad in (-1, 2**64, True, "test"):                                       # a seed torch's generator takes
+        with pytest.raises(UserInputError, match="data.eval_binarize_seed"):
+            Spec.from_dict({"data": {"eval_binarize_seed": bad}})

@@ -88,3 +88,22 @@ def test_effective_sample_fraction_is_one_for_equal_weights_and_one_over_k_for_o
     assert torch.allclose(diagnostics.effective_sample_fraction(single), torch.full((3,), 0.1, dtype=torch.float64))
     two = torch.log(torch.tensor([[1.0], [3.0]]))            # (1 + 3)² / (1 + 9) / 2 = 0.8
     assert diagnostics.effective_sample_fraction(two).item() == pytest.approx(0.8)
+
+
+def test_equal_weights_give_minus_infinite_pareto_k_and_a_reliable_log_likelihood():
+    khat = diagnostics.pareto_k(torch.zeros(1000, 2))
+    assert torch.equal(khat, torch.full((2,), -math.inf, dtype=torch.float64))
+    summary = diagnostics.summarize(diagnostics.effective_sample_fraction(torch.zeros(1000, 2)), khat, 1000)
+    assert summary["log_likelihood_reliable"] is True and summary["pareto_k"]["share_above_0.7"] == 0.0
+
+
+def test_pareto_k_of_equal_and_varied_examples_side_by_side():
+    log_w = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))
+    log_w[:, 1] = 0.0                                          # all K weights equal
+    log_w[:, 3] = torch.linspace(-5.0, 0.0, 1000).clamp(max=-1.0)  # the largest weights tied, the rest varied
+    khat = diagnostics.pareto_k(log_w)
+    assert khat[1] == -math.inf and khat[3] == -math.inf
+    varied = diagnostics.pareto_k(log_w[:, [0, 2]])            # the same fit as without the equal examples
+    assert torch.isfinite(varied).all() and torch.equal(khat[[0, 2]], varied)
+    summary = diagnostics.summarize(diagnostics.effective_sample_fraction(log_w), khat, 1000)
+    assert summary["log_likelihood_reliable"] is True and summary["pareto_k"]["max"] == varied.max().item()

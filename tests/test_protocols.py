@@ -1,17 +1,21 @@
 """The papers' training protocols: data-initialized decoder, VampPrior recipe, schedules, validation,
 early stopping, best checkpoint, and the results table of finished runs."""
+import csv
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import pyro.distributions as dist
 
-from pyro_vae import checkpoint, optimizer, runs, training
+from pyro_vae import checkpoint, optimizer, runs, table, training
 from pyro_vae.cli import main
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
@@ -221,3 +225,103 @@ def test_table_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is not a run folder" in err
+
+
+def test_runs_of_different_training_seeds_are_paired_and_labelled_by_their_paths(tmp_path, capsys):
+    first, second = tmp_path / "seed0" / "digits", tmp_path / "seed1" / "digits"
+    for run, seed in ((first, 0), (second, 1)):
+        training.train(load_spec(None, [*TINY, "train.epochs=1", f"train.seed={seed}"]), run, show_progress=False)
+    out = tmp_path / "table"
+    assert main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    text = (out / "table.md").read_text()
+    assert "vs `seed0/digits` (paired)" in text and "| `seed1/digits` |" in text
+    assert "other test images" not in text
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [row["label"] for row in rows] == ["seed0/digits", "seed1/digits"]
+    assert rows[0]["vs_reference"] == "reference" and math.isfinite(float(rows[1]["vs_reference"]))
+    cache = next(second.glob("scores-*.pt"))
+    cache.write_bytes(cache.read_bytes()[:200])                                 # a damaged cache is scored again
+    capsys.readouterr()
+    assert main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err and (out / "table.md").read_text() == text
+    assert checkpoint.load(cache)["row"]["test"] == table.fingerprint(load_dataset(load_spec(None, TINY).data).test)
+
+
+def test_a_damaged_checkpoint_stops_table_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    training.train(load_spec(None, [*TINY, "train.epochs=1"]), run, show_progress=False)
+    path = run / runs.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["table", str(run), "--num-samples", "5", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and "Traceback" not in err
+
+
+def test_table_fingerprint_tells_apart_test_sets_of_equal_sum_and_shape():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert a.sum() == b.sum() and a.shape == b.shape
+    assert table.fingerprint(a) != table.fingerprint(b)
+    assert table.fingerprint(a) == table.fingerprint(a.clone().t().contiguous().t())
+    assert table.fingerprint(a) != table.fingerprint(a.reshape(1, 4)) != table.fingerprint(a.double())
+
+
+def test_table_labels_are_the_shortest_distinct_trailing_paths(tmp_path):
+    paths = [tmp_path / "a" / "seed0" / "digits", tmp_path / "a" / "seed1" / "digits", tmp_path / "mnist"]
+    assert table.labels(paths) == ["seed0/digits", "seed1/digits", "mnist"]
+    assert table.labels([tmp_path / "x" / "run", tmp_path / "y" / "x" / "run"]) == [
+        str(Path(*(tmp_path / "x" / "run").parts[-3:])), "y/x/run"]
+
+
+# -- said out loud: divergence, sizes beyond the data -------------------------------------------------
+
+def test_a_diverging_run_warns_once_per_epoch_and_sizes_beyond_the_data_say_what_was_used(tmp_path, capsys):
+    run = tmp_path / "run"
+    spec = load_spec(None, [*TINY, "data.train_size=100000", "data.test_size=100000", "optim.lr=50", "train.epochs=2",
+                            "model.latent_dim=2"])  # d = 2: the latent map skips t-SNE, which the diverged means crash
+    training.train(spec, run, show_progress=False)
+    err, log = capsys.readouterr().err, (run / runs.LOG).read_text()
+    for text in (err, log):
+        assert "data.train_size is 100000 but 'digits' has 1617 training examples: all 1617 are used" in text
+        assert "data.test_size is 100000 but 'digits' has 180 test examples: all 180 are used" in text
+        warnings = [line for line in text.splitlines() if "training is diverging" in line]
+        assert len(warnings) == 2 and "epoch 1:" in warnings[0] and "epoch 2:" in warnings[1]
+        assert "optim.lr (now 50)" in warnings[0]
+    start = checkpoint.load(run / runs.CHECKPOINT)["start_elbo"]
+    assert -100 < start < 0 and all(m["train_elbo"] < 11 * start for m in runs.read_metrics(run))
+
+
+def test_divergence_rule_is_ten_times_the_starting_magnitude_below_the_start():
+    assert training.divergence_warning(3, -330.0, -30.0, 1e-3) is None            # E₀ − 10 |E₀| exactly
+    line = training.divergence_warning(3, -331.0, -30.0, 1e-3)
+    assert line.startswith("warning: epoch 3: train ELBO -331 nats") and "E₀ = -30 nats" in line
+    assert training.divergence_warning(1, -9.0, 0.5, 1e-3) is None                 # |E₀| < 1: one nat instead
+    assert training.divergence_warning(1, -10.0, 0.5, 1e-3) is not None
+    assert training.divergence_warning(1, -1e20, -1e19, 1e-3) is None             # no worse than 10 |E₀| below
+
+
+def test_a_checkpoint_without_the_starting_elbo_resumes_against_the_first_epoch(tmp_path):
+    run = tmp_path / "run"
+    training.train(load_spec(None, [*TINY, "train.epochs=1", "model.latent_dim=2"]), run, show_progress=False)
+    state = checkpoint.load(run / runs.CHECKPOINT)
+    del state["start_elbo"], state["format"]                                    # as checkpoints were written before
+    checkpoint.save_atomic(state, run / runs.CHECKPOINT)
+    trainer = training.resume(run, epochs=2, show_progress=False)
+    assert trainer.progress.start_elbo is None and len(runs.read_metrics(run)) == 2
+    assert "training is diverging" not in (run / runs.LOG).read_text()
+
+
+def test_a_run_folder_written_before_the_evaluation_seed_keeps_its_test_images(tmp_path):
+    run = tmp_path / "run"
+    training.train(load_spec(None, [*TINY, "train.epochs=1", "train.seed=1"]), run, show_progress=False)
+    config = yaml.safe_load((run / runs.CONFIG).read_text())
+    del config["data"]["eval_binarize_seed"]
+    (run / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    state = checkpoint.load(run / runs.CHECKPOINT)
+    del state["spec"]["data"]["eval_binarize_seed"], state["format"]
+    checkpoint.save_atomic(state, run / runs.CHECKPOINT)
+    spec, _, data = training.load_run(run)
+    assert spec.data.eval_binarize_seed == "train"
+    assert torch.equal(data.test, load_dataset(load_spec(None, [*TINY, "data.eval_binarize_seed=train"]).data, 1).test)
+    assert not torch.equal(data.test, load_dataset(load_spec(None, TINY).data, 1).test)
