@@ -30,6 +30,7 @@ import torch
 from pyro_vae import evaluation, runs
 from pyro_vae.errors import UserInputError
 
+FILES = ("table.md", "table.csv", "curves.png")  # what write_table writes into --out
 COLUMNS = ("run", "data", "checkpoint", "epoch", "epochs", "test_elbo", "log_likelihood", "log_likelihood_stderr",
            "vs_reference", "vs_reference_stderr", "active_units", "latent_dim", "seconds_per_epoch", "num_samples")
 

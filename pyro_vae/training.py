@@ -35,13 +35,14 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pyro
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyro_vae import (checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry,
                       run_state, runs)
@@ -120,12 +121,19 @@ def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
     return beta * min(1.0, global_step / (warmup * steps_per_epoch))
 
 
+def distribution_name(distribution: torch.distributions.Distribution) -> str:
+    """The class name of ``distribution``, looking through ``Independent`` to the distribution it reshapes."""
+    while isinstance(distribution, torch.distributions.Independent):
+        distribution = distribution.base_dist
+    return type(distribution).__name__
+
+
 def closed_form_note(vae: VAE, x: torch.Tensor) -> str | None:
-    """With the mean-field estimator: say when KL(q‖p) has no closed form and is sampled."""
+    """With the mean-field estimator: say when KL(q‖p) has no closed form and is sampled, naming both."""
     with torch.no_grad():
         if evaluation.closed_form_kl(vae, x[:2]) is not None:
             return None
-        q, p = type(vae.posterior(x[:2])).__name__, type(vae.prior_distribution()).__name__
+        q, p = distribution_name(vae.posterior(x[:2])), distribution_name(vae.prior_distribution())
     return (f"meanfield: KL({q} ‖ {p}) has no closed form; that term is estimated by sampling "
             f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)")
 
@@ -311,7 +319,9 @@ class Trainer:
             self.log.info(self.note)
         stop: list[int] = []
         self.horizon = self.spec.train.epochs * self.steps_per_epoch
-        with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
+        # with bars shown, log lines go through tqdm.write, so a line logged mid-epoch does not cut the bar
+        redirect = logging_redirect_tqdm([self.log]) if self.show_progress else nullcontext()
+        with signals_to_flag(self.dist.signal_list(stop)), redirect:  # data-parallel: all ranks stop at one step
             while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
                 self.train_epoch(stop)
                 self.end_epoch()
@@ -473,10 +483,11 @@ class Trainer:
 
 
 def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = True) -> Trainer:
-    """A new run: check every input, then prepare the folder, train, write the pictures.
+    """A new run: check every input, then lock and prepare the folder, train, write the pictures.
 
     The folder, the data, the model and a first model/guide pass are checked
     before anything is written, so bad input leaves an existing folder as it was.
+    The folder stays locked (:func:`pyro_vae.runs.locked`) until the run ends.
     """
     run_dir = Path(run_dir)
     if spec.train.tensorboard:
@@ -484,26 +495,47 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
 
         board.check_available()
     if distributed.is_main():  # under torchrun, rank 0 alone checks and writes the folder
+        runs.check_not_in_use(run_dir)
         runs.check_new_run(run_dir, spec, force)
     trainer = Trainer(spec, None, show_progress=show_progress)
     if trainer.dist.is_main:
-        runs.prepare(run_dir, spec, force)
-    trainer.attach(run_dir)
-    if trainer.dist.enabled:
-        trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
-    trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: {trainer.data.binarize}) "
-                     f"with {spec.inference.estimator}, {plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
-    trainer.save()
-    trainer.fit()
-    trainer.write_pictures()
+        runs.writable_folder(run_dir, "output folder")
+    with runs.locked(run_dir) if trainer.dist.is_main else nullcontext():
+        if trainer.dist.is_main:
+            runs.check_new_run(run_dir, spec, force)  # again, now that no other command can write there
+            runs.prepare(run_dir, spec, force)
+        trainer.attach(run_dir)
+        if trainer.dist.enabled:
+            trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
+        trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
+                         f"{trainer.data.binarize}) with {spec.inference.estimator}, "
+                         f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
+        trainer.save()
+        trainer.fit()
+        trainer.write_pictures()
     return trainer
 
 
-def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True) -> Trainer:
+def nothing_to_do(state: dict, epochs: int) -> str | None:
+    """Why a run whose checkpoint is ``state`` needs no training up to ``epochs`` epochs in total, or None."""
+    done = int(state["epoch"])
+    if bool(state["stopped_early"]):
+        return (f"nothing to do: stopped early at epoch {done} (no better validation ELBO since epoch "
+                f"{int(state['best_epoch'])}, kept in {runs.BEST}); an early-stopped run is finished")
+    if done >= epochs and int(state["step_in_epoch"]) == 0:
+        return f"nothing to do: trained {done} of {plural(epochs, 'epoch')}; ask for more with --epochs"
+    return None
+
+
+def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True) -> Trainer | None:
     """Continue the run in ``run_dir`` from its checkpoint (or from the start if it has none).
 
-    The checkpoint is read and checked against the run's spec before anything
-    in the folder changes; ``epochs`` (``--epochs``) replaces ``train.epochs``.
+    The folder is locked (:func:`pyro_vae.runs.locked`) and its checkpoint read
+    and checked against the run's spec before anything in it changes;
+    ``epochs`` (``--epochs``) replaces ``train.epochs``. A run that is already
+    complete (all its epochs, or stopped early) is not trained again: one line
+    says so, only a stale ``metrics.jsonl`` is rewritten from the checkpoint,
+    and None is returned.
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
@@ -511,6 +543,12 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
         from pyro_vae import board
 
         board.check_available()
+    with runs.locked(run_dir) if distributed.is_main() else nullcontext():
+        return _resume_locked(run_dir, spec, epochs, show_progress)
+
+
+def _resume_locked(run_dir: Path, spec: Spec, epochs: int | None, show_progress: bool) -> Trainer | None:
+    """:func:`resume` once the folder is locked."""
     path = run_dir / runs.CHECKPOINT
     state = checkpoint.load(path, required=run_state.STATE_KEYS) if path.exists() else None
     if epochs is not None:
@@ -519,12 +557,21 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
             raise UserInputError(f"--epochs {epochs} is the total number of epochs, and '{run_dir}' has already "
                                  f"trained {plural(done, 'epoch')}; give --epochs above {done} to train further "
                                  f"(nothing was changed)")
-        spec.train.epochs = epochs
+    target = spec.train.epochs if epochs is None else epochs
+    done_why = None if state is None else nothing_to_do(state, target)
+    if done_why is not None:
+        run_state.check_same_spec(state, spec, run_dir)
+        if distributed.is_main() and runs.read_metrics(run_dir) != state["metrics"]:
+            runs.write_metrics(run_dir, state["metrics"])  # a kill between checkpoint and metrics left them behind
+        runs.run_logger(None, distributed.environment_world()[0]).info(done_why)
+        return None
+    changed_epochs = target != spec.train.epochs
+    spec.train.epochs = target
     trainer = Trainer(spec, None, show_progress=show_progress)
     trainer.attach(run_dir)
     if state is not None:
         trainer.restore(state)
-    if epochs is not None and trainer.dist.is_main:
+    if changed_epochs and trainer.dist.is_main:
         runs.write_text_atomic(run_dir / runs.CONFIG, spec.to_yaml())
     if state is not None:
         p = trainer.progress
@@ -539,16 +586,29 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
     return trainer
 
 
-def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
-    """The spec, trained VAE (eval mode) and data of a finished or interrupted run.
+class LoadedRun(NamedTuple):
+    """A run read back for scoring: its spec, the VAE (eval mode), the data, and which checkpoint gave them."""
+
+    spec: Spec
+    vae: VAE
+    data: Dataset
+    checkpoint: Path
+    epoch: int
+
+
+def open_run(run_dir: Path, device: str | None = None, which: str = "best") -> LoadedRun:
+    """The spec, trained VAE (eval mode) and data of a finished or interrupted run, with the checkpoint file read
+    and the epoch it holds (the epochs completed, or the best epoch for ``best.pt``).
 
     ``which``: ``best`` reads ``best.pt`` where the run has one (a run with a
     validation split), else the last checkpoint; ``last`` always the last
-    (see :func:`pyro_vae.runs.checkpoint_path`).
+    (see :func:`pyro_vae.runs.checkpoint_path`). The checkpoint is read once,
+    so the epoch is that of the parameters returned even while the run trains.
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
-    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
+    path = runs.checkpoint_path(run_dir, which)
+    state = checkpoint.load(path, required=("spec", "model", "epoch"))
     run_state.check_same_spec(state, spec, run_dir)
     if device is not None:
         spec.train.device = device
@@ -560,4 +620,10 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
                              f"{one_line(exc, 200)}") from None
-    return spec, vae.to(target).eval(), data
+    return LoadedRun(spec, vae.to(target).eval(), data, path, int(state["epoch"]))
+
+
+def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
+    """The spec, trained VAE (eval mode) and data of a finished or interrupted run (:func:`open_run`)."""
+    loaded = open_run(run_dir, device, which)
+    return loaded.spec, loaded.vae, loaded.data
