@@ -99,37 +99,32 @@ def test_tensorboard_event_file_holds_the_epoch_scalars(tmp_path):
 
 # -- one command at a time on a run folder ------------------------------------------------------------------------
 
-LOCKED = ["data.train_size=400", "data.test_size=32", "data.batch_size=16", "model.encoder.hidden=[16]",
+LOCKED = ["data.train_size=96", "data.test_size=32", "data.batch_size=16", "model.encoder.hidden=[16]",
           "model.decoder.hidden=[16]", "inference.compile=eager"]
 
 
 def test_two_concurrent_resumes_one_trains_the_other_is_refused_and_the_run_is_bit_identical(tmp_path):
-    """Two `train --resume RUN --epochs N` at once: one trains, the other names it and exits 2; the result is
-    bit for bit the uninterrupted run of the same spec."""
+    """Two `train --resume RUN --epochs N` started together: one trains, the other names it and exits 2; the
+    result is bit for bit the uninterrupted run of the same spec."""
     import os
-    import time
 
     import torch
     from test_robustness import assert_same_run
 
-    epochs = 20
+    epochs = 3
     reference, run = tmp_path / "reference", tmp_path / "run"
     training.train(load_spec(None, [*LOCKED, f"train.epochs={epochs}"]), reference, show_progress=False)
     training.train(load_spec(None, [*LOCKED, "train.epochs=1"]), run, show_progress=False)
     command = [sys.executable, "-m", "pyro_vae", "train", "--resume", str(run), "--epochs", str(epochs), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the reference's kernels
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while first.poll() is None and time.monotonic() < deadline:  # until the first holds the lock
-        if f"process {first.pid} " in ((run / runs.LOCK).read_text() if (run / runs.LOCK).exists() else ""):
-            break
-        time.sleep(0.01)
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    first_out, first_err = first.communicate(timeout=300)
-    assert first.returncode == 0, first_err
-    assert second.returncode == 2, second.stderr
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"'{run}' is in use by process {first.pid} (" in lines[0], lines
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    errors = [process.communicate(timeout=300)[1] for process in both]
+    codes = [process.returncode for process in both]
+    assert sorted(codes) == [0, 2], errors
+    trained, refused = (0, 1) if codes[0] == 0 else (1, 0)
+    lines = errors[refused].strip().splitlines()
+    assert len(lines) == 1 and f"'{run}' is in use by process {both[trained].pid} (" in lines[0], lines
     assert "--resume" in lines[0] and "nothing was changed" in lines[0]
     assert_same_run(run, reference)
     assert not (run / runs.LOCK).exists()
