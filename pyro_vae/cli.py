@@ -173,7 +173,7 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pyro_vae import training
+    from pyro_vae import distributed, training
     from pyro_vae.runs import default_run_dir
     from pyro_vae.spec import load_spec
 
@@ -184,8 +184,8 @@ def run_train(args: argparse.Namespace) -> None:
         clashes = [flag for flag, present in given if present]
         if clashes:
             raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
-        trainer = training.resume(args.resume, args.epochs, show_progress=not args.quiet)
-        if trainer is None or trainer.dist.is_main:  # under torchrun, rank 0 alone prints
+        training.resume(args.resume, args.epochs, show_progress=not args.quiet)
+        if distributed.is_main():  # under torchrun, rank 0 alone prints
             print(args.resume)
         return
     overrides = list(args.overrides)
