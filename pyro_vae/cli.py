@@ -26,6 +26,7 @@ from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
 OWN_THREADS = ("train", "compare")  # their spec's train.threads is the default of --threads
 MAX_SAMPLES = 1024      # sample grids beyond this are unreadable in one picture
+SPLITS = ("test", "validation", "train")
 PICTURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
@@ -46,7 +47,17 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        raise UserInputError(f"{self.prog}: {message} (see --help)")
+        command = self.prog.partition(" ")[2]  # "pyro-vae train" → "train"; the top level has none
+        raise UserInputError(f"{command + ': ' if command else ''}{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """Like argparse, but arguments no command knows are named with the command they were given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            raise UserInputError(f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extras)} "
+                                 f"(see --help)")
+        return parsed
 
 
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +68,22 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
                         help="override one spec key by its dotted path, VALUE read as YAML (repeatable)")
 
 
-def _add_plain_progress(parser: argparse.ArgumentParser, flag: str = "--quiet") -> None:
-    parser.add_argument(flag, dest="quiet", action="store_true",
-                        help="no progress (bars on a terminal, a plain line every few seconds in a log)")
+def add_quiet(parser: argparse.ArgumentParser, old_alias: bool = False) -> None:
+    """``--quiet``; with ``old_alias``, ``--no-progress`` too, accepted as before but not shown in --help."""
+    parser.add_argument("--quiet", dest="quiet", action="store_true",
+                        help="no progress (bars, or plain lines in a log) and no 'using CHECKPOINT' line")
+    if old_alias:
+        parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
+
+
+def package_version() -> str:
+    """The installed version of the package."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("pyro_vae")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +122,8 @@ def _plugin_option() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pyro-vae", description="The variational autoencoder as a Pyro program.")
+    parser.add_argument("--version", action="version", version=f"pyro-vae {package_version()}",
+                        help="print the package version and exit")
     common = _plugin_option()
 
     class Commands(argparse._SubParsersAction):
@@ -117,19 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its checkpoint, up to --epochs in total")
     train.add_argument("--force", action="store_true", help="overwrite a run folder that holds another run")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_quiet(train, old_alias=True)
     _add_threads(train, "train.threads of the spec (auto)")
 
     evaluate = commands.add_parser("evaluate", help="bounds and importance-sampled log-likelihood of a run, as JSON")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
     evaluate.add_argument("--num-samples", type=int, default=1000, metavar="K", help="importance samples per example")
-    evaluate.add_argument("--split", choices=("test", "train"), default="test",
-                          help="the split to score (train: binarized once with the run's seed)")
+    evaluate.add_argument("--split", choices=SPLITS, default="test",
+                          help="the split to score (train: binarized once with the run's seed; validation: where "
+                               "the run holds one out, data.validation_size)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the importance samples (same seed, same JSON)")
     evaluate.add_argument("--device", help="evaluate on this device; default: the run's train.device")
     evaluate.add_argument("--memory-mb", type=float, default=512.0, help="bound on the largest evaluation tensor, MB")
     _add_checkpoint(evaluate)
-    _add_plain_progress(evaluate)
+    add_quiet(evaluate)
     _add_threads(evaluate, "auto")
 
     sample = commands.add_parser("sample", help="a grid of samples from a trained run")
@@ -140,16 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="picture to write (.png, .pdf, .svg, .jpg; folders are made); default "
                              "RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png")
     _add_checkpoint(sample)
+    add_quiet(sample)
     _add_threads(sample, "auto")
 
     pictures = commands.add_parser("pictures", help="draw a run's pictures from its last checkpoint, into its folder")
     pictures.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
     pictures.add_argument("--which", choices=("cheap", "all"), default="cheap",
                           help="cheap: samples, reconstructions, ELBO curve, latent map without t-SNE; all: with t-SNE")
-    _add_plain_progress(pictures)
+    add_quiet(pictures)
     _add_threads(pictures, "auto")
 
-    commands.add_parser("configs", help="list the packaged specs")
+    configs = commands.add_parser("configs", help="list the packaged specs, or print one resolved")
+    configs.add_argument("name", nargs="?", metavar="NAME",
+                         help="print this packaged spec resolved (every key, as YAML) instead of the list")
 
     table = commands.add_parser("table", help="results table of finished runs: bounds, log-likelihood, paired differences")
     table.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders to score")
@@ -160,21 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(table)
     table.add_argument("--out", type=Path, metavar="DIR", help="folder for table.md, table.csv, curves.png; "
                        "default runs/table-<time>")
-    _add_plain_progress(table)
+    table.add_argument("--force", action="store_true", help="write into an --out that exists with files in it, "
+                       "replacing its table.md, table.csv and curves.png")
+    add_quiet(table)
     _add_threads(table, "auto")
 
     from pyro_vae import compare
-    _add_threads(compare.add_parser(commands, _add_spec_options), "train.threads of the spec (auto)")
+    _add_threads(compare.add_parser(commands, _add_spec_options, add_quiet), "train.threads of the spec (auto)")
     return parser
 
 
-def say_checkpoint(run_dir: Path, choice: str) -> str:
-    """One stderr line naming the checkpoint a command reads; returns its file name."""
-    from pyro_vae import runs
-
-    path = runs.checkpoint_path(run_dir, choice)
-    print(f"pyro-vae: using {path}", file=sys.stderr)
-    return path.name
+def say_checkpoint(path: Path, quiet: bool) -> None:
+    """One stderr line naming the checkpoint a command read (none if ``quiet``)."""
+    if not quiet:
+        print(f"pyro-vae: using {path}", file=sys.stderr)
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -183,7 +212,7 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pyro_vae import training
+    from pyro_vae import distributed, training
     from pyro_vae.runs import default_run_dir
     from pyro_vae.spec import load_spec
 
@@ -195,9 +224,9 @@ def run_train(args: argparse.Namespace) -> None:
         clashes = [flag for flag, present in given if present]
         if clashes:
             raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
-        trainer = training.resume(args.resume, args.epochs, show_progress=not args.no_progress)
-        if trainer.dist.is_main:  # under torchrun, rank 0 alone prints
-            print(trainer.run_dir)
+        training.resume(args.resume, args.epochs, show_progress=not args.quiet)
+        if distributed.is_main():  # under torchrun, rank 0 alone prints
+            print(args.resume)
         return
     overrides = list(args.overrides)
     for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("train.device", args.device),
@@ -206,22 +235,22 @@ def run_train(args: argparse.Namespace) -> None:
             overrides.append(f"{key}={value}")
     spec = load_spec(args.config, overrides)
     run_dir = args.out or default_run_dir(spec)
-    trainer = training.train(spec, run_dir, force=args.force, show_progress=not args.no_progress)
+    trainer = training.train(spec, run_dir, force=args.force, show_progress=not args.quiet)
     if trainer.dist.is_main:  # under torchrun, rank 0 alone prints
         print(trainer.run_dir)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from pyro_vae import evaluation
-    from pyro_vae.training import load_run, seed_everything
+    from pyro_vae.training import open_run, seed_everything
 
     _positive(args.num_samples, "--num-samples")
     if not math.isfinite(args.memory_mb) or args.memory_mb <= 0:
         raise UserInputError(f"--memory-mb must be a positive number of megabytes, got {args.memory_mb}")
-    spec, vae, data = load_run(args.run_dir, args.device, args.checkpoint)
-    used = say_checkpoint(args.run_dir, args.checkpoint)
+    spec, vae, data, used, epoch = open_run(args.run_dir, args.device, args.checkpoint)
+    say_checkpoint(used, args.quiet)
     seed_everything(args.seed)
-    x = data.split(args.split, spec.train.seed)
+    x = evaluation_split(data, args.split, spec.train.seed, args.run_dir)
     from pyro_vae import progress
 
     with progress.bar(x.shape[0], f"evaluating K = {args.num_samples}", "example", quiet=args.quiet) as bar:
@@ -229,13 +258,24 @@ def run_evaluate(args: argparse.Namespace) -> None:
     result["active_units"] = evaluation.active_units(vae, x)
     result["split"] = args.split
     result["seed"] = args.seed
-    result["checkpoint"] = used
+    result["checkpoint"] = used.name
+    result["epoch"] = epoch
     from pyro_vae import diagnostics
 
     caution = diagnostics.warning(result, f"log-likelihood of '{args.run_dir}' (K = {args.num_samples})")
     if caution:
         print(f"pyro-vae: warning: {caution}", file=sys.stderr)
     print(json.dumps(result))
+
+
+def evaluation_split(data, split: str, seed: int, run_dir: Path):
+    """The examples of ``split`` (one of SPLITS); a one-line error for a validation split the run does not have."""
+    if split != "validation":
+        return data.split(split, seed)
+    if data.validation is None:
+        raise UserInputError(f"--split validation: the run '{run_dir}' has no validation split (its spec sets no "
+                             f"data.validation_size); accepted for it: test, train")
+    return data.validation
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -254,8 +294,8 @@ def run_sample(args: argparse.Namespace) -> None:
                              f"{', '.join(PICTURE_FORMATS)}")
     if out.is_dir():
         raise UserInputError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}")
-    spec, vae, image_shape = load_model(args.run_dir, which=args.checkpoint)
-    say_checkpoint(args.run_dir, args.checkpoint)
+    spec, vae, image_shape, used = load_model(args.run_dir, which=args.checkpoint)
+    say_checkpoint(used, args.quiet)
     runs.writable_folder(out.parent, "the folder of --out")
     seed_everything(args.seed)
     plots.image_grid(vae.sample(args.n), image_shape, out, f"E[x | z], z ~ p(z), {args.n} draws, seed {args.seed}")
@@ -265,10 +305,10 @@ def run_sample(args: argparse.Namespace) -> None:
 def run_pictures(args: argparse.Namespace) -> None:
     """Draw the pictures of a run from its last checkpoint, with the run's seed; print their paths."""
     from pyro_vae import pictures, runs
-    from pyro_vae.training import load_run, seed_everything
+    from pyro_vae.training import open_run, seed_everything
 
-    spec, vae, data = load_run(args.run_dir, which="last")
-    say_checkpoint(args.run_dir, "last")
+    spec, vae, data, used, _ = open_run(args.run_dir, which="last")
+    say_checkpoint(used, args.quiet)
     runs.writable_folder(Path(args.run_dir), "run folder")
     seed_everything(spec.train.seed)
     for path in pictures.write(args.run_dir, vae, data, runs.read_metrics(args.run_dir), args.which,
@@ -277,8 +317,15 @@ def run_pictures(args: argparse.Namespace) -> None:
 
 
 def run_configs(args: argparse.Namespace) -> None:
-    from pyro_vae.spec import config_summary, packaged_configs
+    """The packaged specs, one line each; or, given NAME, that spec resolved (every key) as YAML."""
+    from pyro_vae.spec import config_summary, load_spec, packaged_configs
 
+    if args.name is not None:
+        if args.name not in packaged_configs():
+            raise UserInputError(f"configs: {args.name!r} is not a packaged spec; packaged: "
+                                 f"{', '.join(sorted(packaged_configs()))}")
+        print(load_spec(args.name).to_yaml(), end="")
+        return
     configs = sorted(packaged_configs().items())
     width = max(len(name) for name, _ in configs) + 2
     print("\n".join(f"{name:<{width}}{config_summary(path)}" for name, path in configs))
@@ -290,11 +337,13 @@ def run_table(args: argparse.Namespace) -> None:
     from pyro_vae import progress, runs, table
 
     _positive(args.num_samples, "--num-samples")
-    out = runs.writable_folder(args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}", "--out")
+    out = args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    runs.check_output_folder(out, args.force)
     count = len(set(args.run_dirs) | ({args.reference} if args.reference else set()))
     with progress.bar(count, "scoring runs", "run", quiet=args.quiet) as bar:
         rows = table.build_rows(args.run_dirs, args.reference, args.num_samples, args.seed, args.checkpoint, bar)
-    table.write_table(rows, args.reference, out)
+    with runs.staged_folder(out, table.FILES) as staging:
+        table.write_table(rows, args.reference, staging)
     print(table.markdown(rows, args.reference))
     print(out)
 

@@ -521,16 +521,14 @@ def write_report(out: Path, rows: list[dict], curves: dict, about: list[str]) ->
     plots.bounds(rows, out / "bounds.png")
     if curves:
         plots.estimator_curves(curves, out / "curves.png")
-    else:
-        (out / "curves.png").unlink(missing_ok=True)  # not from an earlier, trained comparison
 
 
 # --------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------
 
-def add_parser(commands, add_spec_options) -> argparse.ArgumentParser:
-    """Register ``pyro-vae compare`` on the CLI's subcommands."""
+def add_parser(commands, add_spec_options, add_quiet) -> argparse.ArgumentParser:
+    """Register ``pyro-vae compare`` on the CLI's subcommands (the CLI's spec options and ``--quiet``)."""
     parser = commands.add_parser("compare", help="compare ELBO estimators: bounds, gradient SNR, time, training")
     add_spec_options(parser)
     parser.add_argument("--estimators", required=True, metavar="LIST",
@@ -539,19 +537,17 @@ def add_parser(commands, add_spec_options) -> argparse.ArgumentParser:
     parser.add_argument("--at", type=Path, metavar="RUN_DIR",
                         help="measure at this run's trained checkpoint, with its spec (default: a fresh initialization)")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="R",
-                        help=f"draws per estimator (default {DEFAULT_REPEATS})")
+                        help="draws per estimator")
     parser.add_argument("--train-steps", type=int, default=0, metavar="S",
                         help="also train each estimator S steps from the same start and report test figures")
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
-                        help=f"importance samples for the test log-likelihood after training (default {DEFAULT_NUM_SAMPLES})")
+                        help="importance samples for the test log-likelihood after training")
     parser.add_argument("--seed", type=int, help="seed of the minibatch, the draws and training (default train.seed)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="report folder (default runs/compare-<time>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an --out that exists with files in it, replacing its report files")
+    add_quiet(parser, old_alias=True)
     return parser
-
-
-def _prepare_out(out: Path) -> Path:
-    return runs.writable_folder(out, "--out")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -583,12 +579,14 @@ def run(args: argparse.Namespace) -> None:
         start = f"a fresh initialization (seed {seed})"
     for choice in choices:  # every estimator builds before any time is spent
         choice.build(spec.inference)
-    out = _prepare_out(args.out or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    runs.check_output_folder(out, args.force)
     with threads.using(args.threads or spec.train.threads):  # --threads, else the spec's train.threads
         rows, curves = compare(spec, vae, data, choices, repeats=args.repeats, seed=seed,
                                train_steps=args.train_steps, num_samples=args.num_samples,
-                               show_progress=not args.no_progress)
-        about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
-        write_report(out, rows, curves, about)
+                               show_progress=not args.quiet)
+    about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
+    with runs.staged_folder(out, (*FILES, "curves.png")) as staging:  # an interrupt or error leaves no folder behind
+        write_report(staging, rows, curves, about)
     print(markdown_table(rows))
     print(out)

@@ -6,7 +6,10 @@
 When stderr is not a terminal (a redirected log, a notebook's captured
 stream, CI), a carriage-return bar would fill the log with fragments and end
 on a half-drawn line; :class:`PlainProgress` writes one complete line instead,
-at most every ``every`` seconds and once at the end.
+at most every ``every`` seconds. A finished bar leaves no line behind (tqdm's
+``leave=False``, and nothing at :meth:`PlainProgress.close`): the command's own
+summary (the epoch's log line, the JSON, the table) follows it, so no final
+state is printed twice.
 """
 from __future__ import annotations
 
@@ -45,9 +48,7 @@ class PlainProgress:
         self.shown = self.n
 
     def close(self) -> None:
-        """The final line, unless the last line already said as much (or the work was too short for lines)."""
-        if self.n != self.shown and time.monotonic() - self.start >= self.every:
-            self._line(time.monotonic())
+        """Nothing to write: the finished work is reported by the command's summary line."""
 
     def __enter__(self) -> "PlainProgress":
         return self

@@ -5,16 +5,31 @@ versions, git revision, device, thread count, and under ``model_inputs`` what
 building the model needs besides the spec: ``data_dim`` and ``image_shape``),
 ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt``, ``log.txt``,
 and the pictures.
+
+One command at a time: ``train`` (a new run or ``--resume``) holds an
+exclusive ``fcntl.flock`` on ``RUN/.lock`` (which names its pid and command)
+for its whole duration (:func:`locked`). The lock is the kernel's flock, not
+the file's existence: the file is removed when the command ends, and one left
+behind by a killed process (SIGKILL) holds no lock, since the kernel releases
+a dead process's flocks, so it never blocks the next command. Readers
+(``evaluate``, ``sample``, ``table``, ``compare --at``) take no lock: every
+file they read is replaced whole by a rename, so they see the last complete
+checkpoint, even while a run trains.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import platform
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -28,6 +43,7 @@ from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.spec import Spec
 
 CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
+LOCK = ".lock"  # held (fcntl.flock) by the command training in the folder; it names that command
 BEST = "best.pt"  # the parameters of the epoch with the best validation ELBO (runs with data.validation_size)
 CHECKPOINT_CHOICES = ("best", "last")
 
@@ -47,16 +63,125 @@ def check_new_run(run_dir: Path, spec: Spec, force: bool) -> None:
             what = "an unreadable spec"
         raise UserInputError(
             f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
-    if run_dir.is_dir() and not (run_dir / CONFIG).exists() and any(run_dir.iterdir()) and not force:
+    if (run_dir.is_dir() and not (run_dir / CONFIG).exists() and any(p.name != LOCK for p in run_dir.iterdir())
+            and not force):
         raise UserInputError(f"'{run_dir}' is a folder with other files in it, not a run folder; give an empty or new "
                              f"--out (or --force to write the run among those files)")
-    existing = run_dir
+    check_can_make(run_dir, "output folder")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its closest ancestor that does."""
+    existing = Path(path)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    return existing
+
+
+def check_can_make(folder: Path, what: str) -> None:
+    """Refuse, writing nothing, a ``folder`` that cannot be made or written (``what`` names it in the error)."""
+    existing = nearest_existing(folder)
     if not existing.is_dir():
-        raise UserInputError(f"output folder '{run_dir}' cannot be made: '{existing}' is a file, not a folder")
+        raise UserInputError(f"{what} '{folder}' cannot be made: '{existing}' is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"output folder '{run_dir}' is not writable (no write permission on '{existing}')")
+        raise UserInputError(f"{what} '{folder}' is not writable (no write permission on '{existing}')")
+
+
+def _in_use_error(run_dir: Path, handle: int) -> UserInputError:
+    """The one line naming the process that holds the lock of ``run_dir`` (read from the lock file)."""
+    os.lseek(handle, 0, os.SEEK_SET)
+    holder = os.read(handle, 4096).decode(errors="replace").strip() or "another process (starting)"
+    return UserInputError(f"'{run_dir}' is in use by {holder}; wait for it to end (or stop it) and try again; "
+                          f"nothing was changed")
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Refuse, writing nothing, a run folder whose lock another command holds."""
+    try:
+        handle = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use_error(run_dir, handle) from None
+    finally:
+        os.close(handle)  # closing releases a flock this probe took
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN/.lock`` (an exclusive ``fcntl.flock``) while the block runs, or refuse in one line.
+
+    The file holds ``process PID (COMMAND)``, which a refused command quotes;
+    it is removed when the block ends, whatever the way out (return, exception,
+    signal turned into an exception). A file left by a killed process holds no
+    lock: the kernel released it. Acquiring re-checks that the locked file is
+    still the one at the path (a holder that was ending may have removed it).
+    """
+    path = Path(run_dir) / LOCK
+    while True:
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserInputError(f"cannot lock run folder '{run_dir}' ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = _in_use_error(run_dir, handle)
+            os.close(handle)
+            raise error from None
+        try:
+            if os.fstat(handle).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # we locked a file its holder had just removed: take the new one
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"process {os.getpid()} ({shlex.join(sys.argv)})\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(handle)
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    """Refuse, writing nothing, an ``--out`` that exists with files in it (unless ``force``) or cannot be made."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out '{out}' is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserInputError(f"--out '{out}' already exists with files in it; give another --out, or --force to "
+                             f"replace this command's files there")
+    check_can_make(out, "--out")
+
+
+@contextmanager
+def staged_folder(out: Path, names: tuple[str, ...]) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into; ``out`` gets its files only if the block succeeds.
+
+    On success the temporary folder is renamed to ``out`` (when ``out`` is new
+    or empty), or, into an existing ``out`` (``--force``), the files ``names``
+    there are removed and the new ones moved in. On any failure or interrupt
+    the temporary folder is removed and ``out`` is as it was.
+    """
+    out = Path(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=nearest_existing(out.parent)))
+    try:
+        yield staging
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir() and any(out.iterdir()):
+            for name in names:
+                (out / name).unlink(missing_ok=True)
+            for made in staging.iterdir():
+                os.replace(made, out / made.name)
+        else:
+            os.replace(staging, out)
+    except OSError as exc:
+        raise UserInputError(f"cannot write --out '{out}' ({exc.strerror or exc}); nothing was written") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def writable_folder(folder: Path, what: str) -> Path:

@@ -40,6 +40,7 @@ from pyro_vae import checkpoint, evaluation, runs
 from pyro_vae.errors import UserInputError
 
 CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
+FILES = ("table.md", "table.csv", "curves.png")  # what write_table writes into --out
 COLUMNS = ("label", "run", "data", "checkpoint", "epoch", "epochs", "test_elbo", "log_likelihood",
            "log_likelihood_stderr", "vs_reference", "vs_reference_stderr", "active_units", "latent_dim",
            "seconds_per_epoch", "num_samples")

@@ -59,13 +59,14 @@ import logging
 import math
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pyro
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyro_vae import (checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry,
                       run_state, runs, threads)
@@ -360,8 +361,10 @@ class Trainer:
             self.log.info(line)
         stop: list[int] = []
         self.horizon = self.spec.train.epochs * self.steps_per_epoch
+        # with bars shown, log lines go through tqdm.write, so a line logged mid-epoch does not cut the bar
+        redirect = logging_redirect_tqdm([self.log]) if self.show_progress else nullcontext()
         try:
-            with signals_to_flag(self.dist.signal_list(stop)):  # data-parallel: all ranks stop at one step
+            with signals_to_flag(self.dist.signal_list(stop)), redirect:  # data-parallel: all ranks stop at one step
                 while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
                     self.train_epoch(stop)
                     self.end_epoch()
@@ -524,7 +527,7 @@ class Trainer:
 
 
 def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = True) -> Trainer:
-    """A new run: check every input, then prepare the folder, train, write the pictures.
+    """A new run: check every input, then lock and prepare the folder, train, write the pictures.
 
     The folder, the data, the model and a first model/guide pass are checked
     before anything is written, so bad input leaves an existing folder as it was.
@@ -536,6 +539,7 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     handler: the lines reach the host's own logging handlers, if any.
     torch uses ``train.threads`` threads meanwhile (:mod:`pyro_vae.threads`); the
     caller's thread count is restored afterwards.
+    The folder stays locked (:func:`pyro_vae.runs.locked`) until the run ends.
     """
     with threads.using(spec.train.threads):
         return _train(spec, Path(run_dir), force, show_progress)
@@ -547,12 +551,16 @@ def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Train
 
         board.check_available()
     if distributed.is_main():  # under torchrun, rank 0 alone checks and writes the folder
+        runs.check_not_in_use(run_dir)
         runs.check_new_run(run_dir, spec, force)
     trainer = Trainer(spec, None, show_progress=show_progress)
     if trainer.dist.is_main:
-        runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
-    trainer.attach(run_dir)
-    with runs.run_log(run_dir, trainer.dist.rank):
+        runs.writable_folder(run_dir, "output folder")
+    with runs.locked(run_dir) if trainer.dist.is_main else nullcontext():
+        if trainer.dist.is_main:
+            runs.check_new_run(run_dir, spec, force)  # again, now that no other command can write there
+            runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
+        trainer.attach(run_dir)
         if trainer.dist.enabled:
             trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
         trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
@@ -564,14 +572,29 @@ def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Train
     return trainer
 
 
-def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True) -> Trainer:
+def nothing_to_do(state: dict, epochs: int) -> str | None:
+    """Why a run whose checkpoint is ``state`` needs no training up to ``epochs`` epochs in total, or None."""
+    done = int(state["epoch"])
+    if bool(state["stopped_early"]):
+        return (f"nothing to do: stopped early at epoch {done} (no better validation ELBO since epoch "
+                f"{int(state['best_epoch'])}, kept in {runs.BEST}); an early-stopped run is finished")
+    if done >= epochs and int(state["step_in_epoch"]) == 0:
+        return f"nothing to do: trained {done} of {plural(epochs, 'epoch')}; ask for more with --epochs"
+    return None
+
+
+def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True) -> Trainer | None:
     """Continue the run in ``run_dir`` from its checkpoint (or from the start if it has none).
 
-    The checkpoint is read and checked against the run's spec before anything
-    in the folder changes; ``epochs`` (``--epochs``) replaces ``train.epochs``.
+    The folder is locked (:func:`pyro_vae.runs.locked`) and its checkpoint read
+    and checked against the run's spec before anything in it changes;
+    ``epochs`` (``--epochs``) replaces ``train.epochs``. A run that is already
+    complete (all its epochs, or stopped early) is not trained again: one line
+    says so, only a stale ``metrics.jsonl`` is rewritten from the checkpoint,
+    and None is returned.
     The calling process is changed as by :func:`train` (param store, generators,
-    ``log.txt`` while it runs).
-    torch uses the run's ``train.threads`` threads meanwhile, then the caller's again.
+    ``log.txt`` while it runs); torch uses the run's ``train.threads`` threads
+    meanwhile, then the caller's again.
     """
     run_dir = Path(run_dir)
     spec = runs.read_spec(run_dir)
@@ -584,6 +607,12 @@ def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) 
         from pyro_vae import board
 
         board.check_available()
+    with runs.locked(run_dir) if distributed.is_main() else nullcontext():
+        return _resume_locked(run_dir, spec, epochs, show_progress)
+
+
+def _resume_locked(run_dir: Path, spec: Spec, epochs: int | None, show_progress: bool) -> Trainer | None:
+    """:func:`resume` once the folder is locked."""
     path = run_dir / runs.CHECKPOINT
     state = checkpoint.load(path, required=run_state.STATE_KEYS) if path.exists() else None
     if epochs is not None:
@@ -592,12 +621,21 @@ def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) 
             raise UserInputError(f"--epochs {epochs} is the total number of epochs, and '{run_dir}' has already "
                                  f"trained {plural(done, 'epoch')}; give --epochs above {done} to train further "
                                  f"(nothing was changed)")
-        spec.train.epochs = epochs
+    target = spec.train.epochs if epochs is None else epochs
+    done_why = None if state is None else nothing_to_do(state, target)
+    if done_why is not None:
+        run_state.check_same_spec(state, spec, run_dir)
+        if distributed.is_main() and runs.read_metrics(run_dir) != state["metrics"]:
+            runs.write_metrics(run_dir, state["metrics"])  # a kill between checkpoint and metrics left them behind
+        logging.getLogger("pyro_vae").info(done_why)
+        return None
+    changed_epochs = target != spec.train.epochs
+    spec.train.epochs = target
     trainer = Trainer(spec, None, show_progress=show_progress)
     trainer.attach(run_dir)
     if state is not None:
         trainer.restore(state)
-    if epochs is not None and trainer.dist.is_main:
+    if changed_epochs and trainer.dist.is_main:
         runs.write_text_atomic(run_dir / runs.CONFIG, spec.to_yaml())
     with runs.run_log(run_dir, trainer.dist.rank):
         if state is not None:
@@ -618,14 +656,15 @@ def model_inputs(data: Dataset) -> dict:
     return {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
 
 
-def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec, dict, torch.device]:
-    """The run's spec, its checkpoint ``which`` (checked against the spec) and the device to load onto."""
+def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec, dict, Path, torch.device]:
+    """The run's spec, its checkpoint ``which`` (read once, checked against the spec), its path, and the device."""
     spec = runs.read_spec(run_dir)
-    state = checkpoint.load(runs.checkpoint_path(run_dir, which), required=("spec", "model"))
+    path = runs.checkpoint_path(run_dir, which)
+    state = checkpoint.load(path, required=("spec", "model", "epoch"))
     run_state.check_same_spec(state, spec, run_dir)
     if device is not None:
         spec.train.device = device
-    return spec, state, resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
+    return spec, state, path, resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
 
 
 def _trained_vae(spec: Spec, state: dict, data_dim: int, image_shape: tuple[int, int, int] | None,
@@ -640,32 +679,51 @@ def _trained_vae(spec: Spec, state: dict, data_dim: int, image_shape: tuple[int,
     return vae.to(target).eval()
 
 
-def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
-    """The spec, trained VAE (eval mode) and data of a finished or interrupted run.
+class LoadedRun(NamedTuple):
+    """A run read back for scoring: its spec, the VAE (eval mode), the data, and which checkpoint gave them."""
+
+    spec: Spec
+    vae: VAE
+    data: Dataset
+    checkpoint: Path
+    epoch: int
+
+
+def open_run(run_dir: Path, device: str | None = None, which: str = "best") -> LoadedRun:
+    """The spec, trained VAE (eval mode) and data of a finished or interrupted run, with the checkpoint file read
+    and the epoch it holds (the epochs completed, or the best epoch for ``best.pt``).
 
     ``which``: ``best`` reads ``best.pt`` where the run has one (a run with a
     validation split), else the last checkpoint; ``last`` always the last
-    (see :func:`pyro_vae.runs.checkpoint_path`).
+    (see :func:`pyro_vae.runs.checkpoint_path`). The checkpoint is read once,
+    so the epoch is that of the parameters returned even while the run trains.
     """
     run_dir = Path(run_dir)
-    spec, state, target = _checked_state(run_dir, device, which)
+    spec, state, path, target = _checked_state(run_dir, device, which)
     data = load_dataset(spec.data, spec.train.seed).to(target)
-    return spec, _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target), data
+    vae = _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target)
+    return LoadedRun(spec, vae, data, path, int(state["epoch"]))
+
+
+def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
+    """The spec, trained VAE (eval mode) and data of a finished or interrupted run (:func:`open_run`)."""
+    loaded = open_run(run_dir, device, which)
+    return loaded.spec, loaded.vae, loaded.data
 
 
 def load_model(run_dir: Path, device: str | None = None,
-               which: str = "best") -> tuple[Spec, VAE, tuple[int, int, int] | None]:
-    """The spec, trained VAE (eval mode) and image shape of a run, without its data where it can.
+               which: str = "best") -> tuple[Spec, VAE, tuple[int, int, int] | None, Path]:
+    """The spec, trained VAE (eval mode), image shape and checkpoint path of a run, without its data where it can.
 
     The model is built from what ``run.json`` recorded at training time
     (:func:`pyro_vae.runs.read_model_inputs`); a run without that record loads
-    its dataset for it. ``which`` as in :func:`load_run`.
+    its dataset for it. ``which`` as in :func:`open_run`.
     """
     run_dir = Path(run_dir)
-    spec, state, target = _checked_state(run_dir, device, which)
+    spec, state, path, target = _checked_state(run_dir, device, which)
     inputs = runs.read_model_inputs(run_dir)
     if inputs is None:
         data = load_dataset(spec.data, spec.train.seed)
         inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape}
     vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run_dir, target)
-    return spec, vae, inputs["image_shape"]
+    return spec, vae, inputs["image_shape"], path

@@ -109,3 +109,123 @@ def test_sample_needs_no_training_data_once_the_run_recorded_its_model_inputs(tm
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "old.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(array) in err and not (tmp_path / "old.png").exists()
+
+
+# -- one consistent command line ------------------------------------------------------------------------------------
+
+def test_quiet_on_every_command_that_shows_progress_and_no_progress_as_a_hidden_alias():
+    from pyro_vae.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["train"], ["evaluate", "RUN"], ["sample", "RUN"], ["table", "RUN"], ["compare", "--estimators", "x"]):
+        assert parser.parse_args([*argv, "--quiet"]).quiet, argv
+        assert not parser.parse_args(argv).quiet, argv
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("train", "compare"):
+        assert parser.parse_args([name, "--no-progress", *(["--estimators", "x"] if name == "compare" else [])]).quiet
+        assert "--no-progress" not in commands[name].format_help()
+
+
+def test_version_prints_the_package_version():
+    from importlib import metadata
+
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"pyro-vae {metadata.version('pyro_vae')}"
+
+
+def test_configs_name_prints_the_resolved_spec_as_yaml(capsys):
+    import yaml
+
+    from pyro_vae.spec import load_spec
+
+    assert main(["configs", "mnist-vamp"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == load_spec("mnist-vamp").to_dict()
+    assert main(["configs", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'nope' is not a packaged spec" in err and "mnist-vamp" in err
+
+
+def test_evaluate_names_its_epoch_and_checkpoint_and_scores_a_validation_split(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--out", str(run), "--set", "data.validation_size=50",
+                 "--set", "data.train_size=200", "--set", "data.test_size=40", *TINY]) == 0
+    result = evaluate(run, capsys, "--num-samples", "5", "--split", "validation", "--checkpoint", "last")
+    assert (result["split"], result["num_examples"], result["epoch"]) == ("validation", 50, 2)
+    assert result["checkpoint"] == "checkpoint.pt"
+    best = evaluate(run, capsys, "--num-samples", "5")
+    assert best["checkpoint"] == "best.pt" and best["epoch"] in (1, 2)
+
+
+def test_evaluate_validation_of_a_run_without_one_is_one_line_naming_the_run(digits_run, capsys):
+    assert main(["evaluate", str(digits_run), "--split", "validation", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"'{digits_run}' has no validation split" in err
+
+
+def test_a_usage_error_has_one_prefix_and_names_the_command(capsys):
+    assert main(["train", "--bogus"]) == 2
+    assert capsys.readouterr().err.strip() == "pyro-vae: error: train: unrecognized arguments: --bogus (see --help)"
+    assert main(["evaluate"]) == 2
+    assert capsys.readouterr().err.strip().startswith("pyro-vae: error: evaluate: the following arguments")
+
+
+def test_every_option_shows_one_default():
+    import argparse
+
+    from pyro_vae.cli import HelpFormatter, build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        formatter = HelpFormatter(name)
+        for action in command._actions:
+            if action.help not in (None, argparse.SUPPRESS):
+                assert formatter._expand_help(action).count("(default") <= 1, (name, action.dest)
+
+
+def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
+    """On a terminal, a line logged mid-epoch goes through tqdm.write: it starts a line of its own."""
+    import io
+
+    from pyro_vae import training
+    from pyro_vae.spec import load_spec
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    original = training.Trainer.step
+
+    def step_and_log(self, x):
+        if self.progress.global_step == 2:
+            self.log.info("a line logged mid-epoch")
+        return original(self, x)
+
+    monkeypatch.setattr(training.Trainer, "step", step_and_log)
+    trainer = training.Trainer(load_spec(None, ["data.train_size=64", "data.test_size=16", "data.batch_size=16",
+                                                "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
+                                                "train.epochs=1"]), None)
+    trainer.fit()
+    pieces = [piece.strip() for line in terminal.getvalue().split("\n") for piece in line.split("\r")]
+    assert "a line logged mid-epoch" in pieces, terminal.getvalue()
+
+
+def test_plain_progress_prints_no_line_twice(capsys):
+    from pyro_vae import progress
+
+    with progress.PlainProgress(3, "work", "item", every=0.0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and len(set(line.rsplit(",", 1)[0] for line in lines)) == 3, lines
+
+
+def test_meanfield_note_names_the_distributions_inside_independent():
+    from pyro_vae import training
+    from pyro_vae.spec import load_spec
+
+    trainer = training.Trainer(load_spec(None, ["data.train_size=32", "data.test_size=8", "model.encoder.hidden=[8]",
+                                                "model.decoder.hidden=[8]", "model.prior.type=mog",
+                                                "inference.estimator=meanfield"]), None, show_progress=False)
+    assert "KL(Normal ‖ DiagonalNormalMixture)" in trainer.note and "Independent" not in trainer.note

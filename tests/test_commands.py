@@ -95,3 +95,137 @@ def test_tensorboard_event_file_holds_the_epoch_scalars(tmp_path):
     assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
     metrics = runs.read_metrics(folder)
     assert [e.value for e in events.Scalars("test_elbo")] == pytest.approx([m["test_elbo"] for m in metrics])
+
+
+# -- one command at a time on a run folder ------------------------------------------------------------------------
+
+LOCKED = ["data.train_size=96", "data.test_size=32", "data.batch_size=16", "model.encoder.hidden=[16]",
+          "model.decoder.hidden=[16]", "inference.compile=eager"]
+
+
+def test_two_concurrent_resumes_one_trains_the_other_is_refused_and_the_run_is_bit_identical(tmp_path):
+    """Two `train --resume RUN --epochs N` started together: one trains, the other names it and exits 2; the
+    result is bit for bit the uninterrupted run of the same spec."""
+    import os
+
+    import torch
+    from test_robustness import assert_same_run
+
+    epochs = 3
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    training.train(load_spec(None, [*LOCKED, f"train.epochs={epochs}"]), reference, show_progress=False)
+    training.train(load_spec(None, [*LOCKED, "train.epochs=1"]), run, show_progress=False)
+    command = [sys.executable, "-m", "pyro_vae", "train", "--resume", str(run), "--epochs", str(epochs), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the reference's kernels
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    errors = [process.communicate(timeout=300)[1] for process in both]
+    codes = [process.returncode for process in both]
+    assert sorted(codes) == [0, 2], errors
+    trained, refused = (0, 1) if codes[0] == 0 else (1, 0)
+    lines = errors[refused].strip().splitlines()
+    assert len(lines) == 1 and f"'{run}' is in use by process {both[trained].pid} (" in lines[0], lines
+    assert "--resume" in lines[0] and "nothing was changed" in lines[0]
+    assert_same_run(run, reference)
+    assert not (run / runs.LOCK).exists()
+
+
+def test_train_force_into_a_folder_in_use_is_refused_naming_the_holder_and_changes_nothing(run, capsys):
+    import os
+
+    from test_robustness import snapshot
+
+    with runs.locked(run):
+        before = snapshot(run)
+        assert main(["train", "--out", str(run), "--force", "--quiet", *sum((["--set", o] for o in TINY), [])]) == 2
+        one_error_line(capsys, f"is in use by process {os.getpid()} (", "nothing was changed")
+        assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
+        one_error_line(capsys, f"is in use by process {os.getpid()} (")
+        assert snapshot(run) == before
+    assert not (run / runs.LOCK).exists()
+
+
+def test_a_lock_file_left_by_a_killed_process_does_not_block(run, capsys):
+    (run / runs.LOCK).write_text("process 999999 (pyro-vae train, killed)\n")  # no flock held on it
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert not (run / runs.LOCK).exists()
+
+
+def test_the_lock_is_released_when_the_command_fails(run):
+    with pytest.raises(Exception, match="the total number of epochs"):
+        training.resume(run, epochs=1, show_progress=False)
+    assert not (run / runs.LOCK).exists()
+    with runs.locked(run):  # free again
+        pass
+
+
+# -- --resume of a finished run -------------------------------------------------------------------------------------
+
+def test_resume_of_a_finished_run_says_nothing_to_do_and_touches_nothing(run, capsys):
+    from test_robustness import snapshot
+
+    before = snapshot(run)
+    times = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nothing to do: trained 2 of 2 epochs; ask for more with --epochs"] * 2
+    assert snapshot(run) == before
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == times
+
+
+def test_resume_of_an_early_stopped_run_says_so(tmp_path, capsys):
+    folder = tmp_path / "run"
+    spec = load_spec(None, [*TINY, "data.validation_size=20", "train.early_stopping_patience=1", "optim.lr=1e-12",
+                            "train.epochs=6"])
+    training.train(spec, folder, show_progress=False)
+    epochs = len(runs.read_metrics(folder))
+    assert epochs < 6
+    capsys.readouterr()
+    assert main(["train", "--resume", str(folder), "--epochs", "9", "--quiet"]) == 0
+    assert f"nothing to do: stopped early at epoch {epochs}" in capsys.readouterr().err
+    assert len(runs.read_metrics(folder)) == epochs
+
+
+# -- output folders of table and compare ---------------------------------------------------------------------------
+
+def test_a_failed_table_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["table", "nothere"]) == 2
+    one_error_line(capsys, "'nothere' is not a run folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_table_refuses_an_existing_out_without_force_and_replaces_only_its_files_with_it(run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    (out / "table.md").write_text("old\n")
+    assert main(["table", str(run), "--num-samples", "2", "--out", str(out), "--quiet"]) == 2
+    one_error_line(capsys, f"--out '{out}' already exists", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "table.md"]
+    assert main(["table", str(run), "--num-samples", "2", "--out", str(out), "--force", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "notes.txt", "table.csv", "table.md"]
+    assert (out / "table.md").read_text() != "old\n" and (out / "notes.txt").read_text() == "mine\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
+def test_an_interrupted_compare_leaves_nothing_and_an_existing_out_is_refused(tmp_path, monkeypatch, capsys):
+    from pyro_vae import compare
+
+    def interrupted_half_way(out, rows, curves, about):
+        compare.write_csv(rows, out / "comparison.csv")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "write_report", interrupted_half_way)
+    argv = ["compare", "--estimators", "trace", "--repeats", "2", "--quiet", *sum((["--set", o] for o in TINY), [])]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 130
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "comparison.md").write_text("kept\n")
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 2
+    one_error_line(capsys, "already exists", "--force")
+    assert (tmp_path / "report" / "comparison.md").read_text() == "kept\n"

@@ -217,7 +217,7 @@ def test_table_of_two_runs_writes_the_paired_column(tmp_path, capsys):
     cached = list(second.glob("scores-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    assert main(["table", str(second), str(first), "--num-samples", "30", "--out", str(out)]) == 0
+    assert main(["table", str(second), str(first), "--num-samples", "30", "--out", str(out), "--force"]) == 0
     assert cached[0].stat().st_mtime_ns == stamp                               # scored once, read back
 
 
