@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae import registry
+from pyro_vae import contracts, registry
 from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.gaussian import LinearGaussian
 from pyro_vae.spec import PUBLISHED, DataSpec
@@ -98,7 +98,7 @@ def data_root(spec: DataSpec) -> Path:
 
 def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
     """Load ``spec.name``, cut it to size, resolve and apply binarization, move it to ``device``."""
-    data = registry.get("dataset", spec.name)(spec)
+    data = contracts.build("dataset", spec.name, spec)
     if spec.train_size is not None:
         data = replace(data, train=data.train[:spec.train_size],
                        train_labels=None if data.train_labels is None else data.train_labels[:spec.train_size])

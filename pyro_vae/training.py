@@ -43,7 +43,7 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_vae import (checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry,
+from pyro_vae import (checkpoint, contracts, distributed, estimators, evaluation, optimizer, path_choice, progress,
                       run_state, runs)
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
@@ -190,7 +190,7 @@ class Trainer:
     def build_inference(self) -> None:
         """Estimator, optimizer, schedule and the training step (eager, traced, compiled or chosen: auto)."""
         spec = self.spec
-        self.elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
+        self.elbo = contracts.build("estimator", spec.inference.estimator, spec.inference)
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = self.training_step(spec.inference.compile)

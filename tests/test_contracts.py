@@ -1,0 +1,188 @@
+"""Parts meet stated contracts: checked when built, named in one line when they do not; the registry and plugins."""
+
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
+from torch import nn
+
+from pyro_vae import contracts, registry
+from pyro_vae.data import load_dataset
+from pyro_vae.errors import UserInputError
+from pyro_vae.model import VAE
+from pyro_vae.spec import load_spec
+
+SMALL = ["model.latent_dim=3", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]
+D = 16
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry's tables as copies: what a test registers is gone after it."""
+    monkeypatch.setattr(registry, "_TABLES", {kind: dict(table) for kind, table in registry._TABLES.items()})
+    monkeypatch.setattr(registry, "_TOKENS", dict(registry._TOKENS))
+    monkeypatch.setattr(registry, "_CONFIGS", dict(registry._CONFIGS))
+
+
+def build_with(kind: str, name: str, builder, role: str | None = None) -> VAE:
+    """Register ``builder`` and build a small VAE that uses it for ``role`` (default: ``kind``)."""
+    registry.register(kind, name)(builder)
+    key = {"network": f"model.{role}.type", "prior": "model.prior.type", "guide": "model.guide.type",
+           "likelihood": "model.likelihood.type"}[kind]
+    return VAE.from_spec(load_spec(None, [*SMALL, f"{key}={name}"]).model, D)
+
+
+# -- the contracts ---------------------------------------------------------------------------------------
+def test_the_built_in_parts_meet_their_protocols():
+    vae = VAE.from_spec(load_spec(None, SMALL).model, D)
+    for part, protocol in ((vae.encoder, contracts.Encoder), (vae.decoder, contracts.Decoder),
+                           (vae.prior, contracts.Prior), (vae.guide_head, contracts.Guide),
+                           (vae.likelihood, contracts.Likelihood)):
+        assert isinstance(part, protocol)
+    assert isinstance(Trace_ELBO(), contracts.Estimator)
+    assert set(contracts.BUILDER_SIGNATURES) == set(registry.KINDS)
+
+
+class NoForward(nn.Module):
+    pass
+
+
+class EncoderWithoutWidth(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class DecoderWithoutBias(nn.Module):
+    def forward(self, z):
+        return z
+
+
+class GuideWithoutMoments(nn.Module):
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.latent_dim = latent_dim
+
+    def forward(self, h):
+        return self.gaussian(h)
+
+    def gaussian(self, h):
+        return dist.Normal(h.new_zeros(*h.shape[:-1], self.latent_dim), 1.0).to_event(1)
+
+
+@pytest.mark.parametrize("kind, role, builder, message", [
+    ("prior", None, lambda spec, latent_dim, **parts: NoForward(),
+     r"^prior 'broken' \(.*NoForward\) has no 'forward' .*; a prior must provide forward\(\) returning "
+     r"a distribution with event shape \(latent_dim,\)"),
+    ("prior", None, lambda spec, latent_dim, **parts: object(),
+     r"^prior 'broken' \(builtins.object\) is not a torch.nn.Module"),
+    ("network", "encoder", lambda spec, role, input_dim, output_dim, image_shape: EncoderWithoutWidth(),
+     r"^encoder network 'broken' \(.*EncoderWithoutWidth\) has no 'output_dim' of type int; "
+     r"an encoder network must provide .*output_dim: int"),
+    ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: DecoderWithoutBias(),
+     r"^decoder network 'broken' \(.*DecoderWithoutBias\) has no 'output_bias' tensor"),
+    ("guide", None, lambda spec, feature_dim, latent_dim: GuideWithoutMoments(latent_dim),
+     r"^guide 'broken' \(.*GuideWithoutMoments\) has no 'moments' method; a guide must provide"),
+    ("likelihood", None, lambda spec, data_dim: NoForward(),
+     r"^likelihood 'broken' \(.*NoForward\) has no 'forward'"),
+    ("prior", None, lambda spec, latent_dim: NoForward(),
+     r"^prior 'broken': builder .*<lambda>\(spec, latent_dim\) cannot take the prior builder's "
+     r"arguments .*; a prior builder is builder\(spec, latent_dim, \*\*parts\)"),
+], ids=["prior-forward", "prior-module", "encoder-output_dim", "decoder-output_bias", "guide-moments",
+        "likelihood-forward", "prior-signature"])
+def test_a_part_without_its_contract_is_one_line_naming_kind_name_and_member(scratch_registry, kind, role,
+                                                                             builder, message):
+    with pytest.raises(UserInputError, match=message) as error:
+        build_with(kind, "broken", builder, role)
+    assert "\n" not in str(error.value)
+
+
+class WrongEventPrior(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(size))
+
+    def forward(self):
+        return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+class BatchedPrior(WrongEventPrior):
+    def forward(self):
+        return dist.Normal(self.loc, 1.0)
+
+
+class ShortDecoder(nn.Module):
+    def __init__(self, latent_dim, outputs):
+        super().__init__()
+        self.net = nn.Linear(latent_dim, outputs)
+        self.output_bias = self.net.bias
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class NormalGuide(GuideWithoutMoments):
+    def moments(self, h):
+        return self.gaussian(h).mean, self.gaussian(h).stddev
+
+
+class CoinGuide(NormalGuide):
+    """A guide whose distribution cannot be reparameterized."""
+
+    def forward(self, h):
+        return dist.Bernoulli(probs=h.new_full((*h.shape[:-1], self.latent_dim), 0.5)).to_event(1)
+
+
+@pytest.mark.parametrize("kind, role, builder, message", [
+    ("prior", None, lambda spec, latent_dim, **parts: WrongEventPrior(latent_dim + 1),
+     r"^prior 'shapes' \(.*WrongEventPrior\): forward\(\) gave a distribution with batch shape \(\) and "
+     r"event shape \(4,\); expected batch shape \(\) and event shape \(3,\)"),
+    ("prior", None, lambda spec, latent_dim, **parts: BatchedPrior(latent_dim),
+     r"^prior 'shapes' .*batch shape \(3,\) and event shape \(\); expected batch shape \(\) and event shape \(3,\)"),
+    ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(input_dim, 5),
+     r"^decoder network 'shapes' \(.*ShortDecoder\): output_bias has shape \(5,\); expected \(16,\)"),
+    ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(2, output_dim),
+     r"^decoder network 'shapes' \(.*ShortDecoder\): forward\(z of shape \(2, 3\)\) failed "
+     r"\(RuntimeError: .*"),
+    ("guide", None, lambda spec, feature_dim, latent_dim: NormalGuide(latent_dim + 2),
+     r"^guide 'shapes' .*: forward\(h of shape \(2, 8\)\) gave a distribution with batch shape \(2,\) and event "
+     r"shape \(5,\); expected batch shape \(2,\) and event shape \(3,\)"),
+    ("guide", None, lambda spec, feature_dim, latent_dim: CoinGuide(latent_dim),
+     r"^guide 'shapes' \(.*CoinGuide\): forward\(h of shape \(2, 8\)\) gave "
+     r".*Independent, which has no rsample; a guide must be reparameterized"),
+], ids=["prior-event", "prior-batch", "decoder-bias", "decoder-input", "guide-event", "guide-rsample"])
+def test_a_part_with_wrong_shapes_is_one_line_naming_the_part_and_the_shapes(scratch_registry, kind, role,
+                                                                             builder, message):
+    with pytest.raises(UserInputError, match=message) as error:
+        build_with(kind, "shapes", builder, role)
+    assert "\n" not in str(error.value)
+
+
+class NormalizedEncoder(nn.Module):
+    def __init__(self, input_dim):
+        super().__init__()
+        self.norm, self.output_dim = nn.BatchNorm1d(input_dim), input_dim
+
+    def forward(self, x):
+        return self.norm(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def test_the_shape_probe_changes_no_state_of_a_part(scratch_registry):
+    vae = build_with("network", "normalized", lambda spec, role, input_dim, output_dim, image_shape:
+                     NormalizedEncoder(input_dim), "encoder")
+    norm = vae.encoder.norm
+    assert norm.training and int(norm.num_batches_tracked) == 0
+    assert torch.equal(norm.running_var, torch.ones(D))
+
+
+def test_an_estimator_without_a_loss_and_a_dataset_of_another_type_are_refused(scratch_registry):
+    registry.register("estimator", "no-loss")(lambda spec: object())
+    spec = load_spec(None, ["inference.estimator=no-loss"])
+    with pytest.raises(UserInputError, match=r"^estimator 'no-loss' \(builtins.object\) has no "
+                                             r"'differentiable_loss' method; an estimator must provide"):
+        contracts.build("estimator", "no-loss", spec.inference)
+    registry.register("estimator", "graph")(lambda spec: TraceGraph_ELBO())
+    assert isinstance(contracts.build("estimator", "graph", spec.inference), TraceGraph_ELBO)
+    registry.register("dataset", "tensor")(lambda spec: torch.zeros(4, 2))
+    with pytest.raises(UserInputError, match=r"^dataset 'tensor': the builder returned torch.Tensor; "
+                                             r"a dataset builder is builder\(spec\) -> pyro_vae.data.Dataset"):
+        load_dataset(load_spec(None, ["data.name=tensor"]).data)
