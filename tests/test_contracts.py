@@ -1,4 +1,6 @@
 """Parts meet stated contracts: checked when built, named in one line when they do not; the registry and plugins."""
+import importlib
+import textwrap
 
 import pyro.distributions as dist
 import pytest
@@ -6,7 +8,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
-from pyro_vae import contracts, registry
+from pyro_vae import contracts, plugins, registry
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
@@ -186,3 +188,34 @@ def test_an_estimator_without_a_loss_and_a_dataset_of_another_type_are_refused(s
     with pytest.raises(UserInputError, match=r"^dataset 'tensor': the builder returned torch.Tensor; "
                                              r"a dataset builder is builder\(spec\) -> pyro_vae.data.Dataset"):
         load_dataset(load_spec(None, ["data.name=tensor"]).data)
+
+
+# -- the registry ----------------------------------------------------------------------------------------
+def standard_normal_again(spec, latent_dim, **parts):
+    return registry.get("prior", "standard-normal")(spec, latent_dim, **parts)
+
+
+def test_a_taken_name_is_refused_unless_replace_is_asked(scratch_registry):
+    with pytest.raises(UserInputError, match=r"^prior 'mog' is already registered \(by pyro_vae.priors."
+                                             r"mixture_of_gaussians\); choose another name, or register"):
+        registry.register("prior", "mog")(standard_normal_again)
+    assert registry.get("prior", "mog").__name__ == "mixture_of_gaussians"
+    registry.register("prior", "mog", replace=True)(standard_normal_again)
+    assert registry.get("prior", "mog") is standard_normal_again
+
+
+def test_reloading_a_plugin_module_registers_its_parts_again_quietly(scratch_registry, tmp_path, monkeypatch):
+    (tmp_path / "reloaded_plugin.py").write_text(textwrap.dedent("""
+        from pyro_vae import registry
+
+        @registry.register("prior", "reloaded")
+        def reloaded(spec, latent_dim, **parts):
+            return registry.get("prior", "standard-normal")(spec, latent_dim, **parts)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_LOADED", [])
+    module = importlib.import_module("reloaded_plugin")
+    first = registry.get("prior", "reloaded")
+    importlib.reload(module)
+    assert registry.get("prior", "reloaded") is not first
+    assert plugins.load(["reloaded_plugin"]) == plugins.load(["reloaded_plugin"])
