@@ -250,12 +250,19 @@ def run_compare(args: argparse.Namespace) -> None:
     compare.run(args)
 
 
+def search_current_folder_first() -> None:
+    """Put the current folder at the front of ``sys.path``, so ``--plugin my_priors`` finds ./my_priors.py."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: list[str] | None = None) -> int:
     from pyro_vae.training import TrainingInterrupted, is_out_of_memory
 
     try:
         from pyro_vae import plugins
 
+        search_current_folder_first()
         plugins.load_entry_points()
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -1,5 +1,8 @@
 """Parts meet stated contracts: checked when built, named in one line when they do not; the registry and plugins."""
 import importlib
+import re
+import subprocess
+import sys
 import textwrap
 
 import pyro.distributions as dist
@@ -8,7 +11,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
-from pyro_vae import contracts, plugins, registry
+from pyro_vae import cli, contracts, plugins, registry
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
@@ -219,3 +222,89 @@ def test_reloading_a_plugin_module_registers_its_parts_again_quietly(scratch_reg
     importlib.reload(module)
     assert registry.get("prior", "reloaded") is not first
     assert plugins.load(["reloaded_plugin"]) == plugins.load(["reloaded_plugin"])
+
+
+# -- plugins ---------------------------------------------------------------------------------------------
+def test_loading_a_plugin_from_python_leaves_sys_path_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here_only_plugin.py").write_text("")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    before = list(sys.path)
+    with pytest.raises(UserInputError, match="cannot import plugin module 'here_only_plugin'"):
+        plugins.load(["here_only_plugin"])
+    assert sys.path == before
+
+
+def test_the_command_line_finds_a_plugin_in_the_current_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder_plugin.py").write_text("LOADED = True\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.setattr(plugins, "_LOADED", [])
+    monkeypatch.delitem(sys.modules, "folder_plugin", raising=False)
+    assert cli.main(["configs", "--plugin", "folder_plugin"]) == 0, capsys.readouterr().err
+    assert plugins.loaded() == ["folder_plugin"] and sys.path[0] == str(tmp_path)
+
+
+BAD_PLUGINS = {
+    "syntax": ("x = (\n", r"plugin module 'bad' failed to import \(SyntaxError: '\(' was never closed"),
+    "raises": ("import math\nraise RuntimeError('no GPU here')\n",
+               r"plugin module 'bad' failed to import \(RuntimeError: no GPU here, at .*bad.py line 2\)"),
+    "duplicate": ("from pyro_vae import registry\n\n@registry.register('prior', 'mog')\n"
+                  "def mine(spec, latent_dim, **parts):\n    return None\n",
+                  r"plugin module 'bad' failed to import \(UserInputError: prior 'mog' is already registered .*"
+                  r"bad.py line 3\)"),
+    "dependency": ("import no_such_dependency_of_bad\n",
+                   r"plugin module 'bad' failed to import \(ModuleNotFoundError: No module named "
+                   r"'no_such_dependency_of_bad', at .*bad.py line 1\)"),
+    "missing": (None, r"cannot import plugin module 'bad' \(ModuleNotFoundError: No module named 'bad'\); "
+                      r"install it, or run from the folder that holds bad.py"),
+}
+
+
+def pyro_vae_command(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyro_vae", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("case", list(BAD_PLUGINS))
+def test_every_plugin_import_failure_is_one_line_and_exit_status_2(case, tmp_path):
+    source, message = BAD_PLUGINS[case]
+    if source is not None:
+        (tmp_path / "bad.py").write_text(source)
+    result = pyro_vae_command("train", "--plugin", "bad", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("pyro-vae: error: --plugin: ")
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_training(tmp_path):
+    (tmp_path / "wide_prior.py").write_text(textwrap.dedent("""
+        import pyro.distributions as dist
+        import torch
+        from torch import nn
+
+        from pyro_vae import registry
+
+
+        class Wide(nn.Module):
+            def __init__(self, latent_dim):
+                super().__init__()
+                self.register_buffer("loc", torch.zeros(latent_dim + 1))
+
+            def forward(self):
+                return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+        @registry.register("prior", "wide")
+        def wide(spec, latent_dim, **parts):
+            return Wide(latent_dim)
+    """))
+    result = pyro_vae_command("train", "--plugin", "wide_prior", "--set", "model.prior.type=wide", "--set",
+                              "model.latent_dim=2", "--epochs", "1", "--out", "runs/wide", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "pyro-vae: error: prior 'wide' (wide_prior.Wide): forward() gave a distribution with batch shape () and "
+        "event shape (3,); expected batch shape () and event shape (2,): events of model.latent_dim values, one "
+        "distribution shared by every example"]
+    assert not (tmp_path / "runs" / "wide" / "checkpoint.pt").exists()
