@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyro.distributions as dist
 import pytest
@@ -308,3 +309,19 @@ def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_train
         "event shape (3,); expected batch shape () and event shape (2,): events of model.latent_dim values, one "
         "distribution shared by every example"]
     assert not (tmp_path / "runs" / "wide" / "checkpoint.pt").exists()
+
+
+def test_the_docs_plugin_example_runs_as_written(tmp_path):
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text()
+    (module,) = re.findall(r"```python\n(# laplace_prior\.py.*?)```", docs, flags=re.S)
+    (command,) = re.findall(r"```bash\n(pyro-vae .*?)\n```", docs, flags=re.S)
+    (tmp_path / "laplace_prior.py").write_text(module)
+    result = pyro_vae_command(*command.split()[1:], cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "type: laplace" in (tmp_path / "runs" / "laplace" / "config.yaml").read_text()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "laplace_prior.py").write_text(module.replace(".to_event(1)", ""))
+    result = pyro_vae_command(*command.split()[1:], cwd=broken)
+    line = re.search(r"`(pyro-vae: error: prior 'laplace' .*?)`", docs).group(1)
+    assert result.returncode == 2 and result.stderr.strip() == line
