@@ -180,12 +180,22 @@ def test_the_shape_probe_changes_no_state_of_a_part(scratch_registry):
     assert torch.equal(norm.running_var, torch.ones(D))
 
 
+class GradsOnly:
+    """loss_and_grads without loss: not enough for the bound without gradients."""
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return 0.0
+
+
 def test_an_estimator_without_a_loss_and_a_dataset_of_another_type_are_refused(scratch_registry):
     registry.register("estimator", "no-loss")(lambda spec: object())
     spec = load_spec(None, ["inference.estimator=no-loss"])
     with pytest.raises(UserInputError, match=r"^estimator 'no-loss' \(builtins.object\) has no "
                                              r"'differentiable_loss' method; an estimator must provide"):
         contracts.build("estimator", "no-loss", spec.inference)
+    registry.register("estimator", "grads-only")(lambda spec: GradsOnly())
+    with pytest.raises(UserInputError, match=r"^estimator 'grads-only' .* has no 'differentiable_loss' method"):
+        contracts.build("estimator", "grads-only", spec.inference)
     registry.register("estimator", "graph")(lambda spec: TraceGraph_ELBO())
     assert isinstance(contracts.build("estimator", "graph", spec.inference), TraceGraph_ELBO)
     registry.register("dataset", "tensor")(lambda spec: torch.zeros(4, 2))
