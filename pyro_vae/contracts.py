@@ -209,7 +209,7 @@ def qualified(obj: Any) -> str:
 
 
 def label(role: str, name: str, part: Any) -> str:
-    """"prior 'student-t' (my_priors.StudentT)": how messages name a built part."""
+    """How messages name a built part: prior 'student-t' (my_priors.StudentT)."""
     return f"{CONTRACTS[role].label} {name!r} ({qualified(part)})"
 
 

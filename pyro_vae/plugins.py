@@ -50,7 +50,7 @@ def load(names: Iterable[str], where: str = "--plugin") -> list[str]:
 
 def import_failure(name: str, exc: Exception) -> str:
     """One line: why importing plugin module ``name`` failed, where in its code, and for a missing module the fix."""
-    error = f"{type(exc).__name__}: {one_line(exc, 160)}"
+    error = f"{type(exc).__name__}: {one_line(exc, 240)}"
     if isinstance(exc, ModuleNotFoundError) and (exc.name == name or name.startswith(f"{exc.name}.")):
         return (f"cannot import plugin module {name!r} ({error}); install it, or run from the folder "
                 f"that holds {name.replace('.', '/')}.py")
