@@ -382,6 +382,12 @@ def command_line() -> Iterator[None]:
             logger.removeHandler(console)
 
 
+def search_current_folder_first() -> None:
+    """Put the current folder at the front of ``sys.path``, so ``--plugin my_priors`` finds ./my_priors.py."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``pyro-vae`` command: run it, and return its exit status."""
     with command_line():
@@ -395,6 +401,7 @@ def run_command(argv: list[str] | None) -> int:
     try:
         from pyro_vae import plugins
 
+        search_current_folder_first()
         plugins.load_entry_points()
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -85,7 +85,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import diagnostics, estimators, evaluation, progress, registry, runs, threads
+from pyro_vae import contracts, diagnostics, estimators, evaluation, progress, registry, runs, threads
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.log_weights import log_weights
 from pyro_vae.spec import InferenceSpec, Spec, part_keys
@@ -168,8 +168,8 @@ class Choice:
         return Spec.from_dict({"inference": {k: v for k, v in raw.items() if k in accepted}}).inference
 
     def build(self, base: InferenceSpec):
-        """The Pyro ELBO, through the registry."""
-        return registry.get("estimator", self.name)(self.inference(base))
+        """The Pyro ELBO, through the registry, checked against the estimator contract."""
+        return contracts.build("estimator", self.name, self.inference(base))
 
 
 def parse_token(token: str) -> Choice:

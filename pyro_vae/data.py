@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae import registry
+from pyro_vae import contracts, registry
 from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.gaussian import LinearGaussian
 from pyro_vae.spec import PUBLISHED, TRAIN_SEED, DataSpec
@@ -111,7 +111,7 @@ def data_root(spec: DataSpec) -> Path:
 
 def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
     """Load ``spec.name``, cut it to size, resolve and apply binarization, move it to ``device``."""
-    data = registry.get("dataset", spec.name)(spec)
+    data = contracts.build("dataset", spec.name, spec)
     data = replace(data, notes=tuple(note for note in (size_note("train_size", spec, data.num_train),
                                                        size_note("test_size", spec, data.test.shape[0])) if note))
     if spec.train_size is not None:

@@ -35,7 +35,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae import registry
+from pyro_vae import contracts
 from pyro_vae.errors import UserInputError
 from pyro_vae.spec import ModelSpec
 
@@ -43,8 +43,8 @@ from pyro_vae.spec import ModelSpec
 class VAE(nn.Module):
     """Encoder, decoder, prior, guide head and likelihood, with the Pyro model and guide."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, guide_head: nn.Module, prior: nn.Module,
-                 likelihood: nn.Module, latent_dim: int):
+    def __init__(self, encoder: contracts.Encoder, decoder: contracts.Decoder, guide_head: contracts.Guide,
+                 prior: contracts.Prior, likelihood: contracts.Likelihood, latent_dim: int):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.guide_head, self.prior, self.likelihood = guide_head, prior, likelihood
@@ -53,7 +53,10 @@ class VAE(nn.Module):
     @classmethod
     def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None,
                   train: torch.Tensor | None = None) -> "VAE":
-        """Build every part through the registry.
+        """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.contracts`).
+
+        A part that lacks a member, or whose shapes disagree with ``data_dim`` and
+        ``spec.latent_dim`` on a probe batch, is a one-line UserInputError naming it.
 
         ``train`` (N, D), the training split, sets what depends on the data: the
         decoder's output bias under ``model.decoder.init_bias: data-mean`` (the
@@ -64,12 +67,17 @@ class VAE(nn.Module):
         """
         d = spec.latent_dim
         data_range = (0.0, 1.0) if train is None else (float(train.min()), float(train.max()))
-        encoder = registry.get("network", spec.encoder.type)(spec.encoder, "encoder", data_dim, None, image_shape)
-        decoder = registry.get("network", spec.decoder.type)(spec.decoder, "decoder", d, data_dim, image_shape)
-        guide_head = registry.get("guide", spec.guide.type)(spec.guide, encoder.output_dim, d)
-        prior = registry.get("prior", spec.prior.type)(spec.prior, d, data_dim=data_dim, encoder=encoder,
-                                                       guide=guide_head, data_range=data_range)
-        likelihood = registry.get("likelihood", spec.likelihood.type)(spec.likelihood, data_dim)
+        encoder = contracts.build("encoder", spec.encoder.type, spec.encoder, "encoder", data_dim, None, image_shape)
+        features = contracts.probe_encoder(spec.encoder.type, encoder, data_dim)
+        decoder = contracts.build("decoder", spec.decoder.type, spec.decoder, "decoder", d, data_dim, image_shape)
+        output = contracts.probe_decoder(spec.decoder.type, decoder, d, data_dim)
+        guide_head = contracts.build("guide", spec.guide.type, spec.guide, encoder.output_dim, d)
+        contracts.probe_guide(spec.guide.type, guide_head, features, d)
+        prior = contracts.build("prior", spec.prior.type, spec.prior, d, data_dim=data_dim, encoder=encoder,
+                                guide=guide_head, data_range=data_range)
+        contracts.probe_prior(spec.prior.type, prior, d)
+        likelihood = contracts.build("likelihood", spec.likelihood.type, spec.likelihood, data_dim)
+        contracts.probe_likelihood(spec.likelihood.type, likelihood, output, data_dim)
         with torch.no_grad():
             if train is not None and spec.decoder.init_bias == "data-mean":
                 decoder.output_bias.copy_(likelihood.output_for_mean(train.mean(0)))

@@ -9,10 +9,13 @@ Kinds: ``prior``, ``guide``, ``likelihood``, ``network``, ``estimator``,
     def laplace_prior(spec, latent_dim, **parts):
         ...
 
-and ``model.prior.type: laplace`` in a spec selects it. A part with keys of
-its own declares them as a small dataclass, ``config=``; the spec then accepts
-and checks those keys in the part's section (``model.prior.df: 3``) and hands
-them to the builder as ``spec.options``::
+and ``model.prior.type: laplace`` in a spec selects it (each kind's builder
+signature, and what its part provides, are in :mod:`pyro_vae.contracts`). A
+name is registered once: another builder under a taken name needs
+``replace=True``. A part with keys of its own declares them as a small
+dataclass, ``config=``; the spec then accepts and checks those keys in the
+part's section (``model.prior.df: 3``) and hands them to the builder as
+``spec.options``::
 
     @dataclass
     class StudentTConfig:
@@ -34,19 +37,27 @@ _TOKENS: dict[str, tuple[str, ...]] = {}
 _CONFIGS: dict[tuple[str, str], type] = {}
 
 
-def register(kind: str, name: str, token: tuple[str, ...] = (), config: type | None = None
-             ) -> Callable[[Callable], Callable]:
+def register(kind: str, name: str, token: tuple[str, ...] = (), config: type | None = None,
+             replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: file ``builder`` under ``name`` in the table of ``kind``.
 
     ``token`` (estimators): the ``inference`` keys that the values of a
     ``pyro-vae compare`` token ``name:V1:V2`` fill, in order; ``("num_particles",)``
     makes ``name:K``, ``()`` the bare ``name``. ``config``: a dataclass of the
-    part's own spec keys (see the module docstring).
+    part's own spec keys (see the module docstring). A name already taken by
+    another builder is a one-line UserInputError unless ``replace=True``; the
+    same definition again (its module re-imported or reloaded, a notebook cell
+    run twice: same module and qualified name) replaces it quietly.
     """
     if kind not in _TABLES:
         raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
 
     def add(builder: Callable) -> Callable:
+        taken = _TABLES[kind].get(name)
+        if taken is not None and not replace and _origin(taken) != _origin(builder):
+            raise UserInputError(f"{kind} {name!r} is already registered (by {'.'.join(_origin(taken))}); "
+                                 f"choose another name, or register({kind!r}, {name!r}, ..., replace=True) "
+                                 f"to replace it")
         _TABLES[kind][name] = builder
         if kind == "estimator":
             _TOKENS[name] = tuple(token)
@@ -57,6 +68,11 @@ def register(kind: str, name: str, token: tuple[str, ...] = (), config: type | N
         return builder
 
     return add
+
+
+def _origin(builder: Callable) -> tuple[str, str]:
+    """Where a builder is defined: (module, qualified name)."""
+    return (getattr(builder, "__module__", None) or "?", getattr(builder, "__qualname__", None) or repr(builder))
 
 
 def config(kind: str, name: str) -> type | None:

@@ -68,7 +68,7 @@ import pyro
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pyro_vae import (checkpoint, distributed, estimators, evaluation, optimizer, path_choice, progress, registry,
+from pyro_vae import (checkpoint, contracts, distributed, estimators, evaluation, optimizer, path_choice, progress,
                       run_state, runs, threads)
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
@@ -232,7 +232,7 @@ class Trainer:
     def build_inference(self) -> None:
         """Estimator, optimizer, schedule and the training step (eager, traced, compiled or chosen: auto)."""
         spec = self.spec
-        self.elbo = registry.get("estimator", spec.inference.estimator)(spec.inference)
+        self.elbo = contracts.build("estimator", spec.inference.estimator, spec.inference)
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = self.training_step(spec.inference.compile)
@@ -561,14 +561,15 @@ def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Train
             runs.check_new_run(run_dir, spec, force)  # again, now that no other command can write there
             runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
         trainer.attach(run_dir)
-        if trainer.dist.enabled:
-            trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
-        trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
-                         f"{trainer.data.binarize}) with {spec.inference.estimator}, "
-                         f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
-        trainer.save()
-        trainer.fit()
-        trainer.write_pictures()
+        with runs.run_log(run_dir, trainer.dist.rank):
+            if trainer.dist.enabled:
+                trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
+            trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
+                             f"{trainer.data.binarize}) with {spec.inference.estimator}, "
+                             f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
+            trainer.save()
+            trainer.fit()
+            trainer.write_pictures()
     return trainer
 
 
