@@ -1,190 +1,146 @@
-"""How fast is the importance-sampled log-likelihood, against this machine's matrix-multiply floor?
+"""How fast is the importance-sampled log-likelihood: against the decoder's matrix-multiply floor, and against another revision.
 
 The protocol of the literature (Burda et al. 2016): log p(x) ≈ log (1/K) Σ_k w_k
 with K = 5000 draws z_k ~ q(z|x) for each of the 10,000 MNIST test images, on
 the IWAE paper's network 784-200-200-50 (tanh). ``pyro_vae.evaluation.evaluate``
-vectorizes the K draws, processes examples in chunks whose largest tensor stays
-under ``--memory-mb``, and computes the Bernoulli log-likelihood with
-``pyro_vae.fast_likelihood`` (one sigmoid and a product per logit group
-instead of an exp and a log1p per logit).
+runs the VAE's Pyro model and guide on passes of (particle, example) pairs and
+takes every density from the parts' own distributions.
 
-The floor: the decoder's matrix multiplies, 2·(50·200 + 200·200 + 200·784)
-FLOPs per draw, at the GEMM rate measured here, now, with the same threads
-(a 4096² float32 matmul, and the decoder's own shapes: addmm over a whole
-chunk of draws or over the cache-sized blocks evaluate() runs, whichever is
-faster, so the floor is the fastest these multiplies go). Reported: seconds,
-µs per draw, and the ratio to the floor; also the plain path (the likelihood's
-own ``log_prob``) on a subset, for comparison, and the NLL difference of the two.
+Two comparisons, each side by side in interleaved rounds so the ratio holds on a
+shared machine whatever its load:
 
-    PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py              # K = 1000 and 5000, all 10,000
-    python benchmarks/eval_speed.py --num-samples 5000 --examples 1000        # a subset (says so)
-    python benchmarks/eval_speed.py --run runs/mnist-...                      # a trained run's model
+- the floor: the decoder's matrix multiplies alone, 2·(50·200 + 200·200 + 200·784)
+  FLOPs per draw, on the same number of draws in the pass shape evaluate() uses;
+- ``--against REV``: the same evaluation by the package at git revision REV
+  (checked out into a temporary folder), each side in its own process per round.
+
+    PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --num-samples 5000 --examples 40
+    PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --against f8fd223 --examples 40 --rounds 5
+    PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --examples 0      # all 10,000 images, once
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pyro
 import torch
 
-from pyro_vae import evaluation, fast_likelihood
-from pyro_vae.data import load_dataset
-from pyro_vae.model import VAE
-from pyro_vae.spec import load_spec
-from machine import cpu_name
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """Best-of float32 GFLOP/s of an (m×k)·(k×n) product."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
+def model_and_data(data_root: str | None):
+    from pyro_vae.data import load_dataset
+    from pyro_vae.model import VAE
+    from pyro_vae.spec import load_spec
 
-
-def decoder_linears(vae: VAE) -> list[torch.nn.Linear]:
-    return [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def decoder_gemm_seconds(vae: VAE, rows: int, repeats: int = 3) -> float:
-    """Time of the decoder's matrix multiplies alone (addmm, no activation) on ``rows`` draws."""
-    layers = decoder_linears(vae)
-    inputs = [torch.randn(rows, layer.in_features) for layer in layers]
-    outs = [torch.empty(rows, layer.out_features) for layer in layers]
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            for layer, x, out in zip(layers, inputs, outs):
-                torch.addmm(layer.bias, x, layer.weight.t(), out=out)
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
-def floor_per_draw(vae: VAE, chunk_rows: int, block_rows: int, repeats: int) -> float:
-    """Seconds per draw of the decoder's GEMMs in the faster of the two shapes evaluate() could use:
-    one product over a whole chunk, or the cache-sized blocks it runs."""
-    return min(decoder_gemm_seconds(vae, rows, repeats) / rows for rows in (chunk_rows, block_rows))
-
-
-def block_rows(k: int, chunk: int) -> int:
-    """The rows of one decoder block of evaluate() (``fast_likelihood.decoded_log_prob``) at K = k."""
-    return min(k, max(1, fast_likelihood.CPU_BLOCK_ROWS // chunk)) * chunk
-
-
-def model_and_data(args):
-    if args.run:
-        from pyro_vae.training import load_run
-
-        spec, vae, data = load_run(Path(args.run))
-        return vae, data.test, f"trained run {args.run}"
-    spec = load_spec("mnist", [f"data.root={args.data_root}"] if args.data_root else [])
+    spec = load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
     data = load_dataset(spec.data, spec.train.seed)
     pyro.set_rng_seed(0)
     vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape).eval()
-    return vae, data.test, "the mnist spec's network at its initialization (timing does not depend on the weights)"
+    return vae, data.test
+
+
+def timed_evaluation(k: int, examples: int, threads: int, data_root: str | None) -> dict:
+    """One evaluate() of the mnist spec's network (at its initialization) on the first ``examples`` test images."""
+    from pyro_vae import evaluation
+
+    torch.set_num_threads(threads)
+    vae, test = model_and_data(data_root)
+    subset = test[:examples] if examples else test
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    result = evaluation.evaluate(vae, subset, k)
+    return {"seconds": time.perf_counter() - start, "log_likelihood": result["log_likelihood"],
+            "images": subset.shape[0]}
+
+
+def in_process(tree: Path, args) -> dict:
+    """:func:`timed_evaluation` in a fresh process importing ``pyro_vae`` from ``tree``."""
+    command = [sys.executable, __file__, "--worker", "--num-samples", str(args.num_samples), "--examples",
+               str(args.examples), "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gemm_seconds(vae, rows: int, draws: int) -> float:
+    """Time of the decoder's matrix multiplies alone (addmm, no activation) for ``draws`` draws in passes of ``rows``."""
+    layers = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, layer.in_features) for layer in layers]
+    outs = [torch.empty(rows, layer.out_features) for layer in layers]
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(max(1, draws // rows)):
+            for layer, x, out in zip(layers, inputs, outs):
+                torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--examples", type=int, help="evaluate only the first N test images (default: all)")
-    parser.add_argument("--plain-examples", type=int, default=200,
-                        help="test images for the plain-path comparison (0: skip)")
-    parser.add_argument("--ratio-rounds", type=int, default=7,
-                        help="interleaved rounds of evaluate() vs the bare decoder GEMMs on a subset (0: skip)")
-    parser.add_argument("--ratio-examples", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--memory-mb", type=float, default=512.0)
-    parser.add_argument("--run", help="a trained run folder (default: the mnist spec's network, initialized)")
+    parser.add_argument("--num-samples", type=int, default=5000, metavar="K")
+    parser.add_argument("--examples", type=int, default=40, help="the first N test images (0: all 10,000)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each comparison")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--against", metavar="REV", help="also time the evaluation of git revision REV, side by side")
     parser.add_argument("--data-root", default=os.environ.get("PYRO_VAE_DATA"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    vae, test, what = model_and_data(args)
-    if args.examples:
-        test = test[:args.examples]
-    layers = decoder_linears(vae)
-    flops_per_draw = sum(2 * layer.in_features * layer.out_features for layer in layers)
-    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; torch threads {torch.get_num_threads()}; "
-          f"torch {torch.__version__}")
-    print(f"model: {what}; decoder {'-'.join([str(layers[0].in_features)] + [str(l.out_features) for l in layers])}, "
-          f"{flops_per_draw / 1e6:.3f} MFLOP per draw")
-    print(f"data: {test.shape[0]} test images; memory bound --memory-mb {args.memory_mb:g} "
-          f"(largest tensor K x chunk x (D + 1024) floats x 3)\n", flush=True)
+    if args.worker:
+        print(json.dumps(timed_evaluation(args.num_samples, args.examples, args.threads, args.data_root)))
+        return
+    from pyro_vae import evaluation
+    from pyro_vae.runs import machine
 
-    rows = []
-    for k in args.num_samples:
-        chunk = evaluation.chunk_size(k, test.shape[1], 1024, args.memory_mb)
-        before = gemm_rate(4096, 4096, 4096, 3)
-        shaped = floor_per_draw(vae, k * chunk, block_rows(k, chunk), 3)
+    torch.set_num_threads(args.threads)
+    vae, test = model_and_data(args.data_root)
+    subset = test[:args.examples] if args.examples else test
+    draws = args.num_samples * subset.shape[0]
+    rows = evaluation.rows_per_pass(vae, subset, 512.0)
+    print(f"hardware: {machine()}; torch threads {args.threads}; torch {torch.__version__}")
+    print(f"task: K = {args.num_samples} draws for each of {subset.shape[0]} MNIST test images, the mnist spec's "
+          f"network at its initialization; passes of {rows} (particle, example) pairs\n", flush=True)
+    ratios, seconds, floors = [], [], []
+    for _ in range(args.rounds):
         torch.manual_seed(0)
         start = time.perf_counter()
-        result = evaluation.evaluate(vae, test, k, memory_mb=args.memory_mb)
-        seconds = time.perf_counter() - start
-        after = gemm_rate(4096, 4096, 4096, 3)
-        draws = k * test.shape[0]
-        rate = max(before, after)
-        floor = draws * flops_per_draw / (rate * 1e9)
-        shaped_floor = shaped * draws
-        rows.append((k, test.shape[0], chunk, seconds, draws, rate, floor, shaped_floor, result))
-        print(f"K={k}: {seconds:.1f} s for {test.shape[0]} images ({seconds / draws * 1e6:.2f} µs per draw); "
-              f"GEMM {before:.0f}/{after:.0f} GFLOP/s before/after; floor {floor:.1f} s (4096² rate), "
-              f"{shaped_floor:.1f} s (decoder-shaped GEMMs); log-likelihood {result['log_likelihood']:.3f} "
-              f"± {result['log_likelihood_stderr']:.3f} nats", flush=True)
-
-    if args.ratio_rounds:
-        # side by side (the README's speed section): evaluate() on a subset against the bare decoder GEMMs of the same
-        # number of draws, interleaved, so the ratio holds on a shared machine whatever its load
-        k = args.num_samples[-1]
-        subset = test[:args.ratio_examples]
-        draws = k * subset.shape[0]
-        chunk = evaluation.chunk_size(k, test.shape[1], 1024, args.memory_mb)
-        ratios, evals, floors = [], [], []
-        for _ in range(args.ratio_rounds):
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            evaluation.evaluate(vae, subset, k, memory_mb=args.memory_mb)
-            evals.append(time.perf_counter() - start)
-            floors.append(floor_per_draw(vae, k * chunk, block_rows(k, chunk), 1) * draws)
-            ratios.append(evals[-1] / floors[-1])
-        print(f"\nside by side, K={k}, {subset.shape[0]} images, {args.ratio_rounds} interleaved rounds: evaluate() "
-              f"{statistics.median(evals):.2f} s vs the decoder's GEMMs alone {statistics.median(floors):.2f} s; "
-              f"ratio {statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] (median [min–max])")
-
-    if args.plain_examples:
-        k = args.num_samples[0]
-        subset = test[:args.plain_examples]
-        timings = {}
-        for name in ("fast", "plain"):
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            timings[name] = (evaluation.evaluate(vae, subset, k, memory_mb=args.memory_mb, fast=name == "fast"),
-                             time.perf_counter() - start)
-        (fast, t_fast), (plain, t_plain) = timings["fast"], timings["plain"]
-        print(f"\nplain path (the decoder, then Bernoulli log_prob through binary_cross_entropy_with_logits), K={k}, "
-              f"{subset.shape[0]} images: {t_plain:.1f} s vs fast {t_fast:.1f} s ({t_plain / t_fast:.2f}x); "
-              f"NLL difference {abs(fast['log_likelihood'] - plain['log_likelihood']):.2e} nats (same draws)")
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak resident memory of this benchmark process (data, libraries and the GEMM probes included): "
-          f"{peak:.0f} MB\n")
-    print("| K | images | chunk | seconds | µs per draw | GEMM GFLOP/s | floor s (4096²) | floor s (decoder shapes) "
-          "| seconds / floor | log-likelihood (nats) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for k, n, chunk, seconds, draws, rate, floor, shaped_floor, result in rows:
-        print(f"| {k} | {n} | {chunk} | {seconds:.1f} | {seconds / draws * 1e6:.2f} | {rate:.0f} | {floor:.1f} "
-              f"| {shaped_floor:.1f} | {seconds / floor:.2f} | {result['log_likelihood']:.3f} ± "
-              f"{result['log_likelihood_stderr']:.3f} |")
+        result = evaluation.evaluate(vae, subset, args.num_samples)
+        seconds.append(time.perf_counter() - start)
+        floors.append(gemm_seconds(vae, rows, draws))
+        ratios.append(seconds[-1] / floors[-1])
+    print(f"evaluate(): {statistics.median(seconds):.2f} s [{min(seconds):.2f}–{max(seconds):.2f}] "
+          f"({statistics.median(seconds) / draws * 1e6:.2f} µs per draw), log-likelihood "
+          f"{result['log_likelihood']:.3f} nats; against the decoder's GEMMs alone "
+          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}–{max(ratios):.2f}] (median [min–max] of "
+          f"{args.rounds} rounds)", flush=True)
+    if not args.against:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        other = Path(folder) / "tree"
+        subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", str(other), args.against],
+                       check=True, capture_output=True)
+        try:
+            pairs = []
+            for _ in range(args.rounds):
+                now, then = in_process(REPOSITORY, args), in_process(other, args)
+                pairs.append((now["seconds"], then["seconds"]))
+            ratio = [a / b for a, b in pairs]
+            print(f"against {args.against}: this tree {statistics.median(a for a, _ in pairs):.2f} s, "
+                  f"{args.against} {statistics.median(b for _, b in pairs):.2f} s; ratio "
+                  f"{statistics.median(ratio):.2f} [{min(ratio):.2f}–{max(ratio):.2f}] (median [min–max] of "
+                  f"{args.rounds} interleaved rounds, each in its own process); log-likelihood "
+                  f"{now['log_likelihood']:.3f} vs {then['log_likelihood']:.3f} nats")
+        finally:
+            subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(other)],
+                           capture_output=True)
 
 
 if __name__ == "__main__":
