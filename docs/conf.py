@@ -14,3 +14,4 @@ html_title = "pyro_vae"
 exclude_patterns = ["_build", "notebooks/.ipynb_checkpoints"]
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True}
+myst_heading_anchors = 2

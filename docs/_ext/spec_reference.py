@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from typing import Any, Iterator
 
+import yaml
 from docutils import nodes
 from docutils.statemachine import StringList
 from sphinx.errors import ExtensionError
@@ -74,8 +75,9 @@ def _accepted(annotation: Any, meta: typing.Mapping) -> str:
 
 
 def _default(f: dataclasses.Field) -> str:
+    """The default as YAML writes it."""
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return "null" if value is None else f"`{value}`"
+    return f"`{yaml.safe_dump(value, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip()}`"
 
 
 def _rows(cls: type, prefix: str) -> Iterator[tuple[str, str, str, str]]:
@@ -114,42 +116,42 @@ def every_key() -> set[str]:
     return keys
 
 
+def check_notes(notes: dict) -> None:
+    """Raise ExtensionError (failing the build) if ``notes`` names a key the spec does not have."""
+    unknown = sorted(set(notes) - every_key())
+    if unknown:
+        raise ExtensionError(f"spec_reference notes name keys the spec does not have: {', '.join(unknown)}")
+
+
 def _table(rows: list) -> list[str]:
-    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 25 15 15 20 25", "",
-             "   * - key", "     - type", "     - default", "     - accepted", "     - notes"]
+    """A Markdown table of (key, type, default, accepted) rows, with each key's note."""
+    lines = ["| key | type | default | accepted | notes |", "| --- | --- | --- | --- | --- |"]
     for key, type_name, default, accepted in rows:
-        lines += [f"   * - ``{key}``", f"     - {type_name}", f"     - {_rst(default)}",
-                  f"     - {_rst(accepted) or '—'}", f"     - {_rst(NOTES.get(key, ''))}"]
+        cells = [f"`{key}`", type_name, default, accepted or "—", NOTES.get(key, "")]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return lines + [""]
 
 
-def _rst(text: str) -> str:
-    """Markdown-style single backticks as RST literals."""
-    return text.replace("`", "``").replace("````", "``")
-
-
 def reference() -> list[str]:
-    """The reference as reStructuredText lines."""
+    """The reference as MyST Markdown lines."""
     kinds = dict(spec.part_sections())
     lines: list[str] = []
     for path, cls in _sections():
         rows = list(_rows(cls, path + "."))
-        lines += [f".. rubric:: ``{path}``", ""]
+        lines += [f"**`{path}`**", ""]
         lines += _table(rows) if rows else []
         if path in kinds:
             lines += [f"Keys of each {kinds[path]}, beside the shared ones when it is selected:", ""]
             for name, part in _part_rows(kinds[path], path + "."):
-                lines += [f"**{name}**: no keys of its own.", ""] if not part else [f"**{name}**:", ""] + _table(part)
+                lines += [f"- `{name}`: no keys of its own.", ""] if not part else [f"- `{name}`:", ""] + _table(part)
     return lines
 
 
 class SpecReference(SphinxDirective):
-    """``.. spec-reference::``: the generated tables; fails the build on a note for a key that does not exist."""
+    """The ``spec-reference`` directive: the generated tables; fails the build on a note for a key that does not exist."""
 
     def run(self) -> list:
-        unknown = sorted(set(NOTES) - every_key())
-        if unknown:
-            raise ExtensionError(f"spec_reference NOTES name keys the spec does not have: {', '.join(unknown)}")
+        check_notes(NOTES)
         container = nodes.container()
         self.state.nested_parse(StringList(reference(), source="spec_reference"), self.content_offset, container)
         return container.children
