@@ -148,10 +148,9 @@ def reference() -> list[str]:
 
 
 class SpecReference(SphinxDirective):
-    """The ``spec-reference`` directive: the generated tables; fails the build on a note for a key that does not exist."""
+    """The ``spec-reference`` directive: the generated tables."""
 
     def run(self) -> list:
-        check_notes(NOTES)
         container = nodes.container()
         self.state.nested_parse(StringList(reference(), source="spec_reference"), self.content_offset, container)
         return container.children
@@ -159,4 +158,5 @@ class SpecReference(SphinxDirective):
 
 def setup(app) -> dict:
     app.add_directive("spec-reference", SpecReference)
+    app.connect("builder-inited", lambda app: check_notes(NOTES))
     return {"parallel_read_safe": True, "version": "1"}
