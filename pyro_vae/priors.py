@@ -14,7 +14,7 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
   at the start, so a pseudo-input is always a possible input of the encoder.
 - ``flow``: N(0, I) pushed through ``flows`` masked autoregressive transforms
   (Papamakarios et al. 2017), so log p(z) costs one network pass per flow:
-  log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|.
+  ``log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|``.
 """
 from __future__ import annotations
 
