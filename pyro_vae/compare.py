@@ -585,7 +585,7 @@ def run(args: argparse.Namespace) -> None:
         rows, curves = compare(spec, vae, data, choices, repeats=args.repeats, seed=seed,
                                train_steps=args.train_steps, num_samples=args.num_samples,
                                show_progress=not args.quiet)
-    about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
+        about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
     with runs.staged_folder(out, (*FILES, "curves.png")) as staging:  # an interrupt or error leaves no folder behind
         write_report(staging, rows, curves, about)
     print(markdown_table(rows))

@@ -187,6 +187,7 @@ def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
     import io
 
     from pyro_vae import training
+    from pyro_vae.cli import command_line
     from pyro_vae.spec import load_spec
 
     class Terminal(io.StringIO):
@@ -206,7 +207,8 @@ def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
     trainer = training.Trainer(load_spec(None, ["data.train_size=64", "data.test_size=16", "data.batch_size=16",
                                                 "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
                                                 "train.epochs=1"]), None)
-    trainer.fit()
+    with command_line():  # the console handler the command line sets up
+        trainer.fit()
     pieces = [piece.strip() for line in terminal.getvalue().split("\n") for piece in line.split("\r")]
     assert "a line logged mid-epoch" in pieces, terminal.getvalue()
 
