@@ -2,7 +2,7 @@
 
 The protocol of the literature (Burda et al. 2016): log p(x) ≈ log (1/K) Σ_k w_k
 with K = 5000 draws z_k ~ q(z|x) for each of the 10,000 MNIST test images, on
-the IWAE paper's network 784-200-200-50 (tanh). ``pyro_vae.evaluation.evaluate``
+the IWAE paper's network 784-200-200-50 (tanh). ``pyro_vae.evaluation.bounds.evaluate``
 runs the VAE's Pyro model and guide on passes of (particle, example) pairs and
 takes every density from the parts' own distributions.
 
@@ -39,7 +39,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 def model_and_data(data_root: str | None):
     from pyro_vae.data import load_dataset
     from pyro_vae.model import VAE
-    from pyro_vae.spec import load_spec
+    from pyro_vae.config.spec import load_spec
 
     spec = load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
     data = load_dataset(spec.data, spec.train.seed)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(timed_evaluation(args.num_samples, args.examples, args.threads, args.data_root)))
         return
     from pyro_vae import evaluation
-    from pyro_vae.runs import machine
+    from pyro_vae.training.runs import machine
 
     torch.set_num_threads(args.threads)
     vae, test = model_and_data(args.data_root)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import checkpoint
+from pyro_vae.training import checkpoint
 
 SPEC = ["data.train_size=512", "data.test_size=64", "data.batch_size=16", "model.encoder.hidden=[32]",
         "model.decoder.hidden=[32]", "train.epochs=8"]

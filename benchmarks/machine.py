@@ -1,2 +1,2 @@
 """The processor the benchmarks ran on, for their reports (the package's own description of it)."""
-from pyro_vae.runs import machine as cpu_name  # noqa: F401
+from pyro_vae.training.runs import machine as cpu_name  # noqa: F401

@@ -2,7 +2,7 @@
 
 Every row gets the same epochs, batch size, seed and binarization (the packaged
 specs all use dynamic binarization, batch 100, seed 0; ``--seed`` changes the seed of
-every row); only the parts differ. The table (``pyro_vae.table``) scores each run's
+every row); only the parts differ. The table (``pyro_vae.evaluation.table``) scores each run's
 test set with K importance samples and pairs every row with ``mnist`` image by image.
 
     PYRO_VAE_DATA=../shared/data python benchmarks/mnist_table.py --epochs 30
@@ -19,9 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pyro_vae import runs, table
-from pyro_vae.spec import load_spec
-from pyro_vae.training import train
+from pyro_vae.training import runs
+from pyro_vae.evaluation import table
+from pyro_vae.config.spec import load_spec
+from pyro_vae.training.trainer import train
 
 SPECS = ["mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv"]
 

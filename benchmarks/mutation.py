@@ -1,7 +1,7 @@
 """Mutation testing of the mathematics with mutmut, against the fast math tests.
 
     python benchmarks/mutation.py                                  # the files of setup.cfg's [mutmut] only_mutate
-    python benchmarks/mutation.py --only pyro_vae/estimators.py    # one file
+    python benchmarks/mutation.py --only pyro_vae/infer/estimators.py    # one file
     python benchmarks/mutation.py --report-only                    # rewrite the report from mutmut's last results
 
 mutmut (a dev dependency) copies the package into ``mutants/``, changes one

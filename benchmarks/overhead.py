@@ -46,9 +46,10 @@ import pyro
 import torch
 import torch.nn.functional as F
 
-from pyro_vae import optimizer, training
+from pyro_vae.training import optimizer
+from pyro_vae import training
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.spec import Spec
+from pyro_vae.config.spec import Spec
 from machine import cpu_name
 
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import runs, table
-from pyro_vae.spec import load_spec
-from pyro_vae.training import resume, train
+from pyro_vae.training import runs
+from pyro_vae.evaluation import table
+from pyro_vae.config.spec import load_spec
+from pyro_vae.training.trainer import resume, train
 from machine import cpu_name
 
 PUBLISHED = {  # test NLL in nats, as the specs' descriptions cite them

@@ -81,7 +81,7 @@ def plain_epochs(epochs: int, train: torch.Tensor, batch: int = 128) -> list[flo
 
 def mnist_train(root: str) -> torch.Tensor:
     from pyro_vae.data import load_dataset
-    from pyro_vae.spec import load_spec
+    from pyro_vae.config.spec import load_spec
 
     spec = load_spec("mnist", [f"data.root={root}"] if root else [])
     return load_dataset(spec.data, 0).train

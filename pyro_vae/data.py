@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae import contracts, registry
+from pyro_vae.parts import contracts
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError, one_line
-from pyro_vae.gaussian import LinearGaussian
-from pyro_vae.spec import PUBLISHED, TRAIN_SEED, DataSpec
+from pyro_vae.infer.gaussian import LinearGaussian
+from pyro_vae.config.spec import PUBLISHED, TRAIN_SEED, DataSpec
 
 DATA_ENV = "PYRO_VAE_DATA"
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")

@@ -35,9 +35,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae import contracts
+from pyro_vae.parts import contracts
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import ModelSpec
+from pyro_vae.config.spec import ModelSpec
 
 
 class VAE(nn.Module):
@@ -53,7 +53,7 @@ class VAE(nn.Module):
     @classmethod
     def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None,
                   train: torch.Tensor | None = None) -> "VAE":
-        """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.contracts`).
+        """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.parts.contracts`).
 
         A part that lacks a member, or whose shapes disagree with ``data_dim`` and
         ``spec.latent_dim`` on a probe batch, is a one-line UserInputError naming it.

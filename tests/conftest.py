@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pyro_vae import compile_cache
+from pyro_vae.training import compile_cache
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pyro_vae.cli import main
+from pyro_vae.cli.main import main
 
 TINY = ["--set", "model.encoder.hidden=[32]", "--set", "model.decoder.hidden=[32]", "--no-progress"]
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "log.txt",
@@ -114,7 +114,7 @@ def test_sample_needs_no_training_data_once_the_run_recorded_its_model_inputs(tm
 # -- one consistent command line ------------------------------------------------------------------------------------
 
 def test_quiet_on_every_command_that_shows_progress_and_no_progress_as_a_hidden_alias():
-    from pyro_vae.cli import build_parser
+    from pyro_vae.cli.main import build_parser
 
     parser = build_parser()
     for argv in (["train"], ["evaluate", "RUN"], ["sample", "RUN"], ["table", "RUN"], ["compare", "--estimators", "x"]):
@@ -136,7 +136,7 @@ def test_version_prints_the_package_version():
 def test_configs_name_prints_the_resolved_spec_as_yaml(capsys):
     import yaml
 
-    from pyro_vae.spec import load_spec
+    from pyro_vae.config.spec import load_spec
 
     assert main(["configs", "mnist-vamp"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == load_spec("mnist-vamp").to_dict()
@@ -172,7 +172,7 @@ def test_a_usage_error_has_one_prefix_and_names_the_command(capsys):
 def test_every_option_shows_one_default():
     import argparse
 
-    from pyro_vae.cli import HelpFormatter, build_parser
+    from pyro_vae.cli.main import HelpFormatter, build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
     for name, command in commands.items():
@@ -187,8 +187,8 @@ def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
     import io
 
     from pyro_vae import training
-    from pyro_vae.cli import command_line
-    from pyro_vae.spec import load_spec
+    from pyro_vae.cli.main import command_line
+    from pyro_vae.config.spec import load_spec
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -225,7 +225,7 @@ def test_plain_progress_prints_no_line_twice(capsys):
 
 def test_meanfield_note_names_the_distributions_inside_independent():
     from pyro_vae import training
-    from pyro_vae.spec import load_spec
+    from pyro_vae.config.spec import load_spec
 
     trainer = training.Trainer(load_spec(None, ["data.train_size=32", "data.test_size=8", "model.encoder.hidden=[8]",
                                                 "model.decoder.hidden=[8]", "model.prior.type=mog",

@@ -4,9 +4,10 @@ import sys
 
 import pytest
 
-from pyro_vae import runs, training
-from pyro_vae.cli import build_parser, main
-from pyro_vae.spec import load_spec
+from pyro_vae.training import runs
+from pyro_vae import training
+from pyro_vae.cli.main import build_parser, main
+from pyro_vae.config.spec import load_spec
 
 TINY = ["data.train_size=100", "data.test_size=20", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
         "train.epochs=2"]
@@ -213,7 +214,7 @@ def test_table_refuses_an_existing_out_without_force_and_replaces_only_its_files
 
 
 def test_an_interrupted_compare_leaves_nothing_and_an_existing_out_is_refused(tmp_path, monkeypatch, capsys):
-    from pyro_vae import compare
+    from pyro_vae.evaluation import compare
 
     def interrupted_half_way(out, rows, curves, about):
         compare.write_csv(rows, out / "comparison.csv")

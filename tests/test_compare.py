@@ -20,13 +20,13 @@ import math
 import pytest
 import torch
 
-from pyro_vae import compare
-from pyro_vae.cli import main
+from pyro_vae.evaluation import compare
+from pyro_vae.cli.main import main
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
-from pyro_vae.spec import Spec, load_spec
-from pyro_vae.training import Trainer
+from pyro_vae.config.spec import Spec, load_spec
+from pyro_vae.training.trainer import Trainer
 
 ALL = "trace,meanfield,tracegraph,stl,iwae:8,dreg:8,renyi:8:0.5,tail-adaptive:8"
 TINY = ["--set", "model.encoder.hidden=[32]", "--set", "model.decoder.hidden=[32]", "--set", "data.batch_size=32",

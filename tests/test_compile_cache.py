@@ -1,4 +1,4 @@
-"""The package's compile cache (pyro_vae.compile_cache) and ``inference.compile: auto`` (pyro_vae.path_choice).
+"""The package's compile cache (pyro_vae.training.compile_cache) and ``inference.compile: auto`` (pyro_vae.training.path_choice).
 
 Real TorchInductor compiles take tens of seconds; here torch.compile is replaced
 where a test is about the cache's bookkeeping, and ``auto`` is checked on the
@@ -14,10 +14,12 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import compile_cache, compiled, path_choice, registry, training
+from pyro_vae.training import compile_cache, compiled, path_choice
+from pyro_vae.config import registry
+from pyro_vae import training
 from pyro_vae.model import VAE
-from pyro_vae.optimizer import adam
-from pyro_vae.spec import OptimSpec, Spec, load_spec
+from pyro_vae.training.optimizer import adam
+from pyro_vae.config.spec import OptimSpec, Spec, load_spec
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=2"]
@@ -33,7 +35,7 @@ def cache(tmp_path, monkeypatch):
 
 def inductor_folder_of_the_command(env: dict) -> str:
     """TORCHINDUCTOR_CACHE_DIR as ``pyro-vae`` sees it while a command runs, and after it, in a fresh process."""
-    code = ("import os, pyro_vae.cli as cli\n"
+    code = ("import os, pyro_vae.cli.main as cli\n"
             "cli.run_command = lambda argv: print(os.environ.get('TORCHINDUCTOR_CACHE_DIR')) or 0\n"
             "cli.main(['configs'])\n"
             "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))\n")

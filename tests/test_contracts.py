@@ -12,11 +12,13 @@ import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
-from pyro_vae import cli, contracts, plugins, registry
+from pyro_vae import cli
+from pyro_vae.parts import contracts
+from pyro_vae.config import plugins, registry
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
-from pyro_vae.spec import load_spec
+from pyro_vae.config.spec import load_spec
 
 SMALL = ["model.latent_dim=3", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]
 D = 16
@@ -210,7 +212,7 @@ def standard_normal_again(spec, latent_dim, **parts):
 
 
 def test_a_taken_name_is_refused_unless_replace_is_asked(scratch_registry):
-    with pytest.raises(UserInputError, match=r"^prior 'mog' is already registered \(by pyro_vae.priors."
+    with pytest.raises(UserInputError, match=r"^prior 'mog' is already registered \(by pyro_vae.parts.priors."
                                              r"mixture_of_gaussians\); choose another name, or register"):
         registry.register("prior", "mog")(standard_normal_again)
     assert registry.get("prior", "mog").__name__ == "mixture_of_gaussians"
@@ -220,7 +222,7 @@ def test_a_taken_name_is_refused_unless_replace_is_asked(scratch_registry):
 
 def test_reloading_a_plugin_module_registers_its_parts_again_quietly(scratch_registry, tmp_path, monkeypatch):
     (tmp_path / "reloaded_plugin.py").write_text(textwrap.dedent("""
-        from pyro_vae import registry
+        from pyro_vae.config import registry
 
         @registry.register("prior", "reloaded")
         def reloaded(spec, latent_dim, **parts):
@@ -295,7 +297,7 @@ def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_train
         import torch
         from torch import nn
 
-        from pyro_vae import registry
+        from pyro_vae.config import registry
 
 
         class Wide(nn.Module):

@@ -22,12 +22,12 @@ from pyro import poutine
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints, kl_divergence
 
-from pyro_vae import registry
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.estimators import (CIWAE_ELBO, MIWAE_ELBO, PIWAE_ELBO, DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO,
+from pyro_vae.infer.estimators import (CIWAE_ELBO, MIWAE_ELBO, PIWAE_ELBO, DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO,
                                  TailAdaptive_ELBO, bound, bound_and_backward, guide_kl_weight)
-from pyro_vae.gaussian import LinearGaussian
-from pyro_vae.spec import Spec
+from pyro_vae.infer.gaussian import LinearGaussian
+from pyro_vae.config.spec import Spec
 
 Z = 4.5
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg", "miwae", "ciwae",
@@ -366,7 +366,7 @@ def test_dreg_is_iwae_draw_for_draw_when_the_kl_weight_is_zero():
 @pytest.mark.parametrize("kl_weight,expected", [(1.0, 1.0), (0.3, 0.3), (0.0, 0.0)])
 def test_the_vae_passes_its_kl_weight_to_dreg_through_the_guide_site(kl_weight, expected):
     from pyro_vae.model import VAE
-    from pyro_vae.spec import load_spec
+    from pyro_vae.config.spec import load_spec
 
     vae = VAE.from_spec(load_spec(None, ["model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]).model, 6)
     x = torch.bernoulli(torch.full((5, 6), 0.5))

@@ -1,4 +1,4 @@
-"""Numerical checks of the mathematics in the README's mathematics table, on the closed forms of pyro_vae.gaussian.
+"""Numerical checks of the mathematics in the README's mathematics table, on the closed forms of pyro_vae.infer.gaussian.
 
 Statistical tests compare a Monte Carlo estimate with its exact value and allow
 4 standard errors (SE = sample std / √L): a two-sided normal tail of 6e-5 per
@@ -16,7 +16,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from pyro_vae.gaussian import LinearGaussian, diagonal_normal_kl, gaussian_diagonal_kl, log_density
+from pyro_vae.infer.gaussian import LinearGaussian, diagonal_normal_kl, gaussian_diagonal_kl, log_density
 
 NUM_SE = 4.0
 

@@ -3,7 +3,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.mixtures import DiagonalNormalMixture, gaussian_mixture
+from pyro_vae.parts.mixtures import DiagonalNormalMixture, gaussian_mixture
 
 
 def parameters(K=30, d=6, seed=0, dtype=torch.float32):

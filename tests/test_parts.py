@@ -6,10 +6,11 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import evaluation, registry
+from pyro_vae import evaluation
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import Spec, load_spec
-from pyro_vae.training import Trainer
+from pyro_vae.config.spec import Spec, load_spec
+from pyro_vae.training.trainer import Trainer
 
 PRIORS = ["standard-normal", "learned-normal", "mog", "vamp", "flow"]
 GUIDES = ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"]
@@ -126,7 +127,7 @@ def test_beta_scales_the_kl_term_in_model_and_guide():
 
 
 def test_kl_warmup_rises_linearly_to_beta():
-    from pyro_vae.training import kl_weight
+    from pyro_vae.training.trainer import kl_weight
 
     spec = Spec.from_dict({"train": {"beta": 2.0, "kl_warmup_epochs": 4}})
     weights = [kl_weight(spec, step, steps_per_epoch=10) for step in (0, 10, 20, 40, 80)]

@@ -12,8 +12,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from pyro_vae import pictures, plots, threads, training
-from pyro_vae.cli import main
-from pyro_vae.spec import load_spec
+from pyro_vae.cli.main import main
+from pyro_vae.config.spec import load_spec
 
 TINY = ["data.train_size=100", "data.test_size=40", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
         "train.epochs=2"]
@@ -162,8 +162,9 @@ def test_drawing_every_picture_leaves_the_callers_backend_and_figures_alone(tmp_
         matplotlib.use("svg")
         import pyro_vae
         from pathlib import Path
-        from pyro_vae import compare, plots, table, training
-        from pyro_vae.spec import load_spec
+        from pyro_vae.evaluation import compare, table
+        from pyro_vae import plots, training
+        from pyro_vae.config.spec import load_spec
         out = Path({str(tmp_path)!r})
         training.train(load_spec(None, {TINY + ["train.pictures=all", "train.threads=1"]!r}), out / "run",
                        show_progress=False)
@@ -239,7 +240,7 @@ def test_latent_map_names_the_classes_where_the_dataset_names_them(tmp_path):
 
 def test_fashion_mnist_carries_torchvisions_class_names():
     from pyro_vae.data import DATA_ENV, load_dataset
-    from pyro_vae.spec import DataSpec
+    from pyro_vae.config.spec import DataSpec
 
     root = Path(os.environ.get(DATA_ENV, "/work/shared/data"))
     if not (root / "FashionMNIST").is_dir():

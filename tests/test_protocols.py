@@ -15,12 +15,14 @@ import torch
 import yaml
 import pyro.distributions as dist
 
-from pyro_vae import checkpoint, optimizer, runs, table, training
-from pyro_vae.cli import command_line, main
+from pyro_vae.training import checkpoint, optimizer, runs
+from pyro_vae.evaluation import table
+from pyro_vae import training
+from pyro_vae.cli.main import command_line, main
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
-from pyro_vae.spec import OptimSpec, load_spec
+from pyro_vae.config.spec import OptimSpec, load_spec
 
 TINY = ["data.train_size=200", "data.test_size=40", "data.batch_size=50", "model.encoder.hidden=[16]",
         "model.decoder.hidden=[16]"]
@@ -58,7 +60,7 @@ def test_decoder_output_starts_at_the_training_mean(likelihood, extra, network):
 
 
 def test_continuous_bernoulli_mean_is_inverted_everywhere():
-    from pyro_vae.likelihoods import ContinuousBernoulli
+    from pyro_vae.parts.likelihoods import ContinuousBernoulli
 
     means = torch.tensor([0.07, 0.2, 0.4999, 0.5, 0.73, 0.93])
     logits = ContinuousBernoulli().output_for_mean(means)

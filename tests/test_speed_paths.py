@@ -1,6 +1,6 @@
 """The fast paths compute what the plain ones do.
 
-- The traced step (``inference.compile``, :mod:`pyro_vae.compiled`) replays the
+- The traced step (``inference.compile``, :mod:`pyro_vae.training.compiled`) replays the
   eager Pyro step *bit for bit* on the CPU: same generator draws, same losses,
   same parameters after several Adam steps, for every estimator that has a
   ``differentiable_loss`` and every part of the package; what it cannot trace
@@ -24,10 +24,13 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import compiled, distributions, evaluation, path_choice, registry, training
-from pyro_vae.optimizer import adam
+from pyro_vae.training import compiled, path_choice
+from pyro_vae.parts import distributions
+from pyro_vae import evaluation, training
+from pyro_vae.config import registry
+from pyro_vae.training.optimizer import adam
 from pyro_vae.model import VAE
-from pyro_vae.spec import OptimSpec, Spec, load_spec
+from pyro_vae.config.spec import OptimSpec, Spec, load_spec
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=2"]
@@ -118,7 +121,7 @@ def test_a_kl_warm_up_replays_one_graph_with_beta_as_an_input():
 
 @pytest.mark.parametrize("setting", ["train.kl_warmup_epochs=2", "train.beta=0.3"])
 def test_a_run_with_any_kl_weight_is_the_same_bits_eager_and_traced(setting):
-    """β between 0 and 1 reaches both paths as the same float32 tensor (pyro_vae.compiled.KLWeight)."""
+    """β between 0 and 1 reaches both paths as the same float32 tensor (pyro_vae.training.compiled.KLWeight)."""
     runs = {}
     for path in ("eager", "traced"):
         runs[path] = training.Trainer(load_spec(None, [*SMALL, setting, f"inference.compile={path}"]), None,
@@ -337,7 +340,7 @@ def test_what_the_traced_step_patches_in_pyro_is_still_there_and_is_restored():
     originals = {}
     for module_name, name in compiled.PATCHED:
         module = importlib.import_module(module_name)
-        assert hasattr(module, name), f"{module_name}.{name} moved: pyro_vae.compiled.host_free_pyro must follow it"
+        assert hasattr(module, name), f"{module_name}.{name} moved: pyro_vae.training.compiled.host_free_pyro must follow it"
         originals[module_name, name] = getattr(module, name)
     with compiled.host_free_pyro():
         for module_name, name in compiled.PATCHED:

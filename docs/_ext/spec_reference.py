@@ -1,8 +1,8 @@
 """Sphinx directive ``spec-reference``: the spec's keys, generated from the spec and registry dataclasses.
 
-Every key of :class:`pyro_vae.spec.Spec` is listed with its type, default and accepted values, read from the
+Every key of :class:`pyro_vae.config.spec.Spec` is listed with its type, default and accepted values, read from the
 dataclass fields and their ``accepts()`` metadata; every part section lists the keys of each registered part
-(``pyro_vae.registry.config``). ``NOTES`` adds a sentence to keys whose meaning the type does not say; a note on
+(``pyro_vae.config.registry.config``). ``NOTES`` adds a sentence to keys whose meaning the type does not say; a note on
 a key that does not exist fails the build.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sphinx.errors import ExtensionError
 from sphinx.util.docutils import SphinxDirective
 
 import pyro_vae  # noqa: F401  (fills the registry)
-from pyro_vae import registry, spec
+from pyro_vae.config import registry, spec
 
 NOTES = {
     "data.name": "`file` reads `data.path` (and `data.test_path`); `linear-gaussian` is synthetic data with an exact p(x).",

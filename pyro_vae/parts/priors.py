@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyro_vae import registry
-from pyro_vae.distributions import DiagonalNormal
+from pyro_vae.config import registry
+from pyro_vae.parts.distributions import DiagonalNormal
 from pyro_vae.errors import UserInputError
-from pyro_vae.mixtures import gaussian_mixture
-from pyro_vae.guides import AutoregressiveConfig
-from pyro_vae.spec import PriorSpec, accepts
+from pyro_vae.parts.mixtures import gaussian_mixture
+from pyro_vae.parts.guides import AutoregressiveConfig
+from pyro_vae.config.spec import PriorSpec, accepts
 
 
 class StandardNormal(nn.Module):

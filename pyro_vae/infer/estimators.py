@@ -16,7 +16,7 @@ name               estimator (K = ``inference.num_particles``)           class
 ``piwae``          encoder on MIWAE(M, K), decoder on IWAE(M·K)          :class:`PIWAE_ELBO`
 =================  ====================================================  ==========================
 
-Every builder takes an :class:`~pyro_vae.spec.InferenceSpec` and returns a Pyro
+Every builder takes an :class:`~pyro_vae.config.spec.InferenceSpec` and returns a Pyro
 ``ELBO`` with ``max_plate_nesting=1``: the data plate is dim -1 and the K
 particles are the plate ``num_particles_vectorized`` at dim -2.
 
@@ -85,7 +85,7 @@ Training-loop helpers
 ---------------------
 :func:`bound_and_backward` runs one estimator step (backward included) and
 returns the detached loss; :func:`bound` returns the bound without gradients. log w itself comes from
-:func:`pyro_vae.log_weights.log_weights`, which evaluation and ``compare``
+:func:`pyro_vae.infer.log_weights.log_weights`, which evaluation and ``compare``
 call too.
 """
 from __future__ import annotations
@@ -101,10 +101,10 @@ from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
-from pyro_vae import log_weights as weights
-from pyro_vae import registry
+from pyro_vae.infer import log_weights as weights
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import InferenceSpec, accepts
+from pyro_vae.config.spec import InferenceSpec, accepts
 
 MAX_PLATE_NESTING = 1
 
@@ -221,7 +221,7 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         return weights.traces(model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1)
 
     def log_weights(self, model, guide, args, kwargs, late_scale=None):
-        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.log_weights`), N/B, the guide's trace.
+        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.infer.log_weights`), N/B, the guide's trace.
 
         With ``late_scale`` (DReG, PIWAE) every latent value the model sees and
         the guide's log q pass through it, so their gradient can be reweighted

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyro_vae import registry
-from pyro_vae import distributions
+from pyro_vae.config import registry
+from pyro_vae.parts import distributions
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import GuideSpec, accepts, section_at
+from pyro_vae.config.spec import GuideSpec, accepts, section_at
 
 
 class Guide(nn.Module):

@@ -1,7 +1,7 @@
 """Test ELBO, importance-sampled log-likelihood and active units, in nats per example.
 
 Every number comes from the traces of the VAE's own Pyro model and guide
-(:func:`pyro_vae.log_weights.log_weights`): for each example x and K draws
+(:func:`pyro_vae.infer.log_weights.log_weights`): for each example x and K draws
 z_k ~ q_φ(z|x), with log w_k = log p_θ(x|z_k) + log p(z_k) − log q_φ(z_k|x)
 summed over every site of the two programs,
 
@@ -15,7 +15,7 @@ summed over every site of the two programs,
   log p(x) (Burda et al. 2016): a lower bound in expectation that rises to
   log p(x) as K grows.
 - ``ess``, ``pareto_k``, ``log_likelihood_reliable``: the weights' effective
-  sample size and Pareto k̂ (:mod:`pyro_vae.diagnostics`), saying how far the
+  sample size and Pareto k̂ (:mod:`pyro_vae.evaluation.diagnostics`), saying how far the
   log-likelihood can be trusted.
 
 The program runs on passes of at most ``rows`` (particle, example) pairs: all
@@ -24,7 +24,7 @@ particles. ``rows`` keeps every activation of the model and guide of one pass
 under ``memory_mb`` (measured on the VAE itself, so a convolutional decoder's
 feature maps count) and, on a CPU, within ``CPU_BLOCK_ROWS``, so the decoder's
 outputs are still in cache when the likelihood reads them. The densities' own
-speed lives in the parts (:mod:`pyro_vae.distributions`).
+speed lives in the parts (:mod:`pyro_vae.parts.distributions`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from typing import Iterator
 import pyro
 import torch
 
-from pyro_vae import diagnostics
-from pyro_vae.log_weights import LogWeights, log_weights
+from pyro_vae.evaluation import diagnostics
+from pyro_vae.infer.log_weights import LogWeights, log_weights
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -91,7 +91,7 @@ def passes(num_examples: int, num_samples: int, rows: int) -> Iterator[tuple[int
 
 
 def chunk_sites(vae: VAE, x: torch.Tensor, blocks: list[int]) -> Iterator[LogWeights]:
-    """The :class:`~pyro_vae.log_weights.LogWeights` of each particle block for the examples ``x``."""
+    """The :class:`~pyro_vae.infer.log_weights.LogWeights` of each particle block for the examples ``x``."""
     for size in blocks:
         yield log_weights(vae.model, vae.guide, x, num_particles=size)
 

@@ -12,7 +12,7 @@ GPU). That is a fixed cost of Python per step, a few hundred microseconds to
 milliseconds on these machines, not more arithmetic.
 
 The ``traced`` and ``inductor`` paths of ``inference.compile`` (and ``auto``
-where it picks them, :mod:`pyro_vae.path_choice`) remove it while the model and guide stay Pyro
+where it picks them, :mod:`pyro_vae.training.path_choice`) remove it while the model and guide stay Pyro
 programs and the estimator stays Pyro's (or this package's) ``ELBO`` class:
 
 1. **Trace once** (per batch shape): the estimator's ``differentiable_loss`` and
@@ -29,7 +29,7 @@ programs and the estimator stays Pyro's (or this package's) ``ELBO`` class:
 3. **Compile** the graph with TorchInductor (fused elementwise kernels; random
    draws through the same generator as eager, ``fallback_random``), checked the
    same way within float tolerance. Under the ``pyro-vae`` command Inductor's
-   caches live in the package's folder (:mod:`pyro_vae.compile_cache`), so a
+   caches live in the package's folder (:mod:`pyro_vae.training.compile_cache`), so a
    later run loads the compiled step instead of compiling it again.
    Where Inductor is unavailable (no C++ compiler, an unsupported device) the
    checked graph is replayed as it is, again with one log line.
@@ -39,7 +39,7 @@ no host sync. Generator states are saved and restored around tracing, so a run
 draws the same random numbers as an eager run of the same seed. The first
 ``training.VALIDATED_STEPS`` steps always run eagerly with Pyro's validation on.
 
-Both paths step the same optimizer, :func:`pyro_vae.optimizer.adam`, and both
+Both paths step the same optimizer, :func:`pyro_vae.training.optimizer.adam`, and both
 receive the KL weight β the same way (:class:`KLWeight`), so they round it alike.
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_vae import compile_cache, estimators, rng
+from pyro_vae.training import compile_cache, rng
+from pyro_vae.infer import estimators
 from pyro_vae.errors import one_line
 
 #: fused kernels, random draws through the eager generator; Inductor's precompiled C++ headers live in the
@@ -74,7 +75,7 @@ PATCHED = (("pyro.infer.trace_elbo", "torch_item"), ("pyro.infer.trace_elbo", "w
            ("pyro.infer.trace_mean_field_elbo", "torch_item"), ("pyro.infer.trace_mean_field_elbo", "warn_if_nan"),
            ("pyro.infer.tracegraph_elbo", "torch_item"), ("pyro.infer.tracegraph_elbo", "warn_if_nan"),
            ("pyro.poutine.trace_struct", "warn_if_nan"), ("pyro.poutine.trace_struct", "warn_if_inf"),
-           ("pyro_vae.estimators", "torch_item"))
+           ("pyro_vae.infer.estimators", "torch_item"))
 
 
 @contextlib.contextmanager
@@ -303,7 +304,7 @@ class CompiledStep:
         """TorchInductor's build of the traced graph, run once from ``start``.
 
         Where ``TORCHINDUCTOR_CACHE_DIR`` names the package's folder (the ``pyro-vae``
-        command sets it, :mod:`pyro_vae.compile_cache`), that folder is checked first,
+        command sets it, :mod:`pyro_vae.training.compile_cache`), that folder is checked first,
         and a compile that fails while it holds entries is retried once from an
         emptied folder, so a damaged cache costs a recompile, not the run.
         """

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import OptimSpec
+from pyro_vae.config.spec import OptimSpec
 
 IWAE_STAGES = 8
 

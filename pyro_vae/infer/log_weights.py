@@ -16,18 +16,18 @@ per particle and example::
     log w = Σ_model β_s log p_s − Σ_guide β_s log q_s
 
 and a bound over a minibatch is N/B · Σ_b f(log w_{·b}) (the N/B factor is
-applied *after* the function of the particles, see :mod:`pyro_vae.estimators`).
+applied *after* the function of the particles, see :mod:`pyro_vae.infer.estimators`).
 The decomposition is kept too: :attr:`LogWeights.log_likelihood` (the observed
 sites: log p(x|z)), :attr:`LogWeights.log_prior` (the model's latent sites:
 log p(z)) and :attr:`LogWeights.log_guide` (log q(z|x)), unweighted, each of
 shape (K, B), and the per-site pairs for closed-form KL terms
 (:meth:`LogWeights.kl`).
 
-Training estimators (:mod:`pyro_vae.estimators`), the per-epoch test ELBO,
+Training estimators (:mod:`pyro_vae.infer.estimators`), the per-epoch test ELBO,
 ``evaluate``, ``compare`` and ``table`` all take their numbers from
 :func:`log_weights`, so a part is scored by the same density it is trained
 with; the speed of evaluation lives inside the parts' own distributions
-(:mod:`pyro_vae.distributions`).
+(:mod:`pyro_vae.parts.distributions`).
 
 Plates other than the ones every site shares (the particle plate and the data
 plate), such as a plate nested inside the data plate, are summed inside log w.

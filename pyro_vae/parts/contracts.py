@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from pyro_vae import registry
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError, one_line
 
 PROBE_BATCH = 2  # examples in the build-time shape probe

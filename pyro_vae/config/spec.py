@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import yaml
 
-from pyro_vae import registry
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError, one_line
 
 OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened into its section in YAML
@@ -118,7 +118,7 @@ class InferenceSpec:
     estimator: str = field(default="meanfield", metadata=accepts(kind="estimator"))
     options: Any = field(default=None, metadata=OPTIONS)  # the estimator's own keys (registry config)
     num_particles: int = field(default=1, metadata=accepts(1))
-    # the training step's path (pyro_vae.path_choice): true is inductor, false is eager
+    # the training step's path (pyro_vae.training.path_choice): true is inductor, false is eager
     compile: Union[bool, str] = field(default="auto", metadata=accepts(choices=("auto", "eager", "traced", "inductor")))
 
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyro_vae import registry
-from pyro_vae.distributions import BernoulliImage
-from pyro_vae.spec import LikelihoodSpec, accepts
+from pyro_vae.config import registry
+from pyro_vae.parts.distributions import BernoulliImage
+from pyro_vae.config.spec import LikelihoodSpec, accepts
 
 LEARNED = "learned"
 MEAN_CLAMP = 1e-3  # data-mean initialization: means of 0 or 1 are moved this far inside (0, 1)

@@ -3,14 +3,14 @@
 Kinds: ``prior``, ``guide``, ``likelihood``, ``network``, ``estimator``,
 ``dataset``. A part is one function plus one line::
 
-    from pyro_vae import registry
+    from pyro_vae.config import registry
 
     @registry.register("prior", "laplace")
     def laplace_prior(spec, latent_dim, **parts):
         ...
 
 and ``model.prior.type: laplace`` in a spec selects it (each kind's builder
-signature, and what its part provides, are in :mod:`pyro_vae.contracts`). A
+signature, and what its part provides, are in :mod:`pyro_vae.parts.contracts`). A
 name is registered once: another builder under a taken name needs
 ``replace=True``. A part with keys of its own declares them as a small
 dataclass, ``config=``; the spec then accepts and checks those keys in the

@@ -24,12 +24,12 @@ What a run changes in the process that runs it: Pyro's param store is cleared
 (the new VAE's parameters replace any there), every global generator (torch,
 numpy, Python's ``random``) is seeded from ``train.seed``, and, while a run with
 a folder lasts, the ``pyro_vae`` logger writes to its ``log.txt``
-(:func:`pyro_vae.runs.run_log`). Nothing else global: no other logger, no
+(:func:`pyro_vae.training.runs.run_log`). Nothing else global: no other logger, no
 environment variable, no ``sys.path`` entry.
 
 Nothing lost:
 
-- a checkpoint is written (atomically, :mod:`pyro_vae.checkpoint`) at the start,
+- a checkpoint is written (atomically, :mod:`pyro_vae.training.checkpoint`) at the start,
   after every epoch, and at the step reached when SIGINT or SIGTERM arrives;
 - every step's loss and largest gradient entry are kept as tensors and checked
   for being finite (every step on the CPU, every ``NONFINITE_CHECK_EVERY`` steps
@@ -68,13 +68,15 @@ import pyro
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pyro_vae import (checkpoint, contracts, distributed, estimators, evaluation, optimizer, path_choice, progress,
-                      run_state, runs, threads)
+from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
+from pyro_vae.parts import contracts
+from pyro_vae.infer import estimators
+from pyro_vae import evaluation, progress, threads
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE, check_likelihood_support
-from pyro_vae.rng import seed_everything
-from pyro_vae.spec import Spec, check_device_name
+from pyro_vae.training.rng import seed_everything
+from pyro_vae.config.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
@@ -211,7 +213,7 @@ class Trainer:
         self.log = logging.getLogger(runs.LOGGER)
 
     def load_data(self, data: Dataset | None) -> None:
-        """The dataset on the device, then every generator seeded (:func:`pyro_vae.rng.seed_everything`).
+        """The dataset on the device, then every generator seeded (:func:`pyro_vae.training.rng.seed_everything`).
 
         Data first: loading draws only from its own generators, but importing a
         loader's library may draw from Python's global one (scikit-learn imports
@@ -287,7 +289,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
 
     def state(self) -> dict:
-        """Everything a resumed run needs (:func:`pyro_vae.run_state.snapshot`)."""
+        """Everything a resumed run needs (:func:`pyro_vae.training.run_state.snapshot`)."""
         return run_state.snapshot(self.spec, self.vae, self.optimizer, self.scheduler, self.progress,
                                   getattr(self.loss_and_grads, "path", None))
 
@@ -324,7 +326,7 @@ class Trainer:
         with pyro.validation_enabled(validate):
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss = self.loss_and_grads(x, self.data.num_train, beta)  # pyro_vae.path_choice: eager, traced or compiled
+                loss = self.loss_and_grads(x, self.data.num_train, beta)  # pyro_vae.training.path_choice: eager, traced or compiled
             except ValueError as exc:
                 if not validate:
                     raise
@@ -492,10 +494,10 @@ class Trainer:
         self.save()
 
     def write_board(self, row: dict) -> None:
-        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard`` (:mod:`pyro_vae.board`)."""
+        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard`` (:mod:`pyro_vae.training.board`)."""
         if not self.spec.train.tensorboard or self.run_dir is None or not self.dist.is_main:
             return
-        from pyro_vae import board
+        from pyro_vae.training import board
 
         if self.board is None:
             self.board = board.EpochWriter(self.run_dir, self.spec.train.seed)
@@ -535,11 +537,11 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
     What it changes in the calling process: Pyro's param store is cleared and every
     global generator (torch, numpy, Python's ``random``) is seeded from
     ``train.seed`` (:class:`Trainer`); while it runs, the ``pyro_vae`` logger also
-    writes to ``run_dir/log.txt`` (:func:`pyro_vae.runs.run_log`). It adds no console
+    writes to ``run_dir/log.txt`` (:func:`pyro_vae.training.runs.run_log`). It adds no console
     handler: the lines reach the host's own logging handlers, if any.
     torch uses ``train.threads`` threads meanwhile (:mod:`pyro_vae.threads`); the
     caller's thread count is restored afterwards.
-    The folder stays locked (:func:`pyro_vae.runs.locked`) until the run ends.
+    The folder stays locked (:func:`pyro_vae.training.runs.locked`) until the run ends.
     """
     with threads.using(spec.train.threads):
         return _train(spec, Path(run_dir), force, show_progress)
@@ -547,7 +549,7 @@ def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = 
 
 def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Trainer:
     if spec.train.tensorboard:
-        from pyro_vae import board
+        from pyro_vae.training import board
 
         board.check_available()
     if distributed.is_main():  # under torchrun, rank 0 alone checks and writes the folder
@@ -587,7 +589,7 @@ def nothing_to_do(state: dict, epochs: int) -> str | None:
 def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True) -> Trainer | None:
     """Continue the run in ``run_dir`` from its checkpoint (or from the start if it has none).
 
-    The folder is locked (:func:`pyro_vae.runs.locked`) and its checkpoint read
+    The folder is locked (:func:`pyro_vae.training.runs.locked`) and its checkpoint read
     and checked against the run's spec before anything in it changes;
     ``epochs`` (``--epochs``) replaces ``train.epochs``. A run that is already
     complete (all its epochs, or stopped early) is not trained again: one line
@@ -605,7 +607,7 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
 
 def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer:
     if spec.train.tensorboard:
-        from pyro_vae import board
+        from pyro_vae.training import board
 
         board.check_available()
     with runs.locked(run_dir) if distributed.is_main() else nullcontext():
@@ -696,7 +698,7 @@ def open_run(run_dir: Path, device: str | None = None, which: str = "best") -> L
 
     ``which``: ``best`` reads ``best.pt`` where the run has one (a run with a
     validation split), else the last checkpoint; ``last`` always the last
-    (see :func:`pyro_vae.runs.checkpoint_path`). The checkpoint is read once,
+    (see :func:`pyro_vae.training.runs.checkpoint_path`). The checkpoint is read once,
     so the epoch is that of the parameters returned even while the run trains.
     """
     run_dir = Path(run_dir)
@@ -717,7 +719,7 @@ def load_model(run_dir: Path, device: str | None = None,
     """The spec, trained VAE (eval mode), image shape and checkpoint path of a run, without its data where it can.
 
     The model is built from what ``run.json`` recorded at training time
-    (:func:`pyro_vae.runs.read_model_inputs`); a run without that record loads
+    (:func:`pyro_vae.training.runs.read_model_inputs`); a run without that record loads
     its dataset for it. ``which`` as in :func:`open_run`.
     """
     run_dir = Path(run_dir)

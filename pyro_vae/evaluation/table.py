@@ -23,7 +23,7 @@ Scores are cached in each run folder (``scores-<checkpoint>-K<K>-seed<S>.pt``,
 with the per-image log-likelihoods and the checkpoint's size and modification
 time), so a table of many runs, or the same runs with another reference,
 evaluates each run once. Checkpoints and caches are read through
-:func:`pyro_vae.checkpoint.load` (CRC-checked); a damaged, foreign or outdated
+:func:`pyro_vae.training.checkpoint.load` (CRC-checked); a damaged, foreign or outdated
 cache is scored again and rewritten, atomically.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import checkpoint, evaluation, runs
+from pyro_vae.training import checkpoint, runs
+from pyro_vae import evaluation
 from pyro_vae.errors import UserInputError
 
 CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
@@ -82,7 +83,7 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
     The returned dict also holds ``per_image`` (float64 log-likelihoods) and ``test`` (the test tensor's
     :func:`fingerprint`, to tell whether two runs share their test images).
     """
-    from pyro_vae.training import load_run, seed_everything
+    from pyro_vae.training.trainer import load_run, seed_everything
 
     run_dir = Path(run_dir)
     path = runs.checkpoint_path(run_dir, which)

@@ -3,7 +3,7 @@ r"""The distributions the built-in parts return, with densities that are fast wh
 Evaluation scores the Pyro program on many draws at once (the importance-sampled
 log-likelihood of MNIST with K = 5000 evaluates 5·10⁷ decoder outputs), so the
 parts' own ``log_prob`` carries the speed, and every number is the density the
-part trains with (:mod:`pyro_vae.log_weights`). Each class here is a Pyro
+part trains with (:mod:`pyro_vae.infer.log_weights`). Each class here is a Pyro
 ``Independent`` distribution, equal in value to the plain one it replaces; its
 ``log_prob`` takes the formula below only when no gradient is being recorded
 (``torch.is_grad_enabled()`` is false), so training is computed exactly as by
@@ -28,7 +28,7 @@ with ``logsigmoid``. Values that are not all 0 or 1 take the plain formula.
     log N(z; μ, diag σ²) = −½ Σᵢ ((zᵢ − μᵢ)/σᵢ)² − Σᵢ log σᵢ − (d/2) log 2π
 
 one subtract, one multiply by 1/σ and one sum of squares per draw, the σ terms
-once per distribution (:func:`pyro_vae.gaussian.log_density`).
+once per distribution (:func:`pyro_vae.infer.gaussian.log_density`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Callable
 import pyro.distributions as dist
 import torch
 
-from pyro_vae.gaussian import log_density
+from pyro_vae.infer.gaussian import log_density
 
 MAX_GROUP = 64       # factors σ(s·l) per product: bounds its roundings and how often a group underflows
 PAIRWISE_STEPS = 3   # in-place halvings before the grouped product

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pyro_vae import registry
+from pyro_vae.config import registry
 from pyro_vae.errors import UserInputError
-from pyro_vae.spec import NetworkSpec, accepts
+from pyro_vae.config.spec import NetworkSpec, accepts
 
 ACTIVATIONS = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU,

@@ -6,7 +6,7 @@ checkpoint and 128 + the signal number.
 
 The command, and only it, sets up the process for itself (:func:`command_line`):
 the ``pyro_vae`` logger's lines on stderr (rank 0), and TorchInductor's caches in
-the package's folder (:mod:`pyro_vae.compile_cache`) unless
+the package's folder (:mod:`pyro_vae.training.compile_cache`) unless
 ``TORCHINDUCTOR_CACHE_DIR`` names the user's own.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _plugin_option() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
                         help="import MODULE first, so the parts it registers can be named (repeatable; the current "
-                             "folder is searched first; entry points of group pyro_vae.plugins load by themselves)")
+                             "folder is searched first; entry points of group pyro_vae.config.plugins load by themselves)")
     return common
 
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quiet(table)
     _add_threads(table, "auto")
 
-    from pyro_vae import compare
+    from pyro_vae.evaluation import compare
     _add_threads(compare.add_parser(commands, _add_spec_options, add_quiet), "train.threads of the spec (auto)")
     return parser
 
@@ -212,9 +212,10 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pyro_vae import distributed, training
-    from pyro_vae.runs import default_run_dir
-    from pyro_vae.spec import load_spec
+    from pyro_vae.training import distributed
+    from pyro_vae import training
+    from pyro_vae.training.runs import default_run_dir
+    from pyro_vae.config.spec import load_spec
 
     _positive(args.epochs, "--epochs")
     if args.resume is not None:
@@ -242,7 +243,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from pyro_vae import evaluation
-    from pyro_vae.training import open_run, seed_everything
+    from pyro_vae.training.trainer import open_run, seed_everything
 
     _positive(args.num_samples, "--num-samples")
     if not math.isfinite(args.memory_mb) or args.memory_mb <= 0:
@@ -260,7 +261,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     result["seed"] = args.seed
     result["checkpoint"] = used.name
     result["epoch"] = epoch
-    from pyro_vae import diagnostics
+    from pyro_vae.evaluation import diagnostics
 
     caution = diagnostics.warning(result, f"log-likelihood of '{args.run_dir}' (K = {args.num_samples})")
     if caution:
@@ -280,9 +281,9 @@ def evaluation_split(data, split: str, seed: int, run_dir: Path):
 
 def run_sample(args: argparse.Namespace) -> None:
     from pyro_vae import plots
-    from pyro_vae.training import load_model, seed_everything
+    from pyro_vae.training.trainer import load_model, seed_everything
 
-    from pyro_vae import runs
+    from pyro_vae.training import runs
 
     _positive(args.n, "--n")
     if args.n > MAX_SAMPLES:
@@ -304,8 +305,9 @@ def run_sample(args: argparse.Namespace) -> None:
 
 def run_pictures(args: argparse.Namespace) -> None:
     """Draw the pictures of a run from its last checkpoint, with the run's seed; print their paths."""
-    from pyro_vae import pictures, runs
-    from pyro_vae.training import open_run, seed_everything
+    from pyro_vae import pictures
+    from pyro_vae.training import runs
+    from pyro_vae.training.trainer import open_run, seed_everything
 
     spec, vae, data, used, _ = open_run(args.run_dir, which="last")
     say_checkpoint(used, args.quiet)
@@ -318,7 +320,7 @@ def run_pictures(args: argparse.Namespace) -> None:
 
 def run_configs(args: argparse.Namespace) -> None:
     """The packaged specs, one line each; or, given NAME, that spec resolved (every key) as YAML."""
-    from pyro_vae.spec import config_summary, load_spec, packaged_configs
+    from pyro_vae.config.spec import config_summary, load_spec, packaged_configs
 
     if args.name is not None:
         if args.name not in packaged_configs():
@@ -334,7 +336,9 @@ def run_configs(args: argparse.Namespace) -> None:
 def run_table(args: argparse.Namespace) -> None:
     from datetime import datetime
 
-    from pyro_vae import progress, runs, table
+    from pyro_vae import progress
+    from pyro_vae.training import runs
+    from pyro_vae.evaluation import table
 
     _positive(args.num_samples, "--num-samples")
     out = args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -349,7 +353,7 @@ def run_table(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from pyro_vae import compare
+    from pyro_vae.evaluation import compare
 
     compare.run(args)
 
@@ -358,7 +362,7 @@ def run_compare(args: argparse.Namespace) -> None:
 def command_line() -> Iterator[None]:
     """While a command runs: the ``pyro_vae`` logger at INFO with one stderr handler (rank 0 only, plain lines),
     and ``TORCHINDUCTOR_CACHE_DIR`` at the package's folder unless the user chose one; both put back after."""
-    from pyro_vae import compile_cache, distributed, runs
+    from pyro_vae.training import compile_cache, distributed, runs
 
     logger = logging.getLogger(runs.LOGGER)
     level, console = logger.level, None
@@ -396,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(argv: list[str] | None) -> int:
     """Parse ``argv``, run the command; bad input, a non-finite loss or a signal become one line and a status."""
-    from pyro_vae.training import TrainingInterrupted, is_out_of_memory
+    from pyro_vae.training.trainer import TrainingInterrupted, is_out_of_memory
 
     try:
-        from pyro_vae import plugins
+        from pyro_vae.config import plugins
 
         search_current_folder_first()
         plugins.load_entry_points()

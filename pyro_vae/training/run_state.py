@@ -1,8 +1,8 @@
 """The run's state: what a checkpoint holds, how it is taken and how it is put back.
 
-A checkpoint is one dict (written atomically by :mod:`pyro_vae.checkpoint`):
+A checkpoint is one dict (written atomically by :mod:`pyro_vae.training.checkpoint`):
 the spec, the parameters, Adam's moments, the schedule, every generator
-(:mod:`pyro_vae.rng`), the loop's position (:class:`Progress`), the metrics so
+(:mod:`pyro_vae.training.rng`), the loop's position (:class:`Progress`), the metrics so
 far and the path ``inference.compile: auto`` chose. Restoring refuses a
 checkpoint of another spec (``train.epochs`` may differ) or one that does not
 fit the model, in one line, so a resumed run is the interrupted one, bit for bit.
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import runs
+from pyro_vae.training import runs
 from pyro_vae.errors import UserInputError, one_line
-from pyro_vae.rng import rng_state, set_rng_state
-from pyro_vae.spec import Spec, dotted_keys, get_dotted
+from pyro_vae.training.rng import rng_state, set_rng_state
+from pyro_vae.config.spec import Spec, dotted_keys, get_dotted
 
 #: keys every training checkpoint has (``step_path`` is optional: older checkpoints lack it)
 STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",

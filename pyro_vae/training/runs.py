@@ -38,9 +38,9 @@ from typing import Iterator
 import torch
 import yaml
 
-from pyro_vae import plugins
+from pyro_vae.config import plugins
 from pyro_vae.errors import UserInputError, one_line
-from pyro_vae.spec import Spec
+from pyro_vae.config.spec import Spec
 
 CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
 LOCK = ".lock"  # held (fcntl.flock) by the command training in the folder; it names that command
@@ -213,8 +213,8 @@ def prepare(run_dir: Path, spec: Spec, force: bool, model_inputs: dict | None = 
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole (:func:`pyro_vae.checkpoint.write_atomic`)."""
-    from pyro_vae.checkpoint import write_atomic
+    """Replace ``path`` with ``text`` whole (:func:`pyro_vae.training.checkpoint.write_atomic`)."""
+    from pyro_vae.training.checkpoint import write_atomic
 
     write_atomic(path, lambda handle: handle.write(text.encode()))
 
@@ -341,7 +341,7 @@ def run_log(run_dir: Path, rank: int = 0) -> Iterator[logging.Logger]:
     the file gets the run's INFO lines, the ``pyro_vae`` logger's level is INFO
     for the block where the host has left it unset (NOTSET), and is put back on
     exit. No other logger, the root included, is touched; console output is the
-    command line's (:func:`pyro_vae.cli.main`) or the host's own handlers'.
+    command line's (:func:`pyro_vae.cli.main.main`) or the host's own handlers'.
     """
     logger = logging.getLogger(LOGGER)
     level = logger.level

@@ -12,7 +12,7 @@ estimator's loss estimates −(full-data bound) and
     bound per example = −loss / N                                  (nats per example)
 
 Over R draws (``--repeats``), each a full step (loss and backward, through
-:func:`pyro_vae.estimators.bound_and_backward`, so every estimator works,
+:func:`pyro_vae.infer.estimators.bound_and_backward`, so every estimator works,
 TraceGraph and tail-adaptive included):
 
 * ``bound_mean``, ``bound_std``: mean and standard deviation (R − 1) of the bound;
@@ -34,7 +34,7 @@ TraceGraph and tail-adaptive included):
 Each estimator's draws start from the same seed. With ``--train-steps S``
 every estimator is also trained for S Adam steps (``optim.lr`` of the spec)
 from the same initial parameters and seed, on the same minibatch order, and
-reports the test ELBO (:func:`pyro_vae.evaluation.test_elbo`, one draw, closed
+reports the test ELBO (:func:`pyro_vae.evaluation.bounds.test_elbo`, one draw, closed
 KL where registered) along the way and at the end, and the importance-sampled
 test log-likelihood with ``--num-samples`` (default 500) draws per example.
 
@@ -45,7 +45,7 @@ single-particle ELBOs), so a newly registered estimator can be compared.
 ``tail-adaptive`` reports the IWAE bound of its K particles (it defines no
 value of its own).
 
-Importance-weight diagnostics per row (:mod:`pyro_vae.diagnostics`): for the P
+Importance-weight diagnostics per row (:mod:`pyro_vae.evaluation.diagnostics`): for the P
 weights one example's bound normalizes over (K; the inner K of ``miwae``; M·K
 for ``piwae``, whose bound is IWAE(M·K); 1 for the ELBOs), the effective sample
 size ESS / P (mean and 5th percentile over the minibatch) and Pareto k̂ fitted
@@ -85,10 +85,15 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import contracts, diagnostics, estimators, evaluation, progress, registry, runs, threads
+from pyro_vae.parts import contracts
+from pyro_vae.evaluation import diagnostics
+from pyro_vae.infer import estimators
+from pyro_vae import evaluation, progress, threads
+from pyro_vae.config import registry
+from pyro_vae.training import runs
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
-from pyro_vae.log_weights import log_weights
-from pyro_vae.spec import InferenceSpec, Spec, part_keys
+from pyro_vae.infer.log_weights import log_weights
+from pyro_vae.config.spec import InferenceSpec, Spec, part_keys
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
 DEFAULT_REPEATS = 100
@@ -289,7 +294,7 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
 
     Parameters are not changed (their gradients are, and are cleared at the end).
     """
-    from pyro_vae.training import seed_everything
+    from pyro_vae.training.trainer import seed_everything
 
     encoder, decoder = vae.encoder_parameters(), vae.decoder_parameters()
     moments = {"encoder": Moments(), "decoder": Moments()}
@@ -324,7 +329,7 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
 
 
 def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int, kl_weight: float = 1.0) -> dict:
-    """ESS / P and Pareto k̂ of the bound's P importance weights per example (:mod:`pyro_vae.diagnostics`).
+    """ESS / P and Pareto k̂ of the bound's P importance weights per example (:mod:`pyro_vae.evaluation.diagnostics`).
 
     ESS is taken per draw of P weights and averaged over draws; k̂ is fitted to
     all the draws of an example pooled (at least ``DIAGNOSTIC_WEIGHTS`` weights),
@@ -355,7 +360,7 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     ``inference.compile: auto`` every estimator trains on the eager path, so ``train_seconds``
     compares like with like (a path named in the spec is used for all of them).
     """
-    from pyro_vae.training import Trainer, evaluation_seed, seed_everything
+    from pyro_vae.training.trainer import Trainer, evaluation_seed, seed_everything
 
     inference = choice.inference(spec.inference)
     if inference.compile == "auto":
@@ -552,8 +557,8 @@ def add_parser(commands, add_spec_options, add_quiet) -> argparse.ArgumentParser
 
 def run(args: argparse.Namespace) -> None:
     """``pyro-vae compare``: check every input, measure, train, write the report, print the table."""
-    from pyro_vae.spec import load_spec
-    from pyro_vae.training import Trainer, load_run, seed_everything
+    from pyro_vae.config.spec import load_spec
+    from pyro_vae.training.trainer import Trainer, load_run, seed_everything
 
     choices = parse_estimators(args.estimators)
     if args.repeats < 2:

@@ -1,6 +1,6 @@
 """``inference.compile``: which path runs the training step.
 
-Three paths give one run (:mod:`pyro_vae.compiled`): ``eager`` (Pyro's effect
+Three paths give one run (:mod:`pyro_vae.training.compiled`): ``eager`` (Pyro's effect
 handlers every step), ``traced`` (the step recorded once per batch shape and
 replayed; bit for bit the eager step) and ``inductor`` (that record compiled by
 TorchInductor; equal to float tolerance, so only where the spec asks for it).
@@ -26,7 +26,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_vae import compiled, estimators
+from pyro_vae.training import compiled
+from pyro_vae.infer import estimators
 
 #: the steps a run must have left for ``auto`` to build the trace (a trace pays back its build over this many)
 TRACE_AFTER_STEPS = 1000
@@ -82,7 +83,7 @@ def build_step(elbo, vae: nn.Module, setting: Union[bool, str], log: logging.Log
 
     ``auto`` (:class:`AutoStep`) needs ``steps_left``, and takes ``chosen``, the
     path an earlier part of the run chose, if any; ``traced`` and ``inductor`` are
-    :class:`pyro_vae.compiled.CompiledStep` (Inductor falling back to the traced
+    :class:`pyro_vae.training.compiled.CompiledStep` (Inductor falling back to the traced
     replay, and both to eager, with one log line); ``eager`` is Pyro's step.
     """
     log = log or logging.getLogger("pyro_vae")
@@ -97,7 +98,7 @@ def build_step(elbo, vae: nn.Module, setting: Union[bool, str], log: logging.Log
 def eager_step(elbo, vae: nn.Module) -> Callable:
     """Pyro's step: the estimator's loss and gradients through the effect handlers, every call.
 
-    β is passed as :class:`pyro_vae.compiled.KLWeight` passes it to the traced step
+    β is passed as :class:`pyro_vae.training.compiled.KLWeight` passes it to the traced step
     (0 and 1 as numbers, any other value as a float32 tensor), so both round it alike.
     """
     beta = compiled.KLWeight()
