@@ -116,7 +116,7 @@ def _plugin_option() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
                         help="import MODULE first, so the parts it registers can be named (repeatable; the current "
-                             "folder is searched first; entry points of group pyro_vae.config.plugins load by themselves)")
+                             "folder is searched first; entry points of group pyro_vae.plugins load by themselves)")
     return common
 
 

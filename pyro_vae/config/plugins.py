@@ -6,8 +6,8 @@ It is loaded
 - by ``--plugin MODULE`` on any ``pyro-vae`` command (repeatable; the command
   line searches the current folder first, then ``sys.path``; :func:`load`
   itself leaves ``sys.path`` as it is), or
-- by being installed with an entry point in the group ``pyro_vae.config.plugins``
-  (``[options.entry_points] pyro_vae.config.plugins = my_priors = my_priors``), loaded
+- by being installed with an entry point in the group ``pyro_vae.plugins``
+  (``[options.entry_points] pyro_vae.plugins = my_priors = my_priors``), loaded
   by every command.
 
 A run folder records the plugins its run used (``run.json``, key ``plugins``),
@@ -25,7 +25,7 @@ from typing import Iterable
 
 from pyro_vae.errors import UserInputError, one_line
 
-ENTRY_POINT_GROUP = "pyro_vae.config.plugins"
+ENTRY_POINT_GROUP = "pyro_vae.plugins"
 _LOADED: list[str] = []
 
 
@@ -79,7 +79,7 @@ def _source_file(name: str) -> str | None:
 
 
 def load_entry_points() -> list[str]:
-    """Import every module registered in the entry-point group ``pyro_vae.config.plugins``."""
+    """Import every module registered in the entry-point group ``pyro_vae.plugins``."""
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         load([entry.module], where=f"entry point {entry.name!r} of group {ENTRY_POINT_GROUP}")
     return list(_LOADED)
