@@ -58,10 +58,13 @@ def test_closed_form_kl_is_used_where_registered():
 
 
 def test_meanfield_without_closed_form_says_so_once(capsys):
-    Trainer(load_spec(None, [*SMALL, *choose("vamp"), "train.epochs=2"]), None, show_progress=False).fit()
-    assert capsys.readouterr().err.count("no closed form") == 1
-    Trainer(load_spec(None, SMALL), None, show_progress=False).fit()
-    assert "no closed form" not in capsys.readouterr().err
+    from pyro_vae.cli.main import command_line
+
+    with command_line():  # the console handler the command line sets up
+        Trainer(load_spec(None, [*SMALL, *choose("vamp"), "train.epochs=2"]), None, show_progress=False).fit()
+        assert capsys.readouterr().err.count("no closed form") == 1
+        Trainer(load_spec(None, SMALL), None, show_progress=False).fit()
+        assert "no closed form" not in capsys.readouterr().err
 
 
 def test_meanfield_sampled_kl_term_is_unbiased():
