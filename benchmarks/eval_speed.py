@@ -1,4 +1,5 @@
-"""How fast is the importance-sampled log-likelihood: against the decoder's matrix-multiply floor, and against another revision.
+"""How fast is the importance-sampled log-likelihood: against the decoder's matrix-multiply floor, and against
+another revision.
 
 The protocol of the literature (Burda et al. 2016): log p(x) ≈ log (1/K) Σ_k w_k
 with K = 5000 draws z_k ~ q(z|x) for each of the 10,000 MNIST test images, on
@@ -37,9 +38,9 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def model_and_data(data_root: str | None):
+    from pyro_vae.config.spec import load_spec
     from pyro_vae.data import load_dataset
     from pyro_vae.model import VAE
-    from pyro_vae.config.spec import load_spec
 
     spec = load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
     data = load_dataset(spec.data, spec.train.seed)
@@ -72,7 +73,8 @@ def in_process(tree: Path, args) -> dict:
 
 
 def gemm_seconds(vae, rows: int, draws: int) -> float:
-    """Time of the decoder's matrix multiplies alone (addmm, no activation) for ``draws`` draws in passes of ``rows``."""
+    """Time of the decoder's matrix multiplies alone (addmm, no activation) for ``draws`` draws in passes of
+    ``rows``."""
     layers = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, layer.in_features) for layer in layers]
     outs = [torch.empty(rows, layer.out_features) for layer in layers]

@@ -127,7 +127,9 @@ def differences(run: Path, reference: Path) -> list[str]:
               for k, value in moments.items() if not torch.equal(a["optimizer"]["state"][p][k], value)]
     if not torch.equal(a["rng"]["torch"], b["rng"]["torch"]) or a["rng"]["numpy"] != b["rng"]["numpy"]:
         found.append("rng")
-    strip = (lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows])
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
     if strip(a["metrics"]) != strip(b["metrics"]):
         found.append("metrics")
     return found
@@ -150,7 +152,7 @@ def main() -> int:
             rng = random.Random(args.seed * 1_000_003 + trial)
             run = Path(tmp) / f"trial-{trial:02d}"
             events = []
-            for kill in range(rng.choice([1, 1, 2])):
+            for _kill in range(rng.choice([1, 1, 2])):
                 after_folder = rng.random() < 2 / 3
                 window = trained_at - folder_at if after_folder else lifetime
                 delay = rng.uniform(0, window)

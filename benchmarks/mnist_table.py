@@ -19,9 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pyro_vae.training import runs
-from pyro_vae.evaluation import table
 from pyro_vae.config.spec import load_spec
+from pyro_vae.evaluation import table
+from pyro_vae.training import runs
 from pyro_vae.training.trainer import train
 
 SPECS = ["mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv"]

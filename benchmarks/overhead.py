@@ -3,8 +3,8 @@
 Both sides train the identical network (default 784-400-20, ReLU, diagonal
 Gaussian guide with softplus scale, Bernoulli likelihood: PyTorch's
 examples/vae) on the same batch, in this one process, with the same thread
-count (1, then torch's default, unless ``--threads`` says otherwise). Repeats are interleaved (every variant once per round, in a shuffled
-order), and each round's time is divided by the same round's plain step, so
+count (1, then torch's default, unless ``--threads`` says otherwise). Repeats are interleaved (every variant once
+per round, in a shuffled order), and each round's time is divided by the same round's plain step, so
 machine noise shared by a round cancels (see the README's speed section). Reported: the median
 ratio over rounds with min–max.
 
@@ -45,12 +45,12 @@ import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
-
-from pyro_vae.training import optimizer
-from pyro_vae import training
-from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.config.spec import Spec
 from machine import cpu_name
+
+from pyro_vae import training
+from pyro_vae.config.spec import Spec
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.training import optimizer
 
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]
 
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; device {args.device}; torch threads "
           f"{', then '.join(map(str, args.threads))} (default {torch.get_num_threads()})")
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, python {platform.python_version()}")
-    print(f"network 784-{'-'.join(map(str, args.hidden))}-{args.latent} ({args.activation}), batch {args.batch}, data: {what}")
+    print(f"network 784-{'-'.join(map(str, args.hidden))}-{args.latent} ({args.activation}), "
+          f"batch {args.batch}, data: {what}")
     print(f"fused Adam in the project: {optimizer.adam_options(list(torch.nn.Linear(2, 2).parameters()))}")
     print(f"timing: {args.repeats} interleaved rounds of {args.steps} steps, {clock_name} clock; "
           f"ratio = project / plain of the same round; median [min–max]\n", flush=True)

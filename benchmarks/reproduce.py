@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from pyro_vae.training import runs
-from pyro_vae.evaluation import table
-from pyro_vae.config.spec import load_spec
-from pyro_vae.training.trainer import resume, train
 from machine import cpu_name
+
+from pyro_vae.config.spec import load_spec
+from pyro_vae.evaluation import table
+from pyro_vae.training import runs
+from pyro_vae.training.trainer import resume, train
 
 PUBLISHED = {  # test NLL in nats, as the specs' descriptions cite them
     "mnist-iwae-paper": ("Burda et al. 2016, VAE k = 1", 86.76),
@@ -62,7 +62,8 @@ def run_spec(name: str, max_epochs: int, out: Path, num_samples: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| spec | paper | published NLL | pyro_vae NLL | gap | epochs run / protocol | checkpoint | training time | machine |",
+    lines = ["| spec | paper | published NLL | pyro_vae NLL | gap | epochs run / protocol | checkpoint "
+             "| training time | machine |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         budget = f"{r['epochs_run']} / {r['epochs_protocol']}" + (" (truncated)" if r["truncated"] else "")

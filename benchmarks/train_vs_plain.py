@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from machine import cpu_name
+from torch import nn
 
 NETWORK = ["data.name=mnist", "data.batch_size=128", "model.latent_dim=20", "model.encoder.hidden=[400]",
            "model.decoder.hidden=[400]", "model.encoder.activation=relu", "model.decoder.activation=relu",
@@ -80,8 +79,8 @@ def plain_epochs(epochs: int, train: torch.Tensor, batch: int = 128) -> list[flo
 
 
 def mnist_train(root: str) -> torch.Tensor:
-    from pyro_vae.data import load_dataset
     from pyro_vae.config.spec import load_spec
+    from pyro_vae.data import load_dataset
 
     spec = load_spec("mnist", [f"data.root={root}"] if root else [])
     return load_dataset(spec.data, 0).train

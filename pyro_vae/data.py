@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae.parts import contracts
 from pyro_vae.config import registry
+from pyro_vae.config.spec import PUBLISHED, TRAIN_SEED, DataSpec
 from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.infer.gaussian import LinearGaussian
-from pyro_vae.config.spec import PUBLISHED, TRAIN_SEED, DataSpec
+from pyro_vae.parts import contracts
 
 DATA_ENV = "PYRO_VAE_DATA"
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
@@ -96,7 +96,9 @@ class Dataset:
         return torch.bernoulli(batch) if self.binarize == "dynamic" else batch
 
     def to(self, device: torch.device | str) -> "Dataset":
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return replace(self, train=move(self.train), test=move(self.test), validation=move(self.validation),
                        train_labels=move(self.train_labels), test_labels=move(self.test_labels))
 
@@ -216,7 +218,9 @@ def _held_out(x: torch.Tensor, labels: torch.Tensor | None, fraction: float):
     if n_test >= x.shape[0]:
         raise UserInputError(f"'data.test_fraction' {fraction} leaves no training examples out of {x.shape[0]}")
     test, train = order[:n_test], order[n_test:]
-    pick = (lambda t, i: None if t is None else t[i])
+    def pick(t: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t[i]
+
     return x[train], x[test], pick(labels, train), pick(labels, test)
 
 
@@ -258,7 +262,8 @@ def mnist(spec: DataSpec) -> Dataset:
 
 @registry.register("dataset", "fashion-mnist")
 def fashion_mnist(spec: DataSpec) -> Dataset:
-    """Fashion-MNIST through torchvision from a local root (60k train, 10k test); classes named as torchvision names them."""
+    """Fashion-MNIST through torchvision from a local root (60k train, 10k test); classes named as torchvision names
+    them."""
     import torchvision
 
     return replace(_torchvision(spec, "FashionMNIST", "fashion-mnist"),

@@ -35,9 +35,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae.parts import contracts
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import ModelSpec
+from pyro_vae.errors import UserInputError
+from pyro_vae.parts import contracts
 
 
 class VAE(nn.Module):

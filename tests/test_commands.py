@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from pyro_vae.training import runs
 from pyro_vae import training
 from pyro_vae.cli.main import build_parser, main
 from pyro_vae.config.spec import load_spec
+from pyro_vae.training import runs
 
 TINY = ["data.train_size=100", "data.test_size=20", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
         "train.epochs=2"]

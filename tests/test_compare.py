@@ -20,12 +20,12 @@ import math
 import pytest
 import torch
 
-from pyro_vae.evaluation import compare
 from pyro_vae.cli.main import main
+from pyro_vae.config.spec import Spec, load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
+from pyro_vae.evaluation import compare
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import Spec, load_spec
 from pyro_vae.training.trainer import Trainer
 
 ALL = "trace,meanfield,tracegraph,stl,iwae:8,dreg:8,renyi:8:0.5,tail-adaptive:8"

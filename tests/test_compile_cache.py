@@ -1,4 +1,5 @@
-"""The package's compile cache (pyro_vae.training.compile_cache) and ``inference.compile: auto`` (pyro_vae.training.path_choice).
+"""The package's compile cache (pyro_vae.training.compile_cache) and ``inference.compile: auto``
+(pyro_vae.training.path_choice).
 
 Real TorchInductor compiles take tens of seconds; here torch.compile is replaced
 where a test is about the cache's bookkeeping, and ``auto`` is checked on the
@@ -14,12 +15,12 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.training import compile_cache, compiled, path_choice
-from pyro_vae.config import registry
 from pyro_vae import training
-from pyro_vae.model import VAE
-from pyro_vae.training.optimizer import adam
+from pyro_vae.config import registry
 from pyro_vae.config.spec import OptimSpec, Spec, load_spec
+from pyro_vae.model import VAE
+from pyro_vae.training import compile_cache, compiled, path_choice
+from pyro_vae.training.optimizer import adam
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=2"]
@@ -101,7 +102,9 @@ def test_a_compile_that_fails_with_a_cache_present_is_retried_from_an_empty_fold
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     step = compiled.CompiledStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), inductor=True)
-    traced = lambda params, buffers, x, beta: (x.sum(), [x])  # noqa: E731
+    def traced(params, buffers, x, beta):
+        return x.sum(), [x]
+
     with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
         graph, loss, grads = step._compile(traced, [0], [], [], torch.ones(2), None, compiled.rng.fork_torch(
             torch.device("cpu")))

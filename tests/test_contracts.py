@@ -13,12 +13,12 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
 from pyro_vae import cli
-from pyro_vae.parts import contracts
 from pyro_vae.config import plugins, registry
+from pyro_vae.config.spec import load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import load_spec
+from pyro_vae.parts import contracts
 
 SMALL = ["model.latent_dim=3", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]
 D = 16
@@ -145,7 +145,8 @@ class CoinGuide(NormalGuide):
      r"^prior 'shapes' \(.*WrongEventPrior\): forward\(\) gave a distribution with batch shape \(\) and "
      r"event shape \(4,\); expected batch shape \(\) and event shape \(3,\)"),
     ("prior", None, lambda spec, latent_dim, **parts: BatchedPrior(latent_dim),
-     r"^prior 'shapes' .*batch shape \(3,\) and event shape \(\); expected batch shape \(\) and event shape \(3,\)"),
+     r"^prior 'shapes' .*batch shape \(3,\) and event shape \(\); "
+     r"expected batch shape \(\) and event shape \(3,\)"),
     ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(input_dim, 5),
      r"^decoder network 'shapes' \(.*ShortDecoder\): output_bias has shape \(5,\); expected \(16,\)"),
     ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(2, output_dim),

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pyro_vae import evaluation
+from pyro_vae.config.spec import DataSpec, Spec, load_spec
 from pyro_vae.data import DATA_ENV, load_dataset, read_amat
 from pyro_vae.errors import UserInputError
 from pyro_vae.infer.gaussian import LinearGaussian
-from pyro_vae.config.spec import DataSpec, Spec, load_spec
 from pyro_vae.training.trainer import Trainer
 
 SHARED = Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.distributed
 
-from pyro_vae.training import distributed, runs
-from pyro_vae.infer import estimators
 from pyro_vae import training
 from pyro_vae.config.spec import load_spec
+from pyro_vae.infer import estimators
+from pyro_vae.training import distributed, runs
 
 EPOCHS = 5
 

@@ -23,11 +23,22 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_EL
 from torch.distributions import constraints, kl_divergence
 
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
-from pyro_vae.infer.estimators import (CIWAE_ELBO, MIWAE_ELBO, PIWAE_ELBO, DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO,
-                                 TailAdaptive_ELBO, bound, bound_and_backward, guide_kl_weight)
-from pyro_vae.infer.gaussian import LinearGaussian
 from pyro_vae.config.spec import Spec
+from pyro_vae.errors import UserInputError
+from pyro_vae.infer.estimators import (
+    CIWAE_ELBO,
+    IWAE_ELBO,
+    MIWAE_ELBO,
+    PIWAE_ELBO,
+    STL_ELBO,
+    DReG_ELBO,
+    Renyi_ELBO,
+    TailAdaptive_ELBO,
+    bound,
+    bound_and_backward,
+    guide_kl_weight,
+)
+from pyro_vae.infer.gaussian import LinearGaussian
 
 Z = 4.5
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg", "miwae", "ciwae",
@@ -365,8 +376,8 @@ def test_dreg_is_iwae_draw_for_draw_when_the_kl_weight_is_zero():
 
 @pytest.mark.parametrize("kl_weight,expected", [(1.0, 1.0), (0.3, 0.3), (0.0, 0.0)])
 def test_the_vae_passes_its_kl_weight_to_dreg_through_the_guide_site(kl_weight, expected):
-    from pyro_vae.model import VAE
     from pyro_vae.config.spec import load_spec
+    from pyro_vae.model import VAE
 
     vae = VAE.from_spec(load_spec(None, ["model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]).model, 6)
     x = torch.bernoulli(torch.full((5, 6), 0.5))

@@ -27,10 +27,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_vae.config import registry
-from pyro_vae.training import runs
 from pyro_vae.cli.main import main
+from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec
+from pyro_vae.training import runs
 
 BASE = Spec.from_dict({
     "data": {"train_size": 48, "test_size": 16, "batch_size": 16},

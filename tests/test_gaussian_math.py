@@ -1,4 +1,5 @@
-"""Numerical checks of the mathematics in the README's mathematics table, on the closed forms of pyro_vae.infer.gaussian.
+"""Numerical checks of the mathematics in the README's mathematics table, on the closed forms of
+pyro_vae.infer.gaussian.
 
 Statistical tests compare a Monte Carlo estimate with its exact value and allow
 4 standard errors (SE = sample std / √L): a two-sided normal tail of 6e-5 per

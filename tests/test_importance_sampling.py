@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.nn.functional import softplus
 
-from pyro_vae.evaluation import diagnostics
 from pyro_vae import evaluation
+from pyro_vae.config.spec import load_spec
+from pyro_vae.evaluation import diagnostics
 from pyro_vae.infer.gaussian import LinearGaussian
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import load_spec
 
 D, d, NOISE = 5, 2, 0.5
 

@@ -15,10 +15,10 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 from pyro_vae import evaluation
-from pyro_vae.parts import likelihoods, networks
 from pyro_vae.config import registry
-from pyro_vae.model import VAE
 from pyro_vae.config.spec import load_spec
+from pyro_vae.model import VAE
+from pyro_vae.parts import likelihoods, networks
 from pyro_vae.training.trainer import Trainer
 
 TEMPERATURE, RESCALE = 2.5, 3.0

@@ -8,8 +8,8 @@ import torch
 
 from pyro_vae import evaluation
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import Spec, load_spec
+from pyro_vae.errors import UserInputError
 from pyro_vae.training.trainer import Trainer
 
 PRIORS = ["standard-normal", "learned-normal", "mog", "vamp", "flow"]

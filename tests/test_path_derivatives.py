@@ -13,9 +13,9 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.infer.estimators import DReG_ELBO, STL_ELBO, bound_and_backward
-from pyro_vae.model import VAE
 from pyro_vae.config.spec import load_spec
+from pyro_vae.infer.estimators import STL_ELBO, DReG_ELBO, bound_and_backward
+from pyro_vae.model import VAE
 
 GUIDES = ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"]
 B, N, D = 6, 60, 10

@@ -239,8 +239,8 @@ def test_latent_map_names_the_classes_where_the_dataset_names_them(tmp_path):
 
 
 def test_fashion_mnist_carries_torchvisions_class_names():
-    from pyro_vae.data import DATA_ENV, load_dataset
     from pyro_vae.config.spec import DataSpec
+    from pyro_vae.data import DATA_ENV, load_dataset
 
     root = Path(os.environ.get(DATA_ENV, "/work/shared/data"))
     if not (root / "FashionMNIST").is_dir():

@@ -10,19 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import pyro.distributions as dist
 import pytest
 import torch
 import yaml
-import pyro.distributions as dist
 
-from pyro_vae.training import checkpoint, optimizer, runs
-from pyro_vae.evaluation import table
 from pyro_vae import training
 from pyro_vae.cli.main import command_line, main
+from pyro_vae.config.spec import OptimSpec, load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
+from pyro_vae.evaluation import table
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import OptimSpec, load_spec
+from pyro_vae.training import checkpoint, optimizer, runs
 
 TINY = ["data.train_size=200", "data.test_size=40", "data.batch_size=50", "model.encoder.hidden=[16]",
         "model.decoder.hidden=[16]"]

@@ -25,11 +25,11 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.training import checkpoint, run_state, runs
 from pyro_vae import training
 from pyro_vae.cli.main import main
-from pyro_vae.errors import NonFiniteError
 from pyro_vae.config.spec import load_spec
+from pyro_vae.errors import NonFiniteError
+from pyro_vae.training import checkpoint, run_state, runs
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=16", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=3"]

@@ -5,9 +5,9 @@ import pytest
 import yaml
 
 from pyro_vae.config import registry
+from pyro_vae.config.spec import Spec, load_spec, packaged_configs, parse_assignment
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import Spec, load_spec, packaged_configs, parse_assignment
 
 
 def error_of(raw=None, overrides=()):

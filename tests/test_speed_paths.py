@@ -24,13 +24,13 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.training import compiled, path_choice
-from pyro_vae.parts import distributions
 from pyro_vae import evaluation, training
 from pyro_vae.config import registry
-from pyro_vae.training.optimizer import adam
-from pyro_vae.model import VAE
 from pyro_vae.config.spec import OptimSpec, Spec, load_spec
+from pyro_vae.model import VAE
+from pyro_vae.parts import distributions
+from pyro_vae.training import compiled, path_choice
+from pyro_vae.training.optimizer import adam
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=2"]
@@ -111,7 +111,9 @@ def test_traced_step_matches_eager_for_every_kind_of_part(model):
 def test_a_kl_warm_up_replays_one_graph_with_beta_as_an_input():
     spec = small_spec("meanfield")
     x = binary_data()
-    betas = lambda i: [1.0, 0.25, 0.5, 0.75, 0.3][i]  # noqa: E731  (step 0 is eager and validated)
+    def betas(i):  # step 0 is eager and validated
+        return [1.0, 0.25, 0.5, 0.75, 0.3][i]
+
     eager_losses, eager_params, _ = train_steps(spec, x, traced=False, beta=betas)
     traced_losses, traced_params, step = train_steps(spec, x, traced=True, beta=betas)
     assert len(step.graphs) == 2  # β = 0.25 … 0.75 share the full batch's graph; the last batch has its own
@@ -153,7 +155,9 @@ def test_the_compile_switch_trains_the_same_run(tmp_path):
     fast = training.Trainer(load_spec(None, [*SMALL, "inference.compile=traced"]), None, show_progress=False)
     fast.fit()
     assert fast.loss_and_grads.mode == "traced"
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
     assert strip(eager.progress.metrics) == strip(fast.progress.metrics)
     assert all(torch.equal(a, b) for a, b in zip(eager.vae.parameters(), fast.vae.parameters()))
 

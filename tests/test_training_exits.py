@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from pyro_vae.training import board
 from pyro_vae import training
-from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.config.spec import load_spec
+from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.training import board
 
 SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
          "model.decoder.hidden=[16]", "train.epochs=2", "inference.compile=eager"]

@@ -13,9 +13,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import evaluation
+from pyro_vae.config.spec import Spec
 from pyro_vae.data import load_dataset
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import Spec
 
 Z = 4.0  # standard errors
 

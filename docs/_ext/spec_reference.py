@@ -22,7 +22,8 @@ import pyro_vae  # noqa: F401  (fills the registry)
 from pyro_vae.config import registry, spec
 
 NOTES = {
-    "data.name": "`file` reads `data.path` (and `data.test_path`); `linear-gaussian` is synthetic data with an exact p(x).",
+    "data.name": "`file` reads `data.path` (and `data.test_path`); "
+                 "`linear-gaussian` is synthetic data with an exact p(x).",
     "data.root": "a torchvision root; unset: `$PYRO_VAE_DATA`, else `~/.cache/pyro_vae`.",
     "data.path": "`.npy` / `.pt` array (N, D), (N, H, W) or (N, C, H, W), for `data.name: file`.",
     "data.test_fraction": "held-out share where there is no test file (`digits`, `file`).",

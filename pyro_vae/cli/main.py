@@ -23,7 +23,6 @@ from typing import Iterator
 
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
-
 OWN_THREADS = ("train", "compare")  # their spec's train.threads is the default of --threads
 MAX_SAMPLES = 1024      # sample grids beyond this are unreadable in one picture
 SPLITS = ("test", "validation", "train")
@@ -212,10 +211,10 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pyro_vae.training import distributed
     from pyro_vae import training
-    from pyro_vae.training.runs import default_run_dir
     from pyro_vae.config.spec import load_spec
+    from pyro_vae.training import distributed
+    from pyro_vae.training.runs import default_run_dir
 
     _positive(args.epochs, "--epochs")
     if args.resume is not None:
@@ -224,7 +223,8 @@ def run_train(args: argparse.Namespace) -> None:
                  ("--threads", args.threads is not None))
         clashes = [flag for flag, present in given if present]
         if clashes:
-            raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
+            raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with "
+                                 f"{', '.join(clashes)} (only --epochs)")
         training.resume(args.resume, args.epochs, show_progress=not args.quiet)
         if distributed.is_main():  # under torchrun, rank 0 alone prints
             print(args.resume)
@@ -281,9 +281,8 @@ def evaluation_split(data, split: str, seed: int, run_dir: Path):
 
 def run_sample(args: argparse.Namespace) -> None:
     from pyro_vae import plots
-    from pyro_vae.training.trainer import load_model, seed_everything
-
     from pyro_vae.training import runs
+    from pyro_vae.training.trainer import load_model, seed_everything
 
     _positive(args.n, "--n")
     if args.n > MAX_SAMPLES:
@@ -337,8 +336,8 @@ def run_table(args: argparse.Namespace) -> None:
     from datetime import datetime
 
     from pyro_vae import progress
-    from pyro_vae.training import runs
     from pyro_vae.evaluation import table
+    from pyro_vae.training import runs
 
     _positive(args.num_samples, "--num-samples")
     out = args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

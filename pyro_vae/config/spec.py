@@ -266,7 +266,8 @@ def part_keys(kind: str, name: Any) -> set[str]:
 
 
 def _other_parts_keys(prefix: str, kind: str, section: dict) -> list[str]:
-    """The keys of ``section`` (the part section at ``prefix``, of ``kind``) that belong only to parts it does not select."""
+    """The keys of ``section`` (the part section at ``prefix``, of ``kind``) that belong only to parts it does not
+    select."""
     default = section_at(Spec(), prefix)
     selector = part_selector(type(default))
     mine = part_keys(kind, section.get(selector, getattr(default, selector)))
@@ -367,7 +368,8 @@ def load_spec(config: str | None = None, overrides: list[str] | None = None) -> 
             raw = read_yaml(Path(config))
         else:
             raise UserInputError(
-                f"--config {config!r} is neither a spec file nor a packaged spec; packaged: {', '.join(sorted(packaged))}")
+                f"--config {config!r} is neither a spec file nor a packaged spec; "
+                f"packaged: {', '.join(sorted(packaged))}")
     spec = Spec.from_dict(raw)
     return spec.with_overrides(overrides or [])
 

@@ -85,15 +85,15 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae.parts import contracts
-from pyro_vae.evaluation import diagnostics
-from pyro_vae.infer import estimators
 from pyro_vae import evaluation, progress, threads
 from pyro_vae.config import registry
-from pyro_vae.training import runs
-from pyro_vae.errors import NonFiniteError, UserInputError, one_line
-from pyro_vae.infer.log_weights import log_weights
 from pyro_vae.config.spec import InferenceSpec, Spec, part_keys
+from pyro_vae.errors import NonFiniteError, UserInputError, one_line
+from pyro_vae.evaluation import diagnostics
+from pyro_vae.infer import estimators
+from pyro_vae.infer.log_weights import log_weights
+from pyro_vae.parts import contracts
+from pyro_vae.training import runs
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
 DEFAULT_REPEATS = 100

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.training import checkpoint, runs
 from pyro_vae import evaluation
 from pyro_vae.errors import UserInputError
+from pyro_vae.training import checkpoint, runs
 
 CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
 FILES = ("table.md", "table.csv", "curves.png")  # what write_table writes into --out

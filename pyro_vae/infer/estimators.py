@@ -93,18 +93,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
-from pyro_vae.infer import log_weights as weights
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import InferenceSpec, accepts
+from pyro_vae.errors import UserInputError
+from pyro_vae.infer import log_weights as weights
 
 MAX_PLATE_NESTING = 1
 
@@ -221,7 +218,8 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         return weights.traces(model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1)
 
     def log_weights(self, model, guide, args, kwargs, late_scale=None):
-        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.infer.log_weights`), N/B, the guide's trace.
+        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.infer.log_weights`), N/B, the
+        guide's trace.
 
         With ``late_scale`` (DReG, PIWAE) every latent value the model sees and
         the guide's log q pass through it, so their gradient can be reweighted

@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.distributions import (Independent, LowRankMultivariateNormal, MultivariateNormal,
-                                 Normal, register_kl)
+from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
 
 
 def diagonal_normal_kl(loc_q: torch.Tensor, scale_q: torch.Tensor,

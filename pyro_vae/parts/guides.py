@@ -31,9 +31,9 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.config import registry
-from pyro_vae.parts import distributions
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import GuideSpec, accepts, section_at
+from pyro_vae.errors import UserInputError
+from pyro_vae.parts import distributions
 
 
 class Guide(nn.Module):
@@ -161,7 +161,8 @@ def full_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
 
 @dataclass
 class AutoregressiveConfig:
-    """A flow of ``flows`` autoregressive transforms, each a MADE with ``hidden`` widths (``iaf``; the ``flow`` prior)."""
+    """A flow of ``flows`` autoregressive transforms, each a MADE with ``hidden`` widths (``iaf``; the ``flow``
+    prior)."""
 
     flows: int = field(default=2, metadata=accepts(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=accepts(1))

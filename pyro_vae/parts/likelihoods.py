@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.config import registry
-from pyro_vae.parts.distributions import BernoulliImage
 from pyro_vae.config.spec import LikelihoodSpec, accepts
+from pyro_vae.parts.distributions import BernoulliImage
 
 LEARNED = "learned"
 MEAN_CLAMP = 1e-3  # data-mean initialization: means of 0 or 1 are moved this far inside (0, 1)

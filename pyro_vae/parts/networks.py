@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import NetworkSpec, accepts
+from pyro_vae.errors import UserInputError
 
 ACTIVATIONS = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU,
@@ -102,7 +102,8 @@ class MLPDecoder(nn.Module):
 def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int],
                    activation: str) -> tuple[int, int, int]:
     if image_shape is None:
-        raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); this dataset is flat vectors: use mlp")
+        raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); "
+                             "this dataset is flat vectors: use mlp")
     if not channels:
         raise UserInputError("a conv network needs at least one entry in 'channels' (model.encoder.channels, "
                              "model.decoder.channels), e.g. [32, 64]")
@@ -113,7 +114,8 @@ def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int]
     factor = 2 ** len(channels)
     if h % factor or w % factor:
         raise UserInputError(
-            f"conv network with {len(channels)} stride-2 layers ('channels') needs image sides divisible by {factor}; images are {h}x{w}")
+            f"conv network with {len(channels)} stride-2 layers ('channels') needs image sides divisible by {factor}; "
+            f"images are {h}x{w}")
     return c, h // factor, w // factor
 
 

@@ -27,11 +27,11 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.config import registry
-from pyro_vae.parts.distributions import DiagonalNormal
-from pyro_vae.errors import UserInputError
-from pyro_vae.parts.mixtures import gaussian_mixture
-from pyro_vae.parts.guides import AutoregressiveConfig
 from pyro_vae.config.spec import PriorSpec, accepts
+from pyro_vae.errors import UserInputError
+from pyro_vae.parts.distributions import DiagonalNormal
+from pyro_vae.parts.guides import AutoregressiveConfig
+from pyro_vae.parts.mixtures import gaussian_mixture
 
 
 class StandardNormal(nn.Module):

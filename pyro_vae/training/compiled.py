@@ -54,9 +54,9 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_vae.training import compile_cache, rng
-from pyro_vae.infer import estimators
 from pyro_vae.errors import one_line
+from pyro_vae.infer import estimators
+from pyro_vae.training import compile_cache, rng
 
 #: fused kernels, random draws through the eager generator; Inductor's precompiled C++ headers live in the
 #: temporary folder, so a step compiled without them loads from the package's cache alone

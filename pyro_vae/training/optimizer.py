@@ -25,8 +25,8 @@ from typing import Iterable
 
 import torch
 
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import OptimSpec
+from pyro_vae.errors import UserInputError
 
 IWAE_STAGES = 8
 

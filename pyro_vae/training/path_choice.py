@@ -26,8 +26,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_vae.training import compiled
 from pyro_vae.infer import estimators
+from pyro_vae.training import compiled
 
 #: the steps a run must have left for ``auto`` to build the trace (a trace pays back its build over this many)
 TRACE_AFTER_STEPS = 1000

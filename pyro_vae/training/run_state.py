@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.training import runs
-from pyro_vae.errors import UserInputError, one_line
-from pyro_vae.training.rng import rng_state, set_rng_state
 from pyro_vae.config.spec import Spec, dotted_keys, get_dotted
+from pyro_vae.errors import UserInputError, one_line
+from pyro_vae.training import runs
+from pyro_vae.training.rng import rng_state, set_rng_state
 
 #: keys every training checkpoint has (``step_path`` is optional: older checkpoints lack it)
 STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",

@@ -39,8 +39,8 @@ import torch
 import yaml
 
 from pyro_vae.config import plugins
-from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.config.spec import Spec
+from pyro_vae.errors import UserInputError, one_line
 
 CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
 LOCK = ".lock"  # held (fcntl.flock) by the command training in the folder; it names that command
@@ -62,7 +62,8 @@ def check_new_run(run_dir: Path, spec: Spec, force: bool) -> None:
         except UserInputError:
             what = "an unreadable spec"
         raise UserInputError(
-            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
+            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, "
+            "or another --out")
     if (run_dir.is_dir() and not (run_dir / CONFIG).exists() and any(p.name != LOCK for p in run_dir.iterdir())
             and not force):
         raise UserInputError(f"'{run_dir}' is a folder with other files in it, not a run folder; give an empty or new "
@@ -267,7 +268,9 @@ def read_model_inputs(run_dir: Path) -> dict | None:
     if not isinstance(record, dict):
         return None
     data_dim, shape = record.get("data_dim"), record.get("image_shape")
-    whole = (lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0)
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
     if not whole(data_dim) or not (shape is None or (isinstance(shape, list) and len(shape) == 3
                                                       and all(whole(size) for size in shape))):
         return None

@@ -68,15 +68,15 @@ import pyro
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
-from pyro_vae.parts import contracts
-from pyro_vae.infer import estimators
 from pyro_vae import evaluation, progress, threads
+from pyro_vae.config.spec import Spec, check_device_name
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
+from pyro_vae.infer import estimators
 from pyro_vae.model import VAE, check_likelihood_support
+from pyro_vae.parts import contracts
+from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
 from pyro_vae.training.rng import seed_everything
-from pyro_vae.config.spec import Spec, check_device_name
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
@@ -494,7 +494,8 @@ class Trainer:
         self.save()
 
     def write_board(self, row: dict) -> None:
-        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard`` (:mod:`pyro_vae.training.board`)."""
+        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard``
+        (:mod:`pyro_vae.training.board`)."""
         if not self.spec.train.tensorboard or self.run_dir is None or not self.dist.is_main:
             return
         from pyro_vae.training import board
