@@ -16,6 +16,7 @@ and reading its spec (``evaluate``, ``sample``, ``table``, ``--resume``,
 whatever reason (not found, a SyntaxError, an exception while it runs, a
 part name already registered), is a one-line error naming it and the error.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,8 +53,10 @@ def import_failure(name: str, exc: Exception) -> str:
     """One line: why importing plugin module ``name`` failed, where in its code, and for a missing module the fix."""
     error = f"{type(exc).__name__}: {one_line(exc, 240)}"
     if isinstance(exc, ModuleNotFoundError) and (exc.name == name or name.startswith(f"{exc.name}.")):
-        return (f"cannot import plugin module {name!r} ({error}); install it, or run from the folder "
-                f"that holds {name.replace('.', '/')}.py")
+        return (
+            f"cannot import plugin module {name!r} ({error}); install it, or run from the folder "
+            f"that holds {name.replace('.', '/')}.py"
+        )
     return f"plugin module {name!r} failed to import ({error}{_location(name, exc)})"
 
 

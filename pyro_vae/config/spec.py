@@ -9,6 +9,7 @@ as soon as it is registered. A part section (``model.prior``, ``inference``, …
 holds the keys every part of its kind shares and, beside them in YAML, the keys
 the selected part declares: its registry config dataclass, held in ``options``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,14 @@ PUBLISHED = "published"  # data.validation_size: the dataset's own validation sp
 TRAIN_SEED = "train"  # data.eval_binarize_seed: binarize the evaluation splits with train.seed
 
 
-def accepts(low: float | None = None, high: float | None = None, *, open_low: bool = False,
-            choices: tuple[str, ...] | None = None, kind: str | None = None) -> dict:
+def accepts(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    choices: tuple[str, ...] | None = None,
+    kind: str | None = None,
+) -> dict:
     """A key's ``field`` metadata: numbers in [low, high] (> low with ``open_low``), strings in ``choices``,
     or (``kind``) the names registered for a kind of part. Parts' config dataclasses use it too."""
     return {"low": low, "high": high, "open_low": open_low, "choices": choices, "kind": kind}
@@ -73,7 +80,10 @@ class NetworkSpec:
     type: str = field(default="mlp", metadata=accepts(kind="network"))
     options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
     hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=accepts(1))
-    activation: str = field(default="relu", metadata=accepts(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")))
+    activation: str = field(
+        default="relu",
+        metadata=accepts(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")),
+    )
 
 
 @dataclass
@@ -298,8 +308,8 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
             child = node[part] = {"type": child}  # `schedule: plateau`, then `schedule.patience=5`
         if not isinstance(child, dict):
             if part not in node:
-                raise UserInputError(f"unknown key '{'.'.join(parts[:depth + 1])}'")
-            raise UserInputError(f"'{'.'.join(parts[:depth + 1])}' is a value, not a section; cannot set '{key}'")
+                raise UserInputError(f"unknown key '{'.'.join(parts[: depth + 1])}'")
+            raise UserInputError(f"'{'.'.join(parts[: depth + 1])}' is a value, not a section; cannot set '{key}'")
         node = child
     current = node.get(parts[-1])
     if isinstance(value, str) and isinstance(current, dict) and "type" in current:
@@ -326,8 +336,7 @@ def get_dotted(tree: dict, key: str) -> Any:
 def packaged_configs() -> dict[str, Path]:
     """Names of the specs shipped in ``pyro_vae/configs`` and their paths."""
     folder = resources.files("pyro_vae") / "configs"
-    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
-            if entry.name.endswith(".yaml")}
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
 
 
 def config_summary(path: Path) -> str:
@@ -353,7 +362,9 @@ def read_yaml(path: Path) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserInputError(f"spec file '{path}' must hold a mapping of sections (data, model, inference, optim, train)")
+        raise UserInputError(
+            f"spec file '{path}' must hold a mapping of sections (data, model, inference, optim, train)"
+        )
     return raw
 
 
@@ -369,7 +380,8 @@ def load_spec(config: str | None = None, overrides: list[str] | None = None) -> 
         else:
             raise UserInputError(
                 f"--config {config!r} is neither a spec file nor a packaged spec; "
-                f"packaged: {', '.join(sorted(packaged))}")
+                f"packaged: {', '.join(sorted(packaged))}"
+            )
     spec = Spec.from_dict(raw)
     return spec.with_overrides(overrides or [])
 
@@ -381,8 +393,9 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         item = typing.get_args(annotation)[0]
         return f"a list of {({int: 'integers', float: 'numbers', str: 'strings'}).get(item, _type_name(item))}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
 
 
 def _describe(annotation: Any, meta: typing.Mapping) -> str:
@@ -436,7 +449,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         owners = _owners(fields[selector].metadata["kind"], unknown[0]) if selector else []
         hint = f" ('{unknown[0]}' is a key of {' and '.join(owners)})" if owners else ""
         raise UserInputError(
-            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}{hint}")
+            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}{hint}"
+        )
     values = {}
     if part is not None:
         values["options"] = _build(part, {k: raw[k] for k in part_keys if k in raw}, prefix)
@@ -473,8 +487,10 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
         (item_type,) = typing.get_args(annotation)
         example = "[200, 200]" if item_type is int else "[0.9, 0.999]"
         if isinstance(value, str) and "," in value:
-            raise UserInputError(f"'{key}' is {value!r}; accepted: {_type_name(annotation)} such as {example} "
-                                 f"(with the brackets: --set {key}={example.replace(' ', '')})")
+            raise UserInputError(
+                f"'{key}' is {value!r}; accepted: {_type_name(annotation)} such as {example} "
+                f"(with the brackets: --set {key}={example.replace(' ', '')})"
+            )
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
@@ -532,14 +548,19 @@ def _check_cross_field(spec: Spec) -> None:
             check(prefix, spec)  # a part's own cross-key rule, e.g. a low-rank guide's rank <= latent_dim
     bounds = model.guide.log_variance_bounds
     if bounds is not None and (len(bounds) != 2 or not bounds[0] < bounds[1]):
-        raise UserInputError(f"'model.guide.log_variance_bounds' is {bounds}; accepted: null or two numbers "
-                             f"[low, high] with low < high, e.g. [-6, 2]")
+        raise UserInputError(
+            f"'model.guide.log_variance_bounds' is {bounds}; accepted: null or two numbers "
+            f"[low, high] with low < high, e.g. [-6, 2]"
+        )
     if spec.optim.schedule.type == "plateau" and spec.data.validation_size is None:
-        raise UserInputError("'optim.schedule' plateau reduces the rate when the validation ELBO stops rising; "
-                             "set data.validation_size (e.g. 10000) to hold out a validation split")
+        raise UserInputError(
+            "'optim.schedule' plateau reduces the rate when the validation ELBO stops rising; "
+            "set data.validation_size (e.g. 10000) to hold out a validation split"
+        )
     if spec.train.early_stopping_patience is not None and spec.data.validation_size is None:
-        raise UserInputError("'train.early_stopping_patience' needs a validation split; set data.validation_size "
-                             "(e.g. 10000)")
+        raise UserInputError(
+            "'train.early_stopping_patience' needs a validation split; set data.validation_size (e.g. 10000)"
+        )
     if spec.data.name == "file" and spec.data.path is None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
     check_device_name(spec.train.device, "'train.device'")

@@ -10,6 +10,7 @@ over the flat example x with event shape (D,):
   dimension (``scale: learned``).
 - ``laplace``: Laplace(μ_i, b_i), same scale options.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -5,6 +5,7 @@ into the parameters of q_φ(z|x). A decoder maps z (…, d) to the D numbers a
 likelihood needs per example (logits or means). Leading dimensions (particles,
 batch) pass through unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,13 @@ from pyro_vae.config.spec import NetworkSpec, accepts
 from pyro_vae.errors import UserInputError
 
 ACTIVATIONS = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU,
-    "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
 }
 
 
@@ -91,7 +97,7 @@ class MLPDecoder(nn.Module):
         h = z
         for i, linear in enumerate(linears):
             weight, bias = linear.weight, linear.bias
-            if i > 0:                         # the input is g = σ(2a), tanh(a) = 2g − 1
+            if i > 0:  # the input is g = σ(2a), tanh(a) = 2g − 1
                 weight, bias = 2 * weight, bias - weight.sum(1)
             if i == len(linears) - 1:
                 return torch.nn.functional.linear(h, weight, bias)
@@ -99,23 +105,31 @@ class MLPDecoder(nn.Module):
         raise AssertionError("unreachable: an MLP decoder ends with a linear layer")
 
 
-def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int],
-                   activation: str) -> tuple[int, int, int]:
+def _conv_geometry(
+    image_shape: tuple[int, int, int] | None, channels: list[int], activation: str
+) -> tuple[int, int, int]:
     if image_shape is None:
-        raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); "
-                             "this dataset is flat vectors: use mlp")
+        raise UserInputError(
+            "'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); "
+            "this dataset is flat vectors: use mlp"
+        )
     if not channels:
-        raise UserInputError("a conv network needs at least one entry in 'channels' (model.encoder.channels, "
-                             "model.decoder.channels), e.g. [32, 64]")
+        raise UserInputError(
+            "a conv network needs at least one entry in 'channels' (model.encoder.channels, "
+            "model.decoder.channels), e.g. [32, 64]"
+        )
     if activation == GATED:
-        raise UserInputError("activation 'gated' is for mlp networks; a conv network takes relu, tanh, softplus, "
-                             "elu, gelu, silu or leaky_relu")
+        raise UserInputError(
+            "activation 'gated' is for mlp networks; a conv network takes relu, tanh, softplus, "
+            "elu, gelu, silu or leaky_relu"
+        )
     c, h, w = image_shape
     factor = 2 ** len(channels)
     if h % factor or w % factor:
         raise UserInputError(
             f"conv network with {len(channels)} stride-2 layers ('channels') needs image sides divisible by {factor}; "
-            f"images are {h}x{w}")
+            f"images are {h}x{w}"
+        )
     return c, h // factor, w // factor
 
 
@@ -146,8 +160,14 @@ class ConvDecoder(nn.Module):
     one bias per output value (C·H·W), so the decoder can start at the mean image.
     """
 
-    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: list[int],
-                 hidden: list[int], activation: str):
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: tuple[int, int, int],
+        channels: list[int],
+        hidden: list[int],
+        activation: str,
+    ):
         super().__init__()
         _, h, w = _conv_geometry(image_shape, channels, activation)
         self.start = (channels[-1], h, w)
@@ -169,8 +189,9 @@ class ConvDecoder(nn.Module):
 
 
 @registry.register("network", "mlp")
-def mlp_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
-                image_shape: tuple[int, int, int] | None) -> nn.Module:
+def mlp_network(
+    spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None, image_shape: tuple[int, int, int] | None
+) -> nn.Module:
     """Fully connected encoder or decoder (``hidden``, ``activation``)."""
     if role == "encoder":
         return MLPEncoder(input_dim, spec.hidden, spec.activation)
@@ -185,8 +206,9 @@ class ConvConfig:
 
 
 @registry.register("network", "conv", config=ConvConfig)
-def conv_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
-                 image_shape: tuple[int, int, int] | None) -> nn.Module:
+def conv_network(
+    spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None, image_shape: tuple[int, int, int] | None
+) -> nn.Module:
     """Convolutional encoder or decoder for images (``channels``, then ``hidden``)."""
     channels = spec.options.channels
     if role == "encoder":

@@ -16,6 +16,7 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
   (Papamakarios et al. 2017), so log p(z) costs one network pass per flow:
   ``log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,8 +70,14 @@ class MixtureOfGaussians(nn.Module):
 
 
 class VampPrior(nn.Module):
-    def __init__(self, data_dim: int, pseudo_inputs: int, encoder: nn.Module, guide: nn.Module,
-                 data_range: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        data_dim: int,
+        pseudo_inputs: int,
+        encoder: nn.Module,
+        guide: nn.Module,
+        data_range: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, data_dim))
         # hardtanh bounds of the pseudo-inputs, kept in the checkpoint; None: unbounded
@@ -143,8 +150,16 @@ class VampConfig:
 
 
 @registry.register("prior", "vamp", config=VampConfig)
-def vamp(spec: PriorSpec, latent_dim: int, *, data_dim: int, encoder: nn.Module, guide: nn.Module,
-         data_range: tuple[float, float] = (0.0, 1.0), **parts) -> nn.Module:
+def vamp(
+    spec: PriorSpec,
+    latent_dim: int,
+    *,
+    data_dim: int,
+    encoder: nn.Module,
+    guide: nn.Module,
+    data_range: tuple[float, float] = (0.0, 1.0),
+    **parts,
+) -> nn.Module:
     bounds = data_range if spec.options.pseudo_input_activation == "hardtanh" else None
     return VampPrior(data_dim, spec.options.pseudo_inputs, encoder, guide, bounds)
 

@@ -19,6 +19,7 @@ Schedules (``optim.schedule.type``), stepped once per epoch:
 Each scheduler's ``state_dict`` goes into the checkpoint, so a resumed run
 continues the schedule where it stopped.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -58,7 +59,7 @@ def iwae_factor(epoch: int) -> float:
     stage, end = 0, 1
     while epoch >= end and stage < IWAE_STAGES - 1:
         stage += 1
-        end += 3 ** stage
+        end += 3**stage
     return 10 ** (-stage / 7)
 
 
@@ -71,8 +72,9 @@ def scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec, epochs: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, iwae_factor)
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=spec.schedule.factor,
-                                                      patience=spec.schedule.patience)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=spec.schedule.factor, patience=spec.schedule.patience
+    )
 
 
 def step_scheduler(schedule, validation_elbo: float | None) -> None:
