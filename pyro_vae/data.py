@@ -33,6 +33,7 @@ import gzip
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -102,8 +103,8 @@ class Dataset:
 
         return replace(
             self,
-            train=move(self.train),
-            test=move(self.test),
+            train=self.train.to(device),
+            test=self.test.to(device),
             validation=move(self.validation),
             train_labels=move(self.train_labels),
             test_labels=move(self.test_labels),
@@ -163,7 +164,8 @@ def size_note(key: str, spec: DataSpec, available: int) -> str | None:
 
 def evaluation_seed(spec: DataSpec) -> int | None:
     """The seed of the evaluation splits' fixed binarization: ``data.eval_binarize_seed``, None for ``train``."""
-    return None if spec.eval_binarize_seed == TRAIN_SEED else spec.eval_binarize_seed
+    seed = spec.eval_binarize_seed
+    return None if seed == TRAIN_SEED else cast(int, seed)  # the spec accepts an integer or "train"
 
 
 def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset:
@@ -177,6 +179,7 @@ def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset
                 f"validation split; give a number of training examples to hold out"
             )
         return data
+    assert isinstance(size, int)  # the spec accepts a count, "published" or none
     if size >= data.num_train:
         raise UserInputError(
             f"'data.validation_size' is {size}; it must leave training examples out of {data.num_train}"
@@ -213,8 +216,8 @@ def binarized(data: Dataset, mode: str, seed: int, eval_seed: int | None = None)
     generator = torch.Generator().manual_seed(seed)
     evaluation_generator = generator if eval_seed is None else torch.Generator().manual_seed(eval_seed)
 
-    def once(tensor: torch.Tensor | None, source: torch.Generator) -> torch.Tensor | None:
-        return None if tensor is None else torch.bernoulli(tensor, generator=source)
+    def once(tensor: torch.Tensor, source: torch.Generator) -> torch.Tensor:
+        return torch.bernoulli(tensor, generator=source)
 
     if mode == "none":
         return replace(data, binarize=mode)
@@ -223,7 +226,7 @@ def binarized(data: Dataset, mode: str, seed: int, eval_seed: int | None = None)
         data,
         train=train,
         test=once(data.test, evaluation_generator),
-        validation=once(data.validation, evaluation_generator),
+        validation=None if data.validation is None else once(data.validation, evaluation_generator),
         binarize=mode,
     )
 
@@ -383,13 +386,15 @@ def _image_shape(array: torch.Tensor) -> tuple[int, int, int] | None:
     if array.dim() == 3:
         return (1, *array.shape[1:])
     if array.dim() == 4:
-        return tuple(array.shape[1:])
+        c, h, w = array.shape[1:]
+        return (c, h, w)
     return None
 
 
 @registry.register("dataset", "file")
 def user_file(spec: DataSpec) -> Dataset:
     """A user's array from ``data.path``; test from ``data.test_path`` or a held-out fraction."""
+    assert spec.path is not None  # the spec check requires data.path for data.name file
     x = read_array(Path(spec.path))
     shape = _image_shape(x)
     flat = x.reshape(x.shape[0], -1)

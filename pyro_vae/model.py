@@ -109,15 +109,15 @@ class VAE(nn.Module):
     # -- the distributions, usable without Pyro's effect handlers ------------------
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q_φ(z | x), batch shape (B,), event shape (d,)."""
-        return self.guide_head(self.encoder(x))
+        return self.guide_head(self.encoder(x))  # type: ignore[return-value]  # the parts return Pyro distributions
 
     def prior_distribution(self) -> dist.TorchDistribution:
         """p(z), event shape (d,)."""
-        return self.prior()
+        return self.prior()  # type: ignore[return-value]  # the parts return Pyro distributions
 
     def likelihood_distribution(self, z: torch.Tensor) -> dist.TorchDistribution:
         """p_θ(x | z), batch shape z.shape[:-1], event shape (D,)."""
-        return self.likelihood(self.decoder(z))
+        return self.likelihood(self.decoder(z))  # type: ignore[return-value]  # the parts return Pyro distributions
 
     # -- the Pyro program ---------------------------------------------------------
     def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
@@ -143,7 +143,7 @@ class VAE(nn.Module):
         }
         for program in programs:
             for name, module in names[program]:
-                pyro.module(name, module)
+                pyro.module(name, module)  # type: ignore[arg-type]  # every part is an nn.Module (contracts)
 
     def model(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
         """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples, the z sites weighted by β."""
@@ -181,11 +181,11 @@ class VAE(nn.Module):
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """φ: the guide's parameters (encoder and guide head)."""
-        return [*self.encoder.parameters(), *self.guide_head.parameters()]
+        return [*self.encoder.parameters(), *self.guide_head.parameters()]  # type: ignore[attr-defined]
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         """θ: the model's own parameters (decoder, prior, likelihood)."""
-        return [*self.decoder.parameters(), *self.prior.parameters(), *self.likelihood.parameters()]
+        return [*self.decoder.parameters(), *self.prior.parameters(), *self.likelihood.parameters()]  # type: ignore[attr-defined]
 
 
 def check_likelihood_support(vae: VAE, data: torch.Tensor, likelihood_name: str, what: str) -> None:

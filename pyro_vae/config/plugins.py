@@ -68,8 +68,11 @@ def _location(name: str, exc: Exception) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     source = _source_file(name)
     own = [frame for frame in frames if frame.filename == source]
-    frame = (own or frames or [None])[-1]
-    return f", at {frame.filename} line {frame.lineno}" if frame is not None else ""
+    candidates = own or frames
+    if not candidates:
+        return ""
+    frame = candidates[-1]
+    return f", at {frame.filename} line {frame.lineno}"
 
 
 def _source_file(name: str) -> str | None:

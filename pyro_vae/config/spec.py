@@ -226,6 +226,7 @@ class Spec:
         for prefix, kind in part_sections():
             section, current = section_at(raw, prefix), section_at(self, prefix)
             selector = part_selector(type(current))
+            assert selector is not None  # part_sections lists only sections that select a part
             if isinstance(section, dict) and section.get(selector) != getattr(current, selector):
                 for key in _other_parts_keys(prefix, kind, section):
                     dotted = f"{prefix}.{key}"
@@ -247,7 +248,7 @@ def part_sections(cls: type | None = None, prefix: str = "") -> list[tuple[str, 
     found = []
     for f in dataclasses.fields(cls or Spec):
         annotation = typing.get_type_hints(cls or Spec)[f.name]
-        if not dataclasses.is_dataclass(annotation):
+        if not (isinstance(annotation, type) and dataclasses.is_dataclass(annotation)):
             continue
         selector = part_selector(annotation)
         if selector is not None:
@@ -280,6 +281,7 @@ def _other_parts_keys(prefix: str, kind: str, section: dict) -> list[str]:
     select."""
     default = section_at(Spec(), prefix)
     selector = part_selector(type(default))
+    assert selector is not None  # ``prefix`` is a section that selects a part
     mine = part_keys(kind, section.get(selector, getattr(default, selector)))
     theirs = set().union(*(part_keys(kind, name) for name in registry.names(kind)))
     others = theirs - mine - {f.name for f in dataclasses.fields(type(default))}
@@ -320,7 +322,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
     """Every leaf of a nested dict as a dotted path (``model.prior.type``), in order."""
-    keys = []
+    keys: list[str] = []
     for name, value in tree.items():
         keys += dotted_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
     return keys
@@ -411,7 +413,7 @@ def _describe(annotation: Any, meta: typing.Mapping) -> str:
 def _flatten_options(tree: Any) -> Any:
     if not isinstance(tree, dict):
         return tree
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         if key == "options":
             out.update(value or {})
@@ -458,7 +460,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         annotation = hints[name]
         key = prefix + name
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             if isinstance(value, str) and "type" in {f.name for f in dataclasses.fields(annotation)}:
                 value = {"type": value}  # a bare name selects the part: `optim.schedule: plateau`
             values[name] = _build(annotation, value if value is not None else {}, key + ".")

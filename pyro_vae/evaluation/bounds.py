@@ -111,7 +111,8 @@ def log_weight_terms(
             for part, name in zip(parts, ("log_likelihood", "log_prior", "log_guide")):
                 part.append(torch.cat([getattr(s, name).expand(s.log_w.shape) for s in sites]))
     vae.train(was_training)
-    return tuple(torch.cat(part, dim=1) for part in parts)
+    log_likelihood, log_prior, log_guide = (torch.cat(part, dim=1) for part in parts)
+    return log_likelihood, log_prior, log_guide
 
 
 @torch.no_grad()

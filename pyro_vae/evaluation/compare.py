@@ -220,7 +220,7 @@ def parse_token(token: str) -> Choice:
     if len(given) != len(fields):
         form = ":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in fields)])
         raise bad(f"does not have the form {form}")
-    values = []
+    values: list[tuple[str, float]] = []
     for key, text in zip(fields, given):
         placeholder = PLACEHOLDERS.get(key, key.upper())
         if _key_type(name, key) is int:
@@ -336,7 +336,8 @@ def measure(
 
     encoder, decoder = vae.encoder_parameters(), vae.decoder_parameters()
     moments = {"encoder": Moments(), "decoder": Moments()}
-    bounds, seconds = [], []
+    bounds: list[float] = []
+    seconds: list[float] = []
     seed_everything(seed)
     with pyro.validation_enabled(True):  # warm-up, untimed, validated
         vae.zero_grad(set_to_none=True)
@@ -345,8 +346,9 @@ def measure(
         for _ in range(repeats):
             vae.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            loss = estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
-            loss = float(loss)  # waits for the device, inside the timed step
+            loss = float(  # float() waits for the device, inside the timed step
+                estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
+            )
             seconds.append(time.perf_counter() - start)
             bounds.append(-loss / num_data)
             moments["encoder"].add(flat_gradient(encoder))

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
@@ -167,6 +168,9 @@ class _LateGradientScale:
 
 class _FromDifferentiableLoss:
     """``loss`` and ``loss_and_grads`` of Pyro's ELBO interface, from ``differentiable_loss``."""
+
+    differentiable_loss: Callable[..., torch.Tensor]  # of the estimator class this is mixed into
+    retain_graph: bool
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """−bound as a float (no gradients)."""
@@ -615,7 +619,7 @@ def bound_and_backward(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tenso
         if loss.requires_grad:
             loss.backward()
         return loss.detach()
-    return torch.tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
+    return torch.tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))  # type: ignore[attr-defined]
 
 
 def bound(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -623,4 +627,4 @@ def bound(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         if hasattr(elbo, "differentiable_loss"):
             return -elbo.differentiable_loss(model, guide, *args, **kwargs).detach()
-        return -torch.tensor(elbo.loss(model, guide, *args, **kwargs))
+        return -torch.tensor(elbo.loss(model, guide, *args, **kwargs))  # type: ignore[attr-defined]

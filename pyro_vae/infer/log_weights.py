@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import pyro
 import torch
@@ -81,11 +81,12 @@ class Site:
         return out.sum(self.dims, keepdim=True) if self.dims else out
 
 
-def _total(terms) -> torch.Tensor | float:
+def _total(terms) -> torch.Tensor:
+    """Σ terms; the float 0.0, which adds to a tensor as a zero tensor would, when there are none."""
     out: torch.Tensor | float = 0.0
     for term in terms:
         out = out + term
-    return out
+    return cast(torch.Tensor, out)
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _site_log_prob(site: dict, path_derivative: bool) -> torch.Tensor:
     return log_prob
 
 
-def _sites(trace: poutine.Trace) -> list[dict]:
+def _sites(trace: poutine.Trace) -> list[Any]:
     return [site for site in trace.nodes.values() if site["type"] == "sample"]
 
 
@@ -194,7 +195,7 @@ def traces(
         replayed = guide_trace.copy()
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
-                replayed.nodes[name] = {**site, "value": scale_values(site["value"], site["fn"].event_dim)}
+                replayed.nodes[name] = {**site, "value": scale_values(site["value"], site["fn"].event_dim)}  # type: ignore[attr-defined]
     model_trace = poutine.trace(poutine.replay(particles(model), trace=replayed)).get_trace(*args, **kwargs)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)

@@ -352,7 +352,7 @@ def _evaluating(part: nn.Module) -> Iterator[None]:
             module.train(training)
 
 
-def _probe(part_label: str, call: str, part: nn.Module, fn: Callable, *args: Any) -> Any:
+def _probe(part_label: str, call: str, part: Any, fn: Callable, *args: Any) -> Any:
     """``fn(*args)``, ``part`` in eval mode, without gradients; an error it raises becomes one line naming the call."""
     try:
         with torch.no_grad(), _evaluating(part):

@@ -143,7 +143,8 @@ class InverseAutoregressive(Guide):
         return self.base.gaussian(h)
 
     def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
-        return dist.TransformedDistribution(self.gaussian(h), [flow.condition(h) for flow in self.flows])
+        conditioned = [flow.condition(h) for flow in self.flows]  # type: ignore[operator]  # a ModuleList's items
+        return dist.TransformedDistribution(self.gaussian(h), conditioned)
 
     def moments(self, h: torch.Tensor, num_samples: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Monte Carlo moments: the flow has no closed-form mean."""

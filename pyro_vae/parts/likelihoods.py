@@ -101,6 +101,8 @@ class ContinuousBernoulli(Likelihood):
 class LocationScale(Likelihood):
     """Gaussian or Laplace with a fixed scale or a learned scale per dimension."""
 
+    fixed_scale: torch.Tensor  # a buffer, with a fixed scale
+
     def __init__(self, family: type, data_dim: int, scale: float | str, min_scale: float):
         super().__init__()
         self.family = family

@@ -87,7 +87,7 @@ class MLPDecoder(nn.Module):
     @property
     def output_bias(self) -> nn.Parameter:
         """The bias of the last layer, one entry per output (D,)."""
-        return self.net[-1].bias
+        return self.net[-1].bias  # type: ignore[return-value]  # nn.Sequential indexes as a Module
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(..., d) → (..., D)."""
@@ -96,7 +96,8 @@ class MLPDecoder(nn.Module):
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         h = z
         for i, linear in enumerate(linears):
-            weight, bias = linear.weight, linear.bias
+            weight: torch.Tensor = linear.weight
+            bias: torch.Tensor = linear.bias
             if i > 0:  # the input is g = σ(2a), tanh(a) = 2g − 1
                 weight, bias = 2 * weight, bias - weight.sum(1)
             if i == len(linears) - 1:
@@ -105,14 +106,20 @@ class MLPDecoder(nn.Module):
         raise AssertionError("unreachable: an MLP decoder ends with a linear layer")
 
 
-def _conv_geometry(
-    image_shape: tuple[int, int, int] | None, channels: list[int], activation: str
-) -> tuple[int, int, int]:
+def _image(image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """``image_shape``; for flat data (None) the line that a conv network needs images."""
     if image_shape is None:
         raise UserInputError(
             "'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); "
             "this dataset is flat vectors: use mlp"
         )
+    return image_shape
+
+
+def _conv_geometry(
+    image_shape: tuple[int, int, int] | None, channels: list[int], activation: str
+) -> tuple[int, int, int]:
+    image_shape = _image(image_shape)
     if not channels:
         raise UserInputError(
             "a conv network needs at least one entry in 'channels' (model.encoder.channels, "
@@ -195,6 +202,7 @@ def mlp_network(
     """Fully connected encoder or decoder (``hidden``, ``activation``)."""
     if role == "encoder":
         return MLPEncoder(input_dim, spec.hidden, spec.activation)
+    assert output_dim is not None  # a decoder is always built with its output width
     return MLPDecoder(input_dim, spec.hidden, output_dim, spec.activation)
 
 
@@ -211,7 +219,8 @@ def conv_network(
 ) -> nn.Module:
     """Convolutional encoder or decoder for images (``channels``, then ``hidden``)."""
     channels = spec.options.channels
+    shape = _image(image_shape)
     if role == "encoder":
-        return ConvEncoder(image_shape, channels, spec.hidden, spec.activation)
-    _conv_geometry(image_shape, channels, spec.activation)
-    return ConvDecoder(input_dim, image_shape, channels, spec.hidden, spec.activation)
+        return ConvEncoder(shape, channels, spec.hidden, spec.activation)
+    _conv_geometry(shape, channels, spec.activation)
+    return ConvDecoder(input_dim, shape, channels, spec.hidden, spec.activation)

@@ -20,6 +20,7 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -36,6 +37,9 @@ from pyro_vae.parts.mixtures import gaussian_mixture
 
 
 class StandardNormal(nn.Module):
+    loc: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
@@ -70,6 +74,8 @@ class MixtureOfGaussians(nn.Module):
 
 
 class VampPrior(nn.Module):
+    data_range: torch.Tensor  # a buffer
+
     def __init__(
         self,
         data_dim: int,
@@ -94,11 +100,14 @@ class VampPrior(nn.Module):
 
     def forward(self) -> dist.TorchDistribution:
         encoder, guide = self._posterior
-        components = guide.gaussian(encoder(self.inputs()))
+        components = guide.gaussian(encoder(self.inputs()))  # type: ignore[operator]  # the guide's own method
         return gaussian_mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components)
 
 
 class MaskedAutoregressiveFlow(nn.Module):
+    loc: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, latent_dim: int, flows: int, hidden: list[int]):
         super().__init__()
         if latent_dim < 2:
@@ -109,7 +118,7 @@ class MaskedAutoregressiveFlow(nn.Module):
         for transform in self.flows:
             # the last layer gives each flow's shift and log-scale: zero makes it the identity, so the prior
             # starts at N(0, I) (as the mog prior does) and unused latent dimensions cost no KL from the start
-            last = transform.arn.layers[-1]
+            last = cast(nn.Linear, transform.arn.layers[-1])  # type: ignore[union-attr,index]  # a ModuleList's items
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 

@@ -26,7 +26,7 @@ from pyro_vae.errors import UserInputError, one_line
 FORMAT = 1
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], what: str = "") -> None:
     """Replace ``path`` whole with what ``write(handle)`` writes: a temporary file, fsync, rename, folder fsync.
 
     ``what`` (e.g. "checkpoint") names the kind of file in the one-line error.

@@ -49,7 +49,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from pyro.infer.util import is_validation_enabled
@@ -61,7 +61,7 @@ from pyro_vae.training import compile_cache, rng
 
 #: fused kernels, random draws through the eager generator; Inductor's precompiled C++ headers live in the
 #: temporary folder, so a step compiled without them loads from the package's cache alone
-INDUCTOR_OPTIONS = {"fallback_random": True, "cpp_cache_precompile_headers": False}
+INDUCTOR_OPTIONS: dict[str, Any] = {"fallback_random": True, "cpp_cache_precompile_headers": False}
 LOSS_RTOL = 1e-4  # compiled vs eager, relative to the loss
 GRAD_RTOL = 1e-3  # compiled vs eager, relative to each gradient tensor's largest entry
 

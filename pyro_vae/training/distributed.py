@@ -180,7 +180,7 @@ def setup(device_name: str) -> tuple[Context, str]:
         )
     if not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if on_gpu else "gloo", **({"device_id": torch.device(device_name)} if on_gpu else {})
+            backend="nccl" if on_gpu else "gloo", device_id=torch.device(device_name) if on_gpu else None
         )
         atexit.register(_teardown)
     context = Context(

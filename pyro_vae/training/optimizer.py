@@ -22,7 +22,7 @@ continues the schedule where it stopped.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -47,7 +47,7 @@ def adam(params: Iterable[torch.Tensor], spec: OptimSpec) -> torch.optim.Adam:
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise UserInputError(f"'optim.betas' is {betas}; accepted: two numbers in [0, 1), e.g. [0.9, 0.999]")
     params = list(params)
-    options = {"lr": spec.lr, "betas": (betas[0], betas[1]), "eps": spec.eps}
+    options: dict[str, Any] = {"lr": spec.lr, "betas": (betas[0], betas[1]), "eps": spec.eps}
     try:
         return torch.optim.Adam(params, **options, **adam_options(params))
     except (RuntimeError, TypeError, ValueError):  # a torch without a fused kernel for this device
@@ -82,6 +82,7 @@ def step_scheduler(schedule, validation_elbo: float | None) -> None:
     if schedule is None:
         return
     if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        assert validation_elbo is not None  # the spec check requires a validation split for plateau
         schedule.step(validation_elbo)
     else:
         schedule.step()

@@ -30,7 +30,9 @@ def rng_state() -> dict:
 
     The numpy state is kept as plain numbers, so a checkpoint loads with ``weights_only=True``.
     """
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # legacy=True: the tuple form
+    kind, keys, position, has_gauss, cached_gaussian = numpy_state
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian],

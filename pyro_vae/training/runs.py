@@ -304,7 +304,7 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 def environment(spec: Spec) -> dict:
     """Seed, versions, git revision and hardware: what reproducing the run needs."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("pyro_vae", "pyro-ppl", "torch", "torchvision", "numpy", "scikit-learn"):
         try:
             versions[package] = metadata.version(package)

@@ -62,7 +62,7 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import pyro
@@ -78,6 +78,9 @@ from pyro_vae.model import VAE, check_likelihood_support
 from pyro_vae.parts import contracts
 from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
 from pyro_vae.training.rng import seed_everything
+
+if TYPE_CHECKING:
+    from pyro_vae.training import board
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
@@ -265,7 +268,7 @@ class Trainer:
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = run_state.Progress()
         self.horizon = self.spec.train.epochs * self.steps_per_epoch  # the global step the current loop ends at
-        self.board = None  # the TensorBoard writer, opened at the first epoch's end
+        self.board: board.EpochWriter | None = None  # the TensorBoard writer, opened at the first epoch's end
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
 
     def check_data(self) -> None:
@@ -582,7 +585,7 @@ class Trainer:
 
     def write_pictures(self) -> None:
         """The pictures ``train.pictures`` asks for in the run folder (:mod:`pyro_vae.pictures`)."""
-        if not self.dist.is_main:
+        if self.run_dir is None or not self.dist.is_main:
             return
         from pyro_vae import pictures
 
@@ -672,7 +675,7 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
         return _resume(spec, run_dir, epochs, show_progress)
 
 
-def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer:
+def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer | None:
     if spec.train.tensorboard:
         from pyro_vae.training import board
 
@@ -695,7 +698,7 @@ def _resume_locked(run_dir: Path, spec: Spec, epochs: int | None, show_progress:
             )
     target = spec.train.epochs if epochs is None else epochs
     done_why = None if state is None else nothing_to_do(state, target)
-    if done_why is not None:
+    if state is not None and done_why is not None:
         run_state.check_same_spec(state, spec, run_dir)
         if distributed.is_main() and runs.read_metrics(run_dir) != state["metrics"]:
             runs.write_metrics(run_dir, state["metrics"])  # a kill between checkpoint and metrics left them behind
