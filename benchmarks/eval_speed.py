@@ -1,4 +1,5 @@
-"""How fast is the importance-sampled log-likelihood: against the decoder's matrix-multiply floor, and against another revision.
+"""How fast is the importance-sampled log-likelihood: against the decoder's matrix-multiply floor, and against
+another revision.
 
 The protocol of the literature (Burda et al. 2016): log p(x) ≈ log (1/K) Σ_k w_k
 with K = 5000 draws z_k ~ q(z|x) for each of the 10,000 MNIST test images, on
@@ -18,6 +19,7 @@ shared machine whatever its load:
     PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --against f8fd223 --examples 40 --rounds 5
     PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --examples 0      # all 10,000 images, once
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +39,9 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def model_and_data(data_root: str | None):
+    from pyro_vae.config.spec import load_spec
     from pyro_vae.data import load_dataset
     from pyro_vae.model import VAE
-    from pyro_vae.config.spec import load_spec
 
     spec = load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
     data = load_dataset(spec.data, spec.train.seed)
@@ -58,21 +60,34 @@ def timed_evaluation(k: int, examples: int, threads: int, data_root: str | None)
     torch.manual_seed(0)
     start = time.perf_counter()
     result = evaluation.evaluate(vae, subset, k)
-    return {"seconds": time.perf_counter() - start, "log_likelihood": result["log_likelihood"],
-            "images": subset.shape[0]}
+    return {
+        "seconds": time.perf_counter() - start,
+        "log_likelihood": result["log_likelihood"],
+        "images": subset.shape[0],
+    }
 
 
 def in_process(tree: Path, args) -> dict:
     """:func:`timed_evaluation` in a fresh process importing ``pyro_vae`` from ``tree``."""
-    command = [sys.executable, __file__, "--worker", "--num-samples", str(args.num_samples), "--examples",
-               str(args.examples), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--num-samples",
+        str(args.num_samples),
+        "--examples",
+        str(args.examples),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def gemm_seconds(vae, rows: int, draws: int) -> float:
-    """Time of the decoder's matrix multiplies alone (addmm, no activation) for ``draws`` draws in passes of ``rows``."""
+    """Time of the decoder's matrix multiplies alone (addmm, no activation) for ``draws`` draws in passes of
+    ``rows``."""
     layers = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, layer.in_features) for layer in layers]
     outs = [torch.empty(rows, layer.out_features) for layer in layers]
@@ -102,12 +117,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     vae, test = model_and_data(args.data_root)
-    subset = test[:args.examples] if args.examples else test
+    subset = test[: args.examples] if args.examples else test
     draws = args.num_samples * subset.shape[0]
     rows = evaluation.rows_per_pass(vae, subset, 512.0)
     print(f"hardware: {machine()}; torch threads {args.threads}; torch {torch.__version__}")
-    print(f"task: K = {args.num_samples} draws for each of {subset.shape[0]} MNIST test images, the mnist spec's "
-          f"network at its initialization; passes of {rows} (particle, example) pairs\n", flush=True)
+    print(
+        f"task: K = {args.num_samples} draws for each of {subset.shape[0]} MNIST test images, the mnist spec's "
+        f"network at its initialization; passes of {rows} (particle, example) pairs\n",
+        flush=True,
+    )
     ratios, seconds, floors = [], [], []
     for _ in range(args.rounds):
         torch.manual_seed(0)
@@ -116,31 +134,40 @@ def main(argv: list[str] | None = None) -> None:
         seconds.append(time.perf_counter() - start)
         floors.append(gemm_seconds(vae, rows, draws))
         ratios.append(seconds[-1] / floors[-1])
-    print(f"evaluate(): {statistics.median(seconds):.2f} s [{min(seconds):.2f}–{max(seconds):.2f}] "
-          f"({statistics.median(seconds) / draws * 1e6:.2f} µs per draw), log-likelihood "
-          f"{result['log_likelihood']:.3f} nats; against the decoder's GEMMs alone "
-          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}–{max(ratios):.2f}] (median [min–max] of "
-          f"{args.rounds} rounds)", flush=True)
+    print(
+        f"evaluate(): {statistics.median(seconds):.2f} s [{min(seconds):.2f}–{max(seconds):.2f}] "
+        f"({statistics.median(seconds) / draws * 1e6:.2f} µs per draw), log-likelihood "
+        f"{result['log_likelihood']:.3f} nats; against the decoder's GEMMs alone "
+        f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}–{max(ratios):.2f}] (median [min–max] of "
+        f"{args.rounds} rounds)",
+        flush=True,
+    )
     if not args.against:
         return
     with tempfile.TemporaryDirectory() as folder:
         other = Path(folder) / "tree"
-        subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", str(other), args.against],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", str(other), args.against],
+            check=True,
+            capture_output=True,
+        )
         try:
             pairs = []
             for _ in range(args.rounds):
                 now, then = in_process(REPOSITORY, args), in_process(other, args)
                 pairs.append((now["seconds"], then["seconds"]))
             ratio = [a / b for a, b in pairs]
-            print(f"against {args.against}: this tree {statistics.median(a for a, _ in pairs):.2f} s, "
-                  f"{args.against} {statistics.median(b for _, b in pairs):.2f} s; ratio "
-                  f"{statistics.median(ratio):.2f} [{min(ratio):.2f}–{max(ratio):.2f}] (median [min–max] of "
-                  f"{args.rounds} interleaved rounds, each in its own process); log-likelihood "
-                  f"{now['log_likelihood']:.3f} vs {then['log_likelihood']:.3f} nats")
+            print(
+                f"against {args.against}: this tree {statistics.median(a for a, _ in pairs):.2f} s, "
+                f"{args.against} {statistics.median(b for _, b in pairs):.2f} s; ratio "
+                f"{statistics.median(ratio):.2f} [{min(ratio):.2f}–{max(ratio):.2f}] (median [min–max] of "
+                f"{args.rounds} interleaved rounds, each in its own process); log-likelihood "
+                f"{now['log_likelihood']:.3f} vs {then['log_likelihood']:.3f} nats"
+            )
         finally:
-            subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(other)],
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(other)], capture_output=True
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ MNIST-family names fail fast with exit 2). Every case is classified as
 
 prints one line per failure and a summary; exits 1 if any case failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,11 @@ def classify(rc: int | None, stderr: str, run: Path) -> str:
     if rc == 0:
         return "ran" if (run / "checkpoint.pt").exists() and (run / "metrics.jsonl").exists() else "exit 0, no run"
     if rc == 2:
-        return "exit 2, one line" if len(lines) == 1 and lines[0].startswith("pyro-vae: error: ") else \
-            f"exit 2, {len(lines)} lines"
+        return (
+            "exit 2, one line"
+            if len(lines) == 1 and lines[0].startswith("pyro-vae: error: ")
+            else f"exit 2, {len(lines)} lines"
+        )
     if rc == 3 and lines and "training stopped, the last good checkpoint is kept" in lines[-1]:
         return "exit 3, NaN guard"
     return f"exit {rc}"
@@ -75,7 +79,17 @@ def run_case(index: int, seed: int, folder: Path, timeout: float, env: dict) -> 
     case.mkdir()
     spec_file, run = case / "spec.yaml", case / "run"
     spec_file.write_text(yaml.safe_dump(apply(BASE, operations)))
-    command = [sys.executable, "-m", "pyro_vae", "train", "--config", str(spec_file), "--out", str(run), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "pyro_vae",
+        "train",
+        "--config",
+        str(spec_file),
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         rc, stderr = done.returncode, done.stderr
@@ -104,8 +118,10 @@ def main() -> int:
         if outcome not in ok:
             last = [line for line in stderr.splitlines() if line.strip()][-1:] or [""]
             print(f"FAIL case {index}: {outcome}: {operations}: {last[0][:300]}")
-    print(f"{args.cases} mutated specs through `pyro-vae train` in {time.perf_counter() - start:.0f} s "
-          f"(seed {args.seed}, {args.jobs} at a time):")
+    print(
+        f"{args.cases} mutated specs through `pyro-vae train` in {time.perf_counter() - start:.0f} s "
+        f"(seed {args.seed}, {args.jobs} at a time):"
+    )
     for outcome, count in counts.most_common():
         print(f"  {outcome:<20} {count:>4}{'' if outcome in ok else '   <- failure'}")
     failures = sum(count for outcome, count in counts.items() if outcome not in ok)

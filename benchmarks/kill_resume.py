@@ -22,6 +22,7 @@ All processes run on the CPU with ``OMP_NUM_THREADS=1``.
 
 prints one line per trial and a summary; exits 1 if any trial differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ import torch
 
 from pyro_vae.training import checkpoint
 
-SPEC = ["data.train_size=512", "data.test_size=64", "data.batch_size=16", "model.encoder.hidden=[32]",
-        "model.decoder.hidden=[32]", "train.epochs=8"]
+SPEC = [
+    "data.train_size=512",
+    "data.test_size=64",
+    "data.batch_size=16",
+    "model.encoder.hidden=[32]",
+    "model.decoder.hidden=[32]",
+    "train.epochs=8",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -107,14 +114,20 @@ def kill_at(command: list[str], run: Path, delay: float, after_folder: bool) -> 
     state = checkpoint.load(run / "checkpoint.pt")
     leftovers = sorted(p.name for p in run.glob(".*.tmp"))
     detail = f"killed after epoch {state['epoch']} step {state['step_in_epoch']} was saved" + (
-        f" (left {', '.join(leftovers)})" if leftovers else "")
+        f" (left {', '.join(leftovers)})" if leftovers else ""
+    )
     epochs = int(SPEC[-1].split("=")[1])
     return ("during training" if state["epoch"] < epochs else "after training (pictures)"), detail
 
 
 def evaluate(run: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "evaluate", str(run), "--num-samples", "16",
-                           "--seed", "7"], capture_output=True, text=True, env=ENV, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "evaluate", str(run), "--num-samples", "16", "--seed", "7"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -123,11 +136,18 @@ def differences(run: Path, reference: Path) -> list[str]:
     a, b = checkpoint.load(run / "checkpoint.pt"), checkpoint.load(reference / "checkpoint.pt")
     found = [key for key in ("epoch", "step_in_epoch", "global_step") if a[key] != b[key]]
     found += [f"model.{name}" for name in b["model"] if not torch.equal(a["model"][name], b["model"][name])]
-    found += [f"optimizer.{p}.{k}" for p, moments in b["optimizer"]["state"].items()
-              for k, value in moments.items() if not torch.equal(a["optimizer"]["state"][p][k], value)]
+    found += [
+        f"optimizer.{p}.{k}"
+        for p, moments in b["optimizer"]["state"].items()
+        for k, value in moments.items()
+        if not torch.equal(a["optimizer"]["state"][p][k], value)
+    ]
     if not torch.equal(a["rng"]["torch"], b["rng"]["torch"]) or a["rng"]["numpy"] != b["rng"]["numpy"]:
         found.append("rng")
-    strip = (lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows])
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
     if strip(a["metrics"]) != strip(b["metrics"]):
         found.append("metrics")
     return found
@@ -143,14 +163,16 @@ def main() -> int:
         reference = Path(tmp) / "reference"
         folder_at, trained_at, lifetime = timeline(reference)
         expected = evaluate(reference)
-        print(f"reference: {' '.join(SPEC)}; run folder after {folder_at:.1f} s, last checkpoint after "
-              f"{trained_at:.1f} s, done after {lifetime:.1f} s")
+        print(
+            f"reference: {' '.join(SPEC)}; run folder after {folder_at:.1f} s, last checkpoint after "
+            f"{trained_at:.1f} s, done after {lifetime:.1f} s"
+        )
         identical, landed = 0, collections.Counter()
         for trial in range(args.trials):
             rng = random.Random(args.seed * 1_000_003 + trial)
             run = Path(tmp) / f"trial-{trial:02d}"
             events = []
-            for kill in range(rng.choice([1, 1, 2])):
+            for _kill in range(rng.choice([1, 1, 2])):
                 after_folder = rng.random() < 2 / 3
                 window = trained_at - folder_at if after_folder else lifetime
                 delay = rng.uniform(0, window)
@@ -163,10 +185,14 @@ def main() -> int:
             if not same_evaluation:
                 found.append("evaluate")
             identical += not found
-            print(f"trial {trial:2d}: {'identical' if not found else 'DIFFERS: ' + ', '.join(found)}; "
-                  + "; ".join(events))
-    print(f"{identical}/{args.trials} killed-and-resumed runs bit-identical to the uninterrupted run "
-          f"(parameters, Adam state, generators, metrics, evaluate --seed 7) in {time.perf_counter() - began:.0f} s")
+            print(
+                f"trial {trial:2d}: {'identical' if not found else 'DIFFERS: ' + ', '.join(found)}; "
+                + "; ".join(events)
+            )
+    print(
+        f"{identical}/{args.trials} killed-and-resumed runs bit-identical to the uninterrupted run "
+        f"(parameters, Adam state, generators, metrics, evaluate --seed 7) in {time.perf_counter() - began:.0f} s"
+    )
     print("kills landed: " + ", ".join(f"{category} {count}" for category, count in landed.most_common()))
     return 0 if identical == args.trials else 1
 

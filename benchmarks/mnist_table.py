@@ -13,15 +13,16 @@ Rows may be trained in separate processes at once (``--only``, same ``--out``); 
 table is made of every finished run under ``--out`` (scores are cached in each run
 folder, so each run is evaluated once).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from pyro_vae.training import runs
-from pyro_vae.evaluation import table
 from pyro_vae.config.spec import load_spec
+from pyro_vae.evaluation import table
+from pyro_vae.training import runs
 from pyro_vae.training.trainer import train
 
 SPECS = ["mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv"]
@@ -40,14 +41,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.evaluate_only:
         for name in args.only:
-            spec = load_spec(name, [f"train.epochs={args.epochs}", f"train.seed={args.seed}",
-                                    f"train.device={args.device}"])
+            spec = load_spec(
+                name, [f"train.epochs={args.epochs}", f"train.seed={args.seed}", f"train.device={args.device}"]
+            )
             train(spec, args.out / name, force=True)
-    finished = [args.out / name for name in SPECS
-                if len(runs.read_metrics(args.out / name)) == args.epochs]
+    finished = [args.out / name for name in SPECS if len(runs.read_metrics(args.out / name)) == args.epochs]
     if not finished:
-        print(f"mnist_table: no run under {args.out} has {args.epochs} trained epochs; train them first "
-              f"(drop --evaluate-only)", file=sys.stderr)
+        print(
+            f"mnist_table: no run under {args.out} has {args.epochs} trained epochs; train them first "
+            f"(drop --evaluate-only)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     reference = args.out / "mnist" if args.out / "mnist" in finished else None
     rows = table.build_rows(finished, reference, args.num_samples, seed=0)

@@ -13,6 +13,7 @@ checkout (``--workdir``), so nothing in the working tree changes. Writes
 survivor with its diff) under ``--out``. Not part of the test suite (it runs
 the math tests thousands of times).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def copy_checkout(workdir: Path, only: list[str] | None) -> None:
         files = listed.stdout.split()
     else:  # not a git checkout: every file but runs, environments and caches
         skip = {"runs", "mutants", ".venv", "__pycache__", ".git"}
-        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+        files = [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+        ]
     for name in files:
         target = workdir / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +55,9 @@ def copy_checkout(workdir: Path, only: list[str] | None) -> None:
 
 def results(workdir: Path) -> dict[str, list[str]]:
     """mutmut's verdicts, mutant name by status."""
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir, capture_output=True, text=True
+    ).stdout
     by_status: dict[str, list[str]] = {}
     for line in out.splitlines():
         match = re.match(r"\s*(\S+):\s*(\w[\w ]*)$", line)
@@ -62,8 +67,9 @@ def results(workdir: Path) -> dict[str, list[str]]:
 
 
 def diff(workdir: Path, name: str) -> str:
-    return subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=workdir, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", name], cwd=workdir, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def report(workdir: Path, out: Path) -> str:
@@ -74,9 +80,13 @@ def report(workdir: Path, out: Path) -> str:
     untested = len(by_status.get("no tests", []))
     tested = killed + len(survived) + timeouts
     score = 100.0 * (killed + timeouts) / tested if tested else float("nan")
-    lines = ["# Mutation testing", "",
-             f"score {score:.1f}%: {killed} killed, {timeouts} timed out, {len(survived)} survived "
-             f"({untested} mutants in code no selected test reaches are not counted)", ""]
+    lines = [
+        "# Mutation testing",
+        "",
+        f"score {score:.1f}%: {killed} killed, {timeouts} timed out, {len(survived)} survived "
+        f"({untested} mutants in code no selected test reaches are not counted)",
+        "",
+    ]
     for name in survived:
         lines += [f"## {name}", "", "```diff", diff(workdir, name), "```", ""]
     text = "\n".join(lines) + "\n"
@@ -96,8 +106,9 @@ def main() -> None:
     workdir = args.workdir.resolve()
     if not args.report_only:
         copy_checkout(workdir, args.only)
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                       cwd=workdir, check=False)
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=workdir, check=False
+        )
     print(report(workdir, args.out.resolve()).splitlines()[2])
 
 

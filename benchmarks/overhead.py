@@ -3,8 +3,8 @@
 Both sides train the identical network (default 784-400-20, ReLU, diagonal
 Gaussian guide with softplus scale, Bernoulli likelihood: PyTorch's
 examples/vae) on the same batch, in this one process, with the same thread
-count (1, then torch's default, unless ``--threads`` says otherwise). Repeats are interleaved (every variant once per round, in a shuffled
-order), and each round's time is divided by the same round's plain step, so
+count (1, then torch's default, unless ``--threads`` says otherwise). Repeats are interleaved (every variant once
+per round, in a shuffled order), and each round's time is divided by the same round's plain step, so
 machine noise shared by a round cancels (see the README's speed section). Reported: the median
 ratio over rounds with min–max.
 
@@ -29,6 +29,7 @@ Bernoulli draws and plain step, losses kept in a tensor, one ``.tolist()``).
     python benchmarks/overhead.py --no-epoch --repeats 21 # steps only
     PYRO_VAE_DATA=../shared/data python benchmarks/overhead.py --epoch-repeats 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,28 +46,33 @@ import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
-
-from pyro_vae.training import optimizer
-from pyro_vae import training
-from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.config.spec import Spec
 from machine import cpu_name
+
+from pyro_vae import training
+from pyro_vae.config.spec import Spec
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.training import optimizer
 
 ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg"]
 
 
 def make_spec(args, estimator: str, compile_: str) -> Spec:
     particles = max(args.particles, 2) if estimator == "tail-adaptive" else args.particles
-    return Spec.from_dict({
-        "data": {"name": "mnist", "batch_size": args.batch, "root": args.data_root},
-        "model": {"latent_dim": args.latent,
-                  "encoder": {"type": "mlp", "hidden": args.hidden, "activation": args.activation},
-                  "decoder": {"type": "mlp", "hidden": args.hidden, "activation": args.activation},
-                  "prior": {"type": "standard-normal"}, "guide": {"type": "diagonal-normal"},
-                  "likelihood": {"type": "bernoulli"}},
-        "inference": {"estimator": estimator, "num_particles": particles, "compile": compile_},
-        "train": {"device": args.device, "seed": 0},
-    })
+    return Spec.from_dict(
+        {
+            "data": {"name": "mnist", "batch_size": args.batch, "root": args.data_root},
+            "model": {
+                "latent_dim": args.latent,
+                "encoder": {"type": "mlp", "hidden": args.hidden, "activation": args.activation},
+                "decoder": {"type": "mlp", "hidden": args.hidden, "activation": args.activation},
+                "prior": {"type": "standard-normal"},
+                "guide": {"type": "diagonal-normal"},
+                "likelihood": {"type": "bernoulli"},
+            },
+            "inference": {"estimator": estimator, "num_particles": particles, "compile": compile_},
+            "train": {"device": args.device, "seed": 0},
+        }
+    )
 
 
 def mnist_or_synthetic(args) -> tuple[Dataset, str]:
@@ -78,20 +84,24 @@ def mnist_or_synthetic(args) -> tuple[Dataset, str]:
         generator = torch.Generator().manual_seed(0)
         train = torch.rand(60_000, 784, generator=generator)
         test = torch.bernoulli(torch.rand(1_000, 784, generator=generator), generator=generator)
-        return (Dataset("mnist", train, test, image_shape=(1, 28, 28), binarize="dynamic"),
-                f"synthetic 60,000 x 784 intensities (MNIST not found: {str(exc)[:80]})")
+        return (
+            Dataset("mnist", train, test, image_shape=(1, 28, 28), binarize="dynamic"),
+            f"synthetic 60,000 x 784 intensities (MNIST not found: {str(exc)[:80]})",
+        )
 
 
 # --------------------------------------------------------------------------
 # The plain PyTorch step: same modules, hand-written ELBO, no Pyro
 # --------------------------------------------------------------------------
 
+
 class PlainStep:
     """A hand-written VAE step on the same network (its own copy of the parameters)."""
 
     def __init__(self, trainer: training.Trainer, kl: str, particles: int, fused: bool):
-        self.vae = trainer.vae.__class__.from_spec(trainer.spec.model, trainer.data.data_dim,
-                                                   trainer.data.image_shape).to(trainer.device)
+        self.vae = trainer.vae.__class__.from_spec(
+            trainer.spec.model, trainer.data.data_dim, trainer.data.image_shape
+        ).to(trainer.device)
         self.vae.load_state_dict(trainer.vae.state_dict())
         self.num_data, self.kl, self.particles = trainer.data.num_train, kl, particles
         self.min_scale = trainer.spec.model.guide.min_scale
@@ -129,6 +139,7 @@ def plain_reference(estimator: str) -> str:
 # Timing
 # --------------------------------------------------------------------------
 
+
 def project_step(args, data: Dataset, estimator: str, mode: str) -> training.Trainer | None:
     return training.Trainer(make_spec(args, estimator, mode), None, data=data, show_progress=False)
 
@@ -143,8 +154,9 @@ def stats(values: list[float]) -> str:
     return f"{statistics.median(values):5.3f} [{min(values):.3f}–{max(values):.3f}]"
 
 
-def interleaved(runners: dict[str, Callable[[int], None]], repeats: int, seed: int,
-                clock: Callable[[], float]) -> dict[str, list[float]]:
+def interleaved(
+    runners: dict[str, Callable[[int], None]], repeats: int, seed: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
     """Seconds of each runner per round: every runner once per round (round r = 1, 2, …), in a shuffled order."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
@@ -160,7 +172,7 @@ def interleaved(runners: dict[str, Callable[[int], None]], repeats: int, seed: i
 
 def bench_steps(args, data: Dataset) -> None:
     torch.manual_seed(0)
-    x = torch.bernoulli(data.train[:args.batch]).to(args.device)
+    x = torch.bernoulli(data.train[: args.batch]).to(args.device)
     variants: dict[str, object] = {}
     meta: dict[str, tuple] = {}
     base = project_step(args, data, "meanfield", "eager")
@@ -201,8 +213,9 @@ def bench_steps(args, data: Dataset) -> None:
 
     for obj in variants.values():  # warm-up
         run(obj)
-    blocks = interleaved({name: (lambda _, o=obj: run(o)) for name, obj in variants.items()},
-                         args.repeats, seed=0, clock=args.clock)
+    blocks = interleaved(
+        {name: (lambda _, o=obj: run(o)) for name, obj in variants.items()}, args.repeats, seed=0, clock=args.clock
+    )
     times = {name: [t / args.steps for t in block] for name, block in blocks.items()}
 
     def plain_times(ref_kl, particles, fused):
@@ -211,8 +224,10 @@ def bench_steps(args, data: Dataset) -> None:
         return times[f"plain {(ref_kl, particles)}" + (" fused" if fused else "")]
 
     print()
-    print("| estimator | mode | plain reference | plain ms/step | project ms/step | ratio vs plain (Adam default) "
-          "| ratio vs plain (Adam fused) |")
+    print(
+        "| estimator | mode | plain reference | plain ms/step | project ms/step | ratio vs plain (Adam default) "
+        "| ratio vs plain (Adam fused) |"
+    )
     print("| --- | --- | --- | ---: | ---: | --- | --- |")
     for name, (estimator, mode, ref_kl, particles) in meta.items():
         ours = times[name]
@@ -220,8 +235,10 @@ def bench_steps(args, data: Dataset) -> None:
         ratio_default = [a / b for a, b in zip(ours, default)]
         ratio_fused = [a / b for a, b in zip(ours, fused)]
         reference = f"{ref_kl} KL" + (f", K={particles}" if particles > 1 else "")
-        print(f"| {estimator} | {mode} | {reference} | {statistics.median(default) * 1e3:.2f} | "
-              f"{statistics.median(ours) * 1e3:.2f} | {stats(ratio_default)} | {stats(ratio_fused)} |")
+        print(
+            f"| {estimator} | {mode} | {reference} | {statistics.median(default) * 1e3:.2f} | "
+            f"{statistics.median(ours) * 1e3:.2f} | {stats(ratio_default)} | {stats(ratio_fused)} |"
+        )
     print()
 
 
@@ -232,7 +249,7 @@ def bench_epochs(args, data: Dataset) -> None:
         for mode in args.epoch_modes:
             trainer = project_step(args, data, estimator, mode)
             torch.manual_seed(0)
-            warm(trainer, torch.bernoulli(data.train[:args.batch]), training.VALIDATED_STEPS + 3)
+            warm(trainer, torch.bernoulli(data.train[: args.batch]), training.VALIDATED_STEPS + 3)
             # the last, smaller batch of an epoch is traced during the warm-up epoch below
             variants[f"{estimator}|{mode}"] = trainer
     base = next(iter(variants.values()))
@@ -245,7 +262,7 @@ def bench_epochs(args, data: Dataset) -> None:
         steps = math.ceil(data.num_train / args.batch)
         losses = torch.full((steps,), float("nan"), device=args.device)
         for s in range(steps):
-            index = order[s * args.batch:(s + 1) * args.batch]
+            index = order[s * args.batch : (s + 1) * args.batch]
             losses[s] = step(data.training_batch(index))
         return losses.tolist()
 
@@ -254,16 +271,20 @@ def bench_epochs(args, data: Dataset) -> None:
         p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = epoch, 0, [], 0.0
         trainer.train_epoch([])
 
-    runners = {"bare loop (analytic KL, Adam default)": lambda e: bare_epoch(plain, e),
-               "bare loop (analytic KL, Adam fused)": lambda e: bare_epoch(plain_fused, e),
-               "bare loop (sampled KL, Adam default)": lambda e: bare_epoch(plain_sampled, e)}
+    runners = {
+        "bare loop (analytic KL, Adam default)": lambda e: bare_epoch(plain, e),
+        "bare loop (analytic KL, Adam fused)": lambda e: bare_epoch(plain_fused, e),
+        "bare loop (sampled KL, Adam default)": lambda e: bare_epoch(plain_sampled, e),
+    }
     for name, trainer in variants.items():
-        runners[name] = (lambda t: (lambda e: project_epoch(t, e)))(trainer)
+        runners[name] = (lambda t: lambda e: project_epoch(t, e))(trainer)
     for run in runners.values():  # warm-up epoch: builds the last batch's graph too
         run(0)
     times = interleaved(runners, args.epoch_repeats, seed=1, clock=args.clock)
-    print(f"| epoch of {data.num_train:,} examples, batch {args.batch} | bare loop | seconds (median) "
-          f"| ratio vs bare loop (Adam default) | ratio vs bare loop (Adam fused) |")
+    print(
+        f"| epoch of {data.num_train:,} examples, batch {args.batch} | bare loop | seconds (median) "
+        f"| ratio vs bare loop (Adam default) | ratio vs bare loop (Adam fused) |"
+    )
     print("| --- | --- | ---: | --- | --- |")
     for name in variants:
         estimator, mode = name.split("|")
@@ -271,8 +292,10 @@ def bench_epochs(args, data: Dataset) -> None:
         default = times[f"bare loop ({ref} KL, Adam default)"]
         fused = times["bare loop (analytic KL, Adam fused)"]
         ours = times[name]
-        print(f"| {estimator}, {mode} | {ref} KL | {statistics.median(ours):.2f} "
-              f"| {stats([a / b for a, b in zip(ours, default)])} | {stats([a / b for a, b in zip(ours, fused)])} |")
+        print(
+            f"| {estimator}, {mode} | {ref} KL | {statistics.median(ours):.2f} "
+            f"| {stats([a / b for a, b in zip(ours, default)])} | {stats([a / b for a, b in zip(ours, fused)])} |"
+        )
     for name in runners:
         if name.startswith("bare"):
             print(f"| {name} | | {statistics.median(times[name]):.2f} | | |")
@@ -281,8 +304,13 @@ def bench_epochs(args, data: Dataset) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()],
-                        help="torch thread counts, measured one after the other (default: 1 and torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, torch.get_num_threads()],
+        help="torch thread counts, measured one after the other (default: 1 and torch's default)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--hidden", type=int, nargs="+", default=[400])
@@ -291,8 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--particles", type=int, default=1, help="inference.num_particles (tail-adaptive: at least 2)")
     parser.add_argument("--estimators", nargs="+", default=ESTIMATORS)
     parser.add_argument("--modes", nargs="+", default=["eager", "traced", "inductor"])
-    parser.add_argument("--inductor-estimators", nargs="+", default=["trace", "meanfield"],
-                        help="estimators also timed compiled with TorchInductor (each compile takes tens of seconds)")
+    parser.add_argument(
+        "--inductor-estimators",
+        nargs="+",
+        default=["trace", "meanfield"],
+        help="estimators also timed compiled with TorchInductor (each compile takes tens of seconds)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=11, help="interleaved rounds")
     parser.add_argument("--no-steps", action="store_true")
@@ -301,9 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-modes", nargs="+", default=["eager", "inductor"])
     parser.add_argument("--epoch-repeats", type=int, default=3)
     parser.add_argument("--data-root", default=os.environ.get("PYRO_VAE_DATA"))
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: time.perf_counter; cpu: this thread's CPU time (with --threads 1 on a shared "
-                             "machine it leaves out the time other processes hold the core)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: time.perf_counter; cpu: this thread's CPU time (with --threads 1 on a shared "
+        "machine it leaves out the time other processes hold the core)",
+    )
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != [1]:
         parser.error("--clock cpu measures the calling thread only; use it with --threads 1")
@@ -312,13 +348,21 @@ def main(argv: list[str] | None = None) -> None:
     np.random.seed(0)
     data, what = mnist_or_synthetic(args)
     data = data.to(args.device)
-    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; device {args.device}; torch threads "
-          f"{', then '.join(map(str, args.threads))} (default {torch.get_num_threads()})")
+    print(
+        f"hardware: {cpu_name()}, {os.cpu_count()} CPUs visible; device {args.device}; torch threads "
+        f"{', then '.join(map(str, args.threads))} (default {torch.get_num_threads()})"
+    )
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, python {platform.python_version()}")
-    print(f"network 784-{'-'.join(map(str, args.hidden))}-{args.latent} ({args.activation}), batch {args.batch}, data: {what}")
+    print(
+        f"network 784-{'-'.join(map(str, args.hidden))}-{args.latent} ({args.activation}), "
+        f"batch {args.batch}, data: {what}"
+    )
     print(f"fused Adam in the project: {optimizer.adam_options(list(torch.nn.Linear(2, 2).parameters()))}")
-    print(f"timing: {args.repeats} interleaved rounds of {args.steps} steps, {clock_name} clock; "
-          f"ratio = project / plain of the same round; median [min–max]\n", flush=True)
+    print(
+        f"timing: {args.repeats} interleaved rounds of {args.steps} steps, {clock_name} clock; "
+        f"ratio = project / plain of the same round; median [min–max]\n",
+        flush=True,
+    )
     default_threads = torch.get_num_threads()
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ papers': the importance-sampled log-likelihood with K = 5000 draws per test imag
 validation split. Writes ``reproduce.md`` and ``reproduce.csv`` under ``--out``; rows
 run in separate processes with the same ``--out`` end up in one table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from pyro_vae.training import runs
-from pyro_vae.evaluation import table
-from pyro_vae.config.spec import load_spec
-from pyro_vae.training.trainer import resume, train
 from machine import cpu_name
+
+from pyro_vae.config.spec import load_spec
+from pyro_vae.evaluation import table
+from pyro_vae.training import runs
+from pyro_vae.training.trainer import resume, train
 
 PUBLISHED = {  # test NLL in nats, as the specs' descriptions cite them
     "mnist-iwae-paper": ("Burda et al. 2016, VAE k = 1", 86.76),
@@ -52,25 +53,40 @@ def run_spec(name: str, max_epochs: int, out: Path, num_samples: int) -> dict:
     source, published = PUBLISHED[name]
     stopped = any("early stopping" in line for line in (run_dir / runs.LOG).read_text().splitlines())
     return {
-        "spec": name, "source": source, "published_nll": published, "nll": -row["log_likelihood"],
-        "nll_stderr": row["log_likelihood_stderr"], "gap": -row["log_likelihood"] - published,
-        "epochs_run": len(metrics), "epochs_protocol": full, "truncated": len(metrics) < full and not stopped,
+        "spec": name,
+        "source": source,
+        "published_nll": published,
+        "nll": -row["log_likelihood"],
+        "nll_stderr": row["log_likelihood_stderr"],
+        "gap": -row["log_likelihood"] - published,
+        "epochs_run": len(metrics),
+        "epochs_protocol": full,
+        "truncated": len(metrics) < full and not stopped,
         "checkpoint": f"{row['checkpoint']} (epoch {row['epoch']})",
-        "train_hours": sum(m["seconds"] for m in metrics) / 3600, "eval_seconds": row["eval_seconds"],
-        "num_samples": num_samples, "machine": f"{cpu_name()}, {torch.get_num_threads()} thread(s)",
+        "train_hours": sum(m["seconds"] for m in metrics) / 3600,
+        "eval_seconds": row["eval_seconds"],
+        "num_samples": num_samples,
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} thread(s)",
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| spec | paper | published NLL | pyro_vae NLL | gap | epochs run / protocol | checkpoint | training time | machine |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| spec | paper | published NLL | pyro_vae NLL | gap | epochs run / protocol | checkpoint "
+        "| training time | machine |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         budget = f"{r['epochs_run']} / {r['epochs_protocol']}" + (" (truncated)" if r["truncated"] else "")
-        lines.append(f"| `{r['spec']}` | {r['source']} | {r['published_nll']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} "
-                     f"| {r['gap']:+.2f} | {budget} | {r['checkpoint']} | {r['train_hours']:.2f} h | {r['machine']} |")
+        lines.append(
+            f"| `{r['spec']}` | {r['source']} | {r['published_nll']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} "
+            f"| {r['gap']:+.2f} | {budget} | {r['checkpoint']} | {r['train_hours']:.2f} h | {r['machine']} |"
+        )
     k = rows[0]["num_samples"] if rows else 0
-    return (f"Test NLL in nats (lower is better), importance sampling with K = {k} draws per test image, "
-            f"± one standard error over the images.\n\n" + "\n".join(lines) + "\n")
+    return (
+        f"Test NLL in nats (lower is better), importance sampling with K = {k} draws per test image, "
+        f"± one standard error over the images.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ the compile).
     PYRO_VAE_DATA=../shared/data python benchmarks/train_vs_plain.py
     PYRO_VAE_DATA=../shared/data python benchmarks/train_vs_plain.py --rounds 2 --set inference.compile=true
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name
 from torch import nn
 
-from machine import cpu_name
-
-NETWORK = ["data.name=mnist", "data.batch_size=128", "model.latent_dim=20", "model.encoder.hidden=[400]",
-           "model.decoder.hidden=[400]", "model.encoder.activation=relu", "model.decoder.activation=relu",
-           "inference.estimator=meanfield"]
+NETWORK = [
+    "data.name=mnist",
+    "data.batch_size=128",
+    "model.latent_dim=20",
+    "model.encoder.hidden=[400]",
+    "model.decoder.hidden=[400]",
+    "model.encoder.activation=relu",
+    "model.decoder.activation=relu",
+    "inference.estimator=meanfield",
+]
 
 
 def project_epochs(epochs: int, extra: list[str], out: Path) -> tuple[list[float], list[str]]:
     """``pyro-vae train`` in a fresh process; its epochs' training seconds and its log lines about the step."""
-    command = [sys.executable, "-m", "pyro_vae", "train", "--config", "mnist", "--epochs", str(epochs),
-               "--out", str(out), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "pyro_vae",
+        "train",
+        "--config",
+        "mnist",
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     for item in NETWORK + extra:
         command += ["--set", item]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -80,8 +98,8 @@ def plain_epochs(epochs: int, train: torch.Tensor, batch: int = 128) -> list[flo
 
 
 def mnist_train(root: str) -> torch.Tensor:
-    from pyro_vae.data import load_dataset
     from pyro_vae.config.spec import load_spec
+    from pyro_vae.data import load_dataset
 
     spec = load_spec("mnist", [f"data.root={root}"] if root else [])
     return load_dataset(spec.data, 0).train
@@ -98,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     train = mnist_train(os.environ.get("PYRO_VAE_DATA", ""))
-    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}; overrides: {' '.join(args.set) or 'none'}", flush=True)
+    print(
+        f"hardware: {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}; overrides: {' '.join(args.set) or 'none'}",
+        flush=True,
+    )
     ratios = []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as folder:
@@ -107,12 +128,16 @@ def main(argv: list[str] | None = None) -> None:
         plain = plain_epochs(args.epochs, train)
         ratio = statistics.median(ours[1:]) / statistics.median(plain[1:])
         ratios.append(ratio)
-        print(f"round {r + 1}: pyro-vae train epochs {' '.join(f'{s:.2f}' for s in ours)} s; plain loop "
-              f"{' '.join(f'{s:.2f}' for s in plain)} s; median of epochs 2+ ratio {ratio:.3f}")
+        print(
+            f"round {r + 1}: pyro-vae train epochs {' '.join(f'{s:.2f}' for s in ours)} s; plain loop "
+            f"{' '.join(f'{s:.2f}' for s in plain)} s; median of epochs 2+ ratio {ratio:.3f}"
+        )
         for line in lines:
             print(f"  log: {line.split('inference.compile', 1)[1].strip(': ')}")
-    print(f"ratio: median {statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] over "
-          f"{len(ratios)} round(s)")
+    print(
+        f"ratio: median {statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] over "
+        f"{len(ratios)} round(s)"
+    )
 
 
 if __name__ == "__main__":

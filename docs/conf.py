@@ -1,4 +1,5 @@
 """Sphinx configuration of the pyro_vae documentation site."""
+
 import sys
 from pathlib import Path
 

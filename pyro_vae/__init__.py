@@ -13,6 +13,7 @@ The package is laid out by layer, and data flows one way through them::
 Importing the package fills the registry with every built-in part, so spec
 validation knows all names.
 """
+
 from pyro_vae.config import registry  # first: the parts below register into it
 from pyro_vae import data  # noqa: F401  (registers the datasets)
 from pyro_vae.infer import estimators  # noqa: F401  (registers the estimators)
@@ -24,5 +25,4 @@ from pyro_vae.evaluation import evaluate
 from pyro_vae.model import VAE
 from pyro_vae.training import load_run, resume, train
 
-__all__ = ["VAE", "Spec", "load_spec", "Dataset", "load_dataset", "registry", "train", "resume", "load_run",
-           "evaluate"]
+__all__ = ["VAE", "Spec", "load_spec", "Dataset", "load_dataset", "registry", "train", "resume", "load_run", "evaluate"]

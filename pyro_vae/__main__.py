@@ -1,4 +1,5 @@
 """``python -m pyro_vae`` is the ``pyro-vae`` command."""
+
 import sys
 
 from pyro_vae.cli.main import main

@@ -26,21 +26,23 @@ once, like the test set.
 
 Data roots: ``data.root``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``.
 """
+
 from __future__ import annotations
 
 import gzip
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from pyro_vae.parts import contracts
 from pyro_vae.config import registry
+from pyro_vae.config.spec import PUBLISHED, TRAIN_SEED, DataSpec
 from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.infer.gaussian import LinearGaussian
-from pyro_vae.config.spec import PUBLISHED, TRAIN_SEED, DataSpec
+from pyro_vae.parts import contracts
 
 DATA_ENV = "PYRO_VAE_DATA"
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
@@ -96,9 +98,17 @@ class Dataset:
         return torch.bernoulli(batch) if self.binarize == "dynamic" else batch
 
     def to(self, device: torch.device | str) -> "Dataset":
-        move = (lambda t: None if t is None else t.to(device))
-        return replace(self, train=move(self.train), test=move(self.test), validation=move(self.validation),
-                       train_labels=move(self.train_labels), test_labels=move(self.test_labels))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            train=self.train.to(device),
+            test=self.test.to(device),
+            validation=move(self.validation),
+            train_labels=move(self.train_labels),
+            test_labels=move(self.test_labels),
+        )
 
 
 def data_root(spec: DataSpec) -> Path:
@@ -113,14 +123,29 @@ def data_root(spec: DataSpec) -> Path:
 def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
     """Load ``spec.name``, cut it to size, resolve and apply binarization, move it to ``device``."""
     data = contracts.build("dataset", spec.name, spec)
-    data = replace(data, notes=tuple(note for note in (size_note("train_size", spec, data.num_train),
-                                                       size_note("test_size", spec, data.test.shape[0])) if note))
+    data = replace(
+        data,
+        notes=tuple(
+            note
+            for note in (
+                size_note("train_size", spec, data.num_train),
+                size_note("test_size", spec, data.test.shape[0]),
+            )
+            if note
+        ),
+    )
     if spec.train_size is not None:
-        data = replace(data, train=data.train[:spec.train_size],
-                       train_labels=None if data.train_labels is None else data.train_labels[:spec.train_size])
+        data = replace(
+            data,
+            train=data.train[: spec.train_size],
+            train_labels=None if data.train_labels is None else data.train_labels[: spec.train_size],
+        )
     if spec.test_size is not None:
-        data = replace(data, test=data.test[:spec.test_size],
-                       test_labels=None if data.test_labels is None else data.test_labels[:spec.test_size])
+        data = replace(
+            data,
+            test=data.test[: spec.test_size],
+            test_labels=None if data.test_labels is None else data.test_labels[: spec.test_size],
+        )
     data = with_validation(data, spec.validation_size, seed)
     check_size(data, spec.name)
     check_finite(data.train, f"data '{spec.name}' (training split)")
@@ -139,7 +164,8 @@ def size_note(key: str, spec: DataSpec, available: int) -> str | None:
 
 def evaluation_seed(spec: DataSpec) -> int | None:
     """The seed of the evaluation splits' fixed binarization: ``data.eval_binarize_seed``, None for ``train``."""
-    return None if spec.eval_binarize_seed == TRAIN_SEED else spec.eval_binarize_seed
+    seed = spec.eval_binarize_seed
+    return None if seed == TRAIN_SEED else cast(int, seed)  # the spec accepts an integer or "train"
 
 
 def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset:
@@ -148,12 +174,16 @@ def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset
         return replace(data, validation=None)
     if size == PUBLISHED:
         if data.validation is None:
-            raise UserInputError(f"'data.validation_size' is 'published' but '{data.name}' has no published "
-                                 f"validation split; give a number of training examples to hold out")
+            raise UserInputError(
+                f"'data.validation_size' is 'published' but '{data.name}' has no published "
+                f"validation split; give a number of training examples to hold out"
+            )
         return data
+    assert isinstance(size, int)  # the spec accepts a count, "published" or none
     if size >= data.num_train:
-        raise UserInputError(f"'data.validation_size' is {size}; it must leave training examples out of "
-                             f"{data.num_train}")
+        raise UserInputError(
+            f"'data.validation_size' is {size}; it must leave training examples out of {data.num_train}"
+        )
     order = torch.randperm(data.num_train, generator=torch.Generator().manual_seed(seed))
     held, kept = order[:size].sort().values, order[size:].sort().values
     labels = None if data.train_labels is None else data.train_labels[kept]
@@ -181,26 +211,33 @@ def binarized(data: Dataset, mode: str, seed: int, eval_seed: int | None = None)
             if bool(((tensor < 0) | (tensor > 1)).any()):
                 raise UserInputError(
                     f"data.binarize '{mode}' needs values in [0, 1], but the {name} split of '{data.name}' "
-                    f"has values in [{tensor.min():.3g}, {tensor.max():.3g}]; use data.binarize: none")
+                    f"has values in [{tensor.min():.3g}, {tensor.max():.3g}]; use data.binarize: none"
+                )
     generator = torch.Generator().manual_seed(seed)
-    evaluation_generator = (generator if eval_seed is None
-                            else torch.Generator().manual_seed(eval_seed))
+    evaluation_generator = generator if eval_seed is None else torch.Generator().manual_seed(eval_seed)
 
-    def once(tensor: torch.Tensor | None, source: torch.Generator) -> torch.Tensor | None:
-        return None if tensor is None else torch.bernoulli(tensor, generator=source)
+    def once(tensor: torch.Tensor, source: torch.Generator) -> torch.Tensor:
+        return torch.bernoulli(tensor, generator=source)
 
     if mode == "none":
         return replace(data, binarize=mode)
     train = once(data.train, generator) if mode == "static" else data.train
-    return replace(data, train=train, test=once(data.test, evaluation_generator),
-                   validation=once(data.validation, evaluation_generator), binarize=mode)
+    return replace(
+        data,
+        train=train,
+        test=once(data.test, evaluation_generator),
+        validation=None if data.validation is None else once(data.validation, evaluation_generator),
+        binarize=mode,
+    )
 
 
 def check_size(data: Dataset, name: str) -> None:
     """At least one training and one test example, each with at least one value."""
     if data.train.shape[0] == 0 or data.test.shape[0] == 0 or data.data_dim == 0:
-        raise UserInputError(f"data '{name}' has {data.train.shape[0]} training and {data.test.shape[0]} test examples "
-                             f"of {data.data_dim} values; at least one of each, with at least one value, is needed")
+        raise UserInputError(
+            f"data '{name}' has {data.train.shape[0]} training and {data.test.shape[0]} test examples "
+            f"of {data.data_dim} values; at least one of each, with at least one value, is needed"
+        )
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -216,7 +253,10 @@ def _held_out(x: torch.Tensor, labels: torch.Tensor | None, fraction: float):
     if n_test >= x.shape[0]:
         raise UserInputError(f"'data.test_fraction' {fraction} leaves no training examples out of {x.shape[0]}")
     test, train = order[:n_test], order[n_test:]
-    pick = (lambda t, i: None if t is None else t[i])
+
+    def pick(t: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t[i]
+
     return x[train], x[test], pick(labels, train), pick(labels, test)
 
 
@@ -245,7 +285,8 @@ def _torchvision(spec: DataSpec, cls_name: str, name: str) -> Dataset:
         raise UserInputError(
             f"data root '{root}' has no readable {cls_name} files ({one_line(exc, 100)}; expected "
             f"{root}/{cls_name}/raw/train-images-idx3-ubyte); "
-            f"set data.root or ${DATA_ENV} to a torchvision root, or data.download: true on a machine with a network") from None
+            f"set data.root or ${DATA_ENV} to a torchvision root, or data.download: true on a machine with a network"
+        ) from None
     train, test = (s.data.reshape(s.data.shape[0], -1).float() / 255.0 for s in splits)
     return Dataset(name, train, test, splits[0].targets.clone(), splits[1].targets.clone(), image_shape=(1, 28, 28))
 
@@ -258,11 +299,14 @@ def mnist(spec: DataSpec) -> Dataset:
 
 @registry.register("dataset", "fashion-mnist")
 def fashion_mnist(spec: DataSpec) -> Dataset:
-    """Fashion-MNIST through torchvision from a local root (60k train, 10k test); classes named as torchvision names them."""
+    """Fashion-MNIST through torchvision from a local root (60k train, 10k test); classes named as torchvision names
+    them."""
     import torchvision
 
-    return replace(_torchvision(spec, "FashionMNIST", "fashion-mnist"),
-                   class_names=tuple(torchvision.datasets.FashionMNIST.classes))
+    return replace(
+        _torchvision(spec, "FashionMNIST", "fashion-mnist"),
+        class_names=tuple(torchvision.datasets.FashionMNIST.classes),
+    )
 
 
 def read_amat(path: Path) -> torch.Tensor:
@@ -275,7 +319,9 @@ def read_amat(path: Path) -> torch.Tensor:
         raise UserInputError(f"cannot read '{path}': {exc}") from None
     row = 784 * 2  # "0 1 ... 1\n": one digit and one separator per pixel
     if raw.size % row or not np.isin(raw[::2], (ord("0"), ord("1"))).all():
-        raise UserInputError(f"'{path}' is not a binarized-MNIST .amat file (rows of 784 values 0/1 separated by spaces)")
+        raise UserInputError(
+            f"'{path}' is not a binarized-MNIST .amat file (rows of 784 values 0/1 separated by spaces)"
+        )
     return torch.from_numpy((raw[::2] - ord("0")).reshape(-1, 784).astype(np.float32))
 
 
@@ -286,7 +332,8 @@ def _find_amat(root: Path, split: str) -> Path:
             if path.exists():
                 return path
     raise UserInputError(
-        f"no binarized_mnist_{split}.amat(.gz) under '{root}' or '{root}/binarized_mnist'; set data.root or ${DATA_ENV}")
+        f"no binarized_mnist_{split}.amat(.gz) under '{root}' or '{root}/binarized_mnist'; set data.root or ${DATA_ENV}"
+    )
 
 
 @registry.register("dataset", "binarized-mnist")
@@ -324,10 +371,14 @@ def read_array(path: Path) -> torch.Tensor:
     except Exception as exc:  # corrupt files raise many types; report them as one line
         raise UserInputError(f"cannot read data file '{path}': {one_line(exc, 200)}") from None
     if not isinstance(array, torch.Tensor) or array.dim() < 2 or array.dtype.is_complex:
-        raise UserInputError(f"data file '{path}' must hold one numeric array of shape (N, D) or (N, H, W) or (N, C, H, W)")
+        raise UserInputError(
+            f"data file '{path}' must hold one numeric array of shape (N, D) or (N, H, W) or (N, C, H, W)"
+        )
     if array.numel() == 0:
-        raise UserInputError(f"data file '{path}' holds an empty array of shape {tuple(array.shape)}; "
-                             f"at least one example with at least one value is needed")
+        raise UserInputError(
+            f"data file '{path}' holds an empty array of shape {tuple(array.shape)}; "
+            f"at least one example with at least one value is needed"
+        )
     return array.float()
 
 
@@ -335,13 +386,15 @@ def _image_shape(array: torch.Tensor) -> tuple[int, int, int] | None:
     if array.dim() == 3:
         return (1, *array.shape[1:])
     if array.dim() == 4:
-        return tuple(array.shape[1:])
+        c, h, w = array.shape[1:]
+        return (c, h, w)
     return None
 
 
 @registry.register("dataset", "file")
 def user_file(spec: DataSpec) -> Dataset:
     """A user's array from ``data.path``; test from ``data.test_path`` or a held-out fraction."""
+    assert spec.path is not None  # the spec check requires data.path for data.name file
     x = read_array(Path(spec.path))
     shape = _image_shape(x)
     flat = x.reshape(x.shape[0], -1)
@@ -350,7 +403,8 @@ def user_file(spec: DataSpec) -> Dataset:
         if test.shape[1:] != x.shape[1:]:
             raise UserInputError(
                 f"data.test_path '{spec.test_path}' has examples of shape {tuple(test.shape[1:])}, "
-                f"data.path has {tuple(x.shape[1:])}")
+                f"data.path has {tuple(x.shape[1:])}"
+            )
         return Dataset("file", flat, test.reshape(test.shape[0], -1), image_shape=shape)
     train, test, _, _ = _held_out(flat, None, spec.test_fraction)
     return Dataset("file", train, test, image_shape=shape)

@@ -25,6 +25,7 @@ E_q[log p(x|z)] − β KL, the β-VAE. Both programs register their modules with
 ``pyro.optim`` optimizer finds the parameters in the param store; the
 package's trainer steps ``torch.optim`` over ``vae.parameters()`` instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,24 +36,36 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae.parts import contracts
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import ModelSpec
+from pyro_vae.errors import UserInputError
+from pyro_vae.parts import contracts
 
 
 class VAE(nn.Module):
     """Encoder, decoder, prior, guide head and likelihood, with the Pyro model and guide."""
 
-    def __init__(self, encoder: contracts.Encoder, decoder: contracts.Decoder, guide_head: contracts.Guide,
-                 prior: contracts.Prior, likelihood: contracts.Likelihood, latent_dim: int):
+    def __init__(
+        self,
+        encoder: contracts.Encoder,
+        decoder: contracts.Decoder,
+        guide_head: contracts.Guide,
+        prior: contracts.Prior,
+        likelihood: contracts.Likelihood,
+        latent_dim: int,
+    ):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.guide_head, self.prior, self.likelihood = guide_head, prior, likelihood
         self.latent_dim = latent_dim
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, data_dim: int, image_shape: tuple[int, int, int] | None = None,
-                  train: torch.Tensor | None = None) -> "VAE":
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        data_dim: int,
+        image_shape: tuple[int, int, int] | None = None,
+        train: torch.Tensor | None = None,
+    ) -> "VAE":
         """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.parts.contracts`).
 
         A part that lacks a member, or whose shapes disagree with ``data_dim`` and
@@ -73,8 +86,16 @@ class VAE(nn.Module):
         output = contracts.probe_decoder(spec.decoder.type, decoder, d, data_dim)
         guide_head = contracts.build("guide", spec.guide.type, spec.guide, encoder.output_dim, d)
         contracts.probe_guide(spec.guide.type, guide_head, features, d)
-        prior = contracts.build("prior", spec.prior.type, spec.prior, d, data_dim=data_dim, encoder=encoder,
-                                guide=guide_head, data_range=data_range)
+        prior = contracts.build(
+            "prior",
+            spec.prior.type,
+            spec.prior,
+            d,
+            data_dim=data_dim,
+            encoder=encoder,
+            guide=guide_head,
+            data_range=data_range,
+        )
         contracts.probe_prior(spec.prior.type, prior, d)
         likelihood = contracts.build("likelihood", spec.likelihood.type, spec.likelihood, data_dim)
         contracts.probe_likelihood(spec.likelihood.type, likelihood, output, data_dim)
@@ -88,15 +109,15 @@ class VAE(nn.Module):
     # -- the distributions, usable without Pyro's effect handlers ------------------
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q_φ(z | x), batch shape (B,), event shape (d,)."""
-        return self.guide_head(self.encoder(x))
+        return self.guide_head(self.encoder(x))  # type: ignore[return-value]  # the parts return Pyro distributions
 
     def prior_distribution(self) -> dist.TorchDistribution:
         """p(z), event shape (d,)."""
-        return self.prior()
+        return self.prior()  # type: ignore[return-value]  # the parts return Pyro distributions
 
     def likelihood_distribution(self, z: torch.Tensor) -> dist.TorchDistribution:
         """p_θ(x | z), batch shape z.shape[:-1], event shape (D,)."""
-        return self.likelihood(self.decoder(z))
+        return self.likelihood(self.decoder(z))  # type: ignore[return-value]  # the parts return Pyro distributions
 
     # -- the Pyro program ---------------------------------------------------------
     def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
@@ -116,11 +137,13 @@ class VAE(nn.Module):
 
     def register(self, programs: tuple[str, ...] = ("model", "guide")) -> None:
         """``pyro.module`` for the modules of the model (decoder, prior, likelihood) and of the guide."""
-        names = {"model": (("decoder", self.decoder), ("prior", self.prior), ("likelihood", self.likelihood)),
-                 "guide": (("encoder", self.encoder), ("guide", self.guide_head))}
+        names = {
+            "model": (("decoder", self.decoder), ("prior", self.prior), ("likelihood", self.likelihood)),
+            "guide": (("encoder", self.encoder), ("guide", self.guide_head)),
+        }
         for program in programs:
             for name, module in names[program]:
-                pyro.module(name, module)
+                pyro.module(name, module)  # type: ignore[arg-type]  # every part is an nn.Module (contracts)
 
     def model(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
         """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples, the z sites weighted by β."""
@@ -158,11 +181,11 @@ class VAE(nn.Module):
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """φ: the guide's parameters (encoder and guide head)."""
-        return [*self.encoder.parameters(), *self.guide_head.parameters()]
+        return [*self.encoder.parameters(), *self.guide_head.parameters()]  # type: ignore[attr-defined]
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         """θ: the model's own parameters (decoder, prior, likelihood)."""
-        return [*self.decoder.parameters(), *self.prior.parameters(), *self.likelihood.parameters()]
+        return [*self.decoder.parameters(), *self.prior.parameters(), *self.likelihood.parameters()]  # type: ignore[attr-defined]
 
 
 def check_likelihood_support(vae: VAE, data: torch.Tensor, likelihood_name: str, what: str) -> None:
@@ -170,4 +193,5 @@ def check_likelihood_support(vae: VAE, data: torch.Tensor, likelihood_name: str,
     if not vae.likelihood.holds(data):
         raise UserInputError(
             f"'model.likelihood.type' {likelihood_name!r} needs values in {vae.likelihood.support_name}; "
-            f"{what} has values in [{data.min():.3g}, {data.max():.3g}]")
+            f"{what} has values in [{data.min():.3g}, {data.max():.3g}]"
+        )

@@ -14,6 +14,7 @@ latent.png          posterior means of up to 5,000 test examples in 2-D:   cheap
 ``none`` draws nothing. t-SNE is the one slow picture (seconds to minutes for
 a few thousand points), which is why it is left to ``all``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,10 +36,22 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
 
     folder = Path(folder)
     steps: list[tuple[str, Callable]] = [
-        ("samples.png", lambda: plots.image_grid(vae.sample(SAMPLES), data.image_shape, folder / "samples.png",
-                                                 "E[x | z], z ~ p(z)")),
-        ("reconstructions.png", lambda: plots.reconstructions(data.test[:ORIGINALS], vae.reconstruct(data.test[:ORIGINALS]),
-                                                              data.image_shape, folder / "reconstructions.png"))]
+        (
+            "samples.png",
+            lambda: plots.image_grid(
+                vae.sample(SAMPLES), data.image_shape, folder / "samples.png", "E[x | z], z ~ p(z)"
+            ),
+        ),
+        (
+            "reconstructions.png",
+            lambda: plots.reconstructions(
+                data.test[:ORIGINALS],
+                vae.reconstruct(data.test[:ORIGINALS]),
+                data.image_shape,
+                folder / "reconstructions.png",
+            ),
+        ),
+    ]
     if metrics:
         steps.append(("elbo.png", lambda: plots.elbo_curves(metrics, folder / "elbo.png")))
     subset = data.test[:LATENT_POINTS]
@@ -46,13 +59,24 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
         with_tsne = which == "all" and vae.latent_dim > 2
         labels = None if data.test_labels is None else data.test_labels[:LATENT_POINTS]
         label = "latent.png" + (f" (t-SNE of {min(subset.shape[0], plots.TSNE_POINTS)} points)" if with_tsne else "")
-        steps.append((label, lambda: plots.latent_map(vae.encode(subset)[0], labels, folder / "latent.png",
-                                                      with_tsne=with_tsne, class_names=data.class_names)))
+        steps.append(
+            (
+                label,
+                lambda: plots.latent_map(
+                    vae.encode(subset)[0],
+                    labels,
+                    folder / "latent.png",
+                    with_tsne=with_tsne,
+                    class_names=data.class_names,
+                ),
+            )
+        )
     return steps
 
 
-def write(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str = "cheap",
-          show_progress: bool = True) -> list[Path]:
+def write(
+    folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str = "cheap", show_progress: bool = True
+) -> list[Path]:
     """Draw the pictures ``which`` (``all``, ``cheap`` or ``none``) asks for into ``folder``; returns their paths.
 
     The progress bar moves one step per picture and names the picture being drawn (with t-SNE, how many points).

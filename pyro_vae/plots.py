@@ -6,6 +6,7 @@ Every picture is drawn through matplotlib's object interface
 program that imports the package. Each function saves its file and returns
 the figure, so its layout can be inspected.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,9 @@ def _show_images(ax, images: torch.Tensor, image_shape, nrow: int, limits: tuple
     """Images as a grid without axes; flat vectors as a heat map, one row per example (returned for a colour bar)."""
     if image_shape is None:
         low, high = limits if limits is not None else (None, None)
-        heat = ax.imshow(images.cpu().numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high,
-                         interpolation="nearest")
+        heat = ax.imshow(
+            images.cpu().numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest"
+        )
         ax.set_ylabel("example")
         ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -76,7 +78,9 @@ def reconstructions(originals: torch.Tensor, recons: torch.Tensor, image_shape, 
     both = torch.cat([originals, recons])
     limits = (float(both.min()), float(both.max()))
     heat = None
-    for ax, images, title in zip(axes, (originals, recons), ("test examples", "reconstructions E[x | z = mean of q(z|x)]")):
+    for ax, images, title in zip(
+        axes, (originals, recons), ("test examples", "reconstructions E[x | z = mean of q(z|x)]")
+    ):
         heat = _show_images(ax, images, image_shape, nrow=images.shape[0], limits=limits)
         ax.set_title(title, fontsize=9)
     if heat is not None:
@@ -144,8 +148,13 @@ def latent_panels(means: torch.Tensor, with_tsne: bool) -> list[tuple[torch.Tens
     return panels
 
 
-def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path, with_tsne: bool = False,
-               class_names: Sequence[str] | None = None) -> Figure:
+def latent_map(
+    means: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: Path,
+    with_tsne: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
     """Posterior means in 2-D (:func:`latent_panels`), coloured by label where there are labels.
 
     Labels get a discrete colour map with one centred tick per label, named by
@@ -164,8 +173,16 @@ def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path, wit
             ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.8)
         else:
             index = {c: i for i, c in enumerate(classes)}
-            scatter = ax.scatter(xy[:, 0], xy[:, 1], c=[index[c] for c in values[:count]], cmap=cmap, s=6, alpha=0.8,
-                                 vmin=-0.5, vmax=len(classes) - 0.5)
+            scatter = ax.scatter(
+                xy[:, 0],
+                xy[:, 1],
+                c=[index[c] for c in values[:count]],
+                cmap=cmap,
+                s=6,
+                alpha=0.8,
+                vmin=-0.5,
+                vmax=len(classes) - 0.5,
+            )
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
         ax.set_title(title)
@@ -195,19 +212,33 @@ def snr_against_k(families: dict[str, list[dict]], path: Path) -> Figure:
     for ax, part in zip(axes, ("encoder", "decoder")):
         key = f"grad_snr_{part}"
         for i, (name, group) in enumerate(families.items()):
-            shift = 1.04 ** i
+            shift = 1.04**i
             snr = [r[key] for r in group]
             label = name if len(group) > 1 else f"{name} (K={group[0]['k']}): {snr[0]:.3g}"
-            ax.plot([r["k"] * shift for r in group], snr, label=label, marker=MARKERS[i % len(MARKERS)],
-                    markersize=max(4, 10 - i), markerfacecolor="none", markeredgewidth=1.5,
-                    linestyle=LINESTYLES[i % len(LINESTYLES)], color=f"C{i % 10}")
+            ax.plot(
+                [r["k"] * shift for r in group],
+                snr,
+                label=label,
+                marker=MARKERS[i % len(MARKERS)],
+                markersize=max(4, 10 - i),
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                linestyle=LINESTYLES[i % len(LINESTYLES)],
+                color=f"C{i % 10}",
+            )
         iwae = families.get("iwae")
         if iwae and len(iwae) > 1 and iwae[0][key] > 0:
             k0, s0 = iwae[0]["k"], iwae[0][key]
             ks = [r["k"] for r in iwae]
             power = -0.5 if part == "encoder" else 0.5
-            ax.plot(ks, [s0 * (k / k0) ** power for k in ks], color="gray", linestyle="--", linewidth=1,
-                    label="∝ 1/√K" if part == "encoder" else "∝ √K")
+            ax.plot(
+                ks,
+                [s0 * (k / k0) ** power for k in ks],
+                color="gray",
+                linestyle="--",
+                linewidth=1,
+                label="∝ 1/√K" if part == "encoder" else "∝ √K",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(all_k, [str(k) for k in all_k])
@@ -227,8 +258,9 @@ def bounds(rows: list[dict], path: Path) -> Figure:
     """Each estimator's bound on the fixed minibatch: mean ± std over the draws."""
     fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.errorbar([r["bound_mean"] for r in rows], range(len(rows)), xerr=[r["bound_std"] for r in rows],
-                fmt="o", capsize=4)
+    ax.errorbar(
+        [r["bound_mean"] for r in rows], range(len(rows)), xerr=[r["bound_std"] for r in rows], fmt="o", capsize=4
+    )
     ax.set_yticks(range(len(rows)), [r["estimator"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("bound on the fixed minibatch, nats per example (mean ± std over draws)")
@@ -259,8 +291,13 @@ def run_curves(curves: dict[str, list[dict]], path: Path) -> Figure:
         epochs = [m["epoch"] for m in metrics]
         ax.plot(epochs, [m["test_elbo"] for m in metrics], color=colour, label=f"{name} test")
         if any("validation_elbo" in m for m in metrics):
-            ax.plot(epochs, [m.get("validation_elbo", float("nan")) for m in metrics], color=colour, linestyle="--",
-                    label=f"{name} validation")
+            ax.plot(
+                epochs,
+                [m.get("validation_elbo", float("nan")) for m in metrics],
+                color=colour,
+                linestyle="--",
+                label=f"{name} validation",
+            )
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO, nats per example (higher is better)")

@@ -11,6 +11,7 @@ at most every ``every`` seconds. A finished bar leaves no line behind (tqdm's
 summary (the epoch's log line, the JSON, the table) follows it, so no final
 state is printed twice.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,11 @@ class PlainProgress:
         of = f"/{self.total}" if self.total else ""
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         extra = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}{of} {self.unit}s{share}, {now - self.start:.0f} s{extra}", file=sys.stderr,
-              flush=True)
+        print(
+            f"{self.desc}: {self.n}{of} {self.unit}s{share}, {now - self.start:.0f} s{extra}",
+            file=sys.stderr,
+            flush=True,
+        )
         self.shown = self.n
 
     def close(self) -> None:
@@ -57,8 +61,14 @@ class PlainProgress:
         self.close()
 
 
-def bar(total: int | None, desc: str, unit: str = "it", quiet: bool = False, initial: int = 0,
-        every: float = PLAIN_EVERY_SECONDS):
+def bar(
+    total: int | None,
+    desc: str,
+    unit: str = "it",
+    quiet: bool = False,
+    initial: int = 0,
+    every: float = PLAIN_EVERY_SECONDS,
+):
     """A progress object for ``total`` units of work: tqdm on a terminal, plain lines otherwise, silent if ``quiet``."""
     if quiet:
         return tqdm(total=total, disable=True)

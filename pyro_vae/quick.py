@@ -16,6 +16,7 @@ unset, empty, ``0``, ``false``, ``no``, ``off`` leave it off. Anything else is
 a :class:`~pyro_vae.errors.UserInputError` that names the variable, so a typo
 never silently starts an hour-long run.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ def is_quick() -> bool:
         return True
     if value in _OFF:
         return False
-    raise UserInputError(f"${QUICK_ENV} is {os.environ[QUICK_ENV]!r}; accepted: 1, true, yes, on (quick) "
-                         f"or 0, false, no, off, unset (full)")
+    raise UserInputError(
+        f"${QUICK_ENV} is {os.environ[QUICK_ENV]!r}; accepted: 1, true, yes, on (quick) "
+        f"or 0, false, no, off, unset (full)"
+    )
 
 
 def pick(quick: T, full: T) -> T:

@@ -11,6 +11,7 @@ several times slower. ``auto`` therefore asks for
 that is one thread below 8 CPUs, two from 8, three from 12, four from 16 on.
 An integer asks for that many threads.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Every test uses its own compile cache: no compiled step of this machine's runs leaks in."""
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """The command line end to end on small real data: train, evaluate, sample, configs."""
+
 import json
 import math
 import subprocess
@@ -9,8 +10,17 @@ import pytest
 from pyro_vae.cli.main import main
 
 TINY = ["--set", "model.encoder.hidden=[32]", "--set", "model.decoder.hidden=[32]", "--no-progress"]
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt", "log.txt",
-             "samples.png", "reconstructions.png", "elbo.png", "latent.png")
+RUN_FILES = (
+    "config.yaml",
+    "run.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "log.txt",
+    "samples.png",
+    "reconstructions.png",
+    "elbo.png",
+    "latent.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +85,12 @@ def test_configs_lists_packaged_specs(capsys):
 
 
 def test_python_dash_m_is_the_same_command():
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--set", "model.prior.type=nope"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", "--set", "model.prior.type=nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "model.prior.type" in done.stderr and "vamp" in done.stderr
     assert "Traceback" not in done.stderr
@@ -95,15 +109,30 @@ def test_sample_needs_no_training_data_once_the_run_recorded_its_model_inputs(tm
     array = tmp_path / "images.npy"
     np.save(array, (np.random.default_rng(0).random((120, 8, 8)) > 0.5).astype(np.float32))
     run = tmp_path / "run"
-    assert main(["train", "--epochs", "1", "--out", str(run), "--set", "data.name=file", "--set", f"data.path={array}",
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+                "--set",
+                "data.name=file",
+                "--set",
+                f"data.path={array}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     info = json.loads((run / "run.json").read_text())
     assert info["model_inputs"] == {"data_dim": 64, "image_shape": [1, 8, 8]}
     array.unlink()
     capsys.readouterr()
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").stat().st_size > 0
-    del info["model_inputs"]                                   # a run written before the record: loads its data
+    del info["model_inputs"]  # a run written before the record: loads its data
     (run / "run.json").write_text(json.dumps(info))
     capsys.readouterr()
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "old.png")]) == 2
@@ -112,6 +141,7 @@ def test_sample_needs_no_training_data_once_the_run_recorded_its_model_inputs(tm
 
 
 # -- one consistent command line ------------------------------------------------------------------------------------
+
 
 def test_quiet_on_every_command_that_shows_progress_and_no_progress_as_a_hidden_alias():
     from pyro_vae.cli.main import build_parser
@@ -147,8 +177,25 @@ def test_configs_name_prints_the_resolved_spec_as_yaml(capsys):
 
 def test_evaluate_names_its_epoch_and_checkpoint_and_scores_a_validation_split(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--epochs", "2", "--out", str(run), "--set", "data.validation_size=50",
-                 "--set", "data.train_size=200", "--set", "data.test_size=40", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "2",
+                "--out",
+                str(run),
+                "--set",
+                "data.validation_size=50",
+                "--set",
+                "data.train_size=200",
+                "--set",
+                "data.test_size=40",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     result = evaluate(run, capsys, "--num-samples", "5", "--split", "validation", "--checkpoint", "last")
     assert (result["split"], result["num_examples"], result["epoch"]) == ("validation", 50, 2)
     assert result["checkpoint"] == "checkpoint.pt"
@@ -204,9 +251,20 @@ def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
         return original(self, x)
 
     monkeypatch.setattr(training.Trainer, "step", step_and_log)
-    trainer = training.Trainer(load_spec(None, ["data.train_size=64", "data.test_size=16", "data.batch_size=16",
-                                                "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
-                                                "train.epochs=1"]), None)
+    trainer = training.Trainer(
+        load_spec(
+            None,
+            [
+                "data.train_size=64",
+                "data.test_size=16",
+                "data.batch_size=16",
+                "model.encoder.hidden=[8]",
+                "model.decoder.hidden=[8]",
+                "train.epochs=1",
+            ],
+        ),
+        None,
+    )
     with command_line():  # the console handler the command line sets up
         trainer.fit()
     pieces = [piece.strip() for line in terminal.getvalue().split("\n") for piece in line.split("\r")]
@@ -227,7 +285,19 @@ def test_meanfield_note_names_the_distributions_inside_independent():
     from pyro_vae import training
     from pyro_vae.config.spec import load_spec
 
-    trainer = training.Trainer(load_spec(None, ["data.train_size=32", "data.test_size=8", "model.encoder.hidden=[8]",
-                                                "model.decoder.hidden=[8]", "model.prior.type=mog",
-                                                "inference.estimator=meanfield"]), None, show_progress=False)
+    trainer = training.Trainer(
+        load_spec(
+            None,
+            [
+                "data.train_size=32",
+                "data.test_size=8",
+                "model.encoder.hidden=[8]",
+                "model.decoder.hidden=[8]",
+                "model.prior.type=mog",
+                "inference.estimator=meanfield",
+            ],
+        ),
+        None,
+        show_progress=False,
+    )
     assert "KL(Normal ‖ DiagonalNormalMixture)" in trainer.note and "Independent" not in trainer.note

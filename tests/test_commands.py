@@ -1,16 +1,22 @@
 """Every command as careful as its errors: output paths, pipes, resume totals, help defaults, TensorBoard."""
+
 import subprocess
 import sys
 
 import pytest
 
-from pyro_vae.training import runs
 from pyro_vae import training
 from pyro_vae.cli.main import build_parser, main
 from pyro_vae.config.spec import load_spec
+from pyro_vae.training import runs
 
-TINY = ["data.train_size=100", "data.test_size=20", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
-        "train.epochs=2"]
+TINY = [
+    "data.train_size=100",
+    "data.test_size=20",
+    "model.encoder.hidden=[8]",
+    "model.decoder.hidden=[8]",
+    "train.epochs=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +43,18 @@ def test_sample_makes_the_output_folder_and_keeps_the_runs_own_picture(run, tmp_
     assert (run / "samples-n4-seed0.png").exists() and (run / "samples.png").read_bytes() == before
 
 
-@pytest.mark.parametrize("args,needle", [(["--out", "x.foo"], "'.foo'"), (["--n", "100000"], "at most 1024"),
-                                         (["--n", "0"], "--n")])
+@pytest.mark.parametrize(
+    "args,needle", [(["--out", "x.foo"], "'.foo'"), (["--n", "100000"], "at most 1024"), (["--n", "0"], "--n")]
+)
 def test_sample_refuses_bad_output_and_sizes_in_one_line(run, capsys, args, needle):
     assert main(["sample", str(run), *args]) == 2
     one_error_line(capsys, needle)
 
 
 def test_configs_into_a_closed_pipe_exits_zero_without_a_traceback():
-    result = subprocess.run(f"{sys.executable} -m pyro_vae configs | head -1", shell=True, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        f"{sys.executable} -m pyro_vae configs | head -1", shell=True, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr and len(result.stdout.splitlines()) == 1
 
 
@@ -87,8 +95,22 @@ def test_tensorboard_event_file_holds_the_epoch_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder = tmp_path / "run"
-    assert main(["train", "--set", "train.tensorboard=true", "--epochs", "2", "--out", str(folder), "--no-progress",
-                 *sum((["--set", o] for o in TINY[:-1]), [])]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                "train.tensorboard=true",
+                "--epochs",
+                "2",
+                "--out",
+                str(folder),
+                "--no-progress",
+                *sum((["--set", o] for o in TINY[:-1]), []),
+            ]
+        )
+        == 0
+    )
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("test_elbo")] == [1, 2]
@@ -100,8 +122,14 @@ def test_tensorboard_event_file_holds_the_epoch_scalars(tmp_path):
 
 # -- one command at a time on a run folder ------------------------------------------------------------------------
 
-LOCKED = ["data.train_size=96", "data.test_size=32", "data.batch_size=16", "model.encoder.hidden=[16]",
-          "model.decoder.hidden=[16]", "inference.compile=eager"]
+LOCKED = [
+    "data.train_size=96",
+    "data.test_size=32",
+    "data.batch_size=16",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+    "inference.compile=eager",
+]
 
 
 def test_two_concurrent_resumes_one_trains_the_other_is_refused_and_the_run_is_bit_identical(tmp_path):
@@ -118,8 +146,9 @@ def test_two_concurrent_resumes_one_trains_the_other_is_refused_and_the_run_is_b
     training.train(load_spec(None, [*LOCKED, "train.epochs=1"]), run, show_progress=False)
     command = [sys.executable, "-m", "pyro_vae", "train", "--resume", str(run), "--epochs", str(epochs), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the reference's kernels
-    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for _ in range(2)]
+    both = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     errors = [process.communicate(timeout=300)[1] for process in both]
     codes = [process.returncode for process in both]
     assert sorted(codes) == [0, 2], errors
@@ -163,6 +192,7 @@ def test_the_lock_is_released_when_the_command_fails(run):
 
 # -- --resume of a finished run -------------------------------------------------------------------------------------
 
+
 def test_resume_of_a_finished_run_says_nothing_to_do_and_touches_nothing(run, capsys):
     from test_robustness import snapshot
 
@@ -179,8 +209,9 @@ def test_resume_of_a_finished_run_says_nothing_to_do_and_touches_nothing(run, ca
 
 def test_resume_of_an_early_stopped_run_says_so(tmp_path, capsys):
     folder = tmp_path / "run"
-    spec = load_spec(None, [*TINY, "data.validation_size=20", "train.early_stopping_patience=1", "optim.lr=1e-12",
-                            "train.epochs=6"])
+    spec = load_spec(
+        None, [*TINY, "data.validation_size=20", "train.early_stopping_patience=1", "optim.lr=1e-12", "train.epochs=6"]
+    )
     training.train(spec, folder, show_progress=False)
     epochs = len(runs.read_metrics(folder))
     assert epochs < 6
@@ -191,6 +222,7 @@ def test_resume_of_an_early_stopped_run_says_so(tmp_path, capsys):
 
 
 # -- output folders of table and compare ---------------------------------------------------------------------------
+
 
 def test_a_failed_table_leaves_no_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -1,9 +1,11 @@
-"""The package's compile cache (pyro_vae.training.compile_cache) and ``inference.compile: auto`` (pyro_vae.training.path_choice).
+"""The package's compile cache (pyro_vae.training.compile_cache) and ``inference.compile: auto``
+(pyro_vae.training.path_choice).
 
 Real TorchInductor compiles take tens of seconds; here torch.compile is replaced
 where a test is about the cache's bookkeeping, and ``auto`` is checked on the
 traced replay, which is bit for bit the eager step.
 """
+
 import json
 import logging
 import os
@@ -14,15 +16,21 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.training import compile_cache, compiled, path_choice
-from pyro_vae.config import registry
 from pyro_vae import training
-from pyro_vae.model import VAE
-from pyro_vae.training.optimizer import adam
+from pyro_vae.config import registry
 from pyro_vae.config.spec import OptimSpec, Spec, load_spec
+from pyro_vae.model import VAE
+from pyro_vae.training import compile_cache, compiled, path_choice
+from pyro_vae.training.optimizer import adam
 
-SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
-         "model.decoder.hidden=[16]", "train.epochs=2"]
+SMALL = [
+    "data.train_size=96",
+    "data.test_size=32",
+    "data.batch_size=20",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+    "train.epochs=2",
+]
 
 
 @pytest.fixture
@@ -35,10 +43,12 @@ def cache(tmp_path, monkeypatch):
 
 def inductor_folder_of_the_command(env: dict) -> str:
     """TORCHINDUCTOR_CACHE_DIR as ``pyro-vae`` sees it while a command runs, and after it, in a fresh process."""
-    code = ("import os, pyro_vae.cli.main as cli\n"
-            "cli.run_command = lambda argv: print(os.environ.get('TORCHINDUCTOR_CACHE_DIR')) or 0\n"
-            "cli.main(['configs'])\n"
-            "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))\n")
+    code = (
+        "import os, pyro_vae.cli.main as cli\n"
+        "cli.run_command = lambda argv: print(os.environ.get('TORCHINDUCTOR_CACHE_DIR')) or 0\n"
+        "cli.main(['configs'])\n"
+        "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return done.stdout
 
@@ -101,18 +111,25 @@ def test_a_compile_that_fails_with_a_cache_present_is_retried_from_an_empty_fold
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     step = compiled.CompiledStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), inductor=True)
-    traced = lambda params, buffers, x, beta: (x.sum(), [x])  # noqa: E731
+
+    def traced(params, buffers, x, beta):
+        return x.sum(), [x]
+
     with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
-        graph, loss, grads = step._compile(traced, [0], [], [], torch.ones(2), None, compiled.rng.fork_torch(
-            torch.device("cpu")))
+        graph, loss, grads = step._compile(
+            traced, [0], [], [], torch.ones(2), None, compiled.rng.fork_torch(torch.device("cpu"))
+        )
     assert calls == [["STAMP", "fxgraph"], ["STAMP"]] and graph.compiled and float(loss) == 2.0
     assert sum("rebuilt" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_compile_that_fails_without_a_cache_is_not_retried(cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: calls.append(1) or (_ for _ in ()).throw(
-        RuntimeError("no C++ compiler")))
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, **options: calls.append(1) or (_ for _ in ()).throw(RuntimeError("no C++ compiler")),
+    )
     step = compiled.CompiledStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), inductor=True)
     with pytest.raises(RuntimeError, match="no C"):
         step._compile(lambda *a: None, [], [], [], torch.ones(1), None, compiled.rng.fork_torch(torch.device("cpu")))
@@ -122,6 +139,7 @@ def test_a_compile_that_fails_without_a_cache_is_not_retried(cache, monkeypatch)
 # --------------------------------------------------------------------------
 # inference.compile: auto
 # --------------------------------------------------------------------------
+
 
 def auto_run(steps_left: int, x: torch.Tensor, steps: int, log: logging.Logger, trace_after: int = 100):
     """``steps`` steps of an AutoStep (the first validated, as in training); losses, parameters, the step."""
@@ -197,8 +215,9 @@ def test_a_resumed_run_takes_the_path_auto_chose(monkeypatch):
 
 def test_a_path_auto_no_longer_takes_is_chosen_afresh():
     """A checkpoint of an older version may record ``inductor``: auto only ever takes the bit-for-bit paths."""
-    step = path_choice.AutoStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), lambda: 0,
-                                path="inductor")
+    step = path_choice.AutoStep(
+        None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), lambda: 0, path="inductor"
+    )
     assert step.path is None
     step.choose(0)
     assert step.path == "eager"

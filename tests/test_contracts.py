@@ -1,4 +1,5 @@
 """Parts meet stated contracts: checked when built, named in one line when they do not; the registry and plugins."""
+
 import importlib
 import re
 import subprocess
@@ -13,12 +14,12 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
 from pyro_vae import cli
-from pyro_vae.parts import contracts
 from pyro_vae.config import plugins, registry
+from pyro_vae.config.spec import load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import load_spec
+from pyro_vae.parts import contracts
 
 SMALL = ["model.latent_dim=3", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]
 D = 16
@@ -35,17 +36,25 @@ def scratch_registry(monkeypatch):
 def build_with(kind: str, name: str, builder, role: str | None = None) -> VAE:
     """Register ``builder`` and build a small VAE that uses it for ``role`` (default: ``kind``)."""
     registry.register(kind, name)(builder)
-    key = {"network": f"model.{role}.type", "prior": "model.prior.type", "guide": "model.guide.type",
-           "likelihood": "model.likelihood.type"}[kind]
+    key = {
+        "network": f"model.{role}.type",
+        "prior": "model.prior.type",
+        "guide": "model.guide.type",
+        "likelihood": "model.likelihood.type",
+    }[kind]
     return VAE.from_spec(load_spec(None, [*SMALL, f"{key}={name}"]).model, D)
 
 
 # -- the contracts ---------------------------------------------------------------------------------------
 def test_the_built_in_parts_meet_their_protocols():
     vae = VAE.from_spec(load_spec(None, SMALL).model, D)
-    for part, protocol in ((vae.encoder, contracts.Encoder), (vae.decoder, contracts.Decoder),
-                           (vae.prior, contracts.Prior), (vae.guide_head, contracts.Guide),
-                           (vae.likelihood, contracts.Likelihood)):
+    for part, protocol in (
+        (vae.encoder, contracts.Encoder),
+        (vae.decoder, contracts.Decoder),
+        (vae.prior, contracts.Prior),
+        (vae.guide_head, contracts.Guide),
+        (vae.likelihood, contracts.Likelihood),
+    ):
         assert isinstance(part, protocol)
     assert isinstance(Trace_ELBO(), contracts.Estimator)
     assert set(contracts.BUILDER_SIGNATURES) == set(registry.KINDS)
@@ -77,28 +86,68 @@ class GuideWithoutMoments(nn.Module):
         return dist.Normal(h.new_zeros(*h.shape[:-1], self.latent_dim), 1.0).to_event(1)
 
 
-@pytest.mark.parametrize("kind, role, builder, message", [
-    ("prior", None, lambda spec, latent_dim, **parts: NoForward(),
-     r"^prior 'broken' \(.*NoForward\) has no 'forward' .*; a prior must provide forward\(\) returning "
-     r"a distribution with event shape \(latent_dim,\)"),
-    ("prior", None, lambda spec, latent_dim, **parts: object(),
-     r"^prior 'broken' \(builtins.object\) is not a torch.nn.Module"),
-    ("network", "encoder", lambda spec, role, input_dim, output_dim, image_shape: EncoderWithoutWidth(),
-     r"^encoder network 'broken' \(.*EncoderWithoutWidth\) has no 'output_dim' of type int; "
-     r"an encoder network must provide .*output_dim: int"),
-    ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: DecoderWithoutBias(),
-     r"^decoder network 'broken' \(.*DecoderWithoutBias\) has no 'output_bias' tensor"),
-    ("guide", None, lambda spec, feature_dim, latent_dim: GuideWithoutMoments(latent_dim),
-     r"^guide 'broken' \(.*GuideWithoutMoments\) has no 'moments' method; a guide must provide"),
-    ("likelihood", None, lambda spec, data_dim: NoForward(),
-     r"^likelihood 'broken' \(.*NoForward\) has no 'forward'"),
-    ("prior", None, lambda spec, latent_dim: NoForward(),
-     r"^prior 'broken': builder .*<lambda>\(spec, latent_dim\) cannot take the prior builder's "
-     r"arguments .*; a prior builder is builder\(spec, latent_dim, \*\*parts\)"),
-], ids=["prior-forward", "prior-module", "encoder-output_dim", "decoder-output_bias", "guide-moments",
-        "likelihood-forward", "prior-signature"])
-def test_a_part_without_its_contract_is_one_line_naming_kind_name_and_member(scratch_registry, kind, role,
-                                                                             builder, message):
+@pytest.mark.parametrize(
+    "kind, role, builder, message",
+    [
+        (
+            "prior",
+            None,
+            lambda spec, latent_dim, **parts: NoForward(),
+            r"^prior 'broken' \(.*NoForward\) has no 'forward' .*; a prior must provide forward\(\) returning "
+            r"a distribution with event shape \(latent_dim,\)",
+        ),
+        (
+            "prior",
+            None,
+            lambda spec, latent_dim, **parts: object(),
+            r"^prior 'broken' \(builtins.object\) is not a torch.nn.Module",
+        ),
+        (
+            "network",
+            "encoder",
+            lambda spec, role, input_dim, output_dim, image_shape: EncoderWithoutWidth(),
+            r"^encoder network 'broken' \(.*EncoderWithoutWidth\) has no 'output_dim' of type int; "
+            r"an encoder network must provide .*output_dim: int",
+        ),
+        (
+            "network",
+            "decoder",
+            lambda spec, role, input_dim, output_dim, image_shape: DecoderWithoutBias(),
+            r"^decoder network 'broken' \(.*DecoderWithoutBias\) has no 'output_bias' tensor",
+        ),
+        (
+            "guide",
+            None,
+            lambda spec, feature_dim, latent_dim: GuideWithoutMoments(latent_dim),
+            r"^guide 'broken' \(.*GuideWithoutMoments\) has no 'moments' method; a guide must provide",
+        ),
+        (
+            "likelihood",
+            None,
+            lambda spec, data_dim: NoForward(),
+            r"^likelihood 'broken' \(.*NoForward\) has no 'forward'",
+        ),
+        (
+            "prior",
+            None,
+            lambda spec, latent_dim: NoForward(),
+            r"^prior 'broken': builder .*<lambda>\(spec, latent_dim\) cannot take the prior builder's "
+            r"arguments .*; a prior builder is builder\(spec, latent_dim, \*\*parts\)",
+        ),
+    ],
+    ids=[
+        "prior-forward",
+        "prior-module",
+        "encoder-output_dim",
+        "decoder-output_bias",
+        "guide-moments",
+        "likelihood-forward",
+        "prior-signature",
+    ],
+)
+def test_a_part_without_its_contract_is_one_line_naming_kind_name_and_member(
+    scratch_registry, kind, role, builder, message
+):
     with pytest.raises(UserInputError, match=message) as error:
         build_with(kind, "broken", builder, role)
     assert "\n" not in str(error.value)
@@ -140,26 +189,56 @@ class CoinGuide(NormalGuide):
         return dist.Bernoulli(probs=h.new_full((*h.shape[:-1], self.latent_dim), 0.5)).to_event(1)
 
 
-@pytest.mark.parametrize("kind, role, builder, message", [
-    ("prior", None, lambda spec, latent_dim, **parts: WrongEventPrior(latent_dim + 1),
-     r"^prior 'shapes' \(.*WrongEventPrior\): forward\(\) gave a distribution with batch shape \(\) and "
-     r"event shape \(4,\); expected batch shape \(\) and event shape \(3,\)"),
-    ("prior", None, lambda spec, latent_dim, **parts: BatchedPrior(latent_dim),
-     r"^prior 'shapes' .*batch shape \(3,\) and event shape \(\); expected batch shape \(\) and event shape \(3,\)"),
-    ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(input_dim, 5),
-     r"^decoder network 'shapes' \(.*ShortDecoder\): output_bias has shape \(5,\); expected \(16,\)"),
-    ("network", "decoder", lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(2, output_dim),
-     r"^decoder network 'shapes' \(.*ShortDecoder\): forward\(z of shape \(2, 3\)\) failed "
-     r"\(RuntimeError: .*"),
-    ("guide", None, lambda spec, feature_dim, latent_dim: NormalGuide(latent_dim + 2),
-     r"^guide 'shapes' .*: forward\(h of shape \(2, 8\)\) gave a distribution with batch shape \(2,\) and event "
-     r"shape \(5,\); expected batch shape \(2,\) and event shape \(3,\)"),
-    ("guide", None, lambda spec, feature_dim, latent_dim: CoinGuide(latent_dim),
-     r"^guide 'shapes' \(.*CoinGuide\): forward\(h of shape \(2, 8\)\) gave "
-     r".*Independent, which has no rsample; a guide must be reparameterized"),
-], ids=["prior-event", "prior-batch", "decoder-bias", "decoder-input", "guide-event", "guide-rsample"])
-def test_a_part_with_wrong_shapes_is_one_line_naming_the_part_and_the_shapes(scratch_registry, kind, role,
-                                                                             builder, message):
+@pytest.mark.parametrize(
+    "kind, role, builder, message",
+    [
+        (
+            "prior",
+            None,
+            lambda spec, latent_dim, **parts: WrongEventPrior(latent_dim + 1),
+            r"^prior 'shapes' \(.*WrongEventPrior\): forward\(\) gave a distribution with batch shape \(\) and "
+            r"event shape \(4,\); expected batch shape \(\) and event shape \(3,\)",
+        ),
+        (
+            "prior",
+            None,
+            lambda spec, latent_dim, **parts: BatchedPrior(latent_dim),
+            r"^prior 'shapes' .*batch shape \(3,\) and event shape \(\); "
+            r"expected batch shape \(\) and event shape \(3,\)",
+        ),
+        (
+            "network",
+            "decoder",
+            lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(input_dim, 5),
+            r"^decoder network 'shapes' \(.*ShortDecoder\): output_bias has shape \(5,\); expected \(16,\)",
+        ),
+        (
+            "network",
+            "decoder",
+            lambda spec, role, input_dim, output_dim, image_shape: ShortDecoder(2, output_dim),
+            r"^decoder network 'shapes' \(.*ShortDecoder\): forward\(z of shape \(2, 3\)\) failed "
+            r"\(RuntimeError: .*",
+        ),
+        (
+            "guide",
+            None,
+            lambda spec, feature_dim, latent_dim: NormalGuide(latent_dim + 2),
+            r"^guide 'shapes' .*: forward\(h of shape \(2, 8\)\) gave a distribution with batch shape \(2,\) and event "
+            r"shape \(5,\); expected batch shape \(2,\) and event shape \(3,\)",
+        ),
+        (
+            "guide",
+            None,
+            lambda spec, feature_dim, latent_dim: CoinGuide(latent_dim),
+            r"^guide 'shapes' \(.*CoinGuide\): forward\(h of shape \(2, 8\)\) gave "
+            r".*Independent, which has no rsample; a guide must be reparameterized",
+        ),
+    ],
+    ids=["prior-event", "prior-batch", "decoder-bias", "decoder-input", "guide-event", "guide-rsample"],
+)
+def test_a_part_with_wrong_shapes_is_one_line_naming_the_part_and_the_shapes(
+    scratch_registry, kind, role, builder, message
+):
     with pytest.raises(UserInputError, match=message) as error:
         build_with(kind, "shapes", builder, role)
     assert "\n" not in str(error.value)
@@ -175,8 +254,12 @@ class NormalizedEncoder(nn.Module):
 
 
 def test_the_shape_probe_changes_no_state_of_a_part(scratch_registry):
-    vae = build_with("network", "normalized", lambda spec, role, input_dim, output_dim, image_shape:
-                     NormalizedEncoder(input_dim), "encoder")
+    vae = build_with(
+        "network",
+        "normalized",
+        lambda spec, role, input_dim, output_dim, image_shape: NormalizedEncoder(input_dim),
+        "encoder",
+    )
     norm = vae.encoder.norm
     assert norm.training and int(norm.num_batches_tracked) == 0
     assert torch.equal(norm.running_var, torch.ones(D))
@@ -192,8 +275,11 @@ class GradsOnly:
 def test_an_estimator_without_a_loss_and_a_dataset_of_another_type_are_refused(scratch_registry):
     registry.register("estimator", "no-loss")(lambda spec: object())
     spec = load_spec(None, ["inference.estimator=no-loss"])
-    with pytest.raises(UserInputError, match=r"^estimator 'no-loss' \(builtins.object\) has no "
-                                             r"'differentiable_loss' method; an estimator must provide"):
+    with pytest.raises(
+        UserInputError,
+        match=r"^estimator 'no-loss' \(builtins.object\) has no "
+        r"'differentiable_loss' method; an estimator must provide",
+    ):
         contracts.build("estimator", "no-loss", spec.inference)
     registry.register("estimator", "grads-only")(lambda spec: GradsOnly())
     with pytest.raises(UserInputError, match=r"^estimator 'grads-only' .* has no 'differentiable_loss' method"):
@@ -201,8 +287,11 @@ def test_an_estimator_without_a_loss_and_a_dataset_of_another_type_are_refused(s
     registry.register("estimator", "graph")(lambda spec: TraceGraph_ELBO())
     assert isinstance(contracts.build("estimator", "graph", spec.inference), TraceGraph_ELBO)
     registry.register("dataset", "tensor")(lambda spec: torch.zeros(4, 2))
-    with pytest.raises(UserInputError, match=r"^dataset 'tensor': the builder returned torch.Tensor; "
-                                             r"a dataset builder is builder\(spec\) -> pyro_vae.data.Dataset"):
+    with pytest.raises(
+        UserInputError,
+        match=r"^dataset 'tensor': the builder returned torch.Tensor; "
+        r"a dataset builder is builder\(spec\) -> pyro_vae.data.Dataset",
+    ):
         load_dataset(load_spec(None, ["data.name=tensor"]).data)
 
 
@@ -212,8 +301,11 @@ def standard_normal_again(spec, latent_dim, **parts):
 
 
 def test_a_taken_name_is_refused_unless_replace_is_asked(scratch_registry):
-    with pytest.raises(UserInputError, match=r"^prior 'mog' is already registered \(by pyro_vae.parts.priors."
-                                             r"mixture_of_gaussians\); choose another name, or register"):
+    with pytest.raises(
+        UserInputError,
+        match=r"^prior 'mog' is already registered \(by pyro_vae.parts.priors."
+        r"mixture_of_gaussians\); choose another name, or register",
+    ):
         registry.register("prior", "mog")(standard_normal_again)
     assert registry.get("prior", "mog").__name__ == "mixture_of_gaussians"
     registry.register("prior", "mog", replace=True)(standard_normal_again)
@@ -221,13 +313,15 @@ def test_a_taken_name_is_refused_unless_replace_is_asked(scratch_registry):
 
 
 def test_reloading_a_plugin_module_registers_its_parts_again_quietly(scratch_registry, tmp_path, monkeypatch):
-    (tmp_path / "reloaded_plugin.py").write_text(textwrap.dedent("""
+    (tmp_path / "reloaded_plugin.py").write_text(
+        textwrap.dedent("""
         from pyro_vae.config import registry
 
         @registry.register("prior", "reloaded")
         def reloaded(spec, latent_dim, **parts):
             return registry.get("prior", "standard-normal")(spec, latent_dim, **parts)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(plugins, "_LOADED", [])
     module = importlib.import_module("reloaded_plugin")
@@ -260,23 +354,33 @@ def test_the_command_line_finds_a_plugin_in_the_current_folder(tmp_path, monkeyp
 
 BAD_PLUGINS = {
     "syntax": ("x = (\n", r"plugin module 'bad' failed to import \(SyntaxError: '\(' was never closed"),
-    "raises": ("import math\nraise RuntimeError('no GPU here')\n",
-               r"plugin module 'bad' failed to import \(RuntimeError: no GPU here, at .*bad.py line 2\)"),
-    "duplicate": ("from pyro_vae import registry\n\n@registry.register('prior', 'mog')\n"
-                  "def mine(spec, latent_dim, **parts):\n    return None\n",
-                  r"plugin module 'bad' failed to import \(UserInputError: prior 'mog' is already registered .*"
-                  r"bad.py line 3\)"),
-    "dependency": ("import no_such_dependency_of_bad\n",
-                   r"plugin module 'bad' failed to import \(ModuleNotFoundError: No module named "
-                   r"'no_such_dependency_of_bad', at .*bad.py line 1\)"),
-    "missing": (None, r"cannot import plugin module 'bad' \(ModuleNotFoundError: No module named 'bad'\); "
-                      r"install it, or run from the folder that holds bad.py"),
+    "raises": (
+        "import math\nraise RuntimeError('no GPU here')\n",
+        r"plugin module 'bad' failed to import \(RuntimeError: no GPU here, at .*bad.py line 2\)",
+    ),
+    "duplicate": (
+        "from pyro_vae import registry\n\n@registry.register('prior', 'mog')\n"
+        "def mine(spec, latent_dim, **parts):\n    return None\n",
+        r"plugin module 'bad' failed to import \(UserInputError: prior 'mog' is already registered .*"
+        r"bad.py line 3\)",
+    ),
+    "dependency": (
+        "import no_such_dependency_of_bad\n",
+        r"plugin module 'bad' failed to import \(ModuleNotFoundError: No module named "
+        r"'no_such_dependency_of_bad', at .*bad.py line 1\)",
+    ),
+    "missing": (
+        None,
+        r"cannot import plugin module 'bad' \(ModuleNotFoundError: No module named 'bad'\); "
+        r"install it, or run from the folder that holds bad.py",
+    ),
 }
 
 
 def pyro_vae_command(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyro_vae", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_vae", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("case", list(BAD_PLUGINS))
@@ -292,7 +396,8 @@ def test_every_plugin_import_failure_is_one_line_and_exit_status_2(case, tmp_pat
 
 
 def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_training(tmp_path):
-    (tmp_path / "wide_prior.py").write_text(textwrap.dedent("""
+    (tmp_path / "wide_prior.py").write_text(
+        textwrap.dedent("""
         import pyro.distributions as dist
         import torch
         from torch import nn
@@ -312,14 +417,28 @@ def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_train
         @registry.register("prior", "wide")
         def wide(spec, latent_dim, **parts):
             return Wide(latent_dim)
-    """))
-    result = pyro_vae_command("train", "--plugin", "wide_prior", "--set", "model.prior.type=wide", "--set",
-                              "model.latent_dim=2", "--epochs", "1", "--out", "runs/wide", cwd=tmp_path)
+    """)
+    )
+    result = pyro_vae_command(
+        "train",
+        "--plugin",
+        "wide_prior",
+        "--set",
+        "model.prior.type=wide",
+        "--set",
+        "model.latent_dim=2",
+        "--epochs",
+        "1",
+        "--out",
+        "runs/wide",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "pyro-vae: error: prior 'wide' (wide_prior.Wide): forward() gave a distribution with batch shape () and "
         "event shape (3,); expected batch shape () and event shape (2,): events of model.latent_dim values, one "
-        "distribution shared by every example"]
+        "distribution shared by every example"
+    ]
     assert not (tmp_path / "runs" / "wide" / "checkpoint.pt").exists()
 
 

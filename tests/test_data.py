@@ -1,4 +1,5 @@
 """Datasets as tensors, binarization protocols, user files, and the real MNIST family."""
+
 import gzip
 import math
 import os
@@ -9,15 +10,17 @@ import pytest
 import torch
 
 from pyro_vae import evaluation
+from pyro_vae.config.spec import DataSpec, Spec, load_spec
 from pyro_vae.data import DATA_ENV, load_dataset, read_amat
 from pyro_vae.errors import UserInputError
 from pyro_vae.infer.gaussian import LinearGaussian
-from pyro_vae.config.spec import DataSpec, Spec, load_spec
 from pyro_vae.training.trainer import Trainer
 
 SHARED = Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
-needs_mnist = pytest.mark.skipif(SHARED is None or not (SHARED / "MNIST" / "raw").exists(),
-                                 reason=f"real MNIST files not found (set {DATA_ENV} to a torchvision root)")
+needs_mnist = pytest.mark.skipif(
+    SHARED is None or not (SHARED / "MNIST" / "raw").exists(),
+    reason=f"real MNIST files not found (set {DATA_ENV} to a torchvision root)",
+)
 
 
 def data_spec(**keys) -> DataSpec:
@@ -78,12 +81,15 @@ def test_user_file_npy_and_pt_with_and_without_a_test_file(tmp_path):
     assert with_test.train.shape == (200, 30) and with_test.test.shape == (40, 30)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    ("nan", "NaN or infinite"),
-    ("text", "cannot read"),
-    ("vector", "shape"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ("nan", "NaN or infinite"),
+        ("text", "cannot read"),
+        ("vector", "shape"),
+    ],
+)
 def test_bad_user_files_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "data.npy"
     if content == "nan":
@@ -129,11 +135,22 @@ def test_known_density_file_log_likelihood_does_not_exceed_the_truth(tmp_path):
     generator = torch.Generator().manual_seed(12)
     np.save(tmp_path / "train.npy", truth.sample(3000, generator).numpy())
     np.save(tmp_path / "test.npy", truth.sample(500, generator).numpy())
-    spec = load_spec(None, ["data.name=file", f"data.path={tmp_path / 'train.npy'}",
-                            f"data.test_path={tmp_path / 'test.npy'}", "data.batch_size=100",
-                            "model.likelihood.type=gaussian", "model.likelihood.scale=learned",
-                            "model.latent_dim=2", "model.decoder.hidden=[]", "model.encoder.hidden=[32]",
-                            "optim.lr=0.01", "train.epochs=25"])
+    spec = load_spec(
+        None,
+        [
+            "data.name=file",
+            f"data.path={tmp_path / 'train.npy'}",
+            f"data.test_path={tmp_path / 'test.npy'}",
+            "data.batch_size=100",
+            "model.likelihood.type=gaussian",
+            "model.likelihood.scale=learned",
+            "model.latent_dim=2",
+            "model.decoder.hidden=[]",
+            "model.encoder.hidden=[32]",
+            "optim.lr=0.01",
+            "train.epochs=25",
+        ],
+    )
     trainer = Trainer(spec, None, show_progress=False)
     trainer.fit()
     torch.manual_seed(13)
@@ -166,9 +183,9 @@ def test_evaluation_splits_are_binarized_by_their_own_seed_not_the_training_seed
     other = load_dataset(data_spec(**keys, eval_binarize_seed=5), seed=0)
     assert not torch.equal(first.test, other.test)
     old = [load_dataset(data_spec(**keys, eval_binarize_seed="train"), seed=seed) for seed in (0, 1)]
-    assert not torch.equal(old[0].test, old[1].test)                      # "train": follows train.seed
+    assert not torch.equal(old[0].test, old[1].test)  # "train": follows train.seed
     grey = load_dataset(data_spec(**{**keys, "binarize": "none"}), seed=1)
-    generator = torch.Generator().manual_seed(1)                            # the draws runs made before the key
+    generator = torch.Generator().manual_seed(1)  # the draws runs made before the key
     train = torch.bernoulli(grey.train, generator=generator) if binarize == "static" else grey.train
     test, validation = (torch.bernoulli(t, generator=generator) for t in (grey.test, grey.validation))
     assert torch.equal(old[1].train, train) or binarize == "dynamic"
@@ -181,6 +198,6 @@ def test_a_saved_spec_without_the_evaluation_seed_keeps_the_training_seed():
     assert Spec.from_saved(saved).data.eval_binarize_seed == "train"
     assert Spec.from_saved(Spec().to_dict()).data.eval_binarize_seed == 0
     assert Spec.from_dict({}).data.eval_binarize_seed == 0
-    for bad in (-1, 2**64, True, "test"):                                       # a seed torch's generator takes
+    for bad in (-1, 2**64, True, "test"):  # a seed torch's generator takes
         with pytest.raises(UserInputError, match="data.eval_binarize_seed"):
             Spec.from_dict({"data": {"eval_binarize_seed": bad}})

@@ -7,6 +7,7 @@ one process on the whole batch. The torchrun run (2 CPU processes, gloo) must
 write one run folder, from rank 0 only, and land within 1 nat of the
 single-process test ELBO (different random draws, same expectation).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,10 @@ import pytest
 import torch
 import torch.distributed
 
-from pyro_vae.training import distributed, runs
-from pyro_vae.infer import estimators
 from pyro_vae import training
 from pyro_vae.config.spec import load_spec
+from pyro_vae.infer import estimators
+from pyro_vae.training import distributed, runs
 
 EPOCHS = 5
 
@@ -34,11 +35,17 @@ def one_thread():
 
 
 def test_sharded_weighted_gradients_sum_to_the_single_process_gradient(monkeypatch):
-    monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
-                        lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+    monkeypatch.setattr(
+        torch.distributions.normal,
+        "_standard_normal",
+        lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device),
+    )
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: None)  # each rank's own part
-    trainer = training.Trainer(load_spec(None, ["data.train_size=200", "model.encoder.hidden=[16]",
-                                                "model.decoder.hidden=[16]"]), None, show_progress=False)
+    trainer = training.Trainer(
+        load_spec(None, ["data.train_size=200", "model.encoder.hidden=[16]", "model.decoder.hidden=[16]"]),
+        None,
+        show_progress=False,
+    )
     vae, n = trainer.vae, trainer.data.num_train
     params = list(vae.parameters())
     index = torch.arange(23)  # uneven: slices of 12 and 11
@@ -83,12 +90,30 @@ def test_without_torchrun_nothing_changes():
 def test_torchrun_two_gloo_processes_write_one_run_folder_and_match_one_process(tmp_path):
     out = tmp_path / "work"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pyro_vae", "train", "--set", "data.name=digits", "--epochs", str(EPOCHS),
-               "--out", "run", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pyro_vae",
+        "train",
+        "--set",
+        "data.name=digits",
+        "--epochs",
+        str(EPOCHS),
+        "--out",
+        "run",
+        "--no-progress",
+    ]
     done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["run"], done.stdout  # rank 0 alone prints the run folder
@@ -104,8 +129,9 @@ def test_torchrun_two_gloo_processes_write_one_run_folder_and_match_one_process(
     rows = runs.read_metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
 
-    single = training.Trainer(load_spec(None, ["data.name=digits", f"train.epochs={EPOCHS}"]), None,
-                              show_progress=False)
+    single = training.Trainer(
+        load_spec(None, ["data.name=digits", f"train.epochs={EPOCHS}"]), None, show_progress=False
+    )
     single.fit()
     expected = single.progress.metrics[-1]["test_elbo"]
     assert abs(rows[-1]["test_elbo"] - expected) < 1.0, (rows[-1]["test_elbo"], expected)

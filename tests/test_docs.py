@@ -1,4 +1,5 @@
 """The documentation site builds without a warning, its Python blocks run as written, and the README stays short."""
+
 import re
 import subprocess
 import sys
@@ -12,22 +13,39 @@ DOCS = ROOT / "docs"
 
 def python_blocks() -> list[tuple[str, str]]:
     """(page name, code) of every ```python block of every docs/*.md page."""
-    return [(page.name, code) for page in sorted(DOCS.glob("*.md"))
-            for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)]
+    return [
+        (page.name, code)
+        for page in sorted(DOCS.glob("*.md"))
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    ]
 
 
 def test_the_site_builds_with_warnings_as_errors(tmp_path):
-    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(tmp_path / "html")]
+    command = [
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-W",
+        "--keep-going",
+        "-q",
+        "-b",
+        "html",
+        str(DOCS),
+        str(tmp_path / "html"),
+    ]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     spec_page = (tmp_path / "html" / "spec.html").read_text()
     assert "model.prior.components" in spec_page and "inference.ciwae_beta" in spec_page
 
 
-@pytest.mark.parametrize("page, code", python_blocks(), ids=[f"{page}-{i}" for i, (page, _) in enumerate(python_blocks())])
+@pytest.mark.parametrize(
+    "page, code", python_blocks(), ids=[f"{page}-{i}" for i, (page, _) in enumerate(python_blocks())]
+)
 def test_every_python_block_runs_in_a_fresh_interpreter(page, code, tmp_path):
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=False, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"{page}: {result.stderr[-2000:]}"
 
 

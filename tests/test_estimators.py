@@ -11,6 +11,7 @@ Statistical checks use fixed seeds and a tolerance of Z = 4.5 standard errors
 estimators are paired (the same seed, hence the same z, for both) so that the
 standard error is that of their difference.
 """
+
 import math
 
 import pyro
@@ -23,15 +24,37 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_EL
 from torch.distributions import constraints, kl_divergence
 
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
-from pyro_vae.infer.estimators import (CIWAE_ELBO, MIWAE_ELBO, PIWAE_ELBO, DReG_ELBO, IWAE_ELBO, Renyi_ELBO, STL_ELBO,
-                                 TailAdaptive_ELBO, bound, bound_and_backward, guide_kl_weight)
-from pyro_vae.infer.gaussian import LinearGaussian
 from pyro_vae.config.spec import Spec
+from pyro_vae.errors import UserInputError
+from pyro_vae.infer.estimators import (
+    CIWAE_ELBO,
+    IWAE_ELBO,
+    MIWAE_ELBO,
+    PIWAE_ELBO,
+    STL_ELBO,
+    DReG_ELBO,
+    Renyi_ELBO,
+    TailAdaptive_ELBO,
+    bound,
+    bound_and_backward,
+    guide_kl_weight,
+)
+from pyro_vae.infer.gaussian import LinearGaussian
 
 Z = 4.5
-ESTIMATORS = ["trace", "meanfield", "tracegraph", "tail-adaptive", "iwae", "renyi", "stl", "dreg", "miwae", "ciwae",
-              "piwae"]
+ESTIMATORS = [
+    "trace",
+    "meanfield",
+    "tracegraph",
+    "tail-adaptive",
+    "iwae",
+    "renyi",
+    "stl",
+    "dreg",
+    "miwae",
+    "ciwae",
+    "piwae",
+]
 ENCODER, MODEL, SHARED = ("A", "c", "L"), ("W", "b"), ("m",)
 # coordinates of the flattened gradient over ENCODER + MODEL + SHARED (D = 4, d = 2)
 ENC, MOD = slice(0, 8 + 2 + 4), slice(14, 14 + 8 + 4)
@@ -53,13 +76,23 @@ def float64_one_thread_fresh_params():
 class Problem:
     """The linear-Gaussian model and a guide whose distance from the posterior we set."""
 
-    def __init__(self, num_examples=6, data_dim=4, latent_dim=2, noise=0.5, guide="mvn",
-                 loc_shift=0.0, gain=1.0, spread=1.0, beta=1.0):
+    def __init__(
+        self,
+        num_examples=6,
+        data_dim=4,
+        latent_dim=2,
+        noise=0.5,
+        guide="mvn",
+        loc_shift=0.0,
+        gain=1.0,
+        spread=1.0,
+        beta=1.0,
+    ):
         self.lg = LinearGaussian.random(data_dim, latent_dim, noise, torch.Generator().manual_seed(1))
         self.x = self.lg.sample(num_examples, torch.Generator().manual_seed(2))
         cov = self.lg.posterior_covariance()
-        self.A0 = gain * cov @ self.lg.weight.T / noise ** 2
-        self.c0 = -cov @ self.lg.weight.T @ self.lg.bias / noise ** 2 + loc_shift
+        self.A0 = gain * cov @ self.lg.weight.T / noise**2
+        self.c0 = -cov @ self.lg.weight.T @ self.lg.bias / noise**2 + loc_shift
         self.L0 = spread * torch.linalg.cholesky(cov)
         self.kind, self.beta, self.d, self.D = guide, beta, latent_dim, data_dim
 
@@ -76,8 +109,9 @@ class Problem:
         A, c = pyro.param("A", self.A0.clone()), pyro.param("c", self.c0.clone())
         loc = x @ A.T + c + pyro.param("m", torch.zeros(self.d))
         if self.kind == "mvn":
-            return dist.MultivariateNormal(loc, scale_tril=pyro.param(
-                "L", self.L0.clone(), constraint=constraints.lower_cholesky))
+            return dist.MultivariateNormal(
+                loc, scale_tril=pyro.param("L", self.L0.clone(), constraint=constraints.lower_cholesky)
+            )
         if self.kind == "diagonal":
             scale = pyro.param("s", self.L0.diagonal().clone(), constraint=constraints.positive)
             return dist.Normal(loc, scale).to_event(1)
@@ -115,7 +149,7 @@ class Problem:
         mean of that many independent single-batch gradients (batch means).
         """
         x = self.x.repeat(copies, 1)
-        self.model(x), self.guide(x)                            # create the parameters
+        self.model(x), self.guide(x)  # create the parameters
         params = self.params(names)
         out = []
         for draw in range(draws):
@@ -133,7 +167,7 @@ class Problem:
         loc = q.mean
         cov = q.covariance_matrix if self.kind == "mvn" else torch.diag_embed(q.variance)
         likelihood = dist.Normal(loc @ W.T + b, self.lg.noise).to_event(1).log_prob(self.x)
-        likelihood = likelihood - torch.einsum("ij,...jk,ik->...", W, cov, W) / (2 * self.lg.noise ** 2)
+        likelihood = likelihood - torch.einsum("ij,...jk,ik->...", W, cov, W) / (2 * self.lg.noise**2)
         prior = dist.MultivariateNormal(m.expand(len(self.x), -1), torch.eye(self.d))
         return (likelihood - kl_divergence(dist.MultivariateNormal(loc, cov), prior)).sum()
 
@@ -161,11 +195,22 @@ def perturbed(**kwargs):
 
 # --------------------------------------------------------------------------- registry
 
+
 def test_registered_in_order_and_types():
     assert [n for n in registry.names("estimator") if n in ESTIMATORS] == ESTIMATORS
-    types = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "tracegraph": TraceGraph_ELBO,
-             "tail-adaptive": TailAdaptive_ELBO, "iwae": IWAE_ELBO, "renyi": Renyi_ELBO,
-             "stl": STL_ELBO, "dreg": DReG_ELBO, "miwae": MIWAE_ELBO, "ciwae": CIWAE_ELBO, "piwae": PIWAE_ELBO}
+    types = {
+        "trace": Trace_ELBO,
+        "meanfield": TraceMeanField_ELBO,
+        "tracegraph": TraceGraph_ELBO,
+        "tail-adaptive": TailAdaptive_ELBO,
+        "iwae": IWAE_ELBO,
+        "renyi": Renyi_ELBO,
+        "stl": STL_ELBO,
+        "dreg": DReG_ELBO,
+        "miwae": MIWAE_ELBO,
+        "ciwae": CIWAE_ELBO,
+        "piwae": PIWAE_ELBO,
+    }
     for name, cls in types.items():
         elbo = build(name, num_particles=3)
         assert isinstance(elbo, cls), name
@@ -183,6 +228,7 @@ def test_tail_adaptive_needs_two_particles():
 
 # --------------------------------------------------------------------------- bounds
 
+
 def test_iwae_rises_with_k_toward_log_px():
     # 400 copies of each of 6 examples: per-example bounds are 2400 independent draws
     problem = perturbed()
@@ -195,7 +241,7 @@ def test_iwae_rises_with_k_toward_log_px():
             problem.model(x), problem.guide(x)
             bounds, scale = IWAE_ELBO(k).example_bounds(problem.model, problem.guide, x)
         assert scale == 1.0 and bounds.shape == (len(x),)
-        gaps[k] = log_px - bounds                              # ≥ 0 in expectation
+        gaps[k] = log_px - bounds  # ≥ 0 in expectation
     # K = 1 is the ELBO: its mean gap is KL(q ‖ p(z|x)), known exactly
     with torch.no_grad():
         exact_elbo = problem.exact_elbo() / len(problem.x)
@@ -203,9 +249,9 @@ def test_iwae_rises_with_k_toward_log_px():
     assert kl > 0.3
     assert abs(z_scores(gaps[1].unsqueeze(1), kl).item()) < Z
     means = [gaps[k].mean().item() for k in (1, 4, 16, 64)]
-    for k in (1, 4, 16, 64):                                   # never above log p(x) beyond noise
+    for k in (1, 4, 16, 64):  # never above log p(x) beyond noise
         assert z_scores(gaps[k].unsqueeze(1)).item() > -Z
-    for small, large in ((1, 4), (4, 16), (16, 64)):           # rises with K (independent draws)
+    for small, large in ((1, 4), (4, 16), (16, 64)):  # rises with K (independent draws)
         assert z_scores((gaps[small] - gaps[large]).unsqueeze(1)).item() > Z
     assert means[-1] < 0.5 * means[0]
 
@@ -251,12 +297,13 @@ def test_iwae_scales_after_the_log_mean_exp_under_subsampling():
     pyro.set_rng_seed(11)
     with torch.no_grad():
         ours = IWAE_ELBO(k).loss(problem.model, problem.guide, x, num_data=num_data, mask=mask)
-    pyro.set_rng_seed(11)                                      # the same particles, by hand
+    pyro.set_rng_seed(11)  # the same particles, by hand
     with torch.no_grad():
         q = problem.q(x)
         z = q.rsample((k,))
-        log_w = (dist.Normal(z @ problem.lg.weight.T + problem.lg.bias, problem.lg.noise).to_event(1).log_prob(x)
-                 + problem.beta * (dist.Normal(0.0, 1.0).expand([problem.d]).to_event(1).log_prob(z) - q.log_prob(z)))
+        log_w = dist.Normal(z @ problem.lg.weight.T + problem.lg.bias, problem.lg.noise).to_event(1).log_prob(
+            x
+        ) + problem.beta * (dist.Normal(0.0, 1.0).expand([problem.d]).to_event(1).log_prob(z) - q.log_prob(z))
         per_example = torch.logsumexp(log_w, 0) - math.log(k)
     expected = num_data / len(x) * per_example[mask].sum()
     assert -ours == pytest.approx(expected.item(), rel=1e-10)
@@ -264,8 +311,10 @@ def test_iwae_scales_after_the_log_mean_exp_under_subsampling():
     problem.beta = 1.0
     log_px = num_data / len(x) * problem.lg.log_marginal(x).sum()
     values = {}
-    for name, elbo in (("ours", IWAE_ELBO(1000)),
-                       ("pyro", RenyiELBO(0, 1000, max_plate_nesting=1, vectorize_particles=True))):
+    for name, elbo in (
+        ("ours", IWAE_ELBO(1000)),
+        ("pyro", RenyiELBO(0, 1000, max_plate_nesting=1, vectorize_particles=True)),
+    ):
         pyro.set_rng_seed(12)
         with torch.no_grad():
             values[name] = -elbo.loss(problem.model, problem.guide, x, num_data=num_data)
@@ -274,6 +323,7 @@ def test_iwae_scales_after_the_log_mean_exp_under_subsampling():
 
 # --------------------------------------------------------------------------- gradients
 
+
 def test_stl_gradient_has_the_elbo_gradient_expectation():
     problem = perturbed()
     exact = problem.exact_gradient()
@@ -281,7 +331,7 @@ def test_stl_gradient_has_the_elbo_gradient_expectation():
     trace = problem.gradients(build("trace", num_particles=1), 40, copies=50)
     assert z_scores(stl, exact).abs().max() < Z
     assert z_scores(trace, exact).abs().max() < Z
-    assert z_scores(stl - trace).abs().max() < Z              # paired: the same z for both
+    assert z_scores(stl - trace).abs().max() < Z  # paired: the same z for both
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.5])
@@ -303,7 +353,7 @@ def test_encoder_gradient_is_exactly_zero_at_the_posterior(name, k):
     grads = problem.gradients(build(name, num_particles=k), 20, names=ENCODER)
     assert grads.abs().max() < 1e-10
     iwae = problem.gradients(build("iwae", num_particles=k), 20, names=ENCODER)
-    assert iwae.std(0).max() > 0.1                             # the score term is not zero there
+    assert iwae.std(0).max() > 0.1  # the score term is not zero there
 
 
 def test_meanfield_and_trace_have_the_same_expected_loss():
@@ -325,6 +375,7 @@ def test_meanfield_and_trace_have_the_same_expected_loss():
 
 
 # --------------------------------------------------------------------------- every estimator, every guide
+
 
 @pytest.mark.parametrize("guide", ["flow", "lowrank"])
 @pytest.mark.parametrize("name", ESTIMATORS)
@@ -365,8 +416,8 @@ def test_dreg_is_iwae_draw_for_draw_when_the_kl_weight_is_zero():
 
 @pytest.mark.parametrize("kl_weight,expected", [(1.0, 1.0), (0.3, 0.3), (0.0, 0.0)])
 def test_the_vae_passes_its_kl_weight_to_dreg_through_the_guide_site(kl_weight, expected):
-    from pyro_vae.model import VAE
     from pyro_vae.config.spec import load_spec
+    from pyro_vae.model import VAE
 
     vae = VAE.from_spec(load_spec(None, ["model.encoder.hidden=[8]", "model.decoder.hidden=[8]"]).model, 6)
     x = torch.bernoulli(torch.full((5, 6), 0.5))
@@ -377,19 +428,21 @@ def test_the_vae_passes_its_kl_weight_to_dreg_through_the_guide_site(kl_weight, 
 
 # --------------------------------------------------------------------------- tail-adaptive, per example
 
+
 def tail_adaptive_reference(problem, x, k, tail_beta, seed, num_data=None):
     """The tail-adaptive surrogate built by hand from the same particles: ranks per example, γ = rank^β."""
     pyro.set_rng_seed(seed)
     q = problem.q(x)
-    z = q.rsample((k,))                                                    # (K, B, d), as the plate draws them
+    z = q.rsample((k,))  # (K, B, d), as the plate draws them
     W, b, m = (pyro.param(n) for n in ("W", "b", "m"))
-    log_w = (dist.Normal(z @ W.T + b, problem.lg.noise).to_event(1).log_prob(x)
-             + problem.beta * (dist.Normal(m, 1.0).to_event(1).log_prob(z) - q.log_prob(z)))
+    log_w = dist.Normal(z @ W.T + b, problem.lg.noise).to_event(1).log_prob(x) + problem.beta * (
+        dist.Normal(m, 1.0).to_event(1).log_prob(z) - q.log_prob(z)
+    )
     gamma = torch.empty_like(log_w)
-    for j in range(log_w.shape[1]):                                        # each example on its own
+    for j in range(log_w.shape[1]):  # each example on its own
         for i in range(k):
-            count = int((log_w[:, j] >= log_w[i, j]).sum())               # F̂: 1 for the largest weight
-            gamma[i, j] = count ** tail_beta
+            count = int((log_w[:, j] >= log_w[i, j]).sum())  # F̂: 1 for the largest weight
+            gamma[i, j] = count**tail_beta
     gamma = (gamma / gamma.sum(0)).detach()
     scale = (num_data or len(x)) / len(x)
     return scale * (gamma * log_w).sum()
@@ -439,6 +492,7 @@ def test_tail_adaptive_with_beta_zero_is_the_k_particle_elbo_gradient():
 
 # --------------------------------------------------------------------------- the M×K family
 
+
 def test_miwae_with_one_outer_bound_is_iwae_and_ciwae_with_beta_one_is_the_elbo():
     problem = perturbed()
     miwae = problem.gradients(MIWAE_ELBO(1, 8), 3, seed=6)
@@ -464,12 +518,14 @@ def test_mxk_bounds_match_their_definitions_on_the_same_particles():
         "piwae": (torch.logsumexp(log_w, 0) - math.log(m * k)).sum(),
         "ciwae": (0.3 * log_w[:k].mean(0) + 0.7 * (torch.logsumexp(log_w[:k], 0) - math.log(k))).sum(),
     }
-    per_example = {"ciwae": 0.3 * log_w[:k].mean(0) + 0.7 * (torch.logsumexp(log_w[:k], 0) - math.log(k)),
-                   "miwae": (torch.logsumexp(groups, 1) - math.log(k)).mean(0)}
+    per_example = {
+        "ciwae": 0.3 * log_w[:k].mean(0) + 0.7 * (torch.logsumexp(log_w[:k], 0) - math.log(k)),
+        "miwae": (torch.logsumexp(groups, 1) - math.log(k)).mean(0),
+    }
     for name, elbo in (("miwae", MIWAE_ELBO(m, k)), ("piwae", PIWAE_ELBO(m, k)), ("ciwae", CIWAE_ELBO(k, 0.3))):
         pyro.set_rng_seed(8)
         assert bound(elbo, problem.model, problem.guide, x).item() == pytest.approx(expected[name].item(), rel=1e-10)
-        if name in per_example:                                  # each example's own bound, not only their sum
+        if name in per_example:  # each example's own bound, not only their sum
             pyro.set_rng_seed(8)
             with torch.no_grad():
                 bounds, _ = elbo.example_bounds(problem.model, problem.guide, x)
@@ -499,6 +555,7 @@ def test_mxk_expected_gradients_match_their_definitions():
 
 
 # --------------------------------------------------------------------------- what the mutation run found untested
+
 
 def test_dreg_reads_a_tensor_mask_and_a_tensor_kl_weight_from_the_guide_site():
     problem = perturbed()
@@ -543,8 +600,11 @@ def test_bound_keeps_the_minibatch_scale_and_its_sign_for_every_kind_of_elbo():
     x = problem.x
     problem.model(x), problem.guide(x)
     values = {}
-    for name, elbo in (("trace", Trace_ELBO(max_plate_nesting=1)), ("tracegraph", TraceGraph_ELBO(max_plate_nesting=1)),
-                       ("iwae", IWAE_ELBO(1))):
+    for name, elbo in (
+        ("trace", Trace_ELBO(max_plate_nesting=1)),
+        ("tracegraph", TraceGraph_ELBO(max_plate_nesting=1)),
+        ("iwae", IWAE_ELBO(1)),
+    ):
         for num_data in (None, 60):
             pyro.set_rng_seed(14)
             values[name, num_data] = bound(elbo, problem.model, problem.guide, x, num_data=num_data).item()
@@ -552,15 +612,20 @@ def test_bound_keeps_the_minibatch_scale_and_its_sign_for_every_kind_of_elbo():
             loss = bound_and_backward(elbo, problem.model, problem.guide, x, num_data=num_data).item()
             assert loss == pytest.approx(-values[name, num_data], rel=1e-9)
     for name in ("trace", "tracegraph", "iwae"):
-        assert values[name, 60] == pytest.approx(10 * values[name, None], rel=1e-9)   # N/B = 60/6
+        assert values[name, 60] == pytest.approx(10 * values[name, None], rel=1e-9)  # N/B = 60/6
         assert values[name, None] < 0 and values[name, None] == pytest.approx(values["trace", None], rel=1e-9)
 
 
 def test_estimator_arguments_are_checked_at_their_boundaries():
     assert TailAdaptive_ELBO(2).num_particles == 2
     TailAdaptive_ELBO(4, tail_adaptive_beta=0.0)
-    for bad in (lambda: TailAdaptive_ELBO(1), lambda: TailAdaptive_ELBO(4, tail_adaptive_beta=0.5),
-                lambda: CIWAE_ELBO(4, ciwae_beta=1.5), lambda: CIWAE_ELBO(4, ciwae_beta=-0.1), lambda: Renyi_ELBO(1.0, 4)):
+    for bad in (
+        lambda: TailAdaptive_ELBO(1),
+        lambda: TailAdaptive_ELBO(4, tail_adaptive_beta=0.5),
+        lambda: CIWAE_ELBO(4, ciwae_beta=1.5),
+        lambda: CIWAE_ELBO(4, ciwae_beta=-0.1),
+        lambda: Renyi_ELBO(1.0, 4),
+    ):
         with pytest.raises(ValueError):
             bad()
     assert CIWAE_ELBO(4, ciwae_beta=1.0).ciwae_beta == 1.0

@@ -12,6 +12,7 @@ To keep a valid run short, a few sizes that only cost time are capped after
 mutating (``CAPS``: epochs, data sizes, number of flows); an invalid value is
 never changed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,16 +28,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_vae.config import registry
-from pyro_vae.training import runs
 from pyro_vae.cli.main import main
+from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec
+from pyro_vae.training import runs
 
-BASE = Spec.from_dict({
-    "data": {"train_size": 48, "test_size": 16, "batch_size": 16},
-    "model": {"latent_dim": 2, "encoder": {"hidden": [8]}, "decoder": {"hidden": [8]}},
-    "train": {"epochs": 1},
-}).to_dict()
+BASE = Spec.from_dict(
+    {
+        "data": {"train_size": 48, "test_size": 16, "batch_size": 16},
+        "model": {"latent_dim": 2, "encoder": {"hidden": [8]}, "decoder": {"hidden": [8]}},
+        "train": {"epochs": 1},
+    }
+).to_dict()
 
 Path_ = tuple[str, ...]
 
@@ -58,9 +61,40 @@ def _get(tree: dict, path: Path_) -> Any:
 
 PATHS = _paths(BASE)
 SECTIONS = [()] + [path for path in PATHS if isinstance(_get(BASE, path), dict)]
-VALUES: list[Any] = [-1, 0, 1, 2, 3, 10**12, 0.0, 0.5, -0.5, 1.0, 1e-300, 1e300, math.nan, math.inf, -math.inf,
-                     "", "abc", "learned", "cpu", "cuda", "2020-01-01", True, False, None,
-                     [], [0], [2], [8, 8], [0.5, 0.5], ["a"], {}, {"x": 1}]
+VALUES: list[Any] = [
+    -1,
+    0,
+    1,
+    2,
+    3,
+    10**12,
+    0.0,
+    0.5,
+    -0.5,
+    1.0,
+    1e-300,
+    1e300,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "abc",
+    "learned",
+    "cpu",
+    "cuda",
+    "2020-01-01",
+    True,
+    False,
+    None,
+    [],
+    [0],
+    [2],
+    [8, 8],
+    [0.5, 0.5],
+    ["a"],
+    {},
+    {"x": 1},
+]
 ALTERNATIVES: dict[Path_, list[str]] = {
     ("data", "name"): registry.names("dataset"),
     ("data", "binarize"): ["auto", "dynamic", "static", "none"],
@@ -73,9 +107,13 @@ ALTERNATIVES: dict[Path_, list[str]] = {
 }
 # sizes that only cost time: a valid value above the cap is lowered to it
 CAPS: dict[Path_, int] = {
-    ("train", "epochs"): 1, ("data", "train_size"): 48, ("data", "test_size"): 16,
-    ("data", "linear_gaussian", "num_train"): 48, ("data", "linear_gaussian", "num_test"): 16,
-    ("model", "prior", "flows"): 2, ("model", "guide", "flows"): 2,
+    ("train", "epochs"): 1,
+    ("data", "train_size"): 48,
+    ("data", "test_size"): 16,
+    ("data", "linear_gaussian", "num_train"): 48,
+    ("data", "linear_gaussian", "num_test"): 16,
+    ("model", "prior", "flows"): 2,
+    ("model", "guide", "flows"): 2,
 }
 
 
@@ -123,10 +161,12 @@ def check_outcome(rc: int, stderr: str, run: Path) -> None:
 def operations() -> st.SearchStrategy:
     set_value = st.tuples(st.just("set"), st.sampled_from(PATHS), st.sampled_from(VALUES))
     swap_part = st.sampled_from(sorted(ALTERNATIVES)).flatmap(
-        lambda path: st.tuples(st.just("set"), st.just(path), st.sampled_from(ALTERNATIVES[path])))
+        lambda path: st.tuples(st.just("set"), st.just(path), st.sampled_from(ALTERNATIVES[path]))
+    )
     delete = st.tuples(st.just("delete"), st.sampled_from(PATHS))
-    add = st.tuples(st.just("add"), st.sampled_from(SECTIONS), st.sampled_from(["bogus", "Type", 7]),
-                    st.sampled_from(VALUES))
+    add = st.tuples(
+        st.just("add"), st.sampled_from(SECTIONS), st.sampled_from(["bogus", "Type", 7]), st.sampled_from(VALUES)
+    )
     return st.lists(st.one_of(set_value, swap_part, swap_part, delete, add), min_size=1, max_size=3)
 
 
@@ -153,8 +193,12 @@ def test_the_base_spec_trains(workspace):
     check_outcome(0, err.getvalue(), run)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(operations())
 def test_a_mutated_spec_runs_or_exits_2_with_one_line(workspace, operations):
     tree = apply(BASE, operations)

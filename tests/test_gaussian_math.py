@@ -1,10 +1,12 @@
-"""Numerical checks of the mathematics in the README's mathematics table, on the closed forms of pyro_vae.infer.gaussian.
+"""Numerical checks of the mathematics in the README's mathematics table, on the closed forms of
+pyro_vae.infer.gaussian.
 
 Statistical tests compare a Monte Carlo estimate with its exact value and allow
 4 standard errors (SE = sample std / √L): a two-sided normal tail of 6e-5 per
 comparison, so a correct formula passes, while every formula break tried
 moves the estimate by many SE. Seeds are fixed, so each run is the same draw.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,30 +40,30 @@ def mean_and_se(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def linear_gaussian(data_dim: int, latent_dim: int, seed: int = 0) -> LinearGaussian:
     # noise 0.5: σ² = 0.25 is exact in binary, so no rounding enters the covariances.
-    return LinearGaussian.random(data_dim, latent_dim, noise=0.5,
-                                 generator=torch.Generator().manual_seed(seed))
+    return LinearGaussian.random(data_dim, latent_dim, noise=0.5, generator=torch.Generator().manual_seed(seed))
 
 
 # --- Gaussian KL -------------------------------------------------------------------------
 
 # (μq, σq, μp, σp), including σ = 1e-3 and σ = 1e3 on either side, and q = p (KL = 0).
-KL_PAIRS = torch.tensor([
-    [0.3, 1.0, -0.5, 2.0],
-    [1.0, 1e-3, 0.0, 1.0],
-    [0.0, 1.0, 0.2, 1e-3],
-    [2.0, 1e3, -1.0, 1.0],
-    [0.0, 1.0, 5.0, 1e3],
-    [0.1, 1e-3, 0.0, 1e3],
-    [0.0, 1e3, 0.0, 1e-3],
-    [0.7, 0.4, 0.7, 0.4],
-])
+KL_PAIRS = torch.tensor(
+    [
+        [0.3, 1.0, -0.5, 2.0],
+        [1.0, 1e-3, 0.0, 1.0],
+        [0.0, 1.0, 0.2, 1e-3],
+        [2.0, 1e3, -1.0, 1.0],
+        [0.0, 1.0, 5.0, 1e3],
+        [0.1, 1e-3, 0.0, 1e3],
+        [0.0, 1e3, 0.0, 1e-3],
+        [0.7, 0.4, 0.7, 0.4],
+    ]
+)
 
 
 def test_diagonal_normal_kl_matches_torch():
     loc_q, scale_q, loc_p, scale_p = KL_PAIRS.T
     expected = kl_divergence(dist.Normal(loc_q, scale_q), dist.Normal(loc_p, scale_p))
-    torch.testing.assert_close(diagonal_normal_kl(loc_q, scale_q, loc_p, scale_p), expected,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(diagonal_normal_kl(loc_q, scale_q, loc_p, scale_p), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_diagonal_normal_kl_matches_monte_carlo():
@@ -83,7 +85,7 @@ def test_diagonal_gaussian_log_density_matches_the_multivariate_normal(batch):
     loc = torch.randn(*batch, 5)
     p = dist.Normal(loc, scale).to_event(1)
     z = loc + scale * torch.randn(7, 4, 5)
-    reference = dist.MultivariateNormal(loc, covariance_matrix=torch.diag_embed(scale ** 2)).log_prob(z)
+    reference = dist.MultivariateNormal(loc, covariance_matrix=torch.diag_embed(scale**2)).log_prob(z)
     value = log_density(p, z)
     assert value.shape == (7, 4)
     torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10)
@@ -100,15 +102,16 @@ def full_and_low_rank_guides(batch: int, dim: int) -> list[torch.distributions.D
     tril = torch.randn(batch, dim, dim).tril(-1) + torch.diag_embed(torch.rand(batch, dim) + 0.3)
     return [
         dist.MultivariateNormal(torch.randn(batch, dim), scale_tril=tril),
-        dist.LowRankMultivariateNormal(torch.randn(batch, dim), torch.randn(batch, dim, 2),
-                                       torch.rand(batch, dim) + 0.1),
+        dist.LowRankMultivariateNormal(
+            torch.randn(batch, dim), torch.randn(batch, dim, 2), torch.rand(batch, dim) + 0.1
+        ),
     ]
 
 
 @pytest.mark.parametrize("prior_batch", [(), (4,)], ids=["shared-prior", "batched-prior"])
 def test_registered_gaussian_kl_matches_torch_mvn_kl(prior_batch):
     prior = dist.Normal(torch.randn(*prior_batch, 3), torch.rand(*prior_batch, 3) + 0.5)
-    prior_as_mvn = dist.MultivariateNormal(prior.loc, covariance_matrix=torch.diag_embed(prior.scale ** 2))
+    prior_as_mvn = dist.MultivariateNormal(prior.loc, covariance_matrix=torch.diag_embed(prior.scale**2))
     for q in full_and_low_rank_guides(batch=4, dim=3):
         closed_form = kl_divergence(q, prior.to_event(1))
         assert closed_form.shape == (4,)
@@ -132,6 +135,7 @@ def test_trace_mean_field_elbo_uses_the_registered_kl():
             pyro.sample("z", prior)
 
     for q in full_and_low_rank_guides(batch=4, dim=3):
+
         def guide(q=q):
             with pyro.plate("data", 4):
                 pyro.sample("z", q)
@@ -141,6 +145,7 @@ def test_trace_mean_field_elbo_uses_the_registered_kl():
 
 
 # --- marginal likelihood -------------------------------------------------------------------
+
 
 def test_log_marginal_equals_integral_over_z():
     """latent_dim = 1: ∫ p(x, z) dz by the trapezoid rule on a fine float64 grid."""
@@ -152,8 +157,7 @@ def test_log_marginal_equals_integral_over_z():
     log_joint = model.log_joint(x[:, None, :], z[None, :, None])  # (examples, grid)
     peak = log_joint.max(-1, keepdim=True).values
     integral = torch.trapezoid((log_joint - peak).exp(), z, dim=-1)
-    torch.testing.assert_close(model.log_marginal(x), peak.squeeze(-1) + integral.log(),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.log_marginal(x), peak.squeeze(-1) + integral.log(), rtol=1e-10, atol=1e-10)
 
 
 def test_log_marginal_equals_joint_over_posterior_at_any_z():
@@ -167,16 +171,20 @@ def test_log_marginal_equals_joint_over_posterior_at_any_z():
 
 # --- the ELBO: Jensen's bound and the evidence decomposition -------------------------------
 
+
 def diagonal_guide(loc: torch.Tensor, scale: torch.Tensor):
     """q(z) = N(loc, diag(scale²)) per example, as a Pyro guide for LinearGaussian.model."""
+
     def guide(x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
     return guide
 
 
-def pyro_elbo(model: LinearGaussian, guide, x: torch.Tensor,
-              particles: int = 400, repeats: int = 25) -> tuple[float, float]:
+def pyro_elbo(
+    model: LinearGaussian, guide, x: torch.Tensor, particles: int = 400, repeats: int = 25
+) -> tuple[float, float]:
     """Trace_ELBO's estimate of Σ_examples ELBO, and its SE from the spread over repeats."""
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
     estimates = torch.tensor([-elbo.loss(model.model, guide, x) for _ in range(repeats)])
@@ -190,8 +198,10 @@ def random_guides(model: LinearGaussian, x: torch.Tensor) -> list:
     exact_loc, exact_scale = posterior.mean, posterior.variance.sqrt()
     shape = exact_loc.shape
     far = [diagonal_guide(torch.randn(shape), torch.rand(shape) * 2 + 0.05) for _ in range(3)]
-    near = [diagonal_guide(exact_loc + 0.05 * torch.randn(shape),
-                           exact_scale * (1 + 0.1 * torch.randn(shape))) for _ in range(3)]
+    near = [
+        diagonal_guide(exact_loc + 0.05 * torch.randn(shape), exact_scale * (1 + 0.1 * torch.randn(shape)))
+        for _ in range(3)
+    ]
     return far + near
 
 
@@ -214,7 +224,7 @@ def test_evidence_decomposition():
     for _ in range(4):
         loc = posterior.mean + 0.5 * torch.randn(3, 2)
         scale = posterior.variance.sqrt() * torch.empty(3, 2).uniform_(0.5, 2.0)
-        q = torch.distributions.MultivariateNormal(loc, covariance_matrix=torch.diag_embed(scale ** 2))
+        q = torch.distributions.MultivariateNormal(loc, covariance_matrix=torch.diag_embed(scale**2))
         gap = kl_divergence(q, posterior).sum().item()
         elbo, se = pyro_elbo(model, diagonal_guide(loc, scale), x)
         assert abs(log_px - elbo - gap) <= NUM_SE * se, (log_px - elbo, gap, se)
@@ -237,6 +247,7 @@ def test_gap_vanishes_at_the_exact_posterior():
 
 # --- Monte Carlo standard error -----------------------------------------------------------
 
+
 def test_monte_carlo_standard_error_falls_like_one_over_sqrt_l():
     """Spread of the L-sample mean of log q − log p over many repeats: slope −½ on log-log."""
     q, p = dist.Normal(0.5, 0.8), dist.Normal(0.0, 1.0)
@@ -247,7 +258,7 @@ def test_monte_carlo_standard_error_falls_like_one_over_sqrt_l():
         means = (q.log_prob(z) - p.log_prob(z)).mean(-1)
         centred = means - means.mean()
         variance = centred.pow(2).mean()
-        kurtosis = centred.pow(4).mean() / variance ** 2
+        kurtosis = centred.pow(4).mean() / variance**2
         log_sizes.append(math.log(size))
         log_stds.append(0.5 * math.log(variance.item()))
         # Delta method: Var[sample variance] ≈ (μ4 − σ⁴)/R, so Var[log std] ≈ (kurtosis − 1)/(4R).
@@ -263,8 +274,8 @@ def test_monte_carlo_standard_error_falls_like_one_over_sqrt_l():
 
 # --- reparameterization ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("a, b, mu, sigma", [(1.0, 0.5, 0.3, 1.2), (-2.0, 1.0, -1.0, 0.4),
-                                             (0.5, -3.0, 2.0, 2.5)])
+
+@pytest.mark.parametrize("a, b, mu, sigma", [(1.0, 0.5, 0.3, 1.2), (-2.0, 1.0, -1.0, 0.4), (0.5, -3.0, 2.0, 2.5)])
 def test_pathwise_gradient_matches_exact_gradient(a, b, mu, sigma):
     """z = μ + σ ε: ∇ of the MC mean of f(z) = a z² + b z matches ∇ E[f] = (2aμ + b, 2aσ)."""
     samples = 100_000
@@ -273,7 +284,7 @@ def test_pathwise_gradient_matches_exact_gradient(a, b, mu, sigma):
     loc = torch.full((samples,), mu, requires_grad=True)
     scale = torch.full((samples,), sigma, requires_grad=True)
     z = dist.Normal(loc, scale).rsample()
-    (a * z ** 2 + b * z).sum().backward()
+    (a * z**2 + b * z).sum().backward()
     for grad, exact in [(loc.grad, 2 * a * mu + b), (scale.grad, 2 * a * sigma)]:
         estimate, se = mean_and_se(grad)
         assert abs(estimate.item() - exact) <= NUM_SE * se.item(), (estimate, exact, se)

@@ -6,6 +6,7 @@ evaluates through the library: afterwards the root logger, the environment and
 ``sys.path`` are as they were, the ``pyro_vae`` logger holds no handler and the
 run's lines reached ``log.txt`` and the host's own handler, once each.
 """
+
 import subprocess
 import sys
 import textwrap
@@ -46,8 +47,12 @@ HOST = textwrap.dedent("""
 
 
 def run_host(tmp_path, compile_setting: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", HOST, str(tmp_path / "run"), compile_setting],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", HOST, str(tmp_path / "run"), compile_setting],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_training_through_the_library_leaves_the_host_alone(tmp_path):
@@ -57,10 +62,32 @@ def test_training_through_the_library_leaves_the_host_alone(tmp_path):
 
 def test_the_command_line_prints_each_line_once_and_keeps_them_in_log_txt(tmp_path):
     """``pyro-vae train`` sets up its own console: every run line once on stderr, all of them in log.txt."""
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--epochs", "2", "--out", str(tmp_path / "run"),
-                           "--set", "data.train_size=96", "--set", "data.test_size=32", "--set", "data.batch_size=20",
-                           "--set", "model.encoder.hidden=[16]", "--set", "model.decoder.hidden=[16]",
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyro_vae",
+            "train",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "data.train_size=96",
+            "--set",
+            "data.test_size=32",
+            "--set",
+            "data.batch_size=20",
+            "--set",
+            "model.encoder.hidden=[16]",
+            "--set",
+            "model.decoder.hidden=[16]",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert len(lines) == len(set(lines)) and sum(line.startswith("epoch ") for line in lines) == 2, lines

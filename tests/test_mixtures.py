@@ -1,4 +1,5 @@
 """The GEMM density of diagonal-Gaussian mixtures (``mog``, ``vamp``) against the plain one."""
+
 import pyro.distributions as dist
 import pytest
 import torch
@@ -48,9 +49,10 @@ def test_a_plate_broadcast_keeps_the_fast_density():
 
 def test_distinct_parameters_per_batch_entry_use_the_plain_density():
     loc, scale, logits = (t.detach() for t in parameters())
-    batched_loc = loc + torch.arange(4.0).reshape(4, 1, 1)       # a real (4, K, d) tensor, not a broadcast copy
-    mixture = DiagonalNormalMixture(dist.Categorical(logits=logits.expand(4, -1)),
-                                    dist.Normal(batched_loc, scale.expand(4, -1, -1)).to_event(1))
+    batched_loc = loc + torch.arange(4.0).reshape(4, 1, 1)  # a real (4, K, d) tensor, not a broadcast copy
+    mixture = DiagonalNormalMixture(
+        dist.Categorical(logits=logits.expand(4, -1)), dist.Normal(batched_loc, scale.expand(4, -1, -1)).to_event(1)
+    )
     z = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     want = plain(batched_loc, scale.expand(4, -1, -1), logits.expand(4, -1)).log_prob(z)
     assert torch.allclose(mixture.log_prob(z), want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))

@@ -11,6 +11,7 @@ failure. Outputs are not written back.
 Together they take about two and a half minutes of one CPU core; the timeouts
 below are guards against a hang, not performance targets.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ def kernel_path(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("jupyter")
     spec_dir = root / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "pyro_vae tests", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "pyro_vae tests",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return root
 
@@ -52,20 +56,27 @@ def test_every_notebook_is_listed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.timeout(budget + 60))
-                                  for name, budget in sorted(NOTEBOOKS.items())])
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.timeout(budget + 60)) for name, budget in sorted(NOTEBOOKS.items())]
+)
 def test_notebook_runs_top_to_bottom(name, kernel_path, monkeypatch):
     budget = NOTEBOOKS[name]
     monkeypatch.setenv("PYRO_VAE_QUICK", "1")
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_path))
     notebook = nbformat.read(NOTEBOOKS_DIR / name, as_version=4)
-    client = nbclient.NotebookClient(notebook, kernel_name=KERNEL_NAME, timeout=budget,
-                                     resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})  # cwd = notebooks/
+    client = nbclient.NotebookClient(
+        notebook, kernel_name=KERNEL_NAME, timeout=budget, resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}
+    )  # cwd = notebooks/
     start = time.monotonic()
     client.execute()
     elapsed = time.monotonic() - start
     print(f"{name}: {elapsed:.0f} s")
     assert elapsed < budget, f"{name} took {elapsed:.0f} s, more than its {budget} s budget"
-    errors = [output for cell in notebook.cells if cell.cell_type == "code"
-              for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
     assert not errors

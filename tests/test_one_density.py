@@ -5,6 +5,7 @@ likelihood with a temperature on the logits and an MLP decoder whose outputs
 are rescaled. ``evaluate`` (and the per-epoch test ELBO) must give what a plain
 computation of the plugin's own density gives on the same draws.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,10 +16,10 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 from pyro_vae import evaluation
-from pyro_vae.parts import likelihoods, networks
 from pyro_vae.config import registry
-from pyro_vae.model import VAE
 from pyro_vae.config.spec import load_spec
+from pyro_vae.model import VAE
+from pyro_vae.parts import likelihoods, networks
 from pyro_vae.training.trainer import Trainer
 
 TEMPERATURE, RESCALE = 2.5, 3.0
@@ -46,14 +47,24 @@ def rescaled(spec, role, input_dim, output_dim, image_shape):
     return RescaledDecoder(input_dim, spec.hidden, output_dim, spec.activation)
 
 
-SMALL = ["data.train_size=200", "data.test_size=40", "model.latent_dim=3", "model.encoder.hidden=[16]",
-         "model.decoder.hidden=[16]", "model.decoder.activation=tanh", "train.epochs=1"]
+SMALL = [
+    "data.train_size=200",
+    "data.test_size=40",
+    "model.latent_dim=3",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+    "model.decoder.activation=tanh",
+    "train.epochs=1",
+]
 
 
 def plain_log_w(vae: VAE, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """log p(x|z) + log p(z) − log q(z|x) from torch's own distributions and the plugin's formula, (K, B)."""
     h = vae.encoder(x)
-    loc, scale = vae.guide_head.loc(h), torch.nn.functional.softplus(vae.guide_head.raw_scale(h)) + vae.guide_head.min_scale
+    loc, scale = (
+        vae.guide_head.loc(h),
+        torch.nn.functional.softplus(vae.guide_head.raw_scale(h)) + vae.guide_head.min_scale,
+    )
     log_q = Normal(loc, scale).log_prob(z).sum(-1)
     log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
     logits = vae.decoder.net(z)
@@ -64,8 +75,13 @@ def plain_log_w(vae: VAE, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return Bernoulli(logits=logits).log_prob(x).sum(-1) + log_prior - log_q
 
 
-@pytest.mark.parametrize("override", [["model.likelihood.type=test-tempered-bernoulli"],
-                                      ["model.decoder.type=test-rescaled-mlp", "model.encoder.type=test-rescaled-mlp"]])
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["model.likelihood.type=test-tempered-bernoulli"],
+        ["model.decoder.type=test-rescaled-mlp", "model.encoder.type=test-rescaled-mlp"],
+    ],
+)
 def test_evaluate_scores_a_plugin_by_its_own_density(override, monkeypatch):
     trainer = Trainer(load_spec(None, [*SMALL, *override]), None, show_progress=False)
     trainer.fit()

@@ -1,4 +1,5 @@
 """Every prior × guide pair, every likelihood and network, chosen by spec alone."""
+
 import math
 
 import numpy as np
@@ -8,23 +9,37 @@ import torch
 
 from pyro_vae import evaluation
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import Spec, load_spec
+from pyro_vae.errors import UserInputError
 from pyro_vae.training.trainer import Trainer
 
 PRIORS = ["standard-normal", "learned-normal", "mog", "vamp", "flow"]
 GUIDES = ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"]
-SMALL = ["data.train_size=400", "data.test_size=100", "model.latent_dim=3", "model.encoder.hidden=[32]",
-         "model.decoder.hidden=[32]", "train.epochs=1"]
+SMALL = [
+    "data.train_size=400",
+    "data.test_size=100",
+    "model.latent_dim=3",
+    "model.encoder.hidden=[32]",
+    "model.decoder.hidden=[32]",
+    "train.epochs=1",
+]
 # small sizes for the parts that have keys of their own (each part takes only its own)
-OWN_KEYS = {"mog": ["model.prior.components=3"], "vamp": ["model.prior.pseudo_inputs=5"],
-            "flow": ["model.prior.hidden=[8]"], "iaf": ["model.guide.hidden=[8]"]}
+OWN_KEYS = {
+    "mog": ["model.prior.components=3"],
+    "vamp": ["model.prior.pseudo_inputs=5"],
+    "flow": ["model.prior.hidden=[8]"],
+    "iaf": ["model.guide.hidden=[8]"],
+}
 
 
 def choose(prior: str = "standard-normal", guide: str = "diagonal-normal") -> list[str]:
     """Overrides that select ``prior`` and ``guide`` with their small sizes."""
-    return [f"model.prior.type={prior}", *OWN_KEYS.get(prior, []), f"model.guide.type={guide}",
-            *OWN_KEYS.get(guide, [])]
+    return [
+        f"model.prior.type={prior}",
+        *OWN_KEYS.get(prior, []),
+        f"model.guide.type={guide}",
+        *OWN_KEYS.get(guide, []),
+    ]
 
 
 def test_the_registry_holds_every_documented_part():
@@ -81,13 +96,16 @@ def test_meanfield_sampled_kl_term_is_unbiased():
         assert abs(draws.mean().item() - exact_terms) < 4 * draws.std().item() / math.sqrt(len(draws)) + 0.05
 
 
-@pytest.mark.parametrize("likelihood, data", [
-    ("bernoulli", ["data.binarize=dynamic"]),
-    ("continuous-bernoulli", ["data.binarize=none"]),
-    ("gaussian", ["data.binarize=none", "model.likelihood.scale=0.2"]),
-    ("gaussian", ["data.binarize=none", "model.likelihood.scale=learned"]),
-    ("laplace", ["data.binarize=none", "model.likelihood.scale=learned"]),
-])
+@pytest.mark.parametrize(
+    "likelihood, data",
+    [
+        ("bernoulli", ["data.binarize=dynamic"]),
+        ("continuous-bernoulli", ["data.binarize=none"]),
+        ("gaussian", ["data.binarize=none", "model.likelihood.scale=0.2"]),
+        ("gaussian", ["data.binarize=none", "model.likelihood.scale=learned"]),
+        ("laplace", ["data.binarize=none", "model.likelihood.scale=learned"]),
+    ],
+)
 def test_each_likelihood_trains_on_data_that_suits_it(likelihood, data):
     spec = load_spec(None, [*SMALL, "train.epochs=3", f"model.likelihood.type={likelihood}", *data])
     metrics = Trainer(spec, None, show_progress=False).fit()
@@ -101,8 +119,12 @@ def test_bernoulli_on_grey_levels_is_refused_before_training():
 
 
 def test_conv_networks_on_images_and_a_clear_error_on_flat_data(tmp_path):
-    conv = ["model.encoder.type=conv", "model.decoder.type=conv", "model.encoder.channels=[8,16]",
-            "model.decoder.channels=[8,16]"]
+    conv = [
+        "model.encoder.type=conv",
+        "model.decoder.type=conv",
+        "model.encoder.channels=[8,16]",
+        "model.decoder.channels=[8,16]",
+    ]
     trainer = Trainer(load_spec(None, [*SMALL, *conv]), None, show_progress=False)
     assert math.isfinite(trainer.fit()[-1]["test_elbo"])
     path = tmp_path / "flat.npy"
@@ -136,8 +158,9 @@ def test_kl_warmup_rises_linearly_to_beta():
     weights = [kl_weight(spec, step, steps_per_epoch=10) for step in (0, 10, 20, 40, 80)]
     assert weights == [0.0, 0.5, 1.0, 2.0, 2.0]
     # the first steps run at β = 0: the z sites are masked, training goes on
-    metrics = Trainer(load_spec(None, [*SMALL, "train.epochs=2", "train.kl_warmup_epochs=2"]), None,
-                      show_progress=False).fit()
+    metrics = Trainer(
+        load_spec(None, [*SMALL, "train.epochs=2", "train.kl_warmup_epochs=2"]), None, show_progress=False
+    ).fit()
     assert 0 < metrics[0]["kl_weight"] < metrics[1]["kl_weight"] <= 1.0
 
 

@@ -7,15 +7,16 @@ and log q is evaluated by a frozen deep copy of the encoder and guide head at
 that live z. Both sides use the same ε (the same seed), so they agree to
 float64 rounding; a dropped detach, a missing square or a wrong weight does not.
 """
+
 import copy
 
 import pyro
 import pytest
 import torch
 
-from pyro_vae.infer.estimators import DReG_ELBO, STL_ELBO, bound_and_backward
-from pyro_vae.model import VAE
 from pyro_vae.config.spec import load_spec
+from pyro_vae.infer.estimators import STL_ELBO, DReG_ELBO, bound_and_backward
+from pyro_vae.model import VAE
 
 GUIDES = ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"]
 B, N, D = 6, 60, 10
@@ -35,8 +36,16 @@ GUIDE_KEYS = {"low-rank-normal": ["model.guide.rank=2"], "iaf": ["model.guide.hi
 
 def setup(guide: str, kl_weight: float):
     torch.manual_seed(0)
-    spec = load_spec(None, ["model.latent_dim=3", "model.encoder.hidden=[16]", "model.decoder.hidden=[16]",
-                            f"model.guide.type={guide}", *GUIDE_KEYS.get(guide, [])])
+    spec = load_spec(
+        None,
+        [
+            "model.latent_dim=3",
+            "model.encoder.hidden=[16]",
+            "model.decoder.hidden=[16]",
+            f"model.guide.type={guide}",
+            *GUIDE_KEYS.get(guide, []),
+        ],
+    )
     vae = VAE.from_spec(spec.model, D)
     x = torch.bernoulli(torch.full((B, D), 0.4), generator=torch.Generator().manual_seed(1))
     return vae, x
@@ -48,11 +57,11 @@ def reference(vae: VAE, x: torch.Tensor, k: int, kl_weight: float, seed: int, po
     for p in frozen.parameters():
         p.requires_grad_(False)
     pyro.set_rng_seed(seed)
-    z = vae.posterior(x).rsample((k,))                                    # live: depends on φ
+    z = vae.posterior(x).rsample((k,))  # live: depends on φ
     log_q = frozen.posterior(x).log_prob(z)
     log_w = vae.likelihood_distribution(z).log_prob(x) + kl_weight * (vae.prior_distribution().log_prob(z) - log_q)
     weights = torch.softmax(log_w.detach(), 0)
-    c = (1 - kl_weight) * weights + kl_weight * weights ** power
+    c = (1 - kl_weight) * weights + kl_weight * weights**power
     return -(N / B) * (c * log_w).sum()
 
 

@@ -1,4 +1,5 @@
 """Threads per command, the pictures a run writes (and ``pyro-vae pictures``), and what each picture shows."""
+
 import json
 import os
 import re
@@ -15,8 +16,13 @@ from pyro_vae import pictures, plots, threads, training
 from pyro_vae.cli.main import main
 from pyro_vae.config.spec import load_spec
 
-TINY = ["data.train_size=100", "data.test_size=40", "model.encoder.hidden=[8]", "model.decoder.hidden=[8]",
-        "train.epochs=2"]
+TINY = [
+    "data.train_size=100",
+    "data.test_size=40",
+    "model.encoder.hidden=[8]",
+    "model.decoder.hidden=[8]",
+    "train.epochs=2",
+]
 PICTURES = ("samples.png", "reconstructions.png", "elbo.png", "latent.png")
 
 
@@ -46,6 +52,7 @@ def drawn(fig):
 
 # -- threads ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cpus,expected", [(1, 1), (2, 1), (7, 1), (8, 2), (12, 3), (16, 4), (128, 4)])
 def test_auto_threads_leave_a_small_machine_one_thread(monkeypatch, cpus, expected):
     monkeypatch.setattr(threads, "available_cpus", lambda: cpus)
@@ -66,7 +73,9 @@ def test_a_command_runs_with_its_threads_and_restores_the_callers(bare_run, thre
 
     seen = []
     evaluate = evaluation.evaluate
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: seen.append(torch.get_num_threads()) or evaluate(*a, **k))
+    monkeypatch.setattr(
+        evaluation, "evaluate", lambda *a, **k: seen.append(torch.get_num_threads()) or evaluate(*a, **k)
+    )
     assert main(["evaluate", str(bare_run), "--num-samples", "2", "--threads", "2", "--quiet"]) == 0
     monkeypatch.setattr(threads, "available_cpus", lambda: 2)
     assert main(["evaluate", str(bare_run), "--num-samples", "2", "--quiet"]) == 0
@@ -75,15 +84,39 @@ def test_a_command_runs_with_its_threads_and_restores_the_callers(bare_run, thre
 
 def test_compare_measures_with_threads_and_says_how_many(tmp_path, thread_count):
     out = tmp_path / "report"
-    assert main(["compare", "--estimators", "trace", "--repeats", "2", "--threads", "2", "--out", str(out),
-                 "--set", "model.encoder.hidden=[8]", "--set", "model.decoder.hidden=[8]", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--estimators",
+                "trace",
+                "--repeats",
+                "2",
+                "--threads",
+                "2",
+                "--out",
+                str(out),
+                "--set",
+                "model.encoder.hidden=[8]",
+                "--set",
+                "model.decoder.hidden=[8]",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "2 torch thread(s)" in (out / "comparison.md").read_text() and torch.get_num_threads() == thread_count
 
 
-@pytest.mark.parametrize("args,needle", [(["train", "--threads", "0"], "--threads is '0'; accepted: auto or an integer"),
-                                         (["pictures", "x", "--threads", "many"], "--threads is 'many'"),
-                                         (["train", "--set", "train.threads=0"], "'train.threads' is 0"),
-                                         (["train", "--set", "train.pictures=some"], "'train.pictures' is 'some'")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--threads", "0"], "--threads is '0'; accepted: auto or an integer"),
+        (["pictures", "x", "--threads", "many"], "--threads is 'many'"),
+        (["train", "--set", "train.threads=0"], "'train.threads' is 0"),
+        (["train", "--set", "train.pictures=some"], "'train.pictures' is 'some'"),
+    ],
+)
 def test_bad_threads_and_pictures_settings_are_one_line(capsys, args, needle):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -91,6 +124,7 @@ def test_bad_threads_and_pictures_settings_are_one_line(capsys, args, needle):
 
 
 # -- which pictures -----------------------------------------------------------
+
 
 def test_none_draws_nothing_and_cheap_never_runs_tsne(bare_run, monkeypatch):
     assert not any((bare_run / name).exists() for name in PICTURES)
@@ -102,8 +136,9 @@ def test_none_draws_nothing_and_cheap_never_runs_tsne(bare_run, monkeypatch):
     _, vae, data = training.load_run(bare_run, which="last")
     out = bare_run.parent / "cheap"
     out.mkdir()
-    written = pictures.write(out, vae, data, [{"epoch": 1, "train_elbo": -5.0, "test_elbo": -4.0}], "cheap",
-                             show_progress=False)
+    written = pictures.write(
+        out, vae, data, [{"epoch": 1, "train_elbo": -5.0, "test_elbo": -4.0}], "cheap", show_progress=False
+    )
     assert [p.name for p in written] == list(PICTURES) and all(p.stat().st_size > 0 for p in written)
 
 
@@ -151,6 +186,7 @@ def test_pictures_command_refuses_a_folder_that_is_no_run_in_one_line(tmp_path, 
 
 # -- matplotlib's object interface only ----------------------------------------
 
+
 def test_the_package_never_names_pyplot_or_selects_a_backend():
     source = "\n".join(p.read_text() for p in Path(plots.__file__).parent.glob("*.py"))
     assert not re.search(r"matplotlib\.pyplot|from matplotlib import [^\n]*pyplot|matplotlib\.use\(", source)
@@ -183,6 +219,7 @@ def test_drawing_every_picture_leaves_the_callers_backend_and_figures_alone(tmp_
 
 
 # -- what each picture shows --------------------------------------------------
+
 
 def test_snr_legends_sit_outside_their_panels(tmp_path):
     rows = [dict(family=name, k=1, grad_snr_encoder=1.0, grad_snr_decoder=2.0) for name in ("trace", "meanfield")]
@@ -239,8 +276,8 @@ def test_latent_map_names_the_classes_where_the_dataset_names_them(tmp_path):
 
 
 def test_fashion_mnist_carries_torchvisions_class_names():
-    from pyro_vae.data import DATA_ENV, load_dataset
     from pyro_vae.config.spec import DataSpec
+    from pyro_vae.data import DATA_ENV, load_dataset
 
     root = Path(os.environ.get(DATA_ENV, "/work/shared/data"))
     if not (root / "FashionMNIST").is_dir():

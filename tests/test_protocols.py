@@ -1,5 +1,6 @@
 """The papers' training protocols: data-initialized decoder, VampPrior recipe, schedules, validation,
 early stopping, best checkpoint, and the results table of finished runs."""
+
 import csv
 import json
 import math
@@ -10,24 +11,37 @@ import sys
 import time
 from pathlib import Path
 
+import pyro.distributions as dist
 import pytest
 import torch
 import yaml
-import pyro.distributions as dist
 
-from pyro_vae.training import checkpoint, optimizer, runs
-from pyro_vae.evaluation import table
 from pyro_vae import training
 from pyro_vae.cli.main import command_line, main
+from pyro_vae.config.spec import OptimSpec, load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
+from pyro_vae.evaluation import table
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import OptimSpec, load_spec
+from pyro_vae.training import checkpoint, optimizer, runs
 
-TINY = ["data.train_size=200", "data.test_size=40", "data.batch_size=50", "model.encoder.hidden=[16]",
-        "model.decoder.hidden=[16]"]
-PROTOCOL = [*TINY, "data.validation_size=60", "optim.schedule=plateau", "optim.schedule.patience=1",
-            "optim.schedule.factor=0.5", "train.early_stopping_patience=3", "optim.lr=0.05", "train.epochs=12"]
+TINY = [
+    "data.train_size=200",
+    "data.test_size=40",
+    "data.batch_size=50",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+]
+PROTOCOL = [
+    *TINY,
+    "data.validation_size=60",
+    "optim.schedule=plateau",
+    "optim.schedule.patience=1",
+    "optim.schedule.factor=0.5",
+    "train.early_stopping_patience=3",
+    "optim.lr=0.05",
+    "train.epochs=12",
+]
 
 
 def cli_args(overrides):
@@ -36,26 +50,46 @@ def cli_args(overrides):
 
 # -- the decoder starts at the mean image ------------------------------------------------------------
 
-@pytest.mark.parametrize("likelihood,extra", [("bernoulli", []), ("continuous-bernoulli", ["data.binarize=none"]),
-                                              ("gaussian", ["data.binarize=none"]), ("laplace", ["data.binarize=none"])])
+
+@pytest.mark.parametrize(
+    "likelihood,extra",
+    [
+        ("bernoulli", []),
+        ("continuous-bernoulli", ["data.binarize=none"]),
+        ("gaussian", ["data.binarize=none"]),
+        ("laplace", ["data.binarize=none"]),
+    ],
+)
 @pytest.mark.parametrize("network", ["mlp", "conv"])
 def test_decoder_output_starts_at_the_training_mean(likelihood, extra, network):
-    spec = load_spec(None, [*TINY, *extra, f"model.likelihood.type={likelihood}", f"model.encoder.type={network}",
-                            f"model.decoder.type={network}",
-                            *(["model.encoder.channels=[4]", "model.decoder.channels=[4]"] if network == "conv" else [])])
+    spec = load_spec(
+        None,
+        [
+            *TINY,
+            *extra,
+            f"model.likelihood.type={likelihood}",
+            f"model.encoder.type={network}",
+            f"model.decoder.type={network}",
+            *(["model.encoder.channels=[4]", "model.decoder.channels=[4]"] if network == "conv" else []),
+        ],
+    )
     data = load_dataset(spec.data)
     vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape, data.train)
-    mean = data.train.mean(0).clamp(1e-3, 1 - 1e-3) if likelihood != "gaussian" and likelihood != "laplace" \
+    mean = (
+        data.train.mean(0).clamp(1e-3, 1 - 1e-3)
+        if likelihood != "gaussian" and likelihood != "laplace"
         else data.train.mean(0)
+    )
     with torch.no_grad():
         vae.decoder.net[-1].weight.zero_() if network == "mlp" else vae.decoder.deconv[-1].weight.zero_()
         at_zero = vae.likelihood.mean(vae.decoder(torch.zeros(3, spec.model.latent_dim)))
     reachable = (mean > 0.07) & (mean < 0.93) if likelihood == "continuous-bernoulli" else mean == mean
-    assert reachable.sum() > 10                      # torch's float32 CB clamps λ, so its mean stays in ~(0.063, 0.937)
-    tolerance = 2e-3 if likelihood == "continuous-bernoulli" else 1e-5     # CB's float32 mean near λ = ½
+    assert reachable.sum() > 10  # torch's float32 CB clamps λ, so its mean stays in ~(0.063, 0.937)
+    tolerance = 2e-3 if likelihood == "continuous-bernoulli" else 1e-5  # CB's float32 mean near λ = ½
     assert torch.allclose(at_zero[:, reachable], mean[reachable].expand_as(at_zero[:, reachable]), atol=tolerance)
-    zero = VAE.from_spec(load_spec(None, [*TINY, "model.decoder.init_bias=zero"]).model, data.data_dim,
-                         data.image_shape, data.train)
+    zero = VAE.from_spec(
+        load_spec(None, [*TINY, "model.decoder.init_bias=zero"]).model, data.data_dim, data.image_shape, data.train
+    )
     assert zero.decoder.output_bias.abs().max() == 0
 
 
@@ -66,7 +100,7 @@ def test_continuous_bernoulli_mean_is_inverted_everywhere():
     logits = ContinuousBernoulli().output_for_mean(means)
     assert torch.allclose(dist.ContinuousBernoulli(logits=logits).mean, means, atol=2e-3)
     ends = dist.ContinuousBernoulli(logits=ContinuousBernoulli().output_for_mean(torch.tensor([0.001, 0.999]))).mean
-    assert ends[0] < 0.07 and ends[1] > 0.93                  # beyond reach: the nearest end
+    assert ends[0] < 0.07 and ends[1] > 0.93  # beyond reach: the nearest end
 
 
 def test_vampprior_pseudo_inputs_are_clamped_into_the_data_range():
@@ -77,15 +111,18 @@ def test_vampprior_pseudo_inputs_are_clamped_into_the_data_range():
         vae.prior.pseudo_inputs.uniform_(-3, 4)
     inputs = vae.prior.inputs()
     assert inputs.min() >= 0 and inputs.max() <= 1 and (inputs == 1).any() and (inputs == 0).any()
-    free = VAE.from_spec(load_spec(None, [*TINY, "model.prior.type=vamp",
-                                          "model.prior.pseudo_input_activation=none"]).model, data.data_dim)
+    free = VAE.from_spec(
+        load_spec(None, [*TINY, "model.prior.type=vamp", "model.prior.pseudo_input_activation=none"]).model,
+        data.data_dim,
+    )
     assert free.prior.inputs() is free.prior.pseudo_inputs
 
 
 @pytest.mark.parametrize("guide", ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"])
 def test_log_variance_bounds_clamp_every_gaussian_guide(guide):
-    spec = load_spec(None, [*TINY, f"model.guide.type={guide}", "model.guide.log_variance_bounds=[-6, 2]",
-                            "model.latent_dim=3"])
+    spec = load_spec(
+        None, [*TINY, f"model.guide.type={guide}", "model.guide.log_variance_bounds=[-6, 2]", "model.latent_dim=3"]
+    )
     vae = VAE.from_spec(spec.model, 64)
     head = vae.guide_head.base if guide == "iaf" else vae.guide_head
     layer = {"diagonal-normal": "raw_scale", "iaf": "raw_scale", "low-rank-normal": "raw_diag", "full-normal": "tril"}
@@ -108,12 +145,13 @@ def test_bad_log_variance_bounds_are_one_line():
 
 # -- schedules -------------------------------------------------------------------------------------
 
+
 def test_iwae_schedule_has_stages_of_three_to_the_i_epochs():
     factors = [optimizer.iwae_factor(epoch) for epoch in range(3280 + 5)]
     boundaries = [epoch for epoch in range(1, len(factors)) if factors[epoch] != factors[epoch - 1]]
-    assert boundaries == [1, 4, 13, 40, 121, 364, 1093]                     # 1 + 3 + 9 + ... epochs
+    assert boundaries == [1, 4, 13, 40, 121, 364, 1093]  # 1 + 3 + 9 + ... epochs
     assert factors[0] == 1.0 and factors[-1] == pytest.approx(10 ** (-7 / 7))
-    assert sum(3 ** i for i in range(8)) == 3280
+    assert sum(3**i for i in range(8)) == 3280
 
 
 @pytest.mark.parametrize("schedule", ["constant", "iwae", "cosine", "plateau"])
@@ -124,24 +162,34 @@ def test_schedule_names_build_torch_schedulers(schedule):
     adam = optimizer.adam(params, spec)
     scheduler = optimizer.scheduler(adam, spec, epochs=10)
     for epoch in range(3):
-        adam.step()                                                      # an epoch's steps (no gradients: no change)
+        adam.step()  # an epoch's steps (no gradients: no change)
         optimizer.step_scheduler(scheduler, validation_elbo=-1.0 - epoch)  # plateau: getting worse
     lr = optimizer.current_lr(adam)
-    expected = {"constant": 0.1, "iwae": 0.1 * 10 ** (-1 / 7), "plateau": 0.05,
-                "cosine": 0.05 * (1 + torch.cos(torch.tensor(3 * torch.pi / 10))).item()}[schedule]
+    expected = {
+        "constant": 0.1,
+        "iwae": 0.1 * 10 ** (-1 / 7),
+        "plateau": 0.05,
+        "cosine": 0.05 * (1 + torch.cos(torch.tensor(3 * torch.pi / 10))).item(),
+    }[schedule]
     assert lr == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("overrides,key", [(["optim.schedule=plateau"], "'optim.schedule'"),
-                                           (["train.early_stopping_patience=3"], "'train.early_stopping_patience'"),
-                                           (["optim.schedule=warm"], "'optim.schedule.type'"),
-                                           (["data.validation_size=0"], "'data.validation_size'")])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["optim.schedule=plateau"], "'optim.schedule'"),
+        (["train.early_stopping_patience=3"], "'train.early_stopping_patience'"),
+        (["optim.schedule=warm"], "'optim.schedule.type'"),
+        (["data.validation_size=0"], "'data.validation_size'"),
+    ],
+)
 def test_protocol_keys_refuse_bad_values_in_one_line(overrides, key):
     with pytest.raises(UserInputError, match=key):
         load_spec(None, overrides)
 
 
 # -- validation, early stopping, best.pt -------------------------------------------------------------
+
 
 def test_validation_split_is_held_out_of_training_and_fixed_by_the_seed():
     spec = load_spec(None, [*TINY, "data.validation_size=60", "data.binarize=none"])
@@ -174,7 +222,7 @@ def test_early_stopping_keeps_the_best_epoch_in_best_pt(tmp_path, capsys):
     assert len(metrics) - best["epoch"] == 3
     state = checkpoint.load(run / runs.BEST)
     assert state["epoch"] == best["epoch"] and state["validation_elbo"] == best["validation_elbo"]
-    assert [m["lr"] for m in metrics][-1] < 0.05                              # plateau lowered the rate
+    assert [m["lr"] for m in metrics][-1] < 0.05  # plateau lowered the rate
     capsys.readouterr()
     assert main(["evaluate", str(run), "--num-samples", "3"]) == 0
     captured = capsys.readouterr()
@@ -190,8 +238,12 @@ def test_sigkill_and_resume_with_plateau_validation_and_early_stopping_is_bit_id
     training.train(load_spec(None, PROTOCOL), reference, show_progress=False)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *cli_args(PROTOCOL), "--out", str(run),
-                                "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae", "train", *cli_args(PROTOCOL), "--out", str(run), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     checkpoint_writes(run, process, 4)
     time.sleep(random.Random(1).uniform(0.0, 0.02))
     process.kill()
@@ -205,6 +257,7 @@ def test_sigkill_and_resume_with_plateau_validation_and_early_stopping_is_bit_id
 
 
 # -- pyro-vae table ----------------------------------------------------------------------------------
+
 
 def test_table_of_two_runs_writes_the_paired_column(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
@@ -220,7 +273,7 @@ def test_table_of_two_runs_writes_the_paired_column(tmp_path, capsys):
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     assert main(["table", str(second), str(first), "--num-samples", "30", "--out", str(out), "--force"]) == 0
-    assert cached[0].stat().st_mtime_ns == stamp                               # scored once, read back
+    assert cached[0].stat().st_mtime_ns == stamp  # scored once, read back
 
 
 def test_table_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
@@ -242,10 +295,12 @@ def test_runs_of_different_training_seeds_are_paired_and_labelled_by_their_paths
     assert [row["label"] for row in rows] == ["seed0/digits", "seed1/digits"]
     assert rows[0]["vs_reference"] == "reference" and math.isfinite(float(rows[1]["vs_reference"]))
     cache = next(second.glob("scores-*.pt"))
-    cache.write_bytes(cache.read_bytes()[:200])                                 # a damaged cache is scored again
+    cache.write_bytes(cache.read_bytes()[:200])  # a damaged cache is scored again
     capsys.readouterr()
-    assert main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out),
-                 "--force"]) == 0
+    assert (
+        main(["table", str(second), "--reference", str(first), "--num-samples", "30", "--out", str(out), "--force"])
+        == 0
+    )
     assert "Traceback" not in capsys.readouterr().err and (out / "table.md").read_text() == text
     assert checkpoint.load(cache)["row"]["test"] == table.fingerprint(load_dataset(load_spec(None, TINY).data).test)
 
@@ -274,15 +329,27 @@ def test_table_labels_are_the_shortest_distinct_trailing_paths(tmp_path):
     paths = [tmp_path / "a" / "seed0" / "digits", tmp_path / "a" / "seed1" / "digits", tmp_path / "mnist"]
     assert table.labels(paths) == ["seed0/digits", "seed1/digits", "mnist"]
     assert table.labels([tmp_path / "x" / "run", tmp_path / "y" / "x" / "run"]) == [
-        str(Path(*(tmp_path / "x" / "run").parts[-3:])), "y/x/run"]
+        str(Path(*(tmp_path / "x" / "run").parts[-3:])),
+        "y/x/run",
+    ]
 
 
 # -- said out loud: divergence, sizes beyond the data -------------------------------------------------
 
+
 def test_a_diverging_run_warns_once_per_epoch_and_sizes_beyond_the_data_say_what_was_used(tmp_path, capsys):
     run = tmp_path / "run"
-    spec = load_spec(None, [*TINY, "data.train_size=100000", "data.test_size=100000", "optim.lr=50", "train.epochs=2",
-                            "model.latent_dim=2"])  # d = 2: the latent map skips t-SNE, which the diverged means crash
+    spec = load_spec(
+        None,
+        [
+            *TINY,
+            "data.train_size=100000",
+            "data.test_size=100000",
+            "optim.lr=50",
+            "train.epochs=2",
+            "model.latent_dim=2",
+        ],
+    )  # d = 2: the latent map skips t-SNE, which the diverged means crash
     with command_line():  # the console handler the command line sets up: the lines reach stderr
         training.train(spec, run, show_progress=False)
     err, log = capsys.readouterr().err, (run / runs.LOG).read_text()
@@ -297,19 +364,19 @@ def test_a_diverging_run_warns_once_per_epoch_and_sizes_beyond_the_data_say_what
 
 
 def test_divergence_rule_is_ten_times_the_starting_magnitude_below_the_start():
-    assert training.divergence_warning(3, -330.0, -30.0, 1e-3) is None            # E₀ − 10 |E₀| exactly
+    assert training.divergence_warning(3, -330.0, -30.0, 1e-3) is None  # E₀ − 10 |E₀| exactly
     line = training.divergence_warning(3, -331.0, -30.0, 1e-3)
     assert line.startswith("warning: epoch 3: train ELBO -331 nats") and "E₀ = -30 nats" in line
-    assert training.divergence_warning(1, -9.0, 0.5, 1e-3) is None                 # |E₀| < 1: one nat instead
+    assert training.divergence_warning(1, -9.0, 0.5, 1e-3) is None  # |E₀| < 1: one nat instead
     assert training.divergence_warning(1, -10.0, 0.5, 1e-3) is not None
-    assert training.divergence_warning(1, -1e20, -1e19, 1e-3) is None             # no worse than 10 |E₀| below
+    assert training.divergence_warning(1, -1e20, -1e19, 1e-3) is None  # no worse than 10 |E₀| below
 
 
 def test_a_checkpoint_without_the_starting_elbo_resumes_against_the_first_epoch(tmp_path):
     run = tmp_path / "run"
     training.train(load_spec(None, [*TINY, "train.epochs=1", "model.latent_dim=2"]), run, show_progress=False)
     state = checkpoint.load(run / runs.CHECKPOINT)
-    del state["start_elbo"], state["format"]                                    # as checkpoints were written before
+    del state["start_elbo"], state["format"]  # as checkpoints were written before
     checkpoint.save_atomic(state, run / runs.CHECKPOINT)
     trainer = training.resume(run, epochs=2, show_progress=False)
     assert trainer.progress.start_elbo is None and len(runs.read_metrics(run)) == 2

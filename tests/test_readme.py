@@ -1,4 +1,5 @@
 """The README runs as written: every Python block in a fresh interpreter, and the plugin commands."""
+
 import json
 import re
 import subprocess
@@ -37,8 +38,10 @@ def test_the_plugin_example_runs_from_the_command_line_as_written(tmp_path):
     (tmp_path / "my_priors.py").write_text(block("python", "# my_priors.py"))
     commands = [line.split("#")[0].strip() for line in block("bash", "--plugin my_priors").splitlines()]
     commands = [c for c in commands if c]
-    assert commands[0] == ("pyro-vae train --plugin my_priors --set model.prior.type=student-t "
-                           "--set model.prior.df=3 --epochs 10 --out runs/student-t")
+    assert commands[0] == (
+        "pyro-vae train --plugin my_priors --set model.prior.type=student-t "
+        "--set model.prior.df=3 --epochs 10 --out runs/student-t"
+    )
     for command in commands:
         run([sys.executable, "-m", "pyro_vae", *command.split()[1:]], tmp_path)
     spec = (tmp_path / "runs" / "student-t" / "config.yaml").read_text()
@@ -50,19 +53,40 @@ def test_the_plugin_example_runs_from_the_command_line_as_written(tmp_path):
 
 def test_the_python_line_of_the_plugin_example_trains(tmp_path):
     (tmp_path / "my_priors.py").write_text(block("python", "# my_priors.py"))
-    line = re.search(r"`(pyro_vae\.train\(pyro_vae\.load_spec\(None, \[\"model\.prior\.type=student-t\".*?\))`",
-                     README.read_text()).group(1)
+    line = re.search(
+        r"`(pyro_vae\.train\(pyro_vae\.load_spec\(None, \[\"model\.prior\.type=student-t\".*?\))`", README.read_text()
+    ).group(1)
     run([sys.executable, "-c", f"import pyro_vae\nimport my_priors\n{line}"], tmp_path)
     assert "df: 5.0" in (tmp_path / "runs" / "t5" / "config.yaml").read_text()
 
 
 def test_a_missing_plugin_and_an_undeclared_key_are_one_line_errors(tmp_path):
-    missing = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--plugin", "no_such_plugin"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", "--plugin", "no_such_plugin"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "'no_such_plugin'" in missing.stderr
     (tmp_path / "my_priors.py").write_text(block("python", "# my_priors.py"))
-    wrong = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--plugin", "my_priors", "--set",
-                            "model.prior.type=student-t", "--set", "model.prior.dof=3"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyro_vae",
+            "train",
+            "--plugin",
+            "my_priors",
+            "--set",
+            "model.prior.type=student-t",
+            "--set",
+            "model.prior.dof=3",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert wrong.returncode == 2 and "'model.prior.dof'" in wrong.stderr and "df" in wrong.stderr

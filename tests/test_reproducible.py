@@ -3,14 +3,22 @@
 - The end-of-epoch evaluation draws from its own generator: the test split's
   size and ``train.eval_num_samples`` change no parameter and no ``train_elbo``.
 """
+
 import pytest
 import torch
 
 from pyro_vae import training
 from pyro_vae.config.spec import load_spec
 
-SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
-         "model.decoder.hidden=[16]", "train.epochs=2", "inference.compile=eager"]
+SMALL = [
+    "data.train_size=96",
+    "data.test_size=32",
+    "data.batch_size=20",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+    "train.epochs=2",
+    "inference.compile=eager",
+]
 
 
 def trained(*overrides: str) -> training.Trainer:

@@ -6,6 +6,7 @@ resumed run with an uninterrupted one *bit for bit* on the CPU: parameters,
 Adam state, the generators' final states, the metrics and `evaluate`'s numbers.
 `benchmarks/kill_resume.py` runs the same check with 20 random SIGKILLs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,19 +26,31 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.training import checkpoint, run_state, runs
 from pyro_vae import training
 from pyro_vae.cli.main import main
-from pyro_vae.errors import NonFiniteError
 from pyro_vae.config.spec import load_spec
+from pyro_vae.errors import NonFiniteError
+from pyro_vae.training import checkpoint, run_state, runs
 
-SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=16", "model.encoder.hidden=[16]",
-         "model.decoder.hidden=[16]", "train.epochs=3"]
+SMALL = [
+    "data.train_size=96",
+    "data.test_size=32",
+    "data.batch_size=16",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+    "train.epochs=3",
+]
 STEPS_PER_EPOCH = 6
 # a VampPrior (pseudo-inputs shared with the encoder) and a learned likelihood scale per pixel:
 # parameters that live outside the encoder and decoder must survive a resume too
-VAMP = [*SMALL, "model.prior.type=vamp", "model.prior.pseudo_inputs=5", "data.binarize=none",
-        "model.likelihood.type=gaussian", "model.likelihood.scale=learned"]
+VAMP = [
+    *SMALL,
+    "model.prior.type=vamp",
+    "model.prior.pseudo_inputs=5",
+    "data.binarize=none",
+    "model.likelihood.type=gaussian",
+    "model.likelihood.scale=learned",
+]
 
 
 def cli_args(overrides: list[str]) -> list[str]:
@@ -101,6 +114,7 @@ def reference(tmp_path_factory) -> Path:
 
 # -- what a checkpoint holds ---------------------------------------------------------------------
 
+
 def test_checkpoint_holds_everything_a_resume_needs(reference):
     state = checkpoint.load(reference / runs.CHECKPOINT, required=run_state.STATE_KEYS)
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
@@ -141,6 +155,7 @@ def test_previous_checkpoint_survives_a_failed_write(reference, tmp_path, monkey
 
 
 # -- exact resume ----------------------------------------------------------------------------------
+
 
 def test_sigterm_writes_a_checkpoint_at_the_step_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
     """SIGTERM in epoch 2, step 3 of a VampPrior / learned-scale run: exit 143, then resume == uninterrupted."""
@@ -195,8 +210,12 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(reference, tmp_
     delay = random.Random(trial).uniform(0.0, 0.05)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
-    process = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *cli_args(SMALL), "--out", str(run),
-                                "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae", "train", *cli_args(SMALL), "--out", str(run), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     checkpoint_writes(run, process, trial + 1)  # the initial checkpoint, then one per epoch
     time.sleep(delay)
     process.kill()
@@ -220,6 +239,7 @@ def test_resume_after_the_last_epoch_only_rewrites_stale_metrics(reference, tmp_
 
 # -- the NaN guard ----------------------------------------------------------------------------------
 
+
 def test_absurd_learning_rate_stops_with_exit_3_and_keeps_a_checkpoint_that_evaluates(tmp_path, capsys):
     run = tmp_path / "run"
     capsys.readouterr()
@@ -234,7 +254,8 @@ def test_absurd_learning_rate_stops_with_exit_3_and_keeps_a_checkpoint_that_eval
 
 
 def test_nonfinite_gradient_with_a_finite_loss_is_caught_and_the_last_checkpoint_is_untouched(
-        reference, tmp_path, monkeypatch, capsys):
+    reference, tmp_path, monkeypatch, capsys
+):
     """A NaN gradient at epoch 2, step 4 (loss finite): exit 3 naming that step; epoch 1's checkpoint kept."""
     run = tmp_path / "run"
     training.train(load_spec(None, [*SMALL, "train.epochs=1"]), run, show_progress=False)
@@ -276,8 +297,9 @@ def test_parameters_that_are_not_finite_are_never_saved(tmp_path):
 
 # -- damaged, foreign and incomplete checkpoints -------------------------------------------------------
 
+
 def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _drop_last_byte(path: Path) -> None:
@@ -315,18 +337,22 @@ def _another_models_weights(path: Path) -> None:
     checkpoint.save_atomic({k: v for k, v in state.items() if k != "format"}, path)
 
 
-@pytest.mark.parametrize("damage, message, evaluates", [
-    (_truncate, "truncated or corrupted", False),
-    (_drop_last_byte, "truncated or corrupted", False),
-    (_flip_a_bit_in_the_weights, "corrupted", False),
-    (_garbage, "truncated or corrupted", False),
-    (_empty, "truncated or corrupted", False),
-    (_foreign_spec, "different spec than its config.yaml (optim.lr: 0.5 in the checkpoint, 0.001", False),
-    (_no_optimizer, "is incomplete: it has no optimizer", True),
-    (_another_models_weights, "does not fit", False),
-])
-def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(reference, tmp_path, capsys, damage, message,
-                                                                  evaluates):
+@pytest.mark.parametrize(
+    "damage, message, evaluates",
+    [
+        (_truncate, "truncated or corrupted", False),
+        (_drop_last_byte, "truncated or corrupted", False),
+        (_flip_a_bit_in_the_weights, "corrupted", False),
+        (_garbage, "truncated or corrupted", False),
+        (_empty, "truncated or corrupted", False),
+        (_foreign_spec, "different spec than its config.yaml (optim.lr: 0.5 in the checkpoint, 0.001", False),
+        (_no_optimizer, "is incomplete: it has no optimizer", True),
+        (_another_models_weights, "does not fit", False),
+    ],
+)
+def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(
+    reference, tmp_path, capsys, damage, message, evaluates
+):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     damage(run / runs.CHECKPOINT)
@@ -348,13 +374,15 @@ def test_truncated_checkpoint_through_the_real_command(reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     _truncate(run / runs.CHECKPOINT)
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--resume", str(run)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", "--resume", str(run)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "truncated or corrupted" in done.stderr
 
 
 # -- bad input: one line, exit 2, the run folder untouched -----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
@@ -398,22 +426,35 @@ BAD_INPUTS = {
     "device": (lambda d: ["--device", "cuda:x"], "'train.device' is 'cuda:x'"),
     "no conv channels": (lambda d: cli_args(["model.encoder.type=conv", "model.encoder.channels=[]"]), "'channels'"),
     # data: shape, support, values, files
-    "conv network on flat file data": (lambda d: file_data(d / "flat10.npy", "model.encoder.type=conv"),
-                                       "needs image data"),
-    "conv network too deep for 8x8": (lambda d: cli_args(["model.encoder.type=conv", "model.encoder.channels=[4,4,4,4]"]),
-                                      "image sides divisible by 16"),
+    "conv network on flat file data": (
+        lambda d: file_data(d / "flat10.npy", "model.encoder.type=conv"),
+        "needs image data",
+    ),
+    "conv network too deep for 8x8": (
+        lambda d: cli_args(["model.encoder.type=conv", "model.encoder.channels=[4,4,4,4]"]),
+        "image sides divisible by 16",
+    ),
     "file of shape (N,)": (lambda d: file_data(d / "vector.npy"), "must hold one numeric array of shape (N, D)"),
     "empty file": (lambda d: file_data(d / "empty.npy"), "empty array"),
     "values outside the likelihood's support": (lambda d: file_data(d / "flat10.npy"), "needs values in 0 and 1"),
-    "values outside [0, 1]": (lambda d: file_data(d / "wide_range.npy", "model.likelihood.type=continuous-bernoulli"),
-                              "needs values in the interval [0, 1]"),
+    "values outside [0, 1]": (
+        lambda d: file_data(d / "wide_range.npy", "model.likelihood.type=continuous-bernoulli"),
+        "needs values in the interval [0, 1]",
+    ),
     "NaN in the data": (lambda d: file_data(d / "nan.npy"), "NaN or infinite values"),
-    "infinity in the data": (lambda d: file_data(d / "inf.npy", "model.likelihood.type=gaussian"),
-                             "NaN or infinite values"),
+    "infinity in the data": (
+        lambda d: file_data(d / "inf.npy", "model.likelihood.type=gaussian"),
+        "NaN or infinite values",
+    ),
     "missing data file": (lambda d: file_data(d / "missing.npy"), "does not exist"),
-    "missing data root": (lambda d: cli_args(["data.name=mnist", f"data.root={d / 'nowhere'}"]), "has no readable MNIST"),
-    "missing binarized-MNIST files": (lambda d: cli_args(["data.name=binarized-mnist", f"data.root={d / 'nowhere'}"]),
-                                      "no binarized_mnist_train.amat"),
+    "missing data root": (
+        lambda d: cli_args(["data.name=mnist", f"data.root={d / 'nowhere'}"]),
+        "has no readable MNIST",
+    ),
+    "missing binarized-MNIST files": (
+        lambda d: cli_args(["data.name=binarized-mnist", f"data.root={d / 'nowhere'}"]),
+        "no binarized_mnist_train.amat",
+    ),
     # command line
     "zero epochs": (lambda d: ["--epochs", "0"], "--epochs must be a positive integer"),
 }
@@ -434,17 +475,20 @@ def test_bad_input_is_one_line_exit_2_and_an_existing_run_is_not_touched(case, i
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--out", "{a_file}/run"], "'{a_file}' is a file, not a folder"),
-    (["--out", "{a_file}"], "is a file, not a folder"),
-    (["--out", "{run}"], "already holds a run with the same spec; use --resume"),
-    (["--out", "{run}", "--set", "model.latent_dim=3"], "already holds a run with a different spec"),
-    (["--resume", "{run}", "--seed", "0"], "cannot be combined with --seed"),
-    (["--resume", "{run}", "--out", "{run}"], "cannot be combined with --out"),
-    (["--resume", "{run}", "--set", "optim.lr=0.1"], "cannot be combined with --set"),
-    (["--resume", "{a_file}"], "is not a run folder (no config.yaml)"),
-    (["--resume", "{broken_spec_run}"], "config.yaml' is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "{a_file}/run"], "'{a_file}' is a file, not a folder"),
+        (["--out", "{a_file}"], "is a file, not a folder"),
+        (["--out", "{run}"], "already holds a run with the same spec; use --resume"),
+        (["--out", "{run}", "--set", "model.latent_dim=3"], "already holds a run with a different spec"),
+        (["--resume", "{run}", "--seed", "0"], "cannot be combined with --seed"),
+        (["--resume", "{run}", "--out", "{run}"], "cannot be combined with --out"),
+        (["--resume", "{run}", "--set", "optim.lr=0.1"], "cannot be combined with --set"),
+        (["--resume", "{a_file}"], "is not a run folder (no config.yaml)"),
+        (["--resume", "{broken_spec_run}"], "config.yaml' is not valid YAML"),
+    ],
+)
 def test_bad_output_folder_and_conflicting_flags(argv, message, inputs, reference, tmp_path, capsys):
     run, broken = tmp_path / "run", tmp_path / "broken"
     shutil.copytree(reference, run)

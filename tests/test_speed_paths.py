@@ -14,6 +14,7 @@ TorchInductor itself (tens of seconds per compile) is checked only with
 ``PYRO_VAE_TEST_INDUCTOR=1``; ``inference.compile`` checks every compiled graph
 against the eager step when it builds it, and falls back if they differ.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,16 +25,22 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.training import compiled, path_choice
-from pyro_vae.parts import distributions
 from pyro_vae import evaluation, training
 from pyro_vae.config import registry
-from pyro_vae.training.optimizer import adam
-from pyro_vae.model import VAE
 from pyro_vae.config.spec import OptimSpec, Spec, load_spec
+from pyro_vae.model import VAE
+from pyro_vae.parts import distributions
+from pyro_vae.training import compiled, path_choice
+from pyro_vae.training.optimizer import adam
 
-SMALL = ["data.train_size=96", "data.test_size=32", "data.batch_size=20", "model.encoder.hidden=[16]",
-         "model.decoder.hidden=[16]", "train.epochs=2"]
+SMALL = [
+    "data.train_size=96",
+    "data.test_size=32",
+    "data.batch_size=20",
+    "model.encoder.hidden=[16]",
+    "model.decoder.hidden=[16]",
+    "train.epochs=2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +53,16 @@ def one_thread():
 
 
 def small_spec(estimator="meanfield", particles=1, **model) -> Spec:
-    raw = {"model": {"latent_dim": 3, "encoder": {"hidden": [16]}, "decoder": {"hidden": [16]}, **model},
-           "inference": {"estimator": estimator, "num_particles": particles}}
+    raw = {
+        "model": {"latent_dim": 3, "encoder": {"hidden": [16]}, "decoder": {"hidden": [16]}, **model},
+        "inference": {"estimator": estimator, "num_particles": particles},
+    }
     return Spec.from_dict(raw)
 
 
-def train_steps(spec: Spec, x: torch.Tensor, traced: bool, steps: int = 5, beta=lambda i: 1.0,
-                log: logging.Logger | None = None):
+def train_steps(
+    spec: Spec, x: torch.Tensor, traced: bool, steps: int = 5, beta=lambda i: 1.0, log: logging.Logger | None = None
+):
     """Steps on alternating halves of x (a last, smaller batch too); returns losses, parameters, the step."""
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
@@ -65,7 +75,7 @@ def train_steps(spec: Spec, x: torch.Tensor, traced: bool, steps: int = 5, beta=
     for i in range(steps):
         batch = x[:half] if i % 2 == 0 else x[half:]
         if i == steps - 1:
-            batch = batch[:half - 3]
+            batch = batch[: half - 3]
         optimizer.zero_grad(set_to_none=True)
         with pyro.validation_enabled(i == 0):
             losses.append(step(batch, 1000, beta(i)))
@@ -77,8 +87,10 @@ def binary_data(n=24, d=64, seed=1):
     return torch.bernoulli(torch.rand(n, d, generator=torch.Generator().manual_seed(seed)))
 
 
-@pytest.mark.parametrize("estimator, particles", [
-    ("meanfield", 1), ("trace", 1), ("iwae", 3), ("renyi", 2), ("stl", 1), ("dreg", 3), ("tail-adaptive", 2)])
+@pytest.mark.parametrize(
+    "estimator, particles",
+    [("meanfield", 1), ("trace", 1), ("iwae", 3), ("renyi", 2), ("stl", 1), ("dreg", 3), ("tail-adaptive", 2)],
+)
 def test_traced_step_replays_the_eager_step_bit_for_bit(estimator, particles):
     spec = small_spec(estimator, particles)
     x = binary_data()
@@ -90,14 +102,20 @@ def test_traced_step_replays_the_eager_step_bit_for_bit(estimator, particles):
     assert all(torch.equal(a, b) for a, b in zip(eager_params, traced_params))
 
 
-@pytest.mark.parametrize("model", [
-    {"prior": {"type": "mog", "components": 3}, "guide": {"type": "low-rank-normal", "rank": 2}},
-    {"prior": {"type": "vamp", "pseudo_inputs": 4}, "guide": {"type": "full-normal"}},
-    {"prior": {"type": "flow"}, "guide": {"type": "iaf"}},
-    {"prior": {"type": "learned-normal"}, "likelihood": {"type": "gaussian", "scale": "learned"}},
-    {"encoder": {"type": "conv", "channels": [4], "hidden": [16]}, "decoder": {"type": "conv", "channels": [4], "hidden": [16]},
-     "likelihood": {"type": "continuous-bernoulli"}},
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"prior": {"type": "mog", "components": 3}, "guide": {"type": "low-rank-normal", "rank": 2}},
+        {"prior": {"type": "vamp", "pseudo_inputs": 4}, "guide": {"type": "full-normal"}},
+        {"prior": {"type": "flow"}, "guide": {"type": "iaf"}},
+        {"prior": {"type": "learned-normal"}, "likelihood": {"type": "gaussian", "scale": "learned"}},
+        {
+            "encoder": {"type": "conv", "channels": [4], "hidden": [16]},
+            "decoder": {"type": "conv", "channels": [4], "hidden": [16]},
+            "likelihood": {"type": "continuous-bernoulli"},
+        },
+    ],
+)
 def test_traced_step_matches_eager_for_every_kind_of_part(model):
     spec = small_spec("meanfield", 1, **model)
     continuous = model.get("likelihood", {}).get("type") in ("gaussian", "continuous-bernoulli")
@@ -111,7 +129,10 @@ def test_traced_step_matches_eager_for_every_kind_of_part(model):
 def test_a_kl_warm_up_replays_one_graph_with_beta_as_an_input():
     spec = small_spec("meanfield")
     x = binary_data()
-    betas = lambda i: [1.0, 0.25, 0.5, 0.75, 0.3][i]  # noqa: E731  (step 0 is eager and validated)
+
+    def betas(i):  # step 0 is eager and validated
+        return [1.0, 0.25, 0.5, 0.75, 0.3][i]
+
     eager_losses, eager_params, _ = train_steps(spec, x, traced=False, beta=betas)
     traced_losses, traced_params, step = train_steps(spec, x, traced=True, beta=betas)
     assert len(step.graphs) == 2  # β = 0.25 … 0.75 share the full batch's graph; the last batch has its own
@@ -124,8 +145,9 @@ def test_a_run_with_any_kl_weight_is_the_same_bits_eager_and_traced(setting):
     """β between 0 and 1 reaches both paths as the same float32 tensor (pyro_vae.training.compiled.KLWeight)."""
     runs = {}
     for path in ("eager", "traced"):
-        runs[path] = training.Trainer(load_spec(None, [*SMALL, setting, f"inference.compile={path}"]), None,
-                                      show_progress=False)
+        runs[path] = training.Trainer(
+            load_spec(None, [*SMALL, setting, f"inference.compile={path}"]), None, show_progress=False
+        )
         runs[path].fit()
     assert runs["traced"].loss_and_grads.mode == "traced"
     eager, traced = runs["eager"].vae.state_dict(), runs["traced"].vae.state_dict()
@@ -153,7 +175,10 @@ def test_the_compile_switch_trains_the_same_run(tmp_path):
     fast = training.Trainer(load_spec(None, [*SMALL, "inference.compile=traced"]), None, show_progress=False)
     fast.fit()
     assert fast.loss_and_grads.mode == "traced"
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
     assert strip(eager.progress.metrics) == strip(fast.progress.metrics)
     assert all(torch.equal(a, b) for a, b in zip(eager.vae.parameters(), fast.vae.parameters()))
 
@@ -164,7 +189,7 @@ def test_parameters_are_registered_with_pyro_and_the_program_stays_pyro():
     trainer.step(x)
     store = pyro.get_param_store()
     assert {"encoder$$$net.0.weight", "decoder$$$net.0.weight"} <= set(store.keys())
-    assert store.get_param("decoder$$$net.0.weight") is trainer.vae.decoder.net[0].weight   # the module's own
+    assert store.get_param("decoder$$$net.0.weight") is trainer.vae.decoder.net[0].weight  # the module's own
     model_trace = pyro.poutine.trace(trainer.vae.model).get_trace(x)
     assert any(site["type"] == "param" for site in model_trace.nodes.values())
 
@@ -191,9 +216,11 @@ def test_the_bernoulli_density_without_gradients_agrees_with_float64():
         x = torch.bernoulli(torch.rand(7, dim))
         logits = torch.randn(300, 7, dim) * spread
         exact = -torch.nn.functional.binary_cross_entropy_with_logits(
-            logits.double(), x.double().expand_as(logits), reduction="none").sum(-1)
+            logits.double(), x.double().expand_as(logits), reduction="none"
+        ).sum(-1)
         plain = -torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, x.expand_as(logits), reduction="none").sum(-1)
+            logits, x.expand_as(logits), reduction="none"
+        ).sum(-1)
         with torch.no_grad():
             fast = distributions.BernoulliImage(logits).log_prob(x)
         plain_error = (plain.double() - exact).abs().max().item()
@@ -206,20 +233,23 @@ def test_the_bernoulli_density_without_gradients_agrees_with_float64():
 def test_the_parts_fast_densities_keep_float32_accuracy_where_the_decoder_predicts_x():
     """A trained decoder's logits mostly agree with x, so Σ s·l and Σ |l| nearly cancel: no worse than the plain sum."""
     torch.manual_seed(0)
-    vae = VAE.from_spec(load_spec(None, ["model.latent_dim=5", "model.decoder.hidden=[64,64]",
-                                         "model.decoder.activation=tanh"]).model, 784).eval()
+    vae = VAE.from_spec(
+        load_spec(None, ["model.latent_dim=5", "model.decoder.hidden=[64,64]", "model.decoder.activation=tanh"]).model,
+        784,
+    ).eval()
     with torch.no_grad():
         vae.decoder.net[-1].weight.mul_(3)
         vae.decoder.net[-1].bias.copy_(15 * torch.randn(784).sign())  # logits of ±15 or so, as after training
         z = torch.randn(1, 6, 5) + 0.05 * torch.randn(200, 6, 5)
         x = torch.bernoulli(torch.sigmoid(vae.decoder(z[0])))  # what the decoder predicts, near z
         exact = -torch.nn.functional.binary_cross_entropy_with_logits(
-            vae.decoder.double()(z.double()), x.double().expand(200, 6, 784), reduction="none").sum(-1)
+            vae.decoder.double()(z.double()), x.double().expand(200, 6, 784), reduction="none"
+        ).sum(-1)
         vae.decoder.float()
-        fast = vae.likelihood(vae.decoder(z)).log_prob(x)          # the inference path: sigmoids, grouped products
+        fast = vae.likelihood(vae.decoder(z)).log_prob(x)  # the inference path: sigmoids, grouped products
     with torch.enable_grad():
         logits = vae.decoder.net(z)
-        plain = vae.likelihood(logits).log_prob(x)                 # the training path
+        plain = vae.likelihood(logits).log_prob(x)  # the training path
     assert exact.mean() > -0.05 * logits.abs().sum(-1).mean()  # the cancelling regime: log p ≪ Σ |l|
     plain_error = (plain.double() - exact).abs().max().item()
     assert (fast.double() - exact).abs().max().item() <= 2 * plain_error + 1e-6
@@ -229,8 +259,9 @@ def test_the_parts_fast_densities_keep_float32_accuracy_where_the_decoder_predic
 def test_the_decoder_without_gradients_computes_the_same_function(activation):
     """tanh(a) = 2σ(2a) − 1 folded into the weights: the same outputs as the training forward, to float32 rounding."""
     torch.manual_seed(0)
-    spec = load_spec(None, ["model.latent_dim=5", "model.decoder.hidden=[40,30]",
-                            f"model.decoder.activation={activation}"])
+    spec = load_spec(
+        None, ["model.latent_dim=5", "model.decoder.hidden=[40,30]", f"model.decoder.activation={activation}"]
+    )
     vae = VAE.from_spec(spec.model, 64).eval()
     with torch.no_grad():
         for layer in vae.decoder.net.modules():
@@ -265,23 +296,26 @@ def test_the_fast_densities_apply_only_where_they_are_exact():
     rows = evaluation.rows_per_pass(vae, binary, memory_mb=0.05)
     assert 1 < rows < 50
     torch.manual_seed(3)
-    blocks = evaluation.evaluate(vae, binary, num_samples=200, memory_mb=0.05)   # particle blocks of < 50
+    blocks = evaluation.evaluate(vae, binary, num_samples=200, memory_mb=0.05)  # particle blocks of < 50
     torch.manual_seed(4)
-    one = evaluation.evaluate(vae, binary, num_samples=200, memory_mb=512)      # all in one pass
+    one = evaluation.evaluate(vae, binary, num_samples=200, memory_mb=512)  # all in one pass
     for key in ("elbo", "log_likelihood"):  # other draws of the same estimate: within the spread over examples
         assert abs(blocks[key] - one[key]) < 3 * one[f"{key}_stderr"], key
 
 
 def _standard_normal_on_cpu(generator):
     """ε drawn on the CPU from ``generator`` and moved to the device: the same ε on every device."""
+
     def draw(shape, dtype, device):
         return torch.randn(shape, dtype=dtype, generator=generator).to(device)
+
     return draw
 
 
 def run_with_fixed_eps(device: str, monkeypatch) -> training.Trainer:
-    monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
-                        _standard_normal_on_cpu(torch.Generator().manual_seed(5)))
+    monkeypatch.setattr(
+        torch.distributions.normal, "_standard_normal", _standard_normal_on_cpu(torch.Generator().manual_seed(5))
+    )
     spec = load_spec(None, [*SMALL, "data.binarize=static", f"train.device={device}"])
     trainer = training.Trainer(spec, None, show_progress=False)
     trainer.fit()
@@ -291,10 +325,16 @@ def run_with_fixed_eps(device: str, monkeypatch) -> training.Trainer:
 def test_a_trainer_keeps_everything_on_its_device(monkeypatch):
     trainer = run_with_fixed_eps("cpu", monkeypatch)
     device = trainer.device
-    assert all(t.device == device for t in (trainer.data.train, trainer.data.test, *trainer.vae.parameters(),
-                                             *trainer.vae.buffers()))
-    assert all(s.device == device for state in trainer.optimizer.state.values() for s in state.values()
-               if torch.is_tensor(s) and s.dim() > 0)
+    assert all(
+        t.device == device
+        for t in (trainer.data.train, trainer.data.test, *trainer.vae.parameters(), *trainer.vae.buffers())
+    )
+    assert all(
+        s.device == device
+        for state in trainer.optimizer.state.values()
+        for s in state.values()
+        if torch.is_tensor(s) and s.dim() > 0
+    )
     again = run_with_fixed_eps("cpu", monkeypatch)
     assert trainer.progress.metrics[-1]["test_elbo"] == again.progress.metrics[-1]["test_elbo"]
 
@@ -310,8 +350,10 @@ def test_a_gpu_run_agrees_with_the_cpu_run_within_float_tolerance(monkeypatch):
         assert torch.allclose(p, q.cpu(), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(os.environ.get("PYRO_VAE_TEST_INDUCTOR") != "1",
-                    reason="TorchInductor compiles take tens of seconds; set PYRO_VAE_TEST_INDUCTOR=1")
+@pytest.mark.skipif(
+    os.environ.get("PYRO_VAE_TEST_INDUCTOR") != "1",
+    reason="TorchInductor compiles take tens of seconds; set PYRO_VAE_TEST_INDUCTOR=1",
+)
 def test_inductor_compiled_step_matches_eager_within_float_tolerance(monkeypatch):
     spec = small_spec("trace")
     x = binary_data()
@@ -324,7 +366,7 @@ def test_inductor_compiled_step_matches_eager_within_float_tolerance(monkeypatch
     losses = []
     for i in range(5):
         batch = x[:half] if i % 2 == 0 else x[half:]
-        batch = batch[:half - 3] if i == 4 else batch
+        batch = batch[: half - 3] if i == 4 else batch
         optimizer.zero_grad(set_to_none=True)
         with pyro.validation_enabled(i == 0):
             losses.append(step(batch, 1000))
@@ -340,7 +382,9 @@ def test_what_the_traced_step_patches_in_pyro_is_still_there_and_is_restored():
     originals = {}
     for module_name, name in compiled.PATCHED:
         module = importlib.import_module(module_name)
-        assert hasattr(module, name), f"{module_name}.{name} moved: pyro_vae.training.compiled.host_free_pyro must follow it"
+        assert hasattr(module, name), (
+            f"{module_name}.{name} moved: pyro_vae.training.compiled.host_free_pyro must follow it"
+        )
         originals[module_name, name] = getattr(module, name)
     with compiled.host_free_pyro():
         for module_name, name in compiled.PATCHED:

@@ -5,6 +5,7 @@ full-covariance guide on a linear encoder) can represent the true model and
 its exact posterior, so every bound has an exact target. Statistical checks
 use fixed seeds and a tolerance of 4 standard errors of the estimator.
 """
+
 import math
 
 import pyro
@@ -13,9 +14,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import evaluation
+from pyro_vae.config.spec import Spec
 from pyro_vae.data import load_dataset
 from pyro_vae.model import VAE
-from pyro_vae.config.spec import Spec
 
 Z = 4.0  # standard errors
 
@@ -26,13 +27,21 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def linear_gaussian():
-    spec = Spec.from_dict({
-        "data": {"name": "linear-gaussian", "linear_gaussian": {"data_dim": 6, "latent_dim": 2, "noise": 0.5,
-                                                               "num_train": 400, "num_test": 200}},
-        "model": {"latent_dim": 2, "encoder": {"hidden": []}, "decoder": {"hidden": []},
-                  "guide": {"type": "full-normal", "min_scale": 1e-6},
-                  "likelihood": {"type": "gaussian", "scale": 0.5}},
-    })
+    spec = Spec.from_dict(
+        {
+            "data": {
+                "name": "linear-gaussian",
+                "linear_gaussian": {"data_dim": 6, "latent_dim": 2, "noise": 0.5, "num_train": 400, "num_test": 200},
+            },
+            "model": {
+                "latent_dim": 2,
+                "encoder": {"hidden": []},
+                "decoder": {"hidden": []},
+                "guide": {"type": "full-normal", "min_scale": 1e-6},
+                "likelihood": {"type": "gaussian", "scale": 0.5},
+            },
+        }
+    )
     data = load_dataset(spec.data)
     torch.manual_seed(0)
     vae = VAE.from_spec(spec.model, data.data_dim)
@@ -48,7 +57,7 @@ def set_exact_posterior(vae, exact):
     """Encoder weights that make q(z|x) the exact posterior p(z|x)."""
     cov = exact.posterior_covariance()
     chol = torch.linalg.cholesky(cov)
-    gain = cov @ exact.weight.T / exact.noise ** 2
+    gain = cov @ exact.weight.T / exact.noise**2
     head = vae.guide_head
     with torch.no_grad():
         head.loc.weight.copy_(gain)
@@ -138,10 +147,11 @@ def test_minibatch_estimate_is_unbiased_for_the_full_data_elbo():
     with torch.no_grad():
         full = -draws(elbo, vae, x, 200).mean().item() / n
         full_se = draws(elbo, vae, x, 200).std().item() / n / math.sqrt(200)
-        estimates = torch.tensor([
-            -elbo.loss(vae.model, vae.guide, x[torch.randperm(n)[:batch]], num_data=n) / n for _ in range(2000)],
-            dtype=torch.float64)
-    stderr = math.sqrt(estimates.var().item() / len(estimates) + full_se ** 2)
+        estimates = torch.tensor(
+            [-elbo.loss(vae.model, vae.guide, x[torch.randperm(n)[:batch]], num_data=n) / n for _ in range(2000)],
+            dtype=torch.float64,
+        )
+    stderr = math.sqrt(estimates.var().item() / len(estimates) + full_se**2)
     assert abs(estimates.mean().item() - full) < Z * stderr
     # the scaling matters: without num_data the batch sum is B/N of the total
     unscaled = -elbo.loss(vae.model, vae.guide, x[:batch]) / n

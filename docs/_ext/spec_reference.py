@@ -5,6 +5,7 @@ dataclass fields and their ``accepts()`` metadata; every part section lists the 
 (``pyro_vae.config.registry.config``). ``NOTES`` adds a sentence to keys whose meaning the type does not say; a note on
 a key that does not exist fails the build.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,43 +23,44 @@ import pyro_vae  # noqa: F401  (fills the registry)
 from pyro_vae import registry, spec
 
 NOTES = {
-    "data.name": "`file` reads `data.path` (and `data.test_path`); `linear-gaussian` is synthetic data with an exact p(x).",
+    "data.name": "`file` reads `data.path` (and `data.test_path`); "
+    "`linear-gaussian` is synthetic data with an exact p(x).",
     "data.root": "a torchvision root; unset: `$PYRO_VAE_DATA`, else `~/.cache/pyro_vae`.",
     "data.path": "`.npy` / `.pt` array (N, D), (N, H, W) or (N, C, H, W), for `data.name: file`.",
     "data.test_fraction": "held-out share where there is no test file (`digits`, `file`).",
     "data.binarize": "`auto` is dynamic for images, static for `binarized-mnist`, none otherwise.",
     "data.train_size": "use the first n examples (null: all).",
     "data.validation_size": "n training examples held out (chosen by `train.seed`), or `published`: the dataset's "
-                            "own validation split (Larochelle's 10,000 for `binarized-mnist`).",
+    "own validation split (Larochelle's 10,000 for `binarized-mnist`).",
     "data.download": "let torchvision download (needs a network).",
     "model.encoder.hidden": "layer widths; `[]` makes a network linear.",
     "model.encoder.activation": "`gated`: h = (Wx + b) ⊙ σ(Vx + c), mlp only (the VampPrior paper's unit).",
     "model.decoder.init_bias": "`data-mean`: the output bias starts at the likelihood's parameter for the mean "
-                               "training example, so p(x|z) starts at the mean image.",
+    "training example, so p(x|z) starts at the mean image.",
     "model.guide.min_scale": "σ = softplus(raw) + `min_scale`.",
     "model.guide.log_variance_bounds": "`[low, high]`: every variance of a Gaussian guide clamped to "
-                                       "[e^low, e^high]; the VampPrior paper uses [−6, 2].",
+    "[e^low, e^high]; the VampPrior paper uses [−6, 2].",
     "model.prior.pseudo_input_activation": "`hardtanh` clamps the pseudo-inputs into the data's range, "
-                                           "as the paper's code does; `none` leaves them free.",
+    "as the paper's code does; `none` leaves them free.",
     "model.guide.rank": "at most `model.latent_dim`.",
     "model.likelihood.scale": "a positive number, or `learned` (one scale per dimension).",
     "model.likelihood.min_scale": "floor added to a learned scale (softplus + `min_scale`).",
     "inference.num_particles": "K, vectorized.",
     "inference.compile": "the training step's path: `auto` (the one that finishes the run first, from measured "
-                         "step times), `eager` (`false`), `traced`, `inductor` (`true`).",
+    "step times), `eager` (`false`), `traced`, `inductor` (`true`).",
     "inference.ciwae_beta": "β of β·ELBO + (1 − β)·IWAE.",
     "inference.tail_adaptive_beta": "β_ta ≤ 0 (γ = F̂^β_ta).",
     "inference.outer_particles": "M (M·K particles per example).",
     "optim.betas": "Adam's (`torch.optim.Adam`, fused where available).",
     "optim.schedule.type": "`iwae`: Burda et al.'s stages of 3^i epochs at lr·10^(−i/7); `plateau`: "
-                           "`ReduceLROnPlateau` on the validation ELBO; `cosine`: over `train.epochs`. "
-                           "`optim.schedule: NAME` is short for it.",
+    "`ReduceLROnPlateau` on the validation ELBO; `cosine`: over `train.epochs`. "
+    "`optim.schedule: NAME` is short for it.",
     "train.device": "`cpu`, `cuda` or `cuda:N`.",
     "train.beta": "β-VAE weight on the KL term, reached linearly over `train.kl_warmup_epochs`.",
     "train.eval_num_samples": "draws per example for the per-epoch test and validation ELBO.",
-    "train.tensorboard": "also write each epoch to `RUN/tensorboard/` (`pip install -e \".[tensorboard]\"`).",
+    "train.tensorboard": 'also write each epoch to `RUN/tensorboard/` (`pip install -e ".[tensorboard]"`).',
     "train.early_stopping_patience": "stop after this many epochs without a better validation ELBO "
-                                     "(needs `data.validation_size`).",
+    "(needs `data.validation_size`).",
 }
 
 

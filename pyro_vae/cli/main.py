@@ -9,6 +9,7 @@ the ``pyro_vae`` logger's lines on stderr (rank 0), and TorchInductor's caches i
 the package's folder (:mod:`pyro_vae.training.compile_cache`) unless
 ``TORCHINDUCTOR_CACHE_DIR`` names the user's own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,8 @@ from typing import Iterator
 
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
-
 OWN_THREADS = ("train", "compare")  # their spec's train.threads is the default of --threads
-MAX_SAMPLES = 1024      # sample grids beyond this are unreadable in one picture
+MAX_SAMPLES = 1024  # sample grids beyond this are unreadable in one picture
 SPLITS = ("test", "validation", "train")
 PICTURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -36,7 +36,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default == [] or "%(default)" in (action.help or ""):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -55,23 +55,37 @@ class OneLineParser(argparse.ArgumentParser):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             command = getattr(parsed, "command", None)
-            raise UserInputError(f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extras)} "
-                                 f"(see --help)")
+            raise UserInputError(
+                f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extras)} (see --help)"
+            )
         return parsed
 
 
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE|NAME",
-                        help="a spec file, or the name of a packaged spec (see 'pyro-vae configs'); default: the "
-                             "built-in defaults (the digits spec)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one spec key by its dotted path, VALUE read as YAML (repeatable)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE|NAME",
+        help="a spec file, or the name of a packaged spec (see 'pyro-vae configs'); default: the "
+        "built-in defaults (the digits spec)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one spec key by its dotted path, VALUE read as YAML (repeatable)",
+    )
 
 
 def add_quiet(parser: argparse.ArgumentParser, old_alias: bool = False) -> None:
     """``--quiet``; with ``old_alias``, ``--no-progress`` too, accepted as before but not shown in --help."""
-    parser.add_argument("--quiet", dest="quiet", action="store_true",
-                        help="no progress (bars, or plain lines in a log) and no 'using CHECKPOINT' line")
+    parser.add_argument(
+        "--quiet",
+        dest="quiet",
+        action="store_true",
+        help="no progress (bars, or plain lines in a log) and no 'using CHECKPOINT' line",
+    )
     if old_alias:
         parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
 
@@ -87,9 +101,13 @@ def package_version() -> str:
 
 
 def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="best.pt where the run has one (a run with a validation split), else the last "
-                             "checkpoint; or always the last")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="best.pt where the run has one (a run with a validation split), else the last "
+        "checkpoint; or always the last",
+    )
 
 
 def thread_setting(text: str) -> int | str:
@@ -106,9 +124,13 @@ def thread_setting(text: str) -> int | str:
 
 
 def _add_threads(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--threads", type=thread_setting, metavar="N|auto",
-                        help=f"torch's CPU threads for this command: a count, or auto (one below 8 CPUs, at most 4); "
-                             f"default: {default}")
+    parser.add_argument(
+        "--threads",
+        type=thread_setting,
+        metavar="N|auto",
+        help=f"torch's CPU threads for this command: a count, or auto (one below 8 CPUs, at most 4); "
+        f"default: {default}",
+    )
 
 
 def _plugin_option() -> argparse.ArgumentParser:
@@ -122,8 +144,12 @@ def _plugin_option() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pyro-vae", description="The variational autoencoder as a Pyro program.")
-    parser.add_argument("--version", action="version", version=f"pyro-vae {package_version()}",
-                        help="print the package version and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"pyro-vae {package_version()}",
+        help="print the package version and exit",
+    )
     common = _plugin_option()
 
     class Commands(argparse._SubParsersAction):
@@ -140,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="train.seed")
     train.add_argument("--device", help="train.device (cpu, cuda, cuda:N)")
     train.add_argument("--out", type=Path, help="run folder; default runs/<data>-<time>")
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR from its checkpoint, up to --epochs in total")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint, up to --epochs in total",
+    )
     train.add_argument("--force", action="store_true", help="overwrite a run folder that holds another run")
     add_quiet(train, old_alias=True)
     _add_threads(train, "train.threads of the spec (auto)")
@@ -149,9 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="bounds and importance-sampled log-likelihood of a run, as JSON")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
     evaluate.add_argument("--num-samples", type=int, default=1000, metavar="K", help="importance samples per example")
-    evaluate.add_argument("--split", choices=SPLITS, default="test",
-                          help="the split to score (train: binarized once with the run's seed; validation: where "
-                               "the run holds one out, data.validation_size)")
+    evaluate.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="test",
+        help="the split to score (train: binarized once with the run's seed; validation: where "
+        "the run holds one out, data.validation_size)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the importance samples (same seed, same JSON)")
     evaluate.add_argument("--device", help="evaluate on this device; default: the run's train.device")
     evaluate.add_argument("--memory-mb", type=float, default=512.0, help="bound on the largest evaluation tensor, MB")
@@ -163,39 +197,62 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
     sample.add_argument("--n", type=int, default=64, help=f"number of samples, at most {MAX_SAMPLES} (one picture)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws z ~ p(z)")
-    sample.add_argument("--out", type=Path, metavar="FILE",
-                        help="picture to write (.png, .pdf, .svg, .jpg; folders are made); default "
-                             "RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png")
+    sample.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="picture to write (.png, .pdf, .svg, .jpg; folders are made); default "
+        "RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png",
+    )
     _add_checkpoint(sample)
     add_quiet(sample)
     _add_threads(sample, "auto")
 
     pictures = commands.add_parser("pictures", help="draw a run's pictures from its last checkpoint, into its folder")
     pictures.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
-    pictures.add_argument("--which", choices=("cheap", "all"), default="cheap",
-                          help="cheap: samples, reconstructions, ELBO curve, latent map without t-SNE; all: with t-SNE")
+    pictures.add_argument(
+        "--which",
+        choices=("cheap", "all"),
+        default="cheap",
+        help="cheap: samples, reconstructions, ELBO curve, latent map without t-SNE; all: with t-SNE",
+    )
     add_quiet(pictures)
     _add_threads(pictures, "auto")
 
     configs = commands.add_parser("configs", help="list the packaged specs, or print one resolved")
-    configs.add_argument("name", nargs="?", metavar="NAME",
-                         help="print this packaged spec resolved (every key, as YAML) instead of the list")
+    configs.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME",
+        help="print this packaged spec resolved (every key, as YAML) instead of the list",
+    )
 
-    table = commands.add_parser("table", help="results table of finished runs: bounds, log-likelihood, paired differences")
+    table = commands.add_parser(
+        "table", help="results table of finished runs: bounds, log-likelihood, paired differences"
+    )
     table.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders to score")
-    table.add_argument("--reference", type=Path, metavar="RUN_DIR",
-                       help="add each run's paired per-image log-likelihood difference to this run")
+    table.add_argument(
+        "--reference",
+        type=Path,
+        metavar="RUN_DIR",
+        help="add each run's paired per-image log-likelihood difference to this run",
+    )
     table.add_argument("--num-samples", type=int, default=1000, metavar="K", help="importance samples per test image")
     table.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
     _add_checkpoint(table)
-    table.add_argument("--out", type=Path, metavar="DIR", help="folder for table.md, table.csv, curves.png; "
-                       "default runs/table-<time>")
-    table.add_argument("--force", action="store_true", help="write into an --out that exists with files in it, "
-                       "replacing its table.md, table.csv and curves.png")
+    table.add_argument(
+        "--out", type=Path, metavar="DIR", help="folder for table.md, table.csv, curves.png; default runs/table-<time>"
+    )
+    table.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that exists with files in it, replacing its table.md, table.csv and curves.png",
+    )
     add_quiet(table)
     _add_threads(table, "auto")
 
     from pyro_vae.evaluation import compare
+
     _add_threads(compare.add_parser(commands, _add_spec_options, add_quiet), "train.threads of the spec (auto)")
     return parser
 
@@ -212,26 +269,39 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pyro_vae.training import distributed
     from pyro_vae import training
-    from pyro_vae.training.runs import default_run_dir
     from pyro_vae.config.spec import load_spec
+    from pyro_vae.training import distributed
+    from pyro_vae.training.runs import default_run_dir
 
     _positive(args.epochs, "--epochs")
     if args.resume is not None:
-        given = (("--config", args.config is not None), ("--set", bool(args.overrides)), ("--seed", args.seed is not None),
-                 ("--device", args.device is not None), ("--out", args.out is not None), ("--force", args.force),
-                 ("--threads", args.threads is not None))
+        given = (
+            ("--config", args.config is not None),
+            ("--set", bool(args.overrides)),
+            ("--seed", args.seed is not None),
+            ("--device", args.device is not None),
+            ("--out", args.out is not None),
+            ("--force", args.force),
+            ("--threads", args.threads is not None),
+        )
         clashes = [flag for flag, present in given if present]
         if clashes:
-            raise UserInputError(f"--resume continues the run with its saved spec; it cannot be combined with {', '.join(clashes)} (only --epochs)")
+            raise UserInputError(
+                f"--resume continues the run with its saved spec; it cannot be combined with "
+                f"{', '.join(clashes)} (only --epochs)"
+            )
         training.resume(args.resume, args.epochs, show_progress=not args.quiet)
         if distributed.is_main():  # under torchrun, rank 0 alone prints
             print(args.resume)
         return
     overrides = list(args.overrides)
-    for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("train.device", args.device),
-                       ("train.threads", args.threads)):
+    for key, value in (
+        ("train.epochs", args.epochs),
+        ("train.seed", args.seed),
+        ("train.device", args.device),
+        ("train.threads", args.threads),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
     spec = load_spec(args.config, overrides)
@@ -274,25 +344,29 @@ def evaluation_split(data, split: str, seed: int, run_dir: Path):
     if split != "validation":
         return data.split(split, seed)
     if data.validation is None:
-        raise UserInputError(f"--split validation: the run '{run_dir}' has no validation split (its spec sets no "
-                             f"data.validation_size); accepted for it: test, train")
+        raise UserInputError(
+            f"--split validation: the run '{run_dir}' has no validation split (its spec sets no "
+            f"data.validation_size); accepted for it: test, train"
+        )
     return data.validation
 
 
 def run_sample(args: argparse.Namespace) -> None:
     from pyro_vae import plots
-    from pyro_vae.training.trainer import load_model, seed_everything
-
     from pyro_vae.training import runs
+    from pyro_vae.training.trainer import load_model, seed_everything
 
     _positive(args.n, "--n")
     if args.n > MAX_SAMPLES:
-        raise UserInputError(f"--n is {args.n}; one grid holds at most {MAX_SAMPLES} readable samples "
-                             f"(run sample several times with other --seed values for more)")
+        raise UserInputError(
+            f"--n is {args.n}; one grid holds at most {MAX_SAMPLES} readable samples "
+            f"(run sample several times with other --seed values for more)"
+        )
     out = args.out or Path(args.run_dir) / f"samples-n{args.n}-seed{args.seed}.png"
     if out.suffix.lower() not in PICTURE_FORMATS:
-        raise UserInputError(f"--out '{out}' has the extension {out.suffix or '(none)'!r}; accepted: "
-                             f"{', '.join(PICTURE_FORMATS)}")
+        raise UserInputError(
+            f"--out '{out}' has the extension {out.suffix or '(none)'!r}; accepted: {', '.join(PICTURE_FORMATS)}"
+        )
     if out.is_dir():
         raise UserInputError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}")
     spec, vae, image_shape, used = load_model(args.run_dir, which=args.checkpoint)
@@ -313,8 +387,9 @@ def run_pictures(args: argparse.Namespace) -> None:
     say_checkpoint(used, args.quiet)
     runs.writable_folder(Path(args.run_dir), "run folder")
     seed_everything(spec.train.seed)
-    for path in pictures.write(args.run_dir, vae, data, runs.read_metrics(args.run_dir), args.which,
-                               show_progress=not args.quiet):
+    for path in pictures.write(
+        args.run_dir, vae, data, runs.read_metrics(args.run_dir), args.which, show_progress=not args.quiet
+    ):
         print(path)
 
 
@@ -324,8 +399,9 @@ def run_configs(args: argparse.Namespace) -> None:
 
     if args.name is not None:
         if args.name not in packaged_configs():
-            raise UserInputError(f"configs: {args.name!r} is not a packaged spec; packaged: "
-                                 f"{', '.join(sorted(packaged_configs()))}")
+            raise UserInputError(
+                f"configs: {args.name!r} is not a packaged spec; packaged: {', '.join(sorted(packaged_configs()))}"
+            )
         print(load_spec(args.name).to_yaml(), end="")
         return
     configs = sorted(packaged_configs().items())
@@ -337,8 +413,8 @@ def run_table(args: argparse.Namespace) -> None:
     from datetime import datetime
 
     from pyro_vae import progress
-    from pyro_vae.training import runs
     from pyro_vae.evaluation import table
+    from pyro_vae.training import runs
 
     _positive(args.num_samples, "--num-samples")
     out = args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -411,10 +487,18 @@ def run_command(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
         plugins.load(getattr(args, "plugins", []))
         if args.command is None:
-            raise UserInputError("choose a command: train, evaluate, sample, pictures, configs, table, compare "
-                                 "(see --help)")
-        handler = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample, "pictures": run_pictures,
-                   "configs": run_configs, "table": run_table, "compare": run_compare}[args.command]
+            raise UserInputError(
+                "choose a command: train, evaluate, sample, pictures, configs, table, compare (see --help)"
+            )
+        handler = {
+            "train": run_train,
+            "evaluate": run_evaluate,
+            "sample": run_sample,
+            "pictures": run_pictures,
+            "configs": run_configs,
+            "table": run_table,
+            "compare": run_compare,
+        }[args.command]
         if args.command in OWN_THREADS or not hasattr(args, "threads"):
             handler(args)
         else:  # torch's thread count for the command, restored after it (main may be called from Python)
@@ -442,8 +526,11 @@ def run_command(argv: list[str] | None) -> int:
     except (RuntimeError, MemoryError) as exc:
         if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
             raise
-        print(f"pyro-vae: error: out of memory ({one_line(exc, 160)}); reduce data.batch_size, "
-              f"inference.num_particles, the network sizes, or --memory-mb", file=sys.stderr)
+        print(
+            f"pyro-vae: error: out of memory ({one_line(exc, 160)}); reduce data.batch_size, "
+            f"inference.num_particles, the network sizes, or --memory-mb",
+            file=sys.stderr,
+        )
         return 2
 
 

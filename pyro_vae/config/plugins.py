@@ -16,6 +16,7 @@ and reading its spec (``evaluate``, ``sample``, ``table``, ``--resume``,
 whatever reason (not found, a SyntaxError, an exception while it runs, a
 part name already registered), is a one-line error naming it and the error.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,8 +53,10 @@ def import_failure(name: str, exc: Exception) -> str:
     """One line: why importing plugin module ``name`` failed, where in its code, and for a missing module the fix."""
     error = f"{type(exc).__name__}: {one_line(exc, 240)}"
     if isinstance(exc, ModuleNotFoundError) and (exc.name == name or name.startswith(f"{exc.name}.")):
-        return (f"cannot import plugin module {name!r} ({error}); install it, or run from the folder "
-                f"that holds {name.replace('.', '/')}.py")
+        return (
+            f"cannot import plugin module {name!r} ({error}); install it, or run from the folder "
+            f"that holds {name.replace('.', '/')}.py"
+        )
     return f"plugin module {name!r} failed to import ({error}{_location(name, exc)})"
 
 
@@ -65,8 +68,11 @@ def _location(name: str, exc: Exception) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     source = _source_file(name)
     own = [frame for frame in frames if frame.filename == source]
-    frame = (own or frames or [None])[-1]
-    return f", at {frame.filename} line {frame.lineno}" if frame is not None else ""
+    candidates = own or frames
+    if not candidates:
+        return ""
+    frame = candidates[-1]
+    return f", at {frame.filename} line {frame.lineno}"
 
 
 def _source_file(name: str) -> str | None:

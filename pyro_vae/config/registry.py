@@ -25,6 +25,7 @@ part's section (``model.prior.df: 3``) and hands them to the builder as
     def student_t(spec, latent_dim, **parts):
         return StudentT(latent_dim, spec.options.df)
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -37,8 +38,9 @@ _TOKENS: dict[str, tuple[str, ...]] = {}
 _CONFIGS: dict[tuple[str, str], type] = {}
 
 
-def register(kind: str, name: str, token: tuple[str, ...] = (), config: type | None = None,
-             replace: bool = False) -> Callable[[Callable], Callable]:
+def register(
+    kind: str, name: str, token: tuple[str, ...] = (), config: type | None = None, replace: bool = False
+) -> Callable[[Callable], Callable]:
     """Decorator: file ``builder`` under ``name`` in the table of ``kind``.
 
     ``token`` (estimators): the ``inference`` keys that the values of a
@@ -55,9 +57,11 @@ def register(kind: str, name: str, token: tuple[str, ...] = (), config: type | N
     def add(builder: Callable) -> Callable:
         taken = _TABLES[kind].get(name)
         if taken is not None and not replace and _origin(taken) != _origin(builder):
-            raise UserInputError(f"{kind} {name!r} is already registered (by {'.'.join(_origin(taken))}); "
-                                 f"choose another name, or register({kind!r}, {name!r}, ..., replace=True) "
-                                 f"to replace it")
+            raise UserInputError(
+                f"{kind} {name!r} is already registered (by {'.'.join(_origin(taken))}); "
+                f"choose another name, or register({kind!r}, {name!r}, ..., replace=True) "
+                f"to replace it"
+            )
         _TABLES[kind][name] = builder
         if kind == "estimator":
             _TOKENS[name] = tuple(token)

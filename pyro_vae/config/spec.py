@@ -9,6 +9,7 @@ as soon as it is registered. A part section (``model.prior``, ``inference``, …
 holds the keys every part of its kind shares and, beside them in YAML, the keys
 the selected part declares: its registry config dataclass, held in ``options``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,14 @@ PUBLISHED = "published"  # data.validation_size: the dataset's own validation sp
 TRAIN_SEED = "train"  # data.eval_binarize_seed: binarize the evaluation splits with train.seed
 
 
-def accepts(low: float | None = None, high: float | None = None, *, open_low: bool = False,
-            choices: tuple[str, ...] | None = None, kind: str | None = None) -> dict:
+def accepts(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    choices: tuple[str, ...] | None = None,
+    kind: str | None = None,
+) -> dict:
     """A key's ``field`` metadata: numbers in [low, high] (> low with ``open_low``), strings in ``choices``,
     or (``kind``) the names registered for a kind of part. Parts' config dataclasses use it too."""
     return {"low": low, "high": high, "open_low": open_low, "choices": choices, "kind": kind}
@@ -73,7 +80,10 @@ class NetworkSpec:
     type: str = field(default="mlp", metadata=accepts(kind="network"))
     options: Any = field(default=None, metadata=OPTIONS)  # the chosen part's own keys (registry config)
     hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=accepts(1))
-    activation: str = field(default="relu", metadata=accepts(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")))
+    activation: str = field(
+        default="relu",
+        metadata=accepts(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")),
+    )
 
 
 @dataclass
@@ -216,6 +226,7 @@ class Spec:
         for prefix, kind in part_sections():
             section, current = section_at(raw, prefix), section_at(self, prefix)
             selector = part_selector(type(current))
+            assert selector is not None  # part_sections lists only sections that select a part
             if isinstance(section, dict) and section.get(selector) != getattr(current, selector):
                 for key in _other_parts_keys(prefix, kind, section):
                     dotted = f"{prefix}.{key}"
@@ -237,7 +248,7 @@ def part_sections(cls: type | None = None, prefix: str = "") -> list[tuple[str, 
     found = []
     for f in dataclasses.fields(cls or Spec):
         annotation = typing.get_type_hints(cls or Spec)[f.name]
-        if not dataclasses.is_dataclass(annotation):
+        if not (isinstance(annotation, type) and dataclasses.is_dataclass(annotation)):
             continue
         selector = part_selector(annotation)
         if selector is not None:
@@ -266,9 +277,11 @@ def part_keys(kind: str, name: Any) -> set[str]:
 
 
 def _other_parts_keys(prefix: str, kind: str, section: dict) -> list[str]:
-    """The keys of ``section`` (the part section at ``prefix``, of ``kind``) that belong only to parts it does not select."""
+    """The keys of ``section`` (the part section at ``prefix``, of ``kind``) that belong only to parts it does not
+    select."""
     default = section_at(Spec(), prefix)
     selector = part_selector(type(default))
+    assert selector is not None  # ``prefix`` is a section that selects a part
     mine = part_keys(kind, section.get(selector, getattr(default, selector)))
     theirs = set().union(*(part_keys(kind, name) for name in registry.names(kind)))
     others = theirs - mine - {f.name for f in dataclasses.fields(type(default))}
@@ -297,8 +310,8 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
             child = node[part] = {"type": child}  # `schedule: plateau`, then `schedule.patience=5`
         if not isinstance(child, dict):
             if part not in node:
-                raise UserInputError(f"unknown key '{'.'.join(parts[:depth + 1])}'")
-            raise UserInputError(f"'{'.'.join(parts[:depth + 1])}' is a value, not a section; cannot set '{key}'")
+                raise UserInputError(f"unknown key '{'.'.join(parts[: depth + 1])}'")
+            raise UserInputError(f"'{'.'.join(parts[: depth + 1])}' is a value, not a section; cannot set '{key}'")
         node = child
     current = node.get(parts[-1])
     if isinstance(value, str) and isinstance(current, dict) and "type" in current:
@@ -309,7 +322,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
     """Every leaf of a nested dict as a dotted path (``model.prior.type``), in order."""
-    keys = []
+    keys: list[str] = []
     for name, value in tree.items():
         keys += dotted_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
     return keys
@@ -325,8 +338,7 @@ def get_dotted(tree: dict, key: str) -> Any:
 def packaged_configs() -> dict[str, Path]:
     """Names of the specs shipped in ``pyro_vae/configs`` and their paths."""
     folder = resources.files("pyro_vae") / "configs"
-    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
-            if entry.name.endswith(".yaml")}
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
 
 
 def config_summary(path: Path) -> str:
@@ -352,7 +364,9 @@ def read_yaml(path: Path) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserInputError(f"spec file '{path}' must hold a mapping of sections (data, model, inference, optim, train)")
+        raise UserInputError(
+            f"spec file '{path}' must hold a mapping of sections (data, model, inference, optim, train)"
+        )
     return raw
 
 
@@ -367,7 +381,9 @@ def load_spec(config: str | None = None, overrides: list[str] | None = None) -> 
             raw = read_yaml(Path(config))
         else:
             raise UserInputError(
-                f"--config {config!r} is neither a spec file nor a packaged spec; packaged: {', '.join(sorted(packaged))}")
+                f"--config {config!r} is neither a spec file nor a packaged spec; "
+                f"packaged: {', '.join(sorted(packaged))}"
+            )
     spec = Spec.from_dict(raw)
     return spec.with_overrides(overrides or [])
 
@@ -379,8 +395,9 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         item = typing.get_args(annotation)[0]
         return f"a list of {({int: 'integers', float: 'numbers', str: 'strings'}).get(item, _type_name(item))}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
 
 
 def _describe(annotation: Any, meta: typing.Mapping) -> str:
@@ -396,7 +413,7 @@ def _describe(annotation: Any, meta: typing.Mapping) -> str:
 def _flatten_options(tree: Any) -> Any:
     if not isinstance(tree, dict):
         return tree
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         if key == "options":
             out.update(value or {})
@@ -434,7 +451,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         owners = _owners(fields[selector].metadata["kind"], unknown[0]) if selector else []
         hint = f" ('{unknown[0]}' is a key of {' and '.join(owners)})" if owners else ""
         raise UserInputError(
-            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}{hint}")
+            f"unknown key '{prefix}{unknown[0]}'; accepted keys in {where}: {', '.join(own + part_keys)}{hint}"
+        )
     values = {}
     if part is not None:
         values["options"] = _build(part, {k: raw[k] for k in part_keys if k in raw}, prefix)
@@ -442,7 +460,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         annotation = hints[name]
         key = prefix + name
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             if isinstance(value, str) and "type" in {f.name for f in dataclasses.fields(annotation)}:
                 value = {"type": value}  # a bare name selects the part: `optim.schedule: plateau`
             values[name] = _build(annotation, value if value is not None else {}, key + ".")
@@ -471,8 +489,10 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
         (item_type,) = typing.get_args(annotation)
         example = "[200, 200]" if item_type is int else "[0.9, 0.999]"
         if isinstance(value, str) and "," in value:
-            raise UserInputError(f"'{key}' is {value!r}; accepted: {_type_name(annotation)} such as {example} "
-                                 f"(with the brackets: --set {key}={example.replace(' ', '')})")
+            raise UserInputError(
+                f"'{key}' is {value!r}; accepted: {_type_name(annotation)} such as {example} "
+                f"(with the brackets: --set {key}={example.replace(' ', '')})"
+            )
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
@@ -530,14 +550,19 @@ def _check_cross_field(spec: Spec) -> None:
             check(prefix, spec)  # a part's own cross-key rule, e.g. a low-rank guide's rank <= latent_dim
     bounds = model.guide.log_variance_bounds
     if bounds is not None and (len(bounds) != 2 or not bounds[0] < bounds[1]):
-        raise UserInputError(f"'model.guide.log_variance_bounds' is {bounds}; accepted: null or two numbers "
-                             f"[low, high] with low < high, e.g. [-6, 2]")
+        raise UserInputError(
+            f"'model.guide.log_variance_bounds' is {bounds}; accepted: null or two numbers "
+            f"[low, high] with low < high, e.g. [-6, 2]"
+        )
     if spec.optim.schedule.type == "plateau" and spec.data.validation_size is None:
-        raise UserInputError("'optim.schedule' plateau reduces the rate when the validation ELBO stops rising; "
-                             "set data.validation_size (e.g. 10000) to hold out a validation split")
+        raise UserInputError(
+            "'optim.schedule' plateau reduces the rate when the validation ELBO stops rising; "
+            "set data.validation_size (e.g. 10000) to hold out a validation split"
+        )
     if spec.train.early_stopping_patience is not None and spec.data.validation_size is None:
-        raise UserInputError("'train.early_stopping_patience' needs a validation split; set data.validation_size "
-                             "(e.g. 10000)")
+        raise UserInputError(
+            "'train.early_stopping_patience' needs a validation split; set data.validation_size (e.g. 10000)"
+        )
     if spec.data.name == "file" and spec.data.path is None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
     check_device_name(spec.train.device, "'train.device'")

@@ -26,6 +26,7 @@ feature maps count) and, on a CPU, within ``CPU_BLOCK_ROWS``, so the decoder's
 outputs are still in cache when the likelihood reads them. The densities' own
 speed lives in the parts (:mod:`pyro_vae.parts.distributions`).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,8 @@ from pyro_vae.infer.log_weights import LogWeights, log_weights
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-CPU_BLOCK_ROWS = 2048    # (particle, example) pairs per pass on a CPU: the decoder's outputs stay in cache
-TEMPORARIES = 3          # bytes of a pass, as a multiple of its modules' outputs (temporaries, log-densities)
+CPU_BLOCK_ROWS = 2048  # (particle, example) pairs per pass on a CPU: the decoder's outputs stay in cache
+TEMPORARIES = 3  # bytes of a pass, as a multiple of its modules' outputs (temporaries, log-densities)
 
 
 def _own_draws(device: torch.device):
@@ -69,7 +70,7 @@ def row_bytes(vae: VAE, x: torch.Tensor) -> int:
 
 def rows_per_pass(vae: VAE, x: torch.Tensor, memory_mb: float) -> int:
     """(particle, example) pairs per pass: under ``memory_mb``, and at most ``CPU_BLOCK_ROWS`` on a CPU."""
-    rows = max(1, int(memory_mb * 2 ** 20 // row_bytes(vae, x)))
+    rows = max(1, int(memory_mb * 2**20 // row_bytes(vae, x)))
     return min(rows, CPU_BLOCK_ROWS) if x.device.type == "cpu" else rows
 
 
@@ -97,8 +98,9 @@ def chunk_sites(vae: VAE, x: torch.Tensor, blocks: list[int]) -> Iterator[LogWei
 
 
 @torch.no_grad()
-def log_weight_terms(vae: VAE, x: torch.Tensor, num_samples: int, memory_mb: float = 512.0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def log_weight_terms(
+    vae: VAE, x: torch.Tensor, num_samples: int, memory_mb: float = 512.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(x|z), log p(z), log q(z|x)) of K = ``num_samples`` draws per example, each (K, B), from the program."""
     was_training = vae.training
     vae.eval()
@@ -109,12 +111,19 @@ def log_weight_terms(vae: VAE, x: torch.Tensor, num_samples: int, memory_mb: flo
             for part, name in zip(parts, ("log_likelihood", "log_prior", "log_guide")):
                 part.append(torch.cat([getattr(s, name).expand(s.log_w.shape) for s in sites]))
     vae.train(was_training)
-    return tuple(torch.cat(part, dim=1) for part in parts)
+    log_likelihood, log_prior, log_guide = (torch.cat(part, dim=1) for part in parts)
+    return log_likelihood, log_prior, log_guide
 
 
 @torch.no_grad()
-def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: float = 512.0,
-             per_example: bool = False, progress=None) -> dict:
+def evaluate(
+    vae: VAE,
+    data: torch.Tensor,
+    num_samples: int = 1000,
+    memory_mb: float = 512.0,
+    per_example: bool = False,
+    progress=None,
+) -> dict:
     """All the per-example bounds on ``data``, averaged, with their standard errors.
 
     ``progress`` (a :func:`pyro_vae.progress.bar`) is advanced by the examples of each chunk.
@@ -171,8 +180,9 @@ def evaluate(vae: VAE, data: torch.Tensor, num_samples: int = 1000, memory_mb: f
     return summary
 
 
-def test_elbo(vae: VAE, data: torch.Tensor, num_samples: int = 1, memory_mb: float = 512.0,
-              seed: int | None = None) -> dict:
+def test_elbo(
+    vae: VAE, data: torch.Tensor, num_samples: int = 1, memory_mb: float = 512.0, seed: int | None = None
+) -> dict:
     """ELBO and its two terms per example, from ``num_samples`` draws each (``train.eval_num_samples``):
     the per-epoch test figure. The KL term is closed form where one is registered.
 
@@ -215,8 +225,10 @@ def kl_note(vae: VAE, x: torch.Tensor) -> str | None:
     if not sampled:
         return None
     pairs = ", ".join(f"{name}: KL({_name(sites.guide[name].fn)} ‖ {_name(sites.model[name].fn)})" for name in sampled)
-    return (f"meanfield: {pairs} has no closed form; that term is estimated by sampling "
-            f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)")
+    return (
+        f"meanfield: {pairs} has no closed form; that term is estimated by sampling "
+        f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)"
+    )
 
 
 def _name(fn: torch.distributions.Distribution) -> str:
@@ -227,8 +239,7 @@ def _name(fn: torch.distributions.Distribution) -> str:
 
 
 @torch.no_grad()
-def active_units(vae: VAE, data: torch.Tensor, batch_size: int = 1024,
-                 threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+def active_units(vae: VAE, data: torch.Tensor, batch_size: int = 1024, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z|x]) > 0.01 (Burda et al. 2016)."""
-    means = torch.cat([vae.encode(data[i:i + batch_size])[0] for i in range(0, data.shape[0], batch_size)])
+    means = torch.cat([vae.encode(data[i : i + batch_size])[0] for i in range(0, data.shape[0], batch_size)])
     return int((means.var(0) > threshold).sum())

@@ -66,6 +66,7 @@ T. Rainforth, A. Kosiorek, T. A. Le, C. Maddison, M. Igl, F. Wood, Y. W. Teh,
 G. Tucker, D. Lawson, S. Gu, C. J. Maddison, "Doubly Reparameterized Gradient
 Estimators for Monte Carlo Objectives", ICLR 2019.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,15 +86,15 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae.parts import contracts
-from pyro_vae.evaluation import diagnostics
-from pyro_vae.infer import estimators
 from pyro_vae import evaluation, progress, threads
 from pyro_vae.config import registry
-from pyro_vae.training import runs
-from pyro_vae.errors import NonFiniteError, UserInputError, one_line
-from pyro_vae.infer.log_weights import log_weights
 from pyro_vae.config.spec import InferenceSpec, Spec, part_keys
+from pyro_vae.errors import NonFiniteError, UserInputError, one_line
+from pyro_vae.evaluation import diagnostics
+from pyro_vae.infer import estimators
+from pyro_vae.infer.log_weights import log_weights
+from pyro_vae.parts import contracts
+from pyro_vae.training import runs
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
 DEFAULT_REPEATS = 100
@@ -101,11 +102,33 @@ DEFAULT_NUM_SAMPLES = 500
 CURVE_POINTS = 20
 DIAGNOSTIC_WEIGHTS = 200  # importance weights per example pooled for Pareto k̂ at fixed parameters
 NOT_VARYING = 1e-6  # relative std below which an element's gradient counts as not varying
-COLUMNS = ("estimator", "k", "alpha", "bound_mean", "bound_std", "grad_snr_encoder", "grad_snr_decoder",
-           "grad_var_encoder", "grad_var_decoder", "grad_snr_encoder_median", "grad_snr_decoder_median",
-           "ms_per_step", "repeats", "ess_mean", "ess_p5", "pareto_k_median", "pareto_k_share")
-TRAINED_COLUMNS = ("train_steps", "test_elbo", "test_log_likelihood", "test_log_likelihood_stderr", "train_seconds",
-                   "test_pareto_k_share")
+COLUMNS = (
+    "estimator",
+    "k",
+    "alpha",
+    "bound_mean",
+    "bound_std",
+    "grad_snr_encoder",
+    "grad_snr_decoder",
+    "grad_var_encoder",
+    "grad_var_decoder",
+    "grad_snr_encoder_median",
+    "grad_snr_decoder_median",
+    "ms_per_step",
+    "repeats",
+    "ess_mean",
+    "ess_p5",
+    "pareto_k_median",
+    "pareto_k_share",
+)
+TRAINED_COLUMNS = (
+    "train_steps",
+    "test_elbo",
+    "test_log_likelihood",
+    "test_log_likelihood_stderr",
+    "train_seconds",
+    "test_pareto_k_share",
+)
 
 
 # --------------------------------------------------------------------------
@@ -124,10 +147,13 @@ def _key_type(name: str, key: str) -> type:
 
 def accepted() -> str:
     """The token forms of every registered estimator, e.g. ``iwae:K, renyi:K:ALPHA, miwae:M:K``."""
-    forms = [":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in registry.token_fields(name))])
-             for name in registry.names("estimator")]
-    return ", ".join(forms) + (" (K and M positive integers, K >= 2 for tail-adaptive; ALPHA a number other than 1; "
-                               "BETA in [0, 1])")
+    forms = [
+        ":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in registry.token_fields(name))])
+        for name in registry.names("estimator")
+    ]
+    return ", ".join(forms) + (
+        " (K and M positive integers, K >= 2 for tail-adaptive; ALPHA a number other than 1; BETA in [0, 1])"
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +193,12 @@ class Choice:
         (``inference.tail_adaptive_beta`` for ``tail-adaptive:K``); a value
         out of range is a :class:`UserInputError` naming the key.
         """
-        raw = {**Spec(inference=base).to_dict()["inference"], "estimator": self.name, "num_particles": 1,
-               **self.settings}
+        raw = {
+            **Spec(inference=base).to_dict()["inference"],
+            "estimator": self.name,
+            "num_particles": 1,
+            **self.settings,
+        }
         accepted = {f.name for f in dataclasses.fields(InferenceSpec)} | part_keys("estimator", self.name)
         return Spec.from_dict({"inference": {k: v for k, v in raw.items() if k in accepted}}).inference
 
@@ -179,6 +209,7 @@ class Choice:
 
 def parse_token(token: str) -> Choice:
     """One token of ``--estimators`` (``name[:V1[:V2]]``, parsed against the registry); a one-line error otherwise."""
+
     def bad(why: str = "") -> UserInputError:
         return UserInputError(f"--estimators: {token!r} {why or 'is not an estimator token'}; accepted: {accepted()}")
 
@@ -189,7 +220,7 @@ def parse_token(token: str) -> Choice:
     if len(given) != len(fields):
         form = ":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in fields)])
         raise bad(f"does not have the form {form}")
-    values = []
+    values: list[tuple[str, float]] = []
     for key, text in zip(fields, given):
         placeholder = PLACEHOLDERS.get(key, key.upper())
         if _key_type(name, key) is int:
@@ -229,6 +260,7 @@ def parse_estimators(text: str) -> list[Choice]:
 # Gradient statistics
 # --------------------------------------------------------------------------
 
+
 class Moments:
     """Per-element mean and variance of a stream of equally long vectors (Welford, float64)."""
 
@@ -263,16 +295,20 @@ def snr_summary(mean: torch.Tensor, variance: torch.Tensor) -> dict:
     varying = std > NOT_VARYING * mean.abs()
     snr = mean[varying].abs() / std[varying]
     nan = float("nan")
-    return {"snr": snr.mean().item() if snr.numel() else nan,
-            "snr_median": snr.median().item() if snr.numel() else nan,
-            "var": variance.mean().item() if variance.numel() else nan,
-            "varying": int(varying.sum()), "elements": mean.numel()}
+    return {
+        "snr": snr.mean().item() if snr.numel() else nan,
+        "snr_median": snr.median().item() if snr.numel() else nan,
+        "var": variance.mean().item() if variance.numel() else nan,
+        "varying": int(varying.sum()),
+        "elements": mean.numel(),
+    }
 
 
 def flat_gradient(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
     """All the parameters' gradients as one vector (zeros where a parameter got none)."""
-    parts = [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().reshape(-1)
-             for p in parameters]
+    parts = [
+        torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().reshape(-1) for p in parameters
+    ]
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
@@ -280,16 +316,18 @@ def flat_gradient(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
 # Measuring at fixed parameters
 # --------------------------------------------------------------------------
 
+
 def fixed_minibatch(data, batch_size: int, seed: int) -> torch.Tensor:
     """The first ``batch_size`` training examples, binarized once with ``seed`` under dynamic binarization."""
-    x = data.train[:min(batch_size, data.num_train)]
+    x = data.train[: min(batch_size, data.num_train)]
     if data.binarize == "dynamic":
         x = torch.bernoulli(x.cpu(), generator=torch.Generator().manual_seed(seed)).to(x.device)
     return x
 
 
-def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, bar=None,
-            kl_weight: float = 1.0) -> dict:
+def measure(
+    elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, bar=None, kl_weight: float = 1.0
+) -> dict:
     """Bound, gradient moments and time of one estimator over ``repeats`` draws at the current parameters.
 
     Parameters are not changed (their gradients are, and are cleared at the end).
@@ -298,7 +336,8 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
 
     encoder, decoder = vae.encoder_parameters(), vae.decoder_parameters()
     moments = {"encoder": Moments(), "decoder": Moments()}
-    bounds, seconds = [], []
+    bounds: list[float] = []
+    seconds: list[float] = []
     seed_everything(seed)
     with pyro.validation_enabled(True):  # warm-up, untimed, validated
         vae.zero_grad(set_to_none=True)
@@ -307,8 +346,9 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
         for _ in range(repeats):
             vae.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            loss = estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
-            loss = float(loss)  # waits for the device, inside the timed step
+            loss = float(  # float() waits for the device, inside the timed step
+                estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
+            )
             seconds.append(time.perf_counter() - start)
             bounds.append(-loss / num_data)
             moments["encoder"].add(flat_gradient(encoder))
@@ -316,9 +356,11 @@ def measure(elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, 
             if bar is not None:
                 bar.update(1)
     vae.zero_grad(set_to_none=True)
-    row = {"bound_mean": statistics.fmean(bounds),
-           "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan"),
-           **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1), kl_weight)}
+    row = {
+        "bound_mean": statistics.fmean(bounds),
+        "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan"),
+        **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1), kl_weight),
+    }
     for part, stream in moments.items():
         summary = snr_summary(stream.mean, stream.variance)
         row[f"grad_snr_{part}"], row[f"grad_snr_{part}_median"] = summary["snr"], summary["snr_median"]
@@ -337,22 +379,36 @@ def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int, kl_w
     """
     draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
     with pyro.validation_enabled(False), torch.no_grad():  # i.i.d. weights: one vectorized pass, then groups of P
-        log_w = log_weights(vae.model, vae.guide, x, num_particles=draws * particles, num_data=num_data,
-                            kl_weight=kl_weight).log_w
+        log_w = log_weights(
+            vae.model, vae.guide, x, num_particles=draws * particles, num_data=num_data, kl_weight=kl_weight
+        ).log_w
     groups = log_w.reshape(draws, particles, *log_w.shape[1:])
-    ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)     # (B,)
+    ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)  # (B,)
     khat = diagnostics.pareto_k(log_w)
     summary = diagnostics.summarize(ess, khat, particles)
-    return {"ess_mean": summary["ess"]["mean_fraction"], "ess_p5": summary["ess"]["p5_fraction"],
-            "pareto_k_median": summary["pareto_k"]["median"], "pareto_k_share": summary["pareto_k"]["share_above_0.7"]}
+    return {
+        "ess_mean": summary["ess"]["mean_fraction"],
+        "ess_p5": summary["ess"]["p5_fraction"],
+        "pareto_k_median": summary["pareto_k"]["median"],
+        "pareto_k_share": summary["pareto_k"]["share_above_0.7"],
+    }
 
 
 # --------------------------------------------------------------------------
 # Training each estimator from the same start
 # --------------------------------------------------------------------------
 
-def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps: int, seed: int,
-                    num_samples: int = DEFAULT_NUM_SAMPLES, bar=None) -> tuple[dict, list[tuple[int, float]]]:
+
+def train_estimator(
+    spec: Spec,
+    choice: Choice,
+    data,
+    initial_state: dict,
+    steps: int,
+    seed: int,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    bar=None,
+) -> tuple[dict, list[tuple[int, float]]]:
     """Train ``choice`` for ``steps`` Adam steps from ``initial_state``; (final figures, test-ELBO curve).
 
     The curve holds (step, test ELBO) at step 0, about every ``steps / 20`` steps, and at the end.
@@ -372,6 +428,7 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
     vae.train()
     seed_everything(seed)
     every = max(1, steps // CURVE_POINTS)
+
     def test(step: int) -> float:  # its own generator: the estimator's training draws are left as they were
         return evaluation.test_elbo(vae, trainer.data.test, seed=evaluation_seed(seed, step))["test_elbo"]
 
@@ -390,22 +447,42 @@ def train_estimator(spec: Spec, choice: Choice, data, initial_state: dict, steps
         step = trainer.progress.global_step + 1
         tqdm.write(f"{choice.label}: non-finite loss or gradient at step {step}; its training stopped", file=sys.stderr)
         curve.append((step, nan))
-        return {"train_steps": step, "test_elbo": nan, "test_log_likelihood": nan, "test_log_likelihood_stderr": nan,
-                "train_seconds": time.perf_counter() - start, "test_pareto_k_share": nan}, curve
+        return {
+            "train_steps": step,
+            "test_elbo": nan,
+            "test_log_likelihood": nan,
+            "test_log_likelihood_stderr": nan,
+            "train_seconds": time.perf_counter() - start,
+            "test_pareto_k_share": nan,
+        }, curve
     seconds = time.perf_counter() - start
     result = evaluation.evaluate(vae, trainer.data.test, num_samples)
-    return {"train_steps": steps, "test_elbo": curve[-1][1], "test_log_likelihood": result["log_likelihood"],
-            "test_log_likelihood_stderr": result["log_likelihood_stderr"], "train_seconds": seconds,
-            "test_pareto_k_share": result["pareto_k"]["share_above_0.7"]}, curve
+    return {
+        "train_steps": steps,
+        "test_elbo": curve[-1][1],
+        "test_log_likelihood": result["log_likelihood"],
+        "test_log_likelihood_stderr": result["log_likelihood_stderr"],
+        "train_seconds": seconds,
+        "test_pareto_k_share": result["pareto_k"]["share_above_0.7"],
+    }, curve
 
 
 # --------------------------------------------------------------------------
 # The whole comparison
 # --------------------------------------------------------------------------
 
-def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT_REPEATS, seed: int | None = None,
-            train_steps: int = 0, num_samples: int = DEFAULT_NUM_SAMPLES,
-            show_progress: bool = True) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+
+def compare(
+    spec: Spec,
+    vae,
+    data,
+    choices: list[Choice],
+    repeats: int = DEFAULT_REPEATS,
+    seed: int | None = None,
+    train_steps: int = 0,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    show_progress: bool = True,
+) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
     """Measure (and with ``train_steps`` train) every estimator at ``vae``'s current parameters.
 
     Returns one row per estimator (the CSV's columns) and, when trained, the test-ELBO curves by label.
@@ -417,32 +494,44 @@ def compare(spec: Spec, vae, data, choices: list[Choice], repeats: int = DEFAULT
     for choice in choices:
         elbo = choice.build(spec.inference)
         bar = progress.bar(repeats, f"measuring {choice.label}", "draw", quiet=not show_progress)
-        row = {"estimator": choice.label, "family": choice.family, "k": choice.k,
-               "alpha": choice.alpha if choice.alpha is not None else ""}
+        row = {
+            "estimator": choice.label,
+            "family": choice.family,
+            "k": choice.k,
+            "alpha": choice.alpha if choice.alpha is not None else "",
+        }
         row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar, kl_weight=spec.train.beta))
         bar.close()
         rows.append(row)
         if show_progress:
-            tqdm.write(f"{choice.label}: bound {row['bound_mean']:.3f} ± {row['bound_std']:.3f} nats, SNR encoder "
-                       f"{row['grad_snr_encoder']:.3g} decoder {row['grad_snr_decoder']:.3g}, "
-                       f"{row['ms_per_step']:.1f} ms/step", file=sys.stderr)
+            tqdm.write(
+                f"{choice.label}: bound {row['bound_mean']:.3f} ± {row['bound_std']:.3f} nats, SNR encoder "
+                f"{row['grad_snr_encoder']:.3g} decoder {row['grad_snr_decoder']:.3g}, "
+                f"{row['ms_per_step']:.1f} ms/step",
+                file=sys.stderr,
+            )
     vae.load_state_dict(initial_state)
     if train_steps:
         for choice, row in zip(choices, rows):
             bar = progress.bar(train_steps, f"training {choice.label}", "step", quiet=not show_progress)
-            result, curves[choice.label] = train_estimator(spec, choice, data, initial_state, train_steps, seed,
-                                                           num_samples, bar)
+            result, curves[choice.label] = train_estimator(
+                spec, choice, data, initial_state, train_steps, seed, num_samples, bar
+            )
             bar.close()
             row.update(result)
             if show_progress:
-                tqdm.write(f"{choice.label}: after {result['train_steps']} steps test ELBO {result['test_elbo']:.3f}, "
-                           f"log-likelihood {result['test_log_likelihood']:.3f} nats", file=sys.stderr)
+                tqdm.write(
+                    f"{choice.label}: after {result['train_steps']} steps test ELBO {result['test_elbo']:.3f}, "
+                    f"log-likelihood {result['test_log_likelihood']:.3f} nats",
+                    file=sys.stderr,
+                )
     return rows, curves
 
 
 # --------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------
+
 
 def write_csv(rows: list[dict], path: Path) -> None:
     columns = list(COLUMNS) + [c for c in TRAINED_COLUMNS if any(c in row for row in rows)]
@@ -453,23 +542,44 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _g(value, digits: int = 3) -> str:
-    return "—" if value is None or value == "" or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
+    return (
+        "—"
+        if value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.{digits}g}"
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table (bounds in nats per example)."""
     trained = any("test_elbo" in row for row in rows)
-    head = ["estimator", "K", "bound (nats) mean ± std", "SNR enc mean (median)", "SNR dec mean (median)",
-            "var enc", "var dec", "ESS/K mean (p5)", "k̂ median (share > 0.7)", "ms/step"]
+    head = [
+        "estimator",
+        "K",
+        "bound (nats) mean ± std",
+        "SNR enc mean (median)",
+        "SNR dec mean (median)",
+        "var enc",
+        "var dec",
+        "ESS/K mean (p5)",
+        "k̂ median (share > 0.7)",
+        "ms/step",
+    ]
     if trained:
         head += ["test ELBO", "test log-lik"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["estimator"], str(row["k"]), f"{row['bound_mean']:.2f} ± {row['bound_std']:.2f}",
-                 f"{_g(row['grad_snr_encoder'])} ({_g(row['grad_snr_encoder_median'])})",
-                 f"{_g(row['grad_snr_decoder'])} ({_g(row['grad_snr_decoder_median'])})", _g(row["grad_var_encoder"]),
-                 _g(row["grad_var_decoder"]), f"{_g(row['ess_mean'], 2)} ({_g(row['ess_p5'], 2)})",
-                 f"{_g(row['pareto_k_median'], 2)} ({_g(row['pareto_k_share'], 2)})", f"{row['ms_per_step']:.1f}"]
+        cells = [
+            row["estimator"],
+            str(row["k"]),
+            f"{row['bound_mean']:.2f} ± {row['bound_std']:.2f}",
+            f"{_g(row['grad_snr_encoder'])} ({_g(row['grad_snr_encoder_median'])})",
+            f"{_g(row['grad_snr_decoder'])} ({_g(row['grad_snr_decoder_median'])})",
+            _g(row["grad_var_encoder"]),
+            _g(row["grad_var_decoder"]),
+            f"{_g(row['ess_mean'], 2)} ({_g(row['ess_p5'], 2)})",
+            f"{_g(row['pareto_k_median'], 2)} ({_g(row['pareto_k_share'], 2)})",
+            f"{row['ms_per_step']:.1f}",
+        ]
         if trained:
             cells += [f"{row['test_elbo']:.2f}", f"{row['test_log_likelihood']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -499,8 +609,8 @@ def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps:
         f"{m.encoder.activation}, decoder {m.decoder.type} {m.decoder.hidden} {m.decoder.activation}, "
         f"prior {m.prior.type}, guide {m.guide.type}, likelihood {m.likelihood.type}",
         f"parameters: {start}",
-        f"minibatch: the first {batch} training examples" + (
-            f", binarized once with seed {seed}" if data.binarize == "dynamic" else "")
+        f"minibatch: the first {batch} training examples"
+        + (f", binarized once with seed {seed}" if data.binarize == "dynamic" else "")
         + f", scaled to N (bound per example = −loss / N); R = {repeats} draws per estimator, seed {seed}",
         "SNR: per parameter element |E[g]| / std[g] over the R draws, averaged over the encoder's (guide) and the "
         "decoder's (model) elements whose gradient varies; var: mean per-element gradient variance",
@@ -508,10 +618,12 @@ def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps:
         f"device {spec.train.device}",
     ]
     if train_steps:
-        lines.append(f"trained: {train_steps} Adam steps (lr {spec.optim.lr}, batch {batch}) per estimator from the same "
-                     f"parameters and seed; test ELBO (one draw, closed-form KL where registered) and "
-                     f"importance-sampled log-likelihood with {num_samples} samples, over the "
-                     f"{data.test.shape[0]} test examples, nats per example")
+        lines.append(
+            f"trained: {train_steps} Adam steps (lr {spec.optim.lr}, batch {batch}) per estimator from the same "
+            f"parameters and seed; test ELBO (one draw, closed-form KL where registered) and "
+            f"importance-sampled log-likelihood with {num_samples} samples, over the "
+            f"{data.test.shape[0]} test examples, nats per example"
+        )
     lines.append(f"written {datetime.now().strftime('%Y-%m-%d %H:%M')}")
     return lines
 
@@ -532,25 +644,46 @@ def write_report(out: Path, rows: list[dict], curves: dict, about: list[str]) ->
 # The command
 # --------------------------------------------------------------------------
 
+
 def add_parser(commands, add_spec_options, add_quiet) -> argparse.ArgumentParser:
     """Register ``pyro-vae compare`` on the CLI's subcommands (the CLI's spec options and ``--quiet``)."""
     parser = commands.add_parser("compare", help="compare ELBO estimators: bounds, gradient SNR, time, training")
     add_spec_options(parser)
-    parser.add_argument("--estimators", required=True, metavar="LIST",
-                        help="comma-separated tokens name[:V1[:V2]] of registered estimators, e.g. "
-                             "trace,iwae:64,dreg:64,renyi:8:0.5,miwae:8:8,ciwae:8:0.5,piwae:8:8,tail-adaptive:8")
-    parser.add_argument("--at", type=Path, metavar="RUN_DIR",
-                        help="measure at this run's trained checkpoint, with its spec (default: a fresh initialization)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="R",
-                        help="draws per estimator")
-    parser.add_argument("--train-steps", type=int, default=0, metavar="S",
-                        help="also train each estimator S steps from the same start and report test figures")
-    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
-                        help="importance samples for the test log-likelihood after training")
+    parser.add_argument(
+        "--estimators",
+        required=True,
+        metavar="LIST",
+        help="comma-separated tokens name[:V1[:V2]] of registered estimators, e.g. "
+        "trace,iwae:64,dreg:64,renyi:8:0.5,miwae:8:8,ciwae:8:0.5,piwae:8:8,tail-adaptive:8",
+    )
+    parser.add_argument(
+        "--at",
+        type=Path,
+        metavar="RUN_DIR",
+        help="measure at this run's trained checkpoint, with its spec (default: a fresh initialization)",
+    )
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="R", help="draws per estimator")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        metavar="S",
+        help="also train each estimator S steps from the same start and report test figures",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=DEFAULT_NUM_SAMPLES,
+        metavar="K",
+        help="importance samples for the test log-likelihood after training",
+    )
     parser.add_argument("--seed", type=int, help="seed of the minibatch, the draws and training (default train.seed)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="report folder (default runs/compare-<time>)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into an --out that exists with files in it, replacing its report files")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that exists with files in it, replacing its report files",
+    )
     add_quiet(parser, old_alias=True)
     return parser
 
@@ -562,16 +695,21 @@ def run(args: argparse.Namespace) -> None:
 
     choices = parse_estimators(args.estimators)
     if args.repeats < 2:
-        raise UserInputError(f"--repeats must be an integer >= 2 (a standard deviation needs two draws), got {args.repeats}")
+        raise UserInputError(
+            f"--repeats must be an integer >= 2 (a standard deviation needs two draws), got {args.repeats}"
+        )
     if args.train_steps < 0:
         raise UserInputError(f"--train-steps must be a non-negative integer, got {args.train_steps}")
     if args.num_samples < 1:
         raise UserInputError(f"--num-samples must be a positive integer, got {args.num_samples}")
     if args.at is not None:
-        clashes = [flag for flag, given in (("--config", args.config is not None), ("--set", bool(args.overrides)))
-                   if given]
+        clashes = [
+            flag for flag, given in (("--config", args.config is not None), ("--set", bool(args.overrides))) if given
+        ]
         if clashes:
-            raise UserInputError(f"--at measures with that run's own spec; it cannot be combined with {', '.join(clashes)}")
+            raise UserInputError(
+                f"--at measures with that run's own spec; it cannot be combined with {', '.join(clashes)}"
+            )
         spec, vae, data = load_run(args.at)
         seed = spec.train.seed if args.seed is None else args.seed
         seed_everything(seed)
@@ -587,9 +725,17 @@ def run(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     runs.check_output_folder(out, args.force)
     with threads.using(args.threads or spec.train.threads):  # --threads, else the spec's train.threads
-        rows, curves = compare(spec, vae, data, choices, repeats=args.repeats, seed=seed,
-                               train_steps=args.train_steps, num_samples=args.num_samples,
-                               show_progress=not args.quiet)
+        rows, curves = compare(
+            spec,
+            vae,
+            data,
+            choices,
+            repeats=args.repeats,
+            seed=seed,
+            train_steps=args.train_steps,
+            num_samples=args.num_samples,
+            show_progress=not args.quiet,
+        )
         about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
     with runs.staged_folder(out, (*FILES, "curves.png")) as staging:  # an interrupt or error leaves no folder behind
         write_report(staging, rows, curves, about)

@@ -29,6 +29,7 @@ bounded, their variance finite, so such an example counts as reliable (k̂ ≤ 0
 it is left out of the median and maximum, which cover finite k̂ only (null when
 no example has one).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ import torch
 
 PARETO_K_THRESHOLD = 0.7
 MIN_PARETO_WEIGHTS = 25  # PSIS fits min(K/5, 3√K) tail weights; with fewer than this k̂ is not estimated (NaN)
-UNRELIABLE_SHARE = 0.1   # flag a log-likelihood when more than this share of examples has k̂ > 0.7
+UNRELIABLE_SHARE = 0.1  # flag a log-likelihood when more than this share of examples has k̂ > 0.7
 
 
 def effective_sample_fraction(log_w: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def tail_size(num_weights: int) -> int:
 
 def constant_tail(flat: np.ndarray) -> np.ndarray:
     """Per row of log weights (E, K): whether the M largest are all equal (:func:`tail_size`)."""
-    tail = np.sort(flat, axis=-1)[:, -tail_size(flat.shape[-1]):]
+    tail = np.sort(flat, axis=-1)[:, -tail_size(flat.shape[-1]) :]
     return tail[:, -1] - tail[:, 0] < np.finfo(float).tiny
 
 
@@ -86,11 +87,16 @@ def summarize(ess_fraction: torch.Tensor, khat: torch.Tensor, num_weights: int) 
     assessed = bool(khat.numel()) and not bool(torch.isnan(khat).all())
     share = float((~(khat <= PARETO_K_THRESHOLD)).double().mean()) if assessed else math.nan
     return {
-        "ess": {"mean_fraction": float(ess_fraction.mean()), "p5_fraction": float(torch.quantile(ess_fraction, 0.05)),
-                "num_weights": num_weights},
-        "pareto_k": {"median": float(finite.median()) if finite.numel() else None,
-                     "max": float(finite.max()) if finite.numel() else None,
-                     "share_above_0.7": share if assessed else None},
+        "ess": {
+            "mean_fraction": float(ess_fraction.mean()),
+            "p5_fraction": float(torch.quantile(ess_fraction, 0.05)),
+            "num_weights": num_weights,
+        },
+        "pareto_k": {
+            "median": float(finite.median()) if finite.numel() else None,
+            "max": float(finite.max()) if finite.numel() else None,
+            "share_above_0.7": share if assessed else None,
+        },
         "log_likelihood_reliable": bool(share <= UNRELIABLE_SHARE) if assessed else None,
     }
 
@@ -100,6 +106,8 @@ def warning(summary: dict, what: str) -> str | None:
     share = summary["pareto_k"]["share_above_0.7"]
     if summary["log_likelihood_reliable"] is not False:
         return None
-    return (f"{what}: {100 * share:.0f}% of the examples have Pareto k̂ > 0.7 (median k̂ "
-            f"{summary['pareto_k']['median']:.2f}); the importance-sampled estimate is not reliable there. "
-            f"A guide closer to the posterior (a flow or full-covariance guide, more training) or more samples help")
+    return (
+        f"{what}: {100 * share:.0f}% of the examples have Pareto k̂ > 0.7 (median k̂ "
+        f"{summary['pareto_k']['median']:.2f}); the importance-sampled estimate is not reliable there. "
+        f"A guide closer to the posterior (a flow or full-covariance guide, more training) or more samples help"
+    )

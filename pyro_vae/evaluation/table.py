@@ -26,6 +26,7 @@ evaluates each run once. Checkpoints and caches are read through
 :func:`pyro_vae.training.checkpoint.load` (CRC-checked); a damaged, foreign or outdated
 cache is scored again and rewritten, atomically.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,15 +37,29 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.training import checkpoint, runs
 from pyro_vae import evaluation
 from pyro_vae.errors import UserInputError
+from pyro_vae.training import checkpoint, runs
 
 CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
 FILES = ("table.md", "table.csv", "curves.png")  # what write_table writes into --out
-COLUMNS = ("label", "run", "data", "checkpoint", "epoch", "epochs", "test_elbo", "log_likelihood",
-           "log_likelihood_stderr", "vs_reference", "vs_reference_stderr", "active_units", "latent_dim",
-           "seconds_per_epoch", "num_samples")
+COLUMNS = (
+    "label",
+    "run",
+    "data",
+    "checkpoint",
+    "epoch",
+    "epochs",
+    "test_elbo",
+    "log_likelihood",
+    "log_likelihood_stderr",
+    "vs_reference",
+    "vs_reference_stderr",
+    "active_units",
+    "latent_dim",
+    "seconds_per_epoch",
+    "num_samples",
+)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -99,12 +114,19 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
     result = evaluation.evaluate(vae, data.test, num_samples, per_example=True)
     at_epoch = next((m for m in metrics if m["epoch"] == state_epoch), metrics[-1] if metrics else {})
     row = {
-        "run": str(run_dir), "data": spec.data.name, "checkpoint": path.name, "epoch": state_epoch,
-        "epochs": len(metrics), "test_elbo": at_epoch.get("test_elbo", float("nan")),
-        "log_likelihood": result["log_likelihood"], "log_likelihood_stderr": result["log_likelihood_stderr"],
-        "active_units": evaluation.active_units(vae, data.test), "latent_dim": spec.model.latent_dim,
+        "run": str(run_dir),
+        "data": spec.data.name,
+        "checkpoint": path.name,
+        "epoch": state_epoch,
+        "epochs": len(metrics),
+        "test_elbo": at_epoch.get("test_elbo", float("nan")),
+        "log_likelihood": result["log_likelihood"],
+        "log_likelihood_stderr": result["log_likelihood_stderr"],
+        "active_units": evaluation.active_units(vae, data.test),
+        "latent_dim": spec.model.latent_dim,
         "seconds_per_epoch": (sum(m["seconds"] for m in metrics) / len(metrics)) if metrics else float("nan"),
-        "num_samples": num_samples, "eval_seconds": time.perf_counter() - started,
+        "num_samples": num_samples,
+        "eval_seconds": time.perf_counter() - started,
         "per_image": result["per_example"]["log_likelihood"],
         "test": fingerprint(data.test),
     }
@@ -133,8 +155,9 @@ def labels(run_dirs: list[Path]) -> list[str]:
     return names
 
 
-def build_rows(run_dirs: list[Path], reference: Path | None, num_samples: int, seed: int = 0,
-               which: str = "best", progress=None) -> list[dict]:
+def build_rows(
+    run_dirs: list[Path], reference: Path | None, num_samples: int, seed: int = 0, which: str = "best", progress=None
+) -> list[dict]:
     """One scored row per run, labelled (:func:`labels`), with the paired column against ``reference``
     (scored too, and listed first)."""
     ordered = list(dict.fromkeys([*([reference] if reference is not None else []), *run_dirs]))
@@ -150,7 +173,7 @@ def build_rows(run_dirs: list[Path], reference: Path | None, num_samples: int, s
         base = rows[0]
         for row in rows:
             result = "reference" if row is base else paired(row, base)
-            row["vs_reference"], row["vs_reference_stderr"] = (result if isinstance(result, tuple) else (result, ""))
+            row["vs_reference"], row["vs_reference_stderr"] = result if isinstance(result, tuple) else (result, "")
     return rows
 
 
@@ -167,16 +190,22 @@ def markdown(rows: list[dict], reference: Path | None) -> str:
     head += ["active units", "epochs", "s / epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [f"`{r['label']}`", f"{r['checkpoint']} ({r['epoch']})", _cell(r["test_elbo"]),
-                 f"{r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f}"]
+        cells = [
+            f"`{r['label']}`",
+            f"{r['checkpoint']} ({r['epoch']})",
+            _cell(r["test_elbo"]),
+            f"{r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f}",
+        ]
         if reference is not None:
             vs = r["vs_reference"]
             cells.append(f"{vs:+.2f} ± {r['vs_reference_stderr']:.2f}" if isinstance(vs, float) else f"{vs}")
         cells += [f"{r['active_units']} / {r['latent_dim']}", str(r["epochs"]), _cell(r["seconds_per_epoch"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     k = rows[0]["num_samples"] if rows else 0
-    return (f"Test split; log-likelihood by importance sampling with K = {k} draws per image, ± one standard error "
-            f"over the images; nats per example.\n\n" + "\n".join(lines) + "\n")
+    return (
+        f"Test split; log-likelihood by importance sampling with K = {k} draws per image, ± one standard error "
+        f"over the images; nats per example.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

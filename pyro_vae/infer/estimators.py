@@ -88,23 +88,22 @@ returns the detached loss; :func:`bound` returns the bound without gradients. lo
 :func:`pyro_vae.infer.log_weights.log_weights`, which evaluation and ``compare``
 call too.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
-from pyro_vae.infer import log_weights as weights
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import InferenceSpec, accepts
+from pyro_vae.errors import UserInputError
+from pyro_vae.infer import log_weights as weights
 
 MAX_PLATE_NESTING = 1
 
@@ -112,6 +111,7 @@ MAX_PLATE_NESTING = 1
 # --------------------------------------------------------------------------
 # Shared pieces: the guide's KL weight, a late-bound gradient scale
 # --------------------------------------------------------------------------
+
 
 def guide_kl_weight(guide_trace, scale: float):
     """β of the guide's latent site: its scale over the plates' N/B, times its mask (0 where masked).
@@ -165,8 +165,12 @@ class _LateGradientScale:
 # The importance-weighted family
 # --------------------------------------------------------------------------
 
+
 class _FromDifferentiableLoss:
     """``loss`` and ``loss_and_grads`` of Pyro's ELBO interface, from ``differentiable_loss``."""
+
+    differentiable_loss: Callable[..., torch.Tensor]  # of the estimator class this is mixed into
+    retain_graph: bool
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """−bound as a float (no gradients)."""
@@ -199,15 +203,13 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
     Y. Li, R. E. Turner, "Rényi Divergence Variational Inference", NeurIPS 2016.
     """
 
-    path_derivative = False          # STL: drop the score term of log q
-    doubly_reparameterized = False   # DReG: scale path gradients by w̃_k
+    path_derivative = False  # STL: drop the score term of log q
+    doubly_reparameterized = False  # DReG: scale path gradients by w̃_k
 
-    def __init__(self, alpha: float = 0.0, num_particles: int = 1,
-                 max_plate_nesting: int = MAX_PLATE_NESTING):
+    def __init__(self, alpha: float = 0.0, num_particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING):
         if alpha == 1:
             raise ValueError("alpha = 1 is the ELBO; use Trace_ELBO")
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=True)
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
         self.alpha = float(alpha)
         self.particle_dim = -(max_plate_nesting + 1)
 
@@ -221,18 +223,21 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         return weights.traces(model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1)
 
     def log_weights(self, model, guide, args, kwargs, late_scale=None):
-        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.infer.log_weights`), N/B, the guide's trace.
+        """``(log_w, scale, guide_trace)``: log w of shape (K, B) (:mod:`pyro_vae.infer.log_weights`), N/B, the
+        guide's trace.
 
         With ``late_scale`` (DReG, PIWAE) every latent value the model sees and
         the guide's log q pass through it, so their gradient can be reweighted
         once the weights are known.
         """
-        model_trace, guide_trace = weights.traces(model, guide, args, kwargs, self.num_particles,
-                                                  -self.particle_dim - 1, late_scale)
+        model_trace, guide_trace = weights.traces(
+            model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1, late_scale
+        )
         for site in guide_trace.nodes.values():
             if site["type"] == "sample" and not site["fn"].has_rsample:
-                raise NotImplementedError(f"{type(self).__name__} needs a reparameterized guide; "
-                                          f"site {site['name']!r} has none")
+                raise NotImplementedError(
+                    f"{type(self).__name__} needs a reparameterized guide; site {site['name']!r} has none"
+                )
         sites = weights.from_traces(model_trace, guide_trace, self.path_derivative)
         log_q = sites.log_q
         if late_scale is not None:
@@ -258,7 +263,6 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         """−bound as a scalar tensor whose gradient is the estimator's gradient."""
         bounds, scale = self.example_bounds(model, guide, *args, **kwargs)
         return -scale * bounds.sum()
-
 
 
 class IWAE_ELBO(Renyi_ELBO):
@@ -383,8 +387,9 @@ class TailAdaptive_ELBO(IWAE_ELBO):
     f-Divergence", NeurIPS 2018 (Algorithm 1; β_ta = −1 in their experiments).
     """
 
-    def __init__(self, num_particles: int = 2, tail_adaptive_beta: float = -1.0,
-                 max_plate_nesting: int = MAX_PLATE_NESTING):
+    def __init__(
+        self, num_particles: int = 2, tail_adaptive_beta: float = -1.0, max_plate_nesting: int = MAX_PLATE_NESTING
+    ):
         if num_particles < 2:
             raise ValueError("the tail-adaptive gradient needs num_particles >= 2")
         if tail_adaptive_beta > 0:
@@ -398,9 +403,9 @@ class TailAdaptive_ELBO(IWAE_ELBO):
         order = torch.argsort(log_w.detach(), dim=dim, descending=True, stable=True)
         ranks = torch.arange(1, self.num_particles + 1, dtype=log_w.dtype, device=log_w.device)
         ranks = ranks.reshape((-1,) + (1,) * (-dim - 1)).expand_as(log_w)
-        tail_count = torch.empty_like(log_w).scatter_(dim, order, ranks)     # F̂_kb
+        tail_count = torch.empty_like(log_w).scatter_(dim, order, ranks)  # F̂_kb
         gamma = tail_count.pow(self.tail_adaptive_beta)
-        gamma = gamma / gamma.sum(dim, keepdim=True)                       # γ̃_kb
+        gamma = gamma / gamma.sum(dim, keepdim=True)  # γ̃_kb
         surrogate = (gamma * log_w).sum(dim)
         iwae = torch.logsumexp(log_w.detach(), dim=dim) - math.log(self.num_particles)
         return iwae + (surrogate - surrogate.detach()), scale
@@ -418,8 +423,7 @@ class MIWAE_ELBO(IWAE_ELBO):
     Y. W. Teh, "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
     """
 
-    def __init__(self, outer_particles: int = 1, num_particles: int = 1,
-                 max_plate_nesting: int = MAX_PLATE_NESTING):
+    def __init__(self, outer_particles: int = 1, num_particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING):
         super().__init__(num_particles=outer_particles * num_particles, max_plate_nesting=max_plate_nesting)
         self.outer_particles, self.inner_particles = outer_particles, num_particles
 
@@ -484,10 +488,10 @@ class PIWAE_ELBO(MIWAE_ELBO):
         log_w, scale, _ = self.log_weights(model, guide, args, kwargs, late_scale)
         dim = self.particle_dim
         detached = log_w.detach()
-        log_all = torch.logsumexp(detached, dim=dim, keepdim=True)                      # log Σ_j w_j
-        log_group = torch.logsumexp(self.grouped(detached), dim=1, keepdim=True)       # log Σ_{k in group} w
+        log_all = torch.logsumexp(detached, dim=dim, keepdim=True)  # log Σ_j w_j
+        log_group = torch.logsumexp(self.grouped(detached), dim=1, keepdim=True)  # log Σ_{k in group} w
         log_group = log_group.expand(-1, self.inner_particles, *log_group.shape[2:]).reshape(detached.shape)
-        late_scale.factor = torch.exp(log_all - log_group) / self.outer_particles      # b_j / a_j
+        late_scale.factor = torch.exp(log_all - log_group) / self.outer_particles  # b_j / a_j
         return torch.logsumexp(log_w, dim=dim) - math.log(self.num_particles), scale
 
 
@@ -495,9 +499,13 @@ class PIWAE_ELBO(MIWAE_ELBO):
 # Registry builders (in the order the docs list them)
 # --------------------------------------------------------------------------
 
+
 def _pyro_options(spec: InferenceSpec) -> dict:
-    return {"num_particles": spec.num_particles, "max_plate_nesting": MAX_PLATE_NESTING,
-            "vectorize_particles": spec.num_particles > 1}
+    return {
+        "num_particles": spec.num_particles,
+        "max_plate_nesting": MAX_PLATE_NESTING,
+        "vectorize_particles": spec.num_particles > 1,
+    }
 
 
 @registry.register("estimator", "trace")
@@ -525,8 +533,9 @@ class TailAdaptiveConfig:
 @registry.register("estimator", "tail-adaptive", token=("num_particles",), config=TailAdaptiveConfig)
 def tail_adaptive_estimator(spec: InferenceSpec) -> ELBO:
     if spec.num_particles < 2:
-        raise UserInputError(f"'inference.num_particles' is {spec.num_particles}; "
-                             "the tail-adaptive estimator needs at least 2 particles")
+        raise UserInputError(
+            f"'inference.num_particles' is {spec.num_particles}; the tail-adaptive estimator needs at least 2 particles"
+        )
     return TailAdaptive_ELBO(num_particles=spec.num_particles, tail_adaptive_beta=spec.options.tail_adaptive_beta)
 
 
@@ -543,8 +552,9 @@ class RenyiConfig:
 
     def check(self, key: str, spec) -> None:
         if self.alpha == 1.0:
-            raise UserInputError(f"'{key}.alpha' is 1.0; the Rényi bound needs alpha != 1 "
-                                 "(alpha = 1 is the ELBO: use 'trace')")
+            raise UserInputError(
+                f"'{key}.alpha' is 1.0; the Rényi bound needs alpha != 1 (alpha = 1 is the ELBO: use 'trace')"
+            )
 
 
 @registry.register("estimator", "renyi", token=("num_particles", "alpha"), config=RenyiConfig)
@@ -595,6 +605,7 @@ def piwae_estimator(spec: InferenceSpec) -> ELBO:
 # Training-loop helpers
 # --------------------------------------------------------------------------
 
+
 def bound_and_backward(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
     """One estimator step: backpropagate its gradient and return the detached loss (−bound).
 
@@ -608,7 +619,7 @@ def bound_and_backward(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tenso
         if loss.requires_grad:
             loss.backward()
         return loss.detach()
-    return torch.tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
+    return torch.tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))  # type: ignore[attr-defined]
 
 
 def bound(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -616,4 +627,4 @@ def bound(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         if hasattr(elbo, "differentiable_loss"):
             return -elbo.differentiable_loss(model, guide, *args, **kwargs).detach()
-        return -torch.tensor(elbo.loss(model, guide, *args, **kwargs))
+        return -torch.tensor(elbo.loss(model, guide, *args, **kwargs))  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ Linear-Gaussian model, where everything the ELBO derivation needs is exact::
 It is the test bed for every bound in the package: ELBO ≤ log p(x), the gap
 log p(x) − ELBO = KL(q ‖ p(z|x)), and the IWAE bound rising toward log p(x).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,12 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.distributions import (Independent, LowRankMultivariateNormal, MultivariateNormal,
-                                 Normal, register_kl)
+from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
 
 
-def diagonal_normal_kl(loc_q: torch.Tensor, scale_q: torch.Tensor,
-                       loc_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
+def diagonal_normal_kl(
+    loc_q: torch.Tensor, scale_q: torch.Tensor, loc_p: torch.Tensor, scale_p: torch.Tensor
+) -> torch.Tensor:
     """Elementwise KL(N(loc_q, scale_q²) ‖ N(loc_p, scale_p²)) in nats.
 
     Sum over the last dimension for a diagonal multivariate Gaussian.
@@ -88,8 +89,7 @@ def log_density(p: torch.distributions.Distribution, z: torch.Tensor) -> torch.T
 
 @register_kl(MultivariateNormal, Independent)
 @register_kl(LowRankMultivariateNormal, Independent)
-def gaussian_diagonal_kl(q: MultivariateNormal | LowRankMultivariateNormal,
-                         p: Independent) -> torch.Tensor:
+def gaussian_diagonal_kl(q: MultivariateNormal | LowRankMultivariateNormal, p: Independent) -> torch.Tensor:
     """KL(q ‖ p) in nats for a full or low-rank Gaussian q and a diagonal Gaussian p::
 
         KL = ½ [tr(Σp⁻¹ Σq) + (μp − μq)ᵀ Σp⁻¹ (μp − μq) − d + log|Σp| − log|Σq|]
@@ -99,7 +99,7 @@ def gaussian_diagonal_kl(q: MultivariateNormal | LowRankMultivariateNormal,
     minus the entropy H(q) = ½ [d (1 + log 2π) + log|Σq|]. Batch shapes broadcast.
     """
     prior = _diagonal_normal(p, q.event_shape)
-    variance_p = prior.scale ** 2
+    variance_p = prior.scale**2
     squared_error = (q.mean - prior.loc) ** 2 + q.variance
     cross_entropy = 0.5 * (torch.log(2 * math.pi * variance_p) + squared_error / variance_p).sum(-1)
     return cross_entropy - q.entropy()
@@ -117,10 +117,11 @@ class LinearGaussian:
     noise: float
 
     @classmethod
-    def random(cls, data_dim: int, latent_dim: int, noise: float = 0.5,
-               generator: torch.Generator | None = None) -> "LinearGaussian":
+    def random(
+        cls, data_dim: int, latent_dim: int, noise: float = 0.5, generator: torch.Generator | None = None
+    ) -> "LinearGaussian":
         """A model with weights drawn from N(0, 1/d) and biases from N(0, 1)."""
-        weight = torch.randn(data_dim, latent_dim, generator=generator) / latent_dim ** 0.5
+        weight = torch.randn(data_dim, latent_dim, generator=generator) / latent_dim**0.5
         bias = torch.randn(data_dim, generator=generator)
         return cls(weight, bias, float(noise))
 
@@ -140,7 +141,7 @@ class LinearGaussian:
 
     def marginal(self) -> torch.distributions.MultivariateNormal:
         """p(x) = N(b, W Wᵀ + σ² I)."""
-        cov = self.weight @ self.weight.T + self.noise ** 2 * torch.eye(self.data_dim)
+        cov = self.weight @ self.weight.T + self.noise**2 * torch.eye(self.data_dim)
         return torch.distributions.MultivariateNormal(self.bias, covariance_matrix=cov)
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,17 +150,18 @@ class LinearGaussian:
 
     def posterior_covariance(self) -> torch.Tensor:
         """Σ = (I + Wᵀ W / σ²)⁻¹, the same for every x."""
-        precision = torch.eye(self.latent_dim) + self.weight.T @ self.weight / self.noise ** 2
+        precision = torch.eye(self.latent_dim) + self.weight.T @ self.weight / self.noise**2
         return torch.linalg.inv(precision)
 
     def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
         """E[z | x] = Σ Wᵀ (x − b) / σ², shape (n, d)."""
-        return (x - self.bias) @ self.weight @ self.posterior_covariance().T / self.noise ** 2
+        return (x - self.bias) @ self.weight @ self.posterior_covariance().T / self.noise**2
 
     def posterior(self, x: torch.Tensor) -> torch.distributions.MultivariateNormal:
         """The exact posterior p(z | x), batched over the examples of x."""
         return torch.distributions.MultivariateNormal(
-            self.posterior_mean(x), covariance_matrix=self.posterior_covariance())
+            self.posterior_mean(x), covariance_matrix=self.posterior_covariance()
+        )
 
     def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x, z) = log N(z; 0, I) + log N(x; W z + b, σ² I)."""

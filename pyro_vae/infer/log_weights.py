@@ -32,11 +32,12 @@ with; the speed of evaluation lives inside the parts' own distributions
 Plates other than the ones every site shares (the particle plate and the data
 plate), such as a plate nested inside the data plate, are summed inside log w.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import pyro
 import torch
@@ -80,11 +81,12 @@ class Site:
         return out.sum(self.dims, keepdim=True) if self.dims else out
 
 
-def _total(terms) -> torch.Tensor | float:
+def _total(terms) -> torch.Tensor:
+    """Σ terms; the float 0.0, which adds to a tensor as a zero tensor would, when there are none."""
     out: torch.Tensor | float = 0.0
     for term in terms:
         out = out + term
-    return out
+    return cast(torch.Tensor, out)
 
 
 @dataclass
@@ -167,13 +169,19 @@ def _site_log_prob(site: dict, path_derivative: bool) -> torch.Tensor:
     return log_prob
 
 
-def _sites(trace: poutine.Trace) -> list[dict]:
+def _sites(trace: poutine.Trace) -> list[Any]:
     return [site for site in trace.nodes.values() if site["type"] == "sample"]
 
 
-def traces(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int,
-           max_plate_nesting: int = 1, scale_values: Callable | None = None
-           ) -> tuple[poutine.Trace, poutine.Trace]:
+def traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    max_plate_nesting: int = 1,
+    scale_values: Callable | None = None,
+) -> tuple[poutine.Trace, poutine.Trace]:
     """``(model_trace, guide_trace)``: the guide run with ``num_particles`` vectorized particles, the model replayed.
 
     ``scale_values`` (DReG, PIWAE) wraps each latent value, given its event dim,
@@ -187,15 +195,14 @@ def traces(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_part
         replayed = guide_trace.copy()
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
-                replayed.nodes[name] = {**site, "value": scale_values(site["value"], site["fn"].event_dim)}
+                replayed.nodes[name] = {**site, "value": scale_values(site["value"], site["fn"].event_dim)}  # type: ignore[attr-defined]
     model_trace = poutine.trace(poutine.replay(particles(model), trace=replayed)).get_trace(*args, **kwargs)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
     return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
 
-def from_traces(model_trace: poutine.Trace, guide_trace: poutine.Trace,
-                path_derivative: bool = False) -> LogWeights:
+def from_traces(model_trace: poutine.Trace, guide_trace: poutine.Trace, path_derivative: bool = False) -> LogWeights:
     """The :class:`LogWeights` of a (model, guide) trace pair.
 
     The plates every site shares set N/B (``scale``); each site's weight is its
@@ -210,17 +217,33 @@ def from_traces(model_trace: poutine.Trace, guide_trace: poutine.Trace,
         out = {}
         for site in sites:
             dims = tuple(f.dim for f in site["cond_indep_stack"] if f.vectorized and f not in shared)
-            out[site["name"]] = Site(site["name"], _site_log_prob(site, stl and not site["is_observed"]),
-                                     site["scale"] / scale, site["mask"], dims, bool(site["is_observed"]),
-                                     site["fn"], site["value"])
+            out[site["name"]] = Site(
+                site["name"],
+                _site_log_prob(site, stl and not site["is_observed"]),
+                site["scale"] / scale,
+                site["mask"],
+                dims,
+                bool(site["is_observed"]),
+                site["fn"],
+                site["value"],
+            )
         return out
 
-    return LogWeights(collect(model_sites, False), collect(guide_sites, path_derivative), scale,
-                      model_trace, guide_trace)
+    return LogWeights(
+        collect(model_sites, False), collect(guide_sites, path_derivative), scale, model_trace, guide_trace
+    )
 
 
-def log_weights(model: Callable, guide: Callable, *args, num_particles: int = 1, max_plate_nesting: int = 1,
-                path_derivative: bool = False, scale_values: Callable | None = None, **kwargs) -> LogWeights:
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int = 1,
+    max_plate_nesting: int = 1,
+    path_derivative: bool = False,
+    scale_values: Callable | None = None,
+    **kwargs,
+) -> LogWeights:
     """The sites of ``num_particles`` particles per example of ``model``/``guide`` called with ``args``, ``kwargs``.
 
     ``log_weights(vae.model, vae.guide, x, num_particles=K).log_w`` is log w of

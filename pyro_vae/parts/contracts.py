@@ -43,6 +43,7 @@ the part changes) a part whose shapes disagree
 with the model's is a one-line :class:`~pyro_vae.errors.UserInputError` that
 names the kind, the registered name, the part's class and what was expected.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -173,29 +174,67 @@ class Contract:
 
 FORWARD = "forward"
 CONTRACTS = {
-    "encoder": Contract("network", "encoder network", (
-        Member(FORWARD, "method", "forward(x: (..., D)) -> features (..., H)"),
-        Member("output_dim", "int", "output_dim: int (H)"))),
-    "decoder": Contract("network", "decoder network", (
-        Member(FORWARD, "method", "forward(z: (..., d)) -> (..., D)"),
-        Member("output_bias", "tensor", "output_bias: Parameter (D,)"))),
-    "prior": Contract("prior", "prior", (
-        Member(FORWARD, "method", "forward() returning a distribution with event shape (latent_dim,) and "
-                                  "batch shape ()"),)),
-    "guide": Contract("guide", "guide", (
-        Member(FORWARD, "method", "forward(h) returning a reparameterized distribution with event shape "
-                                  "(latent_dim,)"),
-        Member("gaussian", "method", "gaussian(h) -> its Gaussian part"),
-        Member("moments", "method", "moments(h) -> (mean, std)"))),
-    "likelihood": Contract("likelihood", "likelihood", (
-        Member(FORWARD, "method", "forward(out) returning a distribution with event shape (D,)"),
-        Member("mean", "method", "mean(out) -> E[x|z]"),
-        Member("holds", "method", "holds(data) -> bool"),
-        Member("output_for_mean", "method", "output_for_mean(mean) -> out (D,)"),
-        Member("support_name", "str", "support_name: str"))),
-    "estimator": Contract("estimator", "estimator", (
-        Member("differentiable_loss", "method", "differentiable_loss(model, guide, *args, **kwargs), or "
-                                                "loss_and_grads(...) and loss(...), as a Pyro ELBO"),)),
+    "encoder": Contract(
+        "network",
+        "encoder network",
+        (
+            Member(FORWARD, "method", "forward(x: (..., D)) -> features (..., H)"),
+            Member("output_dim", "int", "output_dim: int (H)"),
+        ),
+    ),
+    "decoder": Contract(
+        "network",
+        "decoder network",
+        (
+            Member(FORWARD, "method", "forward(z: (..., d)) -> (..., D)"),
+            Member("output_bias", "tensor", "output_bias: Parameter (D,)"),
+        ),
+    ),
+    "prior": Contract(
+        "prior",
+        "prior",
+        (
+            Member(
+                FORWARD,
+                "method",
+                "forward() returning a distribution with event shape (latent_dim,) and batch shape ()",
+            ),
+        ),
+    ),
+    "guide": Contract(
+        "guide",
+        "guide",
+        (
+            Member(
+                FORWARD, "method", "forward(h) returning a reparameterized distribution with event shape (latent_dim,)"
+            ),
+            Member("gaussian", "method", "gaussian(h) -> its Gaussian part"),
+            Member("moments", "method", "moments(h) -> (mean, std)"),
+        ),
+    ),
+    "likelihood": Contract(
+        "likelihood",
+        "likelihood",
+        (
+            Member(FORWARD, "method", "forward(out) returning a distribution with event shape (D,)"),
+            Member("mean", "method", "mean(out) -> E[x|z]"),
+            Member("holds", "method", "holds(data) -> bool"),
+            Member("output_for_mean", "method", "output_for_mean(mean) -> out (D,)"),
+            Member("support_name", "str", "support_name: str"),
+        ),
+    ),
+    "estimator": Contract(
+        "estimator",
+        "estimator",
+        (
+            Member(
+                "differentiable_loss",
+                "method",
+                "differentiable_loss(model, guide, *args, **kwargs), or "
+                "loss_and_grads(...) and loss(...), as a Pyro ELBO",
+            ),
+        ),
+    ),
     "dataset": Contract("dataset", "dataset", ()),
 }
 MODULE_ROLES = ("encoder", "decoder", "prior", "guide", "likelihood")
@@ -249,8 +288,10 @@ def check_signature(kind: str, name: str, builder: Callable, args: tuple, kwargs
     try:
         signature.bind(*args, **kwargs)
     except TypeError as exc:
-        raise UserInputError(f"{kind} {name!r}: builder {qualified(builder)}{signature} cannot take the {kind} "
-                             f"builder's arguments ({exc}); a {kind} builder is {BUILDER_SIGNATURES[kind]}") from None
+        raise UserInputError(
+            f"{kind} {name!r}: builder {qualified(builder)}{signature} cannot take the {kind} "
+            f"builder's arguments ({exc}); a {kind} builder is {BUILDER_SIGNATURES[kind]}"
+        ) from None
 
 
 def _has(part: Any, member: Member) -> bool:
@@ -269,14 +310,16 @@ def _has(part: Any, member: Member) -> bool:
 def check_members(role: str, name: str, part: Any) -> None:
     """One line naming the part and the first member it lacks, with its role's contract."""
     if role in MODULE_ROLES and not isinstance(part, nn.Module):
-        raise UserInputError(f"{label(role, name, part)} is not a torch.nn.Module; {_contract_sentence(role)}, "
-                             f"as an nn.Module")
+        raise UserInputError(
+            f"{label(role, name, part)} is not a torch.nn.Module; {_contract_sentence(role)}, as an nn.Module"
+        )
     if role == "estimator" and all(callable(getattr(part, m, None)) for m in FALLBACK_LOSSES):
         return
     for member in CONTRACTS[role].members:
         if not _has(part, member):
-            raise UserInputError(f"{label(role, name, part)} has no {member.name!r} {_missing(member)}; "
-                                 f"{_contract_sentence(role)}")
+            raise UserInputError(
+                f"{label(role, name, part)} has no {member.name!r} {_missing(member)}; {_contract_sentence(role)}"
+            )
 
 
 def _missing(member: Member) -> str:
@@ -290,8 +333,10 @@ def check_dataset(name: str, data: Any) -> None:
     from pyro_vae.data import Dataset  # here, not at the top: pyro_vae.data imports this module
 
     if not isinstance(data, Dataset):
-        raise UserInputError(f"dataset {name!r}: the builder returned {qualified(data)}; "
-                             f"a dataset builder is {BUILDER_SIGNATURES['dataset']}")
+        raise UserInputError(
+            f"dataset {name!r}: the builder returned {qualified(data)}; "
+            f"a dataset builder is {BUILDER_SIGNATURES['dataset']}"
+        )
 
 
 # -- shape probes: one call of each part on a small batch of zeros ------------------------------------------
@@ -307,7 +352,7 @@ def _evaluating(part: nn.Module) -> Iterator[None]:
             module.train(training)
 
 
-def _probe(part_label: str, call: str, part: nn.Module, fn: Callable, *args: Any) -> Any:
+def _probe(part_label: str, call: str, part: Any, fn: Callable, *args: Any) -> Any:
     """``fn(*args)``, ``part`` in eval mode, without gradients; an error it raises becomes one line naming the call."""
     try:
         with torch.no_grad(), _evaluating(part):
@@ -336,8 +381,10 @@ def probe_encoder(name: str, encoder: Encoder, data_dim: int) -> torch.Tensor:
     expected = (PROBE_BATCH, encoder.output_dim)
     if not isinstance(h, torch.Tensor) or tuple(h.shape) != expected:
         got = _shape(h.shape) if isinstance(h, torch.Tensor) else qualified(h)
-        raise UserInputError(f"{part_label}: forward(x of shape {_shape(x.shape)}) gave {got}; expected "
-                             f"{_shape(expected)} (batch, output_dim)")
+        raise UserInputError(
+            f"{part_label}: forward(x of shape {_shape(x.shape)}) gave {got}; expected "
+            f"{_shape(expected)} (batch, output_dim)"
+        )
     return h
 
 
@@ -345,23 +392,29 @@ def probe_decoder(name: str, decoder: Decoder, latent_dim: int, data_dim: int) -
     """out = decoder(z) for z = zeros (PROBE_BATCH, d); out must be (PROBE_BATCH, D), output_bias (D,). Returns out."""
     part_label = label("decoder", name, decoder)
     if tuple(decoder.output_bias.shape) != (data_dim,):
-        raise UserInputError(f"{part_label}: output_bias has shape {_shape(decoder.output_bias.shape)}; expected "
-                             f"({data_dim},), one entry per data dimension")
+        raise UserInputError(
+            f"{part_label}: output_bias has shape {_shape(decoder.output_bias.shape)}; expected "
+            f"({data_dim},), one entry per data dimension"
+        )
     z = torch.zeros(PROBE_BATCH, latent_dim)
     out = _probe(part_label, f"forward(z of shape {_shape(z.shape)})", decoder, decoder, z)
     expected = (PROBE_BATCH, data_dim)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = _shape(out.shape) if isinstance(out, torch.Tensor) else qualified(out)
-        raise UserInputError(f"{part_label}: forward(z of shape {_shape(z.shape)}) gave {got}; expected "
-                             f"{_shape(expected)} (batch, data dimension D)")
+        raise UserInputError(
+            f"{part_label}: forward(z of shape {_shape(z.shape)}) gave {got}; expected "
+            f"{_shape(expected)} (batch, data dimension D)"
+        )
     return out
 
 
 def _check_event(part_label: str, call: str, q: Distribution, batch: tuple, event: tuple, what: str) -> None:
     if tuple(q.event_shape) != event or tuple(q.batch_shape) != batch:
-        raise UserInputError(f"{part_label}: {call} gave a distribution with batch shape {_shape(q.batch_shape)} "
-                             f"and event shape {_shape(q.event_shape)}; expected batch shape {_shape(batch)} and "
-                             f"event shape {_shape(event)}: {what}")
+        raise UserInputError(
+            f"{part_label}: {call} gave a distribution with batch shape {_shape(q.batch_shape)} "
+            f"and event shape {_shape(q.event_shape)}; expected batch shape {_shape(batch)} and "
+            f"event shape {_shape(event)}: {what}"
+        )
 
 
 def probe_guide(name: str, guide: Guide, h: torch.Tensor, latent_dim: int) -> None:
@@ -370,19 +423,27 @@ def probe_guide(name: str, guide: Guide, h: torch.Tensor, latent_dim: int) -> No
     for method, fn in (("forward", guide), ("gaussian", guide.gaussian)):
         call = f"{method}(h of shape {_shape(h.shape)})"
         q = _distribution(part_label, call, _probe(part_label, call, guide, fn, h))
-        _check_event(part_label, call, q, (PROBE_BATCH,), (latent_dim,),
-                     "events of model.latent_dim values, one per row of h")
+        _check_event(
+            part_label, call, q, (PROBE_BATCH,), (latent_dim,), "events of model.latent_dim values, one per row of h"
+        )
         if not q.has_rsample:
-            raise UserInputError(f"{part_label}: {call} gave {qualified(q)}, which has no rsample; "
-                                 f"a guide must be reparameterized")
+            raise UserInputError(
+                f"{part_label}: {call} gave {qualified(q)}, which has no rsample; a guide must be reparameterized"
+            )
 
 
 def probe_prior(name: str, prior: Prior, latent_dim: int) -> None:
     """prior(): batch shape (), event shape (d,)."""
     part_label = label("prior", name, prior)
     p = _distribution(part_label, "forward()", _probe(part_label, "forward()", prior, prior))
-    _check_event(part_label, "forward()", p, (), (latent_dim,), "events of model.latent_dim values, one "
-                                                                "distribution shared by every example")
+    _check_event(
+        part_label,
+        "forward()",
+        p,
+        (),
+        (latent_dim,),
+        "events of model.latent_dim values, one distribution shared by every example",
+    )
 
 
 def probe_likelihood(name: str, likelihood: Likelihood, out: torch.Tensor, data_dim: int) -> None:
@@ -390,5 +451,6 @@ def probe_likelihood(name: str, likelihood: Likelihood, out: torch.Tensor, data_
     part_label = label("likelihood", name, likelihood)
     call = f"forward(out of shape {_shape(out.shape)})"
     p = _distribution(part_label, call, _probe(part_label, call, likelihood, likelihood, out))
-    _check_event(part_label, call, p, (PROBE_BATCH,), (data_dim,),
-                 "events of D values (the data dimension), one per row of out")
+    _check_event(
+        part_label, call, p, (PROBE_BATCH,), (data_dim,), "events of D values (the data dimension), one per row of out"
+    )

@@ -30,6 +30,7 @@ with ``logsigmoid``. Values that are not all 0 or 1 take the plain formula.
 one subtract, one multiply by 1/σ and one sum of squares per draw, the σ terms
 once per distribution (:func:`pyro_vae.infer.gaussian.log_density`).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -39,8 +40,8 @@ import torch
 
 from pyro_vae.infer.gaussian import log_density
 
-MAX_GROUP = 64       # factors σ(s·l) per product: bounds its roundings and how often a group underflows
-PAIRWISE_STEPS = 3   # in-place halvings before the grouped product
+MAX_GROUP = 64  # factors σ(s·l) per product: bounds its roundings and how often a group underflows
+PAIRWISE_STEPS = 3  # in-place halvings before the grouped product
 
 
 def group_size(dim: int, largest: int = MAX_GROUP) -> int:
@@ -66,7 +67,7 @@ def _sum_log_sigmoid(t: torch.Tensor, recompute: Callable[[torch.Tensor], torch.
         if width % 2:
             break
         width //= 2
-        values[..., :width].mul_(values[..., width:2 * width])
+        values[..., :width].mul_(values[..., width : 2 * width])
         factors *= 2
     group = group_size(width, MAX_GROUP // factors)
     products = values[..., :width].unflatten(-1, (width // group, group)).prod(-1)
@@ -81,7 +82,7 @@ def _sum_log_sigmoid(t: torch.Tensor, recompute: Callable[[torch.Tensor], torch.
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_d log Bernoulli(x_d | logits_d) over the last dim, for binary x broadcastable against logits (…, D)."""
     signs = x * 2 - 1
-    signed = logits * signs                                  # a new tensor of the broadcast shape
+    signed = logits * signs  # a new tensor of the broadcast shape
     shape = signed.shape
 
     def recompute(index: torch.Tensor) -> torch.Tensor:
@@ -106,8 +107,9 @@ class BernoulliImage(dist.Independent):
         return self.base_dist.logits
 
     def expand(self, batch_shape, _instance=None) -> "BernoulliImage":
-        return BernoulliImage(self.logits.expand(torch.Size(batch_shape) + self.event_shape),
-                              validate_args=self._validate_args)
+        return BernoulliImage(
+            self.logits.expand(torch.Size(batch_shape) + self.event_shape), validate_args=self._validate_args
+        )
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or not is_binary(value):
@@ -129,8 +131,9 @@ class DiagonalNormal(dist.Independent):
 
     def expand(self, batch_shape, _instance=None) -> "DiagonalNormal":
         shape = torch.Size(batch_shape) + self.event_shape
-        return DiagonalNormal(self.base_dist.loc.expand(shape), self.base_dist.scale.expand(shape),
-                              validate_args=self._validate_args)
+        return DiagonalNormal(
+            self.base_dist.loc.expand(shape), self.base_dist.scale.expand(shape), validate_args=self._validate_args
+        )
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

@@ -19,6 +19,7 @@ VampPrior paper's encoder does with a hard-tanh on log σ² in [−6, 2]
 (Tomczak & Welling 2018): a floor under σ that keeps a posterior from
 collapsing onto a point while the decoder still ignores z.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,9 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.config import registry
-from pyro_vae.parts import distributions
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import GuideSpec, accepts, section_at
+from pyro_vae.errors import UserInputError
+from pyro_vae.parts import distributions
 
 
 class Guide(nn.Module):
@@ -61,8 +62,9 @@ def positive_scale(raw: torch.Tensor, min_scale: float, log_variance_bounds: lis
 
 
 class DiagonalNormal(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, min_scale: float,
-                 log_variance_bounds: list[float] | None = None):
+    def __init__(
+        self, feature_dim: int, latent_dim: int, min_scale: float, log_variance_bounds: list[float] | None = None
+    ):
         super().__init__()
         self.loc = nn.Linear(feature_dim, latent_dim)
         self.raw_scale = nn.Linear(feature_dim, latent_dim)
@@ -74,8 +76,14 @@ class DiagonalNormal(Guide):
 
 
 class LowRankNormal(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, rank: int, min_scale: float,
-                 log_variance_bounds: list[float] | None = None):
+    def __init__(
+        self,
+        feature_dim: int,
+        latent_dim: int,
+        rank: int,
+        min_scale: float,
+        log_variance_bounds: list[float] | None = None,
+    ):
         super().__init__()
         self.latent_dim, self.rank = latent_dim, rank
         self.loc = nn.Linear(feature_dim, latent_dim)
@@ -90,8 +98,9 @@ class LowRankNormal(Guide):
 
 
 class FullNormal(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, min_scale: float,
-                 log_variance_bounds: list[float] | None = None):
+    def __init__(
+        self, feature_dim: int, latent_dim: int, min_scale: float, log_variance_bounds: list[float] | None = None
+    ):
         super().__init__()
         self.latent_dim = latent_dim
         self.loc = nn.Linear(feature_dim, latent_dim)
@@ -111,20 +120,31 @@ class FullNormal(Guide):
 
 
 class InverseAutoregressive(Guide):
-    def __init__(self, feature_dim: int, latent_dim: int, flows: int, hidden: list[int], min_scale: float,
-                 log_variance_bounds: list[float] | None = None):
+    def __init__(
+        self,
+        feature_dim: int,
+        latent_dim: int,
+        flows: int,
+        hidden: list[int],
+        min_scale: float,
+        log_variance_bounds: list[float] | None = None,
+    ):
         super().__init__()
         if latent_dim < 2:
-            raise UserInputError("'model.guide.type' iaf needs model.latent_dim >= 2 (an autoregressive flow on one dimension is affine)")
+            raise UserInputError(
+                "'model.guide.type' iaf needs model.latent_dim >= 2 (an autoregressive flow on one dimension is affine)"
+            )
         self.base = DiagonalNormal(feature_dim, latent_dim, min_scale, log_variance_bounds)
         self.flows = nn.ModuleList(
-            T.conditional_affine_autoregressive(latent_dim, feature_dim, hidden_dims=hidden) for _ in range(flows))
+            T.conditional_affine_autoregressive(latent_dim, feature_dim, hidden_dims=hidden) for _ in range(flows)
+        )
 
     def gaussian(self, h: torch.Tensor) -> dist.TorchDistribution:
         return self.base.gaussian(h)
 
     def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
-        return dist.TransformedDistribution(self.gaussian(h), [flow.condition(h) for flow in self.flows])
+        conditioned = [flow.condition(h) for flow in self.flows]  # type: ignore[operator]  # a ModuleList's items
+        return dist.TransformedDistribution(self.gaussian(h), conditioned)
 
     def moments(self, h: torch.Tensor, num_samples: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Monte Carlo moments: the flow has no closed-form mean."""
@@ -146,7 +166,9 @@ class LowRankConfig:
     def check(self, key: str, spec) -> None:
         latent_dim = spec.model.latent_dim
         if self.rank > latent_dim:
-            raise UserInputError(f"'{key}.rank' is {self.rank}; it must be between 1 and model.latent_dim ({latent_dim})")
+            raise UserInputError(
+                f"'{key}.rank' is {self.rank}; it must be between 1 and model.latent_dim ({latent_dim})"
+            )
 
 
 @registry.register("guide", "low-rank-normal", config=LowRankConfig)
@@ -161,18 +183,21 @@ def full_normal(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
 
 @dataclass
 class AutoregressiveConfig:
-    """A flow of ``flows`` autoregressive transforms, each a MADE with ``hidden`` widths (``iaf``; the ``flow`` prior)."""
+    """A flow of ``flows`` autoregressive transforms, each a MADE with ``hidden`` widths (``iaf``; the ``flow``
+    prior)."""
 
     flows: int = field(default=2, metadata=accepts(1, 64))
     hidden: list[int] = field(default_factory=lambda: [64], metadata=accepts(1))
 
     def check(self, key: str, spec) -> None:
         if not self.hidden:
-            raise UserInputError(f"'{key}.hidden' is []; a {section_at(spec, key).type} needs at least one hidden "
-                                 f"layer, e.g. [64]")
+            raise UserInputError(
+                f"'{key}.hidden' is []; a {section_at(spec, key).type} needs at least one hidden layer, e.g. [64]"
+            )
 
 
 @registry.register("guide", "iaf", config=AutoregressiveConfig)
 def inverse_autoregressive(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
-    return InverseAutoregressive(feature_dim, latent_dim, spec.options.flows, spec.options.hidden, spec.min_scale,
-                                 spec.log_variance_bounds)
+    return InverseAutoregressive(
+        feature_dim, latent_dim, spec.options.flows, spec.options.hidden, spec.min_scale, spec.log_variance_bounds
+    )

@@ -10,6 +10,7 @@ over the flat example x with event shape (D,):
   dimension (``scale: learned``).
 - ``laplace``: Laplace(μ_i, b_i), same scale options.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.config import registry
-from pyro_vae.parts.distributions import BernoulliImage
 from pyro_vae.config.spec import LikelihoodSpec, accepts
+from pyro_vae.parts.distributions import BernoulliImage
 
 LEARNED = "learned"
 MEAN_CLAMP = 1e-3  # data-mean initialization: means of 0 or 1 are moved this far inside (0, 1)
@@ -99,6 +100,8 @@ class ContinuousBernoulli(Likelihood):
 
 class LocationScale(Likelihood):
     """Gaussian or Laplace with a fixed scale or a learned scale per dimension."""
+
+    fixed_scale: torch.Tensor  # a buffer, with a fixed scale
 
     def __init__(self, family: type, data_dim: int, scale: float | str, min_scale: float):
         super().__init__()

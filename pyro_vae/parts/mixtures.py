@@ -18,6 +18,7 @@ float32 loses up to ~10⁻⁷ of that size (tenths of a nat when σ is 0.01 and
 log-sum-exp over components, which has no such cancellation, runs in the
 value's dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,10 +47,11 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
             return super().log_prob(value)
         d = loc.shape[-1]
         loc, scale = loc.double(), scale.double()
-        precision = scale.pow(-2)                                           # w_kj, (K, d)
-        points = value.reshape(-1, d).double()                              # (n, d)
-        quadratic = (points.pow(2) @ precision.T - 2 * points @ (loc * precision).T
-                     + (loc.pow(2) * precision).sum(-1))                    # Σ_j (z_j − μ_kj)² w_kj, (n, K)
+        precision = scale.pow(-2)  # w_kj, (K, d)
+        points = value.reshape(-1, d).double()  # (n, d)
+        quadratic = (
+            points.pow(2) @ precision.T - 2 * points @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)
+        )  # Σ_j (z_j − μ_kj)² w_kj, (n, K)
         log_components = (-0.5 * quadratic - scale.log().sum(-1)).to(value.dtype) - 0.5 * d * math.log(2 * math.pi)
         log_density = torch.logsumexp(log_components + torch.log_softmax(logits, dim=-1), dim=-1)
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
@@ -67,6 +69,10 @@ def _unbroadcast(tensor: torch.Tensor, core: int) -> torch.Tensor | None:
 def gaussian_mixture(logits: torch.Tensor, components: dist.TorchDistribution) -> dist.MixtureSameFamily:
     """Σ_k softmax(logits)_k · component_k: the GEMM density for diagonal Gaussians, the plain one otherwise."""
     mixing = dist.Categorical(logits=logits)
-    diagonal = (isinstance(components, Independent) and isinstance(components.base_dist, Normal)
-                and components.reinterpreted_batch_ndims == 1 and components.batch_shape == logits.shape)
+    diagonal = (
+        isinstance(components, Independent)
+        and isinstance(components.base_dist, Normal)
+        and components.reinterpreted_batch_ndims == 1
+        and components.batch_shape == logits.shape
+    )
     return (DiagonalNormalMixture if diagonal else dist.MixtureSameFamily)(mixing, components)

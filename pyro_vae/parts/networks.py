@@ -5,6 +5,7 @@ into the parameters of q_φ(z|x). A decoder maps z (…, d) to the D numbers a
 likelihood needs per example (logits or means). Leading dimensions (particles,
 batch) pass through unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,12 +15,17 @@ import torch
 from torch import nn
 
 from pyro_vae.config import registry
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import NetworkSpec, accepts
+from pyro_vae.errors import UserInputError
 
 ACTIVATIONS = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU,
-    "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
 }
 
 
@@ -81,7 +87,7 @@ class MLPDecoder(nn.Module):
     @property
     def output_bias(self) -> nn.Parameter:
         """The bias of the last layer, one entry per output (D,)."""
-        return self.net[-1].bias
+        return self.net[-1].bias  # type: ignore[return-value]  # nn.Sequential indexes as a Module
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(..., d) → (..., D)."""
@@ -90,8 +96,9 @@ class MLPDecoder(nn.Module):
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         h = z
         for i, linear in enumerate(linears):
-            weight, bias = linear.weight, linear.bias
-            if i > 0:                         # the input is g = σ(2a), tanh(a) = 2g − 1
+            weight: torch.Tensor = linear.weight
+            bias: torch.Tensor = linear.bias
+            if i > 0:  # the input is g = σ(2a), tanh(a) = 2g − 1
                 weight, bias = 2 * weight, bias - weight.sum(1)
             if i == len(linears) - 1:
                 return torch.nn.functional.linear(h, weight, bias)
@@ -99,21 +106,37 @@ class MLPDecoder(nn.Module):
         raise AssertionError("unreachable: an MLP decoder ends with a linear layer")
 
 
-def _conv_geometry(image_shape: tuple[int, int, int] | None, channels: list[int],
-                   activation: str) -> tuple[int, int, int]:
+def _image(image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """``image_shape``; for flat data (None) the line that a conv network needs images."""
     if image_shape is None:
-        raise UserInputError("'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); this dataset is flat vectors: use mlp")
+        raise UserInputError(
+            "'model.encoder.type' conv needs image data (digits, mnist, fashion-mnist, binarized-mnist); "
+            "this dataset is flat vectors: use mlp"
+        )
+    return image_shape
+
+
+def _conv_geometry(
+    image_shape: tuple[int, int, int] | None, channels: list[int], activation: str
+) -> tuple[int, int, int]:
+    image_shape = _image(image_shape)
     if not channels:
-        raise UserInputError("a conv network needs at least one entry in 'channels' (model.encoder.channels, "
-                             "model.decoder.channels), e.g. [32, 64]")
+        raise UserInputError(
+            "a conv network needs at least one entry in 'channels' (model.encoder.channels, "
+            "model.decoder.channels), e.g. [32, 64]"
+        )
     if activation == GATED:
-        raise UserInputError("activation 'gated' is for mlp networks; a conv network takes relu, tanh, softplus, "
-                             "elu, gelu, silu or leaky_relu")
+        raise UserInputError(
+            "activation 'gated' is for mlp networks; a conv network takes relu, tanh, softplus, "
+            "elu, gelu, silu or leaky_relu"
+        )
     c, h, w = image_shape
     factor = 2 ** len(channels)
     if h % factor or w % factor:
         raise UserInputError(
-            f"conv network with {len(channels)} stride-2 layers ('channels') needs image sides divisible by {factor}; images are {h}x{w}")
+            f"conv network with {len(channels)} stride-2 layers ('channels') needs image sides divisible by {factor}; "
+            f"images are {h}x{w}"
+        )
     return c, h // factor, w // factor
 
 
@@ -144,8 +167,14 @@ class ConvDecoder(nn.Module):
     one bias per output value (C·H·W), so the decoder can start at the mean image.
     """
 
-    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: list[int],
-                 hidden: list[int], activation: str):
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: tuple[int, int, int],
+        channels: list[int],
+        hidden: list[int],
+        activation: str,
+    ):
         super().__init__()
         _, h, w = _conv_geometry(image_shape, channels, activation)
         self.start = (channels[-1], h, w)
@@ -167,11 +196,13 @@ class ConvDecoder(nn.Module):
 
 
 @registry.register("network", "mlp")
-def mlp_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
-                image_shape: tuple[int, int, int] | None) -> nn.Module:
+def mlp_network(
+    spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None, image_shape: tuple[int, int, int] | None
+) -> nn.Module:
     """Fully connected encoder or decoder (``hidden``, ``activation``)."""
     if role == "encoder":
         return MLPEncoder(input_dim, spec.hidden, spec.activation)
+    assert output_dim is not None  # a decoder is always built with its output width
     return MLPDecoder(input_dim, spec.hidden, output_dim, spec.activation)
 
 
@@ -183,11 +214,13 @@ class ConvConfig:
 
 
 @registry.register("network", "conv", config=ConvConfig)
-def conv_network(spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None,
-                 image_shape: tuple[int, int, int] | None) -> nn.Module:
+def conv_network(
+    spec: NetworkSpec, role: str, input_dim: int, output_dim: int | None, image_shape: tuple[int, int, int] | None
+) -> nn.Module:
     """Convolutional encoder or decoder for images (``channels``, then ``hidden``)."""
     channels = spec.options.channels
+    shape = _image(image_shape)
     if role == "encoder":
-        return ConvEncoder(image_shape, channels, spec.hidden, spec.activation)
-    _conv_geometry(image_shape, channels, spec.activation)
-    return ConvDecoder(input_dim, image_shape, channels, spec.hidden, spec.activation)
+        return ConvEncoder(shape, channels, spec.hidden, spec.activation)
+    _conv_geometry(shape, channels, spec.activation)
+    return ConvDecoder(input_dim, shape, channels, spec.hidden, spec.activation)

@@ -16,9 +16,11 @@ shape (d,) and empty batch shape; the model's data plate broadcasts it.
   (Papamakarios et al. 2017), so log p(z) costs one network pass per flow:
   ``log p(z) = log N(f(z); 0, I) + log |det ∂f/∂z|``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -27,14 +29,17 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.config import registry
-from pyro_vae.parts.distributions import DiagonalNormal
-from pyro_vae.errors import UserInputError
-from pyro_vae.parts.mixtures import gaussian_mixture
-from pyro_vae.parts.guides import AutoregressiveConfig
 from pyro_vae.config.spec import PriorSpec, accepts
+from pyro_vae.errors import UserInputError
+from pyro_vae.parts.distributions import DiagonalNormal
+from pyro_vae.parts.guides import AutoregressiveConfig
+from pyro_vae.parts.mixtures import gaussian_mixture
 
 
 class StandardNormal(nn.Module):
+    loc: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
@@ -69,8 +74,16 @@ class MixtureOfGaussians(nn.Module):
 
 
 class VampPrior(nn.Module):
-    def __init__(self, data_dim: int, pseudo_inputs: int, encoder: nn.Module, guide: nn.Module,
-                 data_range: tuple[float, float] | None = None):
+    data_range: torch.Tensor  # a buffer
+
+    def __init__(
+        self,
+        data_dim: int,
+        pseudo_inputs: int,
+        encoder: nn.Module,
+        guide: nn.Module,
+        data_range: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(pseudo_inputs, data_dim))
         # hardtanh bounds of the pseudo-inputs, kept in the checkpoint; None: unbounded
@@ -87,11 +100,14 @@ class VampPrior(nn.Module):
 
     def forward(self) -> dist.TorchDistribution:
         encoder, guide = self._posterior
-        components = guide.gaussian(encoder(self.inputs()))
+        components = guide.gaussian(encoder(self.inputs()))  # type: ignore[operator]  # the guide's own method
         return gaussian_mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components)
 
 
 class MaskedAutoregressiveFlow(nn.Module):
+    loc: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, latent_dim: int, flows: int, hidden: list[int]):
         super().__init__()
         if latent_dim < 2:
@@ -102,7 +118,7 @@ class MaskedAutoregressiveFlow(nn.Module):
         for transform in self.flows:
             # the last layer gives each flow's shift and log-scale: zero makes it the identity, so the prior
             # starts at N(0, I) (as the mog prior does) and unused latent dimensions cost no KL from the start
-            last = transform.arn.layers[-1]
+            last = cast(nn.Linear, transform.arn.layers[-1])  # type: ignore[union-attr,index]  # a ModuleList's items
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
@@ -143,8 +159,16 @@ class VampConfig:
 
 
 @registry.register("prior", "vamp", config=VampConfig)
-def vamp(spec: PriorSpec, latent_dim: int, *, data_dim: int, encoder: nn.Module, guide: nn.Module,
-         data_range: tuple[float, float] = (0.0, 1.0), **parts) -> nn.Module:
+def vamp(
+    spec: PriorSpec,
+    latent_dim: int,
+    *,
+    data_dim: int,
+    encoder: nn.Module,
+    guide: nn.Module,
+    data_range: tuple[float, float] = (0.0, 1.0),
+    **parts,
+) -> nn.Module:
     bounds = data_range if spec.options.pseudo_input_activation == "hardtanh" else None
     return VampPrior(data_dim, spec.options.pseudo_inputs, encoder, guide, bounds)
 

@@ -7,6 +7,7 @@ E[x | z], z ~ p(z), and of 16 test images above their reconstructions. The
 sample draws use their own generator (seeded by the run's seed), so logging
 changes no random number of the training run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,10 @@ def check_available() -> None:
         import tensorboard  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
-        raise UserInputError("'train.tensorboard' is true but the tensorboard package is not installed; "
-                             "pip install 'pyro_vae[tensorboard]' (or set train.tensorboard: false)") from None
+        raise UserInputError(
+            "'train.tensorboard' is true but the tensorboard package is not installed; "
+            "pip install 'pyro_vae[tensorboard]' (or set train.tensorboard: false)"
+        ) from None
 
 
 class EpochWriter:

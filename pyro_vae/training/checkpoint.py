@@ -11,6 +11,7 @@ a weight loads silently), so every record's CRC is checked first. The payload is
 then read with ``weights_only=True``: tensors, numbers, strings and containers,
 never arbitrary pickled objects.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ from pyro_vae.errors import UserInputError, one_line
 FORMAT = 1
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], what: str = "") -> None:
     """Replace ``path`` whole with what ``write(handle)`` writes: a temporary file, fsync, rename, folder fsync.
 
     ``what`` (e.g. "checkpoint") names the kind of file in the one-line error.
@@ -46,7 +47,9 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], what: str = "") 
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         kept = f"; the previous {what}, if any, is unchanged" if what else ""
-        raise UserInputError(f"cannot write {what + ' ' if what else ''}'{path}' ({exc.strerror or exc}){kept}") from None
+        raise UserInputError(
+            f"cannot write {what + ' ' if what else ''}'{path}' ({exc.strerror or exc}){kept}"
+        ) from None
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -67,8 +70,9 @@ def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
             damaged = archive.testzip()
         state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file can raise almost any type: report all as one line
-        raise UserInputError(f"checkpoint '{path}' is truncated or corrupted "
-                             f"({type(exc).__name__}: {one_line(exc, 120)})") from None
+        raise UserInputError(
+            f"checkpoint '{path}' is truncated or corrupted ({type(exc).__name__}: {one_line(exc, 120)})"
+        ) from None
     if damaged:
         raise UserInputError(f"checkpoint '{path}' is corrupted (record '{damaged}' fails its CRC check)")
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -22,6 +22,7 @@ the folder is emptied with one log line and the step compiled afresh.
 Inductor's precompiled C++ headers always live in the temporary directory, so
 they are not used for these steps (a missing header would cost a recompile).
 """
+
 from __future__ import annotations
 
 import logging

@@ -42,27 +42,28 @@ draws the same random numbers as an eager run of the same seed. The first
 Both paths step the same optimizer, :func:`pyro_vae.training.optimizer.adam`, and both
 receive the KL weight β the same way (:class:`KLWeight`), so they round it alike.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_vae.training import compile_cache, rng
-from pyro_vae.infer import estimators
 from pyro_vae.errors import one_line
+from pyro_vae.infer import estimators
+from pyro_vae.training import compile_cache, rng
 
 #: fused kernels, random draws through the eager generator; Inductor's precompiled C++ headers live in the
 #: temporary folder, so a step compiled without them loads from the package's cache alone
-INDUCTOR_OPTIONS = {"fallback_random": True, "cpp_cache_precompile_headers": False}
-LOSS_RTOL = 1e-4      # compiled vs eager, relative to the loss
-GRAD_RTOL = 1e-3      # compiled vs eager, relative to each gradient tensor's largest entry
+INDUCTOR_OPTIONS: dict[str, Any] = {"fallback_random": True, "cpp_cache_precompile_headers": False}
+LOSS_RTOL = 1e-4  # compiled vs eager, relative to the loss
+GRAD_RTOL = 1e-3  # compiled vs eager, relative to each gradient tensor's largest entry
 
 
 # --------------------------------------------------------------------------
@@ -71,11 +72,17 @@ GRAD_RTOL = 1e-3      # compiled vs eager, relative to each gradient tensor's la
 
 #: the module attributes :func:`host_free_pyro` replaces while a step is traced; tests/test_speed_paths.py
 #: fails when a Pyro release moves one of them (the trace would then stop at a host conversion)
-PATCHED = (("pyro.infer.trace_elbo", "torch_item"), ("pyro.infer.trace_elbo", "warn_if_nan"),
-           ("pyro.infer.trace_mean_field_elbo", "torch_item"), ("pyro.infer.trace_mean_field_elbo", "warn_if_nan"),
-           ("pyro.infer.tracegraph_elbo", "torch_item"), ("pyro.infer.tracegraph_elbo", "warn_if_nan"),
-           ("pyro.poutine.trace_struct", "warn_if_nan"), ("pyro.poutine.trace_struct", "warn_if_inf"),
-           ("pyro_vae.infer.estimators", "torch_item"))
+PATCHED = (
+    ("pyro.infer.trace_elbo", "torch_item"),
+    ("pyro.infer.trace_elbo", "warn_if_nan"),
+    ("pyro.infer.trace_mean_field_elbo", "torch_item"),
+    ("pyro.infer.trace_mean_field_elbo", "warn_if_nan"),
+    ("pyro.infer.tracegraph_elbo", "torch_item"),
+    ("pyro.infer.tracegraph_elbo", "warn_if_nan"),
+    ("pyro.poutine.trace_struct", "warn_if_nan"),
+    ("pyro.poutine.trace_struct", "warn_if_inf"),
+    ("pyro_vae.infer.estimators", "torch_item"),
+)
 
 
 @contextlib.contextmanager
@@ -120,6 +127,7 @@ def _keeps_random(node: torch.fx.Node) -> bool:
 # --------------------------------------------------------------------------
 # The objective as a module, so functional_call can make parameters graph inputs
 # --------------------------------------------------------------------------
+
 
 class _Objective(nn.Module):
     """−bound of ``elbo`` for ``vae`` on a batch, β as a tensor (so warm-up needs no new trace)."""
@@ -236,8 +244,9 @@ class CompiledStep:
 
     def _eager(self, x: torch.Tensor, num_data: int, kl_weight: float) -> torch.Tensor:
         """Pyro's step, β passed as the graphs receive it."""
-        return estimators.bound_and_backward(self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data,
-                                             kl_weight=self._beta(kl_weight, x.device))
+        return estimators.bound_and_backward(
+            self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=self._beta(kl_weight, x.device)
+        )
 
     def _build(self, key, names, params, buffers, x, beta, num_data, kl_weight):
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -286,18 +295,24 @@ class CompiledStep:
                 problem = _mismatch(ref_loss, ref_grads, c_loss, c_grads, slots)
                 if problem:
                     raise RuntimeError(f"compiled step differs from the eager one ({problem})")
-                self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
-                              f"{tuple(x.shape)} is traced once and compiled with TorchInductor "
-                              f"({self.compile_seconds:.1f} s)")
+                self.log.info(
+                    f"inference.compile: the {type(self.elbo).__name__} step for batches of "
+                    f"{tuple(x.shape)} is traced once and compiled with TorchInductor "
+                    f"({self.compile_seconds:.1f} s)"
+                )
                 return compiled, c_loss, c_grads
             except Exception as exc:  # no C++ compiler, unsupported device, a lowering failure
                 self.inductor = False
                 rng.restore_torch(device, after)
-                self.log.info(f"inference.compile: TorchInductor unavailable ({type(exc).__name__}: "
-                              f"{one_line(exc, 160)}); replaying the traced step without it")
+                self.log.info(
+                    f"inference.compile: TorchInductor unavailable ({type(exc).__name__}: "
+                    f"{one_line(exc, 160)}); replaying the traced step without it"
+                )
         elif not self.graphs:
-            self.log.info(f"inference.compile: the {type(self.elbo).__name__} step for batches of "
-                          f"{tuple(x.shape)} is traced once and replayed (TorchInductor off)")
+            self.log.info(
+                f"inference.compile: the {type(self.elbo).__name__} step for batches of "
+                f"{tuple(x.shape)} is traced once and replayed (TorchInductor off)"
+            )
         return graph, loss, grads
 
     def _compile(self, traced, slots, params, buffers, x, beta, start) -> tuple[Graph, torch.Tensor, list]:
@@ -312,8 +327,11 @@ class CompiledStep:
         for attempt in (1, 2):
             began = time.perf_counter()
             try:
-                graph = Graph(torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS),
-                              slots, compiled=True)
+                graph = Graph(
+                    torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS),
+                    slots,
+                    compiled=True,
+                )
                 rng.restore_torch(x.device, start)
                 loss, grads = graph(params, buffers, x, beta)
             except Exception as exc:

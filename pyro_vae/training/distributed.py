@@ -29,6 +29,7 @@ test ELBO itself (rank 0's is the one logged). Resuming a data-parallel run
 works (all ranks load rank 0's checkpoint, ranks > 0 re-derive their
 generators from the seed and the step), but is not bit-for-bit.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -47,8 +48,11 @@ SYNC_EVERY_ON_GPU = 100  # read the stop flag back (a host sync) only every so m
 def environment_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     try:
-        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+        return (
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
     except ValueError:
         raise UserInputError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
 
@@ -65,11 +69,11 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    weight: float = 1.0                 # B_r / B of the current step
+    weight: float = 1.0  # B_r / B of the current step
     steps: int = 0
     sync_every: int = 1
-    pending: list = field(default_factory=list)   # signals received, not yet agreed on
-    stop: list | None = None                       # the training loop's stop list
+    pending: list = field(default_factory=list)  # signals received, not yet agreed on
+    stop: list | None = None  # the training loop's stop list
 
     @property
     def enabled(self) -> bool:
@@ -81,9 +85,11 @@ class Context:
 
     def describe(self, batch_size: int, device: torch.device) -> str:
         backend = dist.get_backend() if dist.is_initialized() else "none"
-        return (f"data-parallel: {self.world_size} processes ({backend}, {device.type}); each step takes about "
-                f"{batch_size / self.world_size:g} of the global batch of {batch_size} per process, gradients "
-                f"all-reduced; rank 0 writes the run folder")
+        return (
+            f"data-parallel: {self.world_size} processes ({backend}, {device.type}); each step takes about "
+            f"{batch_size / self.world_size:g} of the global batch of {batch_size} per process, gradients "
+            f"all-reduced; rank 0 writes the run folder"
+        )
 
     # -- data ---------------------------------------------------------------------
     def shard(self, index: torch.Tensor) -> torch.Tensor:
@@ -140,7 +146,7 @@ class Context:
         dist.all_reduce(flat)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
         self.steps += 1
         if self.stop is not None and not self.stop and self.steps % self.sync_every == 0 and bool(flat[-1] > 0):
@@ -162,18 +168,27 @@ def setup(device_name: str) -> tuple[Context, str]:
     if on_gpu:
         if not torch.cuda.is_available() or local >= torch.cuda.device_count():
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise UserInputError(f"train.device is {device_name!r} under torchrun with LOCAL_RANK {local}, but this "
-                                 f"machine has {count} CUDA device(s); use --nproc-per-node <= {count} or --device cpu")
+            raise UserInputError(
+                f"train.device is {device_name!r} under torchrun with LOCAL_RANK {local}, but this "
+                f"machine has {count} CUDA device(s); use --nproc-per-node <= {count} or --device cpu"
+            )
         device_name = f"cuda:{local}"
         torch.cuda.set_device(local)
     elif device_name != "cpu":
-        raise UserInputError(f"data-parallel training runs on cpu (gloo) or cuda (nccl); train.device is {device_name!r}")
+        raise UserInputError(
+            f"data-parallel training runs on cpu (gloo) or cuda (nccl); train.device is {device_name!r}"
+        )
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo",
-                                **({"device_id": torch.device(device_name)} if on_gpu else {}))
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo", device_id=torch.device(device_name) if on_gpu else None
+        )
         atexit.register(_teardown)
-    context = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
-                      sync_every=SYNC_EVERY_ON_GPU if on_gpu else 1)
+    context = Context(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local,
+        sync_every=SYNC_EVERY_ON_GPU if on_gpu else 1,
+    )
     return context, device_name
 
 

@@ -19,14 +19,15 @@ Schedules (``optim.schedule.type``), stepped once per epoch:
 Each scheduler's ``state_dict`` goes into the checkpoint, so a resumed run
 continues the schedule where it stopped.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
-from pyro_vae.errors import UserInputError
 from pyro_vae.config.spec import OptimSpec
+from pyro_vae.errors import UserInputError
 
 IWAE_STAGES = 8
 
@@ -46,7 +47,7 @@ def adam(params: Iterable[torch.Tensor], spec: OptimSpec) -> torch.optim.Adam:
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise UserInputError(f"'optim.betas' is {betas}; accepted: two numbers in [0, 1), e.g. [0.9, 0.999]")
     params = list(params)
-    options = {"lr": spec.lr, "betas": (betas[0], betas[1]), "eps": spec.eps}
+    options: dict[str, Any] = {"lr": spec.lr, "betas": (betas[0], betas[1]), "eps": spec.eps}
     try:
         return torch.optim.Adam(params, **options, **adam_options(params))
     except (RuntimeError, TypeError, ValueError):  # a torch without a fused kernel for this device
@@ -58,7 +59,7 @@ def iwae_factor(epoch: int) -> float:
     stage, end = 0, 1
     while epoch >= end and stage < IWAE_STAGES - 1:
         stage += 1
-        end += 3 ** stage
+        end += 3**stage
     return 10 ** (-stage / 7)
 
 
@@ -71,8 +72,9 @@ def scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec, epochs: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, iwae_factor)
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=spec.schedule.factor,
-                                                      patience=spec.schedule.patience)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=spec.schedule.factor, patience=spec.schedule.patience
+    )
 
 
 def step_scheduler(schedule, validation_elbo: float | None) -> None:
@@ -80,6 +82,7 @@ def step_scheduler(schedule, validation_elbo: float | None) -> None:
     if schedule is None:
         return
     if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        assert validation_elbo is not None  # the spec check requires a validation split for plateau
         schedule.step(validation_elbo)
     else:
         schedule.step()

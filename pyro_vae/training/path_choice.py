@@ -17,6 +17,7 @@ Both paths give the same bits, so a run's results never depend on the choice;
 nothing is timed and nothing outside the run is read. The log says which path
 was taken, and the checkpoint records it, so a resumed run takes the same path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from pyro_vae.training import compiled
 from pyro_vae.infer import estimators
+from pyro_vae.training import compiled
 
 #: the steps a run must have left for ``auto`` to build the trace (a trace pays back its build over this many)
 TRACE_AFTER_STEPS = 1000
@@ -42,8 +43,15 @@ class AutoStep:
     its checkpoint recorded), it is kept (any other recorded path is chosen afresh).
     """
 
-    def __init__(self, elbo, vae: nn.Module, log: logging.Logger, steps_left: Callable[[], int],
-                 path: str | None = None, trace_after: int = TRACE_AFTER_STEPS):
+    def __init__(
+        self,
+        elbo,
+        vae: nn.Module,
+        log: logging.Logger,
+        steps_left: Callable[[], int],
+        path: str | None = None,
+        trace_after: int = TRACE_AFTER_STEPS,
+    ):
         self.elbo, self.vae, self.log, self.steps_left, self.trace_after = elbo, vae, log, steps_left, trace_after
         self.path = path if path in ("eager", "traced") else None  # a checkpoint's other path: chosen afresh
         self.eager = eager_step(elbo, vae)
@@ -61,8 +69,10 @@ class AutoStep:
         if traced:
             self.step = compiled.CompiledStep(self.elbo, self.vae, self.log, inductor=False)
         relation = "≥" if traced else "<"
-        self.log.info(f"inference.compile: auto chose {self.path} ({steps_left:,} steps left {relation} "
-                      f"{self.trace_after:,}; both paths give the same bits)")
+        self.log.info(
+            f"inference.compile: auto chose {self.path} ({steps_left:,} steps left {relation} "
+            f"{self.trace_after:,}; both paths give the same bits)"
+        )
 
     @property
     def mode(self) -> str:
@@ -77,8 +87,14 @@ def path_name(setting: Union[bool, str]) -> str:
     return setting
 
 
-def build_step(elbo, vae: nn.Module, setting: Union[bool, str], log: logging.Logger | None = None,
-               steps_left: Callable[[], int] = lambda: 0, chosen: str | None = None) -> Callable:
+def build_step(
+    elbo,
+    vae: nn.Module,
+    setting: Union[bool, str],
+    log: logging.Logger | None = None,
+    steps_left: Callable[[], int] = lambda: 0,
+    chosen: str | None = None,
+) -> Callable:
     """The trainer's ``(x, num_data, kl_weight) → loss`` step for an ``inference.compile`` value.
 
     ``auto`` (:class:`AutoStep`) needs ``steps_left``, and takes ``chosen``, the
@@ -104,7 +120,8 @@ def eager_step(elbo, vae: nn.Module) -> Callable:
     beta = compiled.KLWeight()
 
     def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
-        return estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data,
-                                             kl_weight=beta(kl_weight, x.device))
+        return estimators.bound_and_backward(
+            elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=beta(kl_weight, x.device)
+        )
 
     return eager

@@ -4,6 +4,7 @@ Torch's generator (CPU, and each CUDA device once CUDA is initialized) draws the
 initialization, the binarization and the guide's ε; numpy's and Python's are
 seeded and saved too, so nothing a part might use escapes the checkpoint.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,9 +30,14 @@ def rng_state() -> dict:
 
     The numpy state is kept as plain numbers, so a checkpoint loads with ``weights_only=True``.
     """
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian],
-             "python": random.getstate()}
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # legacy=True: the tuple form
+    kind, keys, position, has_gauss, cached_gaussian = numpy_state
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

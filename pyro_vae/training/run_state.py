@@ -7,6 +7,7 @@ far and the path ``inference.compile: auto`` chose. Restoring refuses a
 checkpoint of another spec (``train.epochs`` may differ) or one that does not
 fit the model, in one line, so a resumed run is the interrupted one, bit for bit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,14 +15,28 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.training import runs
-from pyro_vae.errors import UserInputError, one_line
-from pyro_vae.training.rng import rng_state, set_rng_state
 from pyro_vae.config.spec import Spec, dotted_keys, get_dotted
+from pyro_vae.errors import UserInputError, one_line
+from pyro_vae.training import runs
+from pyro_vae.training.rng import rng_state, set_rng_state
 
 #: keys every training checkpoint has (``step_path`` is optional: older checkpoints lack it)
-STATE_KEYS = ("spec", "model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "metrics",
-              "epoch_losses", "epoch_seconds", "best_validation", "best_epoch", "stopped_early")
+STATE_KEYS = (
+    "spec",
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "metrics",
+    "epoch_losses",
+    "epoch_seconds",
+    "best_validation",
+    "best_epoch",
+    "stopped_early",
+)
 
 
 @dataclass
@@ -34,26 +49,45 @@ class Progress:
     metrics: list[dict] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
     epoch_seconds: float = 0.0
-    best_validation: float | None = None   # the highest validation ELBO so far, and its epoch
+    best_validation: float | None = None  # the highest validation ELBO so far, and its epoch
     best_epoch: int = 0
     stopped_early: bool = False
     start_elbo: float | None = None  # the train ELBO at the starting parameters (the run's first step), per example
 
 
-def snapshot(spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
-             step_path: str | None) -> dict:
+def snapshot(
+    spec: Spec,
+    vae: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    progress: Progress,
+    step_path: str | None,
+) -> dict:
     """Everything a resumed run needs: spec, parameters, Adam, schedule, generators, progress, metrics, path."""
     p = progress
-    return {"spec": spec.to_dict(), "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "rng": rng_state(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
-            "metrics": p.metrics, "epoch_losses": p.epoch_losses, "epoch_seconds": p.epoch_seconds,
-            "best_validation": p.best_validation, "best_epoch": p.best_epoch, "stopped_early": p.stopped_early,
-            "start_elbo": p.start_elbo, "step_path": step_path}
+    return {
+        "spec": spec.to_dict(),
+        "model": vae.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "rng": rng_state(),
+        "epoch": p.epoch,
+        "step_in_epoch": p.step_in_epoch,
+        "global_step": p.global_step,
+        "metrics": p.metrics,
+        "epoch_losses": p.epoch_losses,
+        "epoch_seconds": p.epoch_seconds,
+        "best_validation": p.best_validation,
+        "best_epoch": p.best_epoch,
+        "stopped_early": p.stopped_early,
+        "start_elbo": p.start_elbo,
+        "step_path": step_path,
+    }
 
 
-def restore(state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-            where: Path | None) -> tuple[Progress, str | None]:
+def restore(
+    state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, where: Path | None
+) -> tuple[Progress, str | None]:
     """Put a :func:`snapshot` of this same spec back; returns the progress and the path auto chose (or None)."""
     check_same_spec(state, spec, where)
     try:
@@ -63,10 +97,18 @@ def restore(state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.opti
             scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         best, start = state["best_validation"], state.get("start_elbo")  # older checkpoints lack start_elbo
-        progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]),
-                            list(state["metrics"]), list(state["epoch_losses"]), float(state["epoch_seconds"]),
-                            None if best is None else float(best), int(state["best_epoch"]),
-                            bool(state["stopped_early"]), None if start is None else float(start))
+        progress = Progress(
+            int(state["epoch"]),
+            int(state["step_in_epoch"]),
+            int(state["global_step"]),
+            list(state["metrics"]),
+            list(state["epoch_losses"]),
+            float(state["epoch_seconds"]),
+            None if best is None else float(best),
+            int(state["best_epoch"]),
+            bool(state["stopped_early"]),
+            None if start is None else float(start),
+        )
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise UserInputError(f"the checkpoint in '{where}' does not fit this model: {one_line(exc, 200)}") from None
     return progress, state.get("step_path")
@@ -80,8 +122,13 @@ def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
         raise UserInputError(f"the checkpoint in '{where}' holds an invalid spec: {exc}") from None
     saved.train.epochs = spec.train.epochs
     if saved != spec:
-        different = next(key for key in dotted_keys(spec.to_dict())
-                         if get_dotted(saved.to_dict(), key) != get_dotted(spec.to_dict(), key))
-        raise UserInputError(f"the checkpoint in '{where}' was written by a different spec than its {runs.CONFIG} "
-                             f"({different}: {get_dotted(saved.to_dict(), different)!r} in the checkpoint, "
-                             f"{get_dotted(spec.to_dict(), different)!r} in {runs.CONFIG})")
+        different = next(
+            key
+            for key in dotted_keys(spec.to_dict())
+            if get_dotted(saved.to_dict(), key) != get_dotted(spec.to_dict(), key)
+        )
+        raise UserInputError(
+            f"the checkpoint in '{where}' was written by a different spec than its {runs.CONFIG} "
+            f"({different}: {get_dotted(saved.to_dict(), different)!r} in the checkpoint, "
+            f"{get_dotted(spec.to_dict(), different)!r} in {runs.CONFIG})"
+        )

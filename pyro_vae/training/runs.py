@@ -16,6 +16,7 @@ a dead process's flocks, so it never blocks the next command. Readers
 file they read is replaced whole by a rename, so they see the last complete
 checkpoint, even while a run trains.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,8 @@ import torch
 import yaml
 
 from pyro_vae.config import plugins
-from pyro_vae.errors import UserInputError, one_line
 from pyro_vae.config.spec import Spec
+from pyro_vae.errors import UserInputError, one_line
 
 CONFIG, METRICS, CHECKPOINT, RUN_INFO, LOG = "config.yaml", "metrics.jsonl", "checkpoint.pt", "run.json", "log.txt"
 LOCK = ".lock"  # held (fcntl.flock) by the command training in the folder; it names that command
@@ -62,11 +63,19 @@ def check_new_run(run_dir: Path, spec: Spec, force: bool) -> None:
         except UserInputError:
             what = "an unreadable spec"
         raise UserInputError(
-            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, or another --out")
-    if (run_dir.is_dir() and not (run_dir / CONFIG).exists() and any(p.name != LOCK for p in run_dir.iterdir())
-            and not force):
-        raise UserInputError(f"'{run_dir}' is a folder with other files in it, not a run folder; give an empty or new "
-                             f"--out (or --force to write the run among those files)")
+            f"'{run_dir}' already holds a run with {what}; use --resume to continue it, --force to overwrite it, "
+            "or another --out"
+        )
+    if (
+        run_dir.is_dir()
+        and not (run_dir / CONFIG).exists()
+        and any(p.name != LOCK for p in run_dir.iterdir())
+        and not force
+    ):
+        raise UserInputError(
+            f"'{run_dir}' is a folder with other files in it, not a run folder; give an empty or new "
+            f"--out (or --force to write the run among those files)"
+        )
     check_can_make(run_dir, "output folder")
 
 
@@ -91,8 +100,9 @@ def _in_use_error(run_dir: Path, handle: int) -> UserInputError:
     """The one line naming the process that holds the lock of ``run_dir`` (read from the lock file)."""
     os.lseek(handle, 0, os.SEEK_SET)
     holder = os.read(handle, 4096).decode(errors="replace").strip() or "another process (starting)"
-    return UserInputError(f"'{run_dir}' is in use by {holder}; wait for it to end (or stop it) and try again; "
-                          f"nothing was changed")
+    return UserInputError(
+        f"'{run_dir}' is in use by {holder}; wait for it to end (or stop it) and try again; nothing was changed"
+    )
 
 
 def check_not_in_use(run_dir: Path) -> None:
@@ -152,8 +162,10 @@ def check_output_folder(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out '{out}' is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserInputError(f"--out '{out}' already exists with files in it; give another --out, or --force to "
-                             f"replace this command's files there")
+        raise UserInputError(
+            f"--out '{out}' already exists with files in it; give another --out, or --force to "
+            f"replace this command's files there"
+        )
     check_can_make(out, "--out")
 
 
@@ -267,9 +279,13 @@ def read_model_inputs(run_dir: Path) -> dict | None:
     if not isinstance(record, dict):
         return None
     data_dim, shape = record.get("data_dim"), record.get("image_shape")
-    whole = (lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0)
-    if not whole(data_dim) or not (shape is None or (isinstance(shape, list) and len(shape) == 3
-                                                      and all(whole(size) for size in shape))):
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if not whole(data_dim) or not (
+        shape is None or (isinstance(shape, list) and len(shape) == 3 and all(whole(size) for size in shape))
+    ):
         return None
     return {"data_dim": data_dim, "image_shape": None if shape is None else tuple(shape)}
 
@@ -288,7 +304,7 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 def environment(spec: Spec) -> dict:
     """Seed, versions, git revision and hardware: what reproducing the run needs."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("pyro_vae", "pyro-ppl", "torch", "torchvision", "numpy", "scikit-learn"):
         try:
             versions[package] = metadata.version(package)

@@ -53,6 +53,7 @@ Checkpoints older than this record use the first epoch's train ELBO as E₀.
 Sizes (``data.train_size``, ``data.test_size``) beyond the data are logged with
 what was used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,22 +62,25 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import pyro
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
-from pyro_vae.parts import contracts
-from pyro_vae.infer import estimators
 from pyro_vae import evaluation, progress, threads
+from pyro_vae.config.spec import Spec, check_device_name
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
+from pyro_vae.infer import estimators
 from pyro_vae.model import VAE, check_likelihood_support
+from pyro_vae.parts import contracts
+from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
 from pyro_vae.training.rng import seed_everything
-from pyro_vae.config.spec import Spec, check_device_name
+
+if TYPE_CHECKING:
+    from pyro_vae.training import board
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
@@ -88,9 +92,11 @@ def divergence_warning(epoch: int, train_elbo: float, start_elbo: float, lr: flo
     """The warning line for ``train_elbo`` of ``epoch`` far below the starting point's ``start_elbo``; else None."""
     if not train_elbo < start_elbo - DIVERGENCE_FACTOR * max(abs(start_elbo), 1.0):
         return None
-    return (f"warning: epoch {epoch}: train ELBO {train_elbo:.4g} nats, more than {DIVERGENCE_FACTOR:g}×|E₀| below "
-            f"the starting point's E₀ = {start_elbo:.4g} nats: training is diverging. Try a lower optim.lr "
-            f"(now {lr:g}) or optim.clip_norm")
+    return (
+        f"warning: epoch {epoch}: train ELBO {train_elbo:.4g} nats, more than {DIVERGENCE_FACTOR:g}×|E₀| below "
+        f"the starting point's E₀ = {start_elbo:.4g} nats: training is diverging. Try a lower optim.lr "
+        f"(now {lr:g}) or optim.clip_norm"
+    )
 
 
 class TrainingInterrupted(Exception):
@@ -116,7 +122,8 @@ def resolve_device(name: str, key: str) -> torch.device:
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is torch failing to allocate memory (CPU or GPU)."""
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def check_memory(vae: VAE, device: torch.device) -> None:
@@ -136,7 +143,8 @@ def check_memory(vae: VAE, device: torch.device) -> None:
         raise UserInputError(
             f"the model has {count:,} parameters: training needs about {needed / 2**30:.1f} GiB (parameters, "
             f"gradients, Adam state) but {available / 2**30:.1f} GiB is free on {device}; reduce model.encoder.hidden, "
-            f"model.decoder.hidden, model.latent_dim or model.prior.pseudo_inputs")
+            f"model.decoder.hidden, model.latent_dim or model.prior.pseudo_inputs"
+        )
 
 
 def plural(count: int, noun: str) -> str:
@@ -171,6 +179,7 @@ def kl_weight(spec: Spec, global_step: int, steps_per_epoch: int) -> float:
 @contextmanager
 def signals_to_flag(flag: list[int]):
     """While training, SIGINT/SIGTERM only set ``flag``; the loop checkpoints and stops."""
+
     def handler(signum, frame):
         flag.append(signum)
 
@@ -225,8 +234,9 @@ class Trainer:
     def build_model(self) -> None:
         """The VAE from the spec (the same on every rank), checked against free memory and the data's support."""
         pyro.clear_param_store()  # the one place: a new VAE's parameters replace any earlier ones there
-        self.vae = VAE.from_spec(self.spec.model, self.data.data_dim, self.data.image_shape,
-                                 self.data.train).to(self.device)
+        self.vae = VAE.from_spec(self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train).to(
+            self.device
+        )
         self.dist.broadcast_parameters(self.vae)
         check_memory(self.vae, self.device)
         self.check_data()
@@ -242,8 +252,14 @@ class Trainer:
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
-        return path_choice.build_step(self.elbo, self.vae, setting, self.log,
-                                      steps_left=lambda: self.horizon - self.progress.global_step, chosen=chosen)
+        return path_choice.build_step(
+            self.elbo,
+            self.vae,
+            setting,
+            self.log,
+            steps_left=lambda: self.horizon - self.progress.global_step,
+            chosen=chosen,
+        )
 
     def prepare_loop(self) -> None:
         """Batch size, steps per epoch, how often to check for non-finite values, and the progress."""
@@ -252,7 +268,7 @@ class Trainer:
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = run_state.Progress()
         self.horizon = self.spec.train.epochs * self.steps_per_epoch  # the global step the current loop ends at
-        self.board = None  # the TensorBoard writer, opened at the first epoch's end
+        self.board: board.EpochWriter | None = None  # the TensorBoard writer, opened at the first epoch's end
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
 
     def check_data(self) -> None:
@@ -261,7 +277,9 @@ class Trainer:
         train = self.data.train
         if self.data.binarize == "dynamic":
             train = self.data.training_batch(torch.arange(min(self.data.num_train, 4096), device=self.device))
-        check_likelihood_support(self.vae, train, name, f"data '{self.spec.data.name}' (binarize: {self.data.binarize})")
+        check_likelihood_support(
+            self.vae, train, name, f"data '{self.spec.data.name}' (binarize: {self.data.binarize})"
+        )
         check_likelihood_support(self.vae, self.data.test, name, f"the test split of '{self.spec.data.name}'")
 
     def dry_run(self) -> None:
@@ -279,9 +297,12 @@ class Trainer:
             if is_out_of_memory(exc):
                 raise
             shape = f"examples of {self.data.data_dim} values" + (
-                f" (images {self.data.image_shape})" if self.data.image_shape else "")
-            raise UserInputError(f"the spec and data '{self.spec.data.name}' ({shape}) fail a first model/guide pass: "
-                                 f"{one_line(exc, 300)}") from None
+                f" (images {self.data.image_shape})" if self.data.image_shape else ""
+            )
+            raise UserInputError(
+                f"the spec and data '{self.spec.data.name}' ({shape}) fail a first model/guide pass: "
+                f"{one_line(exc, 300)}"
+            ) from None
 
     # -- checkpoints ------------------------------------------------------------
     def attach(self, run_dir: Path) -> None:
@@ -290,8 +311,14 @@ class Trainer:
 
     def state(self) -> dict:
         """Everything a resumed run needs (:func:`pyro_vae.training.run_state.snapshot`)."""
-        return run_state.snapshot(self.spec, self.vae, self.optimizer, self.scheduler, self.progress,
-                                  getattr(self.loss_and_grads, "path", None))
+        return run_state.snapshot(
+            self.spec,
+            self.vae,
+            self.optimizer,
+            self.scheduler,
+            self.progress,
+            getattr(self.loss_and_grads, "path", None),
+        )
 
     def save(self) -> None:
         """Checkpoint and metrics into the run folder; never parameters that are not finite."""
@@ -305,8 +332,9 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint of this same spec (``train.epochs`` may differ)."""
-        self.progress, step_path = run_state.restore(state, self.spec, self.vae, self.optimizer, self.scheduler,
-                                                     self.run_dir)
+        self.progress, step_path = run_state.restore(
+            state, self.spec, self.vae, self.optimizer, self.scheduler, self.run_dir
+        )
         if step_path is not None:  # auto chose it: the rest of the run takes it too
             self.loss_and_grads = self.training_step(self.spec.inference.compile, chosen=step_path)
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
@@ -326,21 +354,27 @@ class Trainer:
         with pyro.validation_enabled(validate):
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss = self.loss_and_grads(x, self.data.num_train, beta)  # pyro_vae.training.path_choice: eager, traced or compiled
+                loss = self.loss_and_grads(
+                    x, self.data.num_train, beta
+                )  # pyro_vae.training.path_choice: eager, traced or compiled
             except ValueError as exc:
                 if not validate:
                     raise
                 step = self.progress.step_in_epoch + 1
                 if is_invalid_parameter(exc):
                     raise self.nonfinite("invalid distribution parameters", step, one_line(exc, 200)) from None
-                raise UserInputError(f"training stopped at epoch {self.progress.epoch + 1}, step {step}: "
-                                     f"{one_line(exc, 300)} (the last good checkpoint is kept)") from None
+                raise UserInputError(
+                    f"training stopped at epoch {self.progress.epoch + 1}, step {step}: "
+                    f"{one_line(exc, 300)} (the last good checkpoint is kept)"
+                ) from None
             if self.dist.enabled:  # data-parallel: Σ_r (B_r/B) · (gradients, loss), one all-reduce
                 loss = self.dist.all_reduce(list(self.vae.parameters()), loss)
             grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
             # max |g| as max(max g, −min g): one pass per tensor, no |g| copy (≈0.5 ms/step less at 784-400-20)
             extremes = [torch.aminmax(g.detach()) for g in grads]
-            largest = torch.stack([e for m in extremes for e in (m.max, -m.min)]).amax() if grads else loss.new_zeros(())
+            largest = (
+                torch.stack([e for m in extremes for e in (m.max, -m.min)]).amax() if grads else loss.new_zeros(())
+            )
             if self.spec.optim.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.spec.optim.clip_norm)
             try:
@@ -348,8 +382,9 @@ class Trainer:
             except RuntimeError as exc:  # lr / (1 − β₁ᵗ) beyond float32: "cannot be converted ... without overflow"
                 if "overflow" not in str(exc):
                     raise
-                raise self.nonfinite("non-finite Adam update", self.progress.step_in_epoch + 1,
-                                     "the step size overflows float32") from None
+                raise self.nonfinite(
+                    "non-finite Adam update", self.progress.step_in_epoch + 1, "the step size overflows float32"
+                ) from None
         return loss, largest
 
     def fit(self) -> list[dict]:
@@ -378,7 +413,7 @@ class Trainer:
         """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.data.num_train, self.spec.train.seed, epoch).to(self.device))
-        index = self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
+        index = self._order[1][position * self.batch_size : (position + 1) * self.batch_size]
         return self.data.training_batch(self.dist.shard(index))
 
     def run_steps(self, count: int, on_step: Callable[[int], None] | None = None) -> None:
@@ -401,28 +436,36 @@ class Trainer:
     def train_epoch(self, stop: list[int]) -> None:
         p = self.progress
         losses = torch.full((self.steps_per_epoch,), float("nan"), device=self.device)
-        losses[:p.step_in_epoch] = torch.tensor(p.epoch_losses[:p.step_in_epoch])
+        losses[: p.step_in_epoch] = torch.tensor(p.epoch_losses[: p.step_in_epoch])
         gradients = torch.zeros(self.steps_per_epoch, device=self.device)  # max |gradient| per step
-        bar = progress.bar(self.steps_per_epoch, f"epoch {p.epoch + 1}/{self.spec.train.epochs}", "step",
-                           quiet=not self.show_progress, initial=p.step_in_epoch, every=30.0)
+        bar = progress.bar(
+            self.steps_per_epoch,
+            f"epoch {p.epoch + 1}/{self.spec.train.epochs}",
+            "step",
+            quiet=not self.show_progress,
+            initial=p.step_in_epoch,
+            every=30.0,
+        )
         start = time.perf_counter()
         checked = p.step_in_epoch  # steps before it are known to be finite
         for step in range(p.step_in_epoch, self.steps_per_epoch):
             losses[step], gradients[step] = self.step(self.minibatch(p.epoch, step))
             p.step_in_epoch, p.global_step = step + 1, p.global_step + 1
             if (step + 1) % self.check_every == 0 or step + 1 == self.steps_per_epoch:
-                self.check_finite(losses[checked:step + 1], gradients[checked:step + 1], first_step=checked + 1)
+                self.check_finite(losses[checked : step + 1], gradients[checked : step + 1], first_step=checked + 1)
                 checked = step + 1
             if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == self.steps_per_epoch:
-                bar.set_postfix_str(f"ELBO {-losses[:step + 1].mean().item() / self.data.num_train:.2f} nats")
+                bar.set_postfix_str(f"ELBO {-losses[: step + 1].mean().item() / self.data.num_train:.2f} nats")
             bar.update(1)
             if stop:
-                self.check_finite(losses[checked:step + 1], gradients[checked:step + 1], first_step=checked + 1)
+                self.check_finite(losses[checked : step + 1], gradients[checked : step + 1], first_step=checked + 1)
                 p.epoch_seconds += time.perf_counter() - start
-                p.epoch_losses = losses[:step + 1].tolist()
+                p.epoch_losses = losses[: step + 1].tolist()
                 bar.close()
                 self.save()
-                self.log.info(f"checkpoint written at epoch {p.epoch + 1}, step {step + 1}; resume with --resume {self.run_dir}")
+                self.log.info(
+                    f"checkpoint written at epoch {p.epoch + 1}, step {step + 1}; resume with --resume {self.run_dir}"
+                )
                 raise TrainingInterrupted(stop[0])
         bar.close()
         p.epoch_seconds += time.perf_counter() - start
@@ -448,7 +491,8 @@ class Trainer:
         return NonFiniteError(
             f"{what} at epoch {self.progress.epoch + 1}, step {step}{detail}: training stopped, the last good "
             f"checkpoint is kept. Usual causes: a learning rate too high (optim.lr={self.spec.optim.lr}), a likelihood "
-            f"scale too small (model.likelihood.scale), data outside the expected range; try optim.clip_norm")
+            f"scale too small (model.likelihood.scale), data outside the expected range; try optim.clip_norm"
+        )
 
     def end_epoch(self) -> None:
         """Evaluate, log and checkpoint the epoch just completed; keep the best; step the schedule; stop early."""
@@ -457,17 +501,24 @@ class Trainer:
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
             draws = self.spec.train.eval_num_samples
             test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws, seed=seed)
-            validation = (None if self.data.validation is None else evaluation.test_elbo(
-                self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"])
-        if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
+            validation = (
+                None
+                if self.data.validation is None
+                else evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"]
+            )
+        if not all(
+            math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]
+        ):
             raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
-        row = {"epoch": p.epoch + 1,
-               "train_elbo": -float(np.mean(p.epoch_losses)) / self.data.num_train,
-               **({"validation_elbo": validation} if validation is not None else {}),
-               **test,
-               "seconds": p.epoch_seconds,
-               "kl_weight": kl_weight(self.spec, p.global_step - 1, self.steps_per_epoch),  # the epoch's last β
-               "lr": optimizer.current_lr(self.optimizer)}
+        row = {
+            "epoch": p.epoch + 1,
+            "train_elbo": -float(np.mean(p.epoch_losses)) / self.data.num_train,
+            **({"validation_elbo": validation} if validation is not None else {}),
+            **test,
+            "seconds": p.epoch_seconds,
+            "kl_weight": kl_weight(self.spec, p.global_step - 1, self.steps_per_epoch),  # the epoch's last β
+            "lr": optimizer.current_lr(self.optimizer),
+        }
         if p.start_elbo is None and p.epoch == 0:
             p.start_elbo = -p.epoch_losses[0] / self.data.num_train
         p.metrics.append(row)
@@ -481,20 +532,27 @@ class Trainer:
         if patience is not None and p.epoch - p.best_epoch >= patience:
             p.stopped_early = True
         optimizer.step_scheduler(self.scheduler, validation)
-        where = f"  validation ELBO {validation:9.3f}" + (" (best)" if improved else "") if validation is not None else ""
-        self.log.info(f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}{where}  test ELBO "
-                      f"{row['test_elbo']:9.3f} nats  ({row['seconds']:.1f} s)")
+        where = (
+            f"  validation ELBO {validation:9.3f}" + (" (best)" if improved else "") if validation is not None else ""
+        )
+        self.log.info(
+            f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}{where}  test ELBO "
+            f"{row['test_elbo']:9.3f} nats  ({row['seconds']:.1f} s)"
+        )
         start = p.start_elbo if p.start_elbo is not None else p.metrics[0]["train_elbo"]
         diverging = divergence_warning(row["epoch"], row["train_elbo"], start, self.spec.optim.lr)
         if diverging:
             self.log.warning(diverging)
         if p.stopped_early:
-            self.log.info(f"early stopping: no better validation ELBO for {patience} epochs; the best is epoch "
-                          f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}")
+            self.log.info(
+                f"early stopping: no better validation ELBO for {patience} epochs; the best is epoch "
+                f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}"
+            )
         self.save()
 
     def write_board(self, row: dict) -> None:
-        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard`` (:mod:`pyro_vae.training.board`)."""
+        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard``
+        (:mod:`pyro_vae.training.board`)."""
         if not self.spec.train.tensorboard or self.run_dir is None or not self.dist.is_main:
             return
         from pyro_vae.training import board
@@ -515,17 +573,25 @@ class Trainer:
             return
         self.check_parameters()
         p = self.progress
-        checkpoint.save_atomic({"spec": self.spec.to_dict(), "model": self.vae.state_dict(), "epoch": p.best_epoch,
-                                "validation_elbo": p.best_validation}, self.run_dir / runs.BEST)
+        checkpoint.save_atomic(
+            {
+                "spec": self.spec.to_dict(),
+                "model": self.vae.state_dict(),
+                "epoch": p.best_epoch,
+                "validation_elbo": p.best_validation,
+            },
+            self.run_dir / runs.BEST,
+        )
 
     def write_pictures(self) -> None:
         """The pictures ``train.pictures`` asks for in the run folder (:mod:`pyro_vae.pictures`)."""
-        if not self.dist.is_main:
+        if self.run_dir is None or not self.dist.is_main:
             return
         from pyro_vae import pictures
 
-        pictures.write(self.run_dir, self.vae, self.data, self.progress.metrics, self.spec.train.pictures,
-                       self.show_progress)
+        pictures.write(
+            self.run_dir, self.vae, self.data, self.progress.metrics, self.spec.train.pictures, self.show_progress
+        )
 
 
 def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = True) -> Trainer:
@@ -566,9 +632,11 @@ def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Train
         with runs.run_log(run_dir, trainer.dist.rank):
             if trainer.dist.enabled:
                 trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
-            trainer.log.info(f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
-                             f"{trainer.data.binarize}) with {spec.inference.estimator}, "
-                             f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}")
+            trainer.log.info(
+                f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
+                f"{trainer.data.binarize}) with {spec.inference.estimator}, "
+                f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}"
+            )
             trainer.save()
             trainer.fit()
             trainer.write_pictures()
@@ -579,8 +647,10 @@ def nothing_to_do(state: dict, epochs: int) -> str | None:
     """Why a run whose checkpoint is ``state`` needs no training up to ``epochs`` epochs in total, or None."""
     done = int(state["epoch"])
     if bool(state["stopped_early"]):
-        return (f"nothing to do: stopped early at epoch {done} (no better validation ELBO since epoch "
-                f"{int(state['best_epoch'])}, kept in {runs.BEST}); an early-stopped run is finished")
+        return (
+            f"nothing to do: stopped early at epoch {done} (no better validation ELBO since epoch "
+            f"{int(state['best_epoch'])}, kept in {runs.BEST}); an early-stopped run is finished"
+        )
     if done >= epochs and int(state["step_in_epoch"]) == 0:
         return f"nothing to do: trained {done} of {plural(epochs, 'epoch')}; ask for more with --epochs"
     return None
@@ -605,7 +675,7 @@ def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True)
         return _resume(spec, run_dir, epochs, show_progress)
 
 
-def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer:
+def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer | None:
     if spec.train.tensorboard:
         from pyro_vae.training import board
 
@@ -621,12 +691,14 @@ def _resume_locked(run_dir: Path, spec: Spec, epochs: int | None, show_progress:
     if epochs is not None:
         done = int(state["epoch"]) if state is not None else 0
         if epochs < done:
-            raise UserInputError(f"--epochs {epochs} is the total number of epochs, and '{run_dir}' has already "
-                                 f"trained {plural(done, 'epoch')}; give --epochs above {done} to train further "
-                                 f"(nothing was changed)")
+            raise UserInputError(
+                f"--epochs {epochs} is the total number of epochs, and '{run_dir}' has already "
+                f"trained {plural(done, 'epoch')}; give --epochs above {done} to train further "
+                f"(nothing was changed)"
+            )
     target = spec.train.epochs if epochs is None else epochs
     done_why = None if state is None else nothing_to_do(state, target)
-    if done_why is not None:
+    if state is not None and done_why is not None:
         run_state.check_same_spec(state, spec, run_dir)
         if distributed.is_main() and runs.read_metrics(run_dir) != state["metrics"]:
             runs.write_metrics(run_dir, state["metrics"])  # a kill between checkpoint and metrics left them behind
@@ -670,15 +742,22 @@ def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec,
     return spec, state, path, resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
 
 
-def _trained_vae(spec: Spec, state: dict, data_dim: int, image_shape: tuple[int, int, int] | None,
-                 run_dir: Path, target: torch.device) -> VAE:
+def _trained_vae(
+    spec: Spec,
+    state: dict,
+    data_dim: int,
+    image_shape: tuple[int, int, int] | None,
+    run_dir: Path,
+    target: torch.device,
+) -> VAE:
     """The VAE of ``spec`` with the checkpoint's parameters, on ``target``, in eval mode."""
     vae = VAE.from_spec(spec.model, data_dim, image_shape)
     try:
         vae.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise UserInputError(f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: "
-                             f"{one_line(exc, 200)}") from None
+        raise UserInputError(
+            f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: {one_line(exc, 200)}"
+        ) from None
     return vae.to(target).eval()
 
 
@@ -714,8 +793,9 @@ def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> t
     return loaded.spec, loaded.vae, loaded.data
 
 
-def load_model(run_dir: Path, device: str | None = None,
-               which: str = "best") -> tuple[Spec, VAE, tuple[int, int, int] | None, Path]:
+def load_model(
+    run_dir: Path, device: str | None = None, which: str = "best"
+) -> tuple[Spec, VAE, tuple[int, int, int] | None, Path]:
     """The spec, trained VAE (eval mode), image shape and checkpoint path of a run, without its data where it can.
 
     The model is built from what ``run.json`` recorded at training time
