@@ -2,6 +2,6 @@
 
 import sys
 
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 
 sys.exit(main())

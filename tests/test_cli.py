@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 
 TINY = ["--set", "model.encoder.hidden=[32]", "--set", "model.decoder.hidden=[32]", "--no-progress"]
 RUN_FILES = (
@@ -144,7 +144,7 @@ def test_sample_needs_no_training_data_once_the_run_recorded_its_model_inputs(tm
 
 
 def test_quiet_on_every_command_that_shows_progress_and_no_progress_as_a_hidden_alias():
-    from pyro_vae.cli.main import build_parser
+    from pyro_vae.cli.commands import build_parser
 
     parser = build_parser()
     for argv in (["train"], ["evaluate", "RUN"], ["sample", "RUN"], ["table", "RUN"], ["compare", "--estimators", "x"]):
@@ -219,7 +219,7 @@ def test_a_usage_error_has_one_prefix_and_names_the_command(capsys):
 def test_every_option_shows_one_default():
     import argparse
 
-    from pyro_vae.cli.main import HelpFormatter, build_parser
+    from pyro_vae.cli.commands import HelpFormatter, build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
     for name, command in commands.items():
@@ -234,7 +234,7 @@ def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
     import io
 
     from pyro_vae import training
-    from pyro_vae.cli.main import command_line
+    from pyro_vae.cli.commands import command_line
     from pyro_vae.config.spec import load_spec
 
     class Terminal(io.StringIO):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from pyro_vae import training
-from pyro_vae.cli.main import build_parser, main
+from pyro_vae.cli.commands import build_parser, main
 from pyro_vae.config.spec import load_spec
 from pyro_vae.training import runs
 

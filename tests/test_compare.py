@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 from pyro_vae.config.spec import Spec, load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError

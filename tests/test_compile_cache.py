@@ -44,7 +44,7 @@ def cache(tmp_path, monkeypatch):
 def inductor_folder_of_the_command(env: dict) -> str:
     """TORCHINDUCTOR_CACHE_DIR as ``pyro-vae`` sees it while a command runs, and after it, in a fresh process."""
     code = (
-        "import os, pyro_vae.cli.main as cli\n"
+        "import os, pyro_vae.cli.commands as cli\n"
         "cli.run_command = lambda argv: print(os.environ.get('TORCHINDUCTOR_CACHE_DIR')) or 0\n"
         "cli.main(['configs'])\n"
         "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))\n"

@@ -28,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec
 from pyro_vae.training import runs

@@ -35,16 +35,23 @@ class RescaledDecoder(networks.MLPDecoder):
         return RESCALE * super().forward(z)
 
 
-@registry.register("likelihood", "test-tempered-bernoulli")
 def tempered(spec, data_dim):
     return TemperedBernoulli()
 
 
-@registry.register("network", "test-rescaled-mlp")
 def rescaled(spec, role, input_dim, output_dim, image_shape):
     if role == "encoder":
         return networks.MLPEncoder(input_dim, spec.hidden, spec.activation)
     return RescaledDecoder(input_dim, spec.hidden, output_dim, spec.activation)
+
+
+@pytest.fixture
+def plugin_parts(monkeypatch):
+    """The two plugin parts registered in copies of the registry's tables, gone after the test."""
+    monkeypatch.setattr(registry, "_TABLES", {kind: dict(table) for kind, table in registry._TABLES.items()})
+    monkeypatch.setattr(registry, "_CONFIGS", dict(registry._CONFIGS))
+    registry.register("likelihood", "test-tempered-bernoulli")(tempered)
+    registry.register("network", "test-rescaled-mlp")(rescaled)
 
 
 SMALL = [
@@ -82,7 +89,7 @@ def plain_log_w(vae: VAE, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         ["model.decoder.type=test-rescaled-mlp", "model.encoder.type=test-rescaled-mlp"],
     ],
 )
-def test_evaluate_scores_a_plugin_by_its_own_density(override, monkeypatch):
+def test_evaluate_scores_a_plugin_by_its_own_density(override, monkeypatch, plugin_parts):
     trainer = Trainer(load_spec(None, [*SMALL, *override]), None, show_progress=False)
     trainer.fit()
     vae, x = trainer.vae.eval(), trainer.data.test

@@ -73,7 +73,7 @@ def test_closed_form_kl_is_used_where_registered():
 
 
 def test_meanfield_without_closed_form_says_so_once(capsys):
-    from pyro_vae.cli.main import command_line
+    from pyro_vae.cli.commands import command_line
 
     with command_line():  # the console handler the command line sets up
         Trainer(load_spec(None, [*SMALL, *choose("vamp"), "train.epochs=2"]), None, show_progress=False).fit()

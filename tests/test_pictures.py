@@ -13,7 +13,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from pyro_vae import pictures, plots, threads, training
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 from pyro_vae.config.spec import load_spec
 
 TINY = [

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from pyro_vae import training
-from pyro_vae.cli.main import command_line, main
+from pyro_vae.cli.commands import command_line, main
 from pyro_vae.config.spec import OptimSpec, load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from pyro_vae import training
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 from pyro_vae.config.spec import load_spec
 from pyro_vae.errors import NonFiniteError
 from pyro_vae.training import checkpoint, run_state, runs

@@ -397,14 +397,27 @@ def test_the_evaluations_passes_count_a_convolutional_decoders_feature_maps():
     """rows_per_pass measures the VAE's own activations: a conv decoder's feature maps shrink the passes."""
     pyro.set_rng_seed(0)
     image = ["data.name=digits", "model.latent_dim=4"]
-    mlp = VAE.from_spec(load_spec(None, [*image, "model.encoder.hidden=[16]", "model.decoder.hidden=[16]"]).model,
-                        64, (1, 8, 8)).eval()
-    conv = VAE.from_spec(load_spec(None, [*image, "model.encoder.type=conv", "model.decoder.type=conv",
-                                          "model.encoder.channels=[64,128]", "model.decoder.channels=[64,128]",
-                                          "model.encoder.hidden=[16]", "model.decoder.hidden=[16]"]).model,
-                         64, (1, 8, 8)).eval()
+    mlp = VAE.from_spec(
+        load_spec(None, [*image, "model.encoder.hidden=[16]", "model.decoder.hidden=[16]"]).model, 64, (1, 8, 8)
+    ).eval()
+    conv = VAE.from_spec(
+        load_spec(
+            None,
+            [
+                *image,
+                "model.encoder.type=conv",
+                "model.decoder.type=conv",
+                "model.encoder.channels=[64,128]",
+                "model.decoder.channels=[64,128]",
+                "model.encoder.hidden=[16]",
+                "model.decoder.hidden=[16]",
+            ],
+        ).model,
+        64,
+        (1, 8, 8),
+    ).eval()
     x = binary_data(4)
-    maps = 64 * 4 * 4 + 128 * 2 * 2           # the conv decoder's feature maps of one draw, in floats
+    maps = 64 * 4 * 4 + 128 * 2 * 2  # the conv decoder's feature maps of one draw, in floats
     assert evaluation.rows_per_pass.__module__.endswith("bounds")
     from pyro_vae.evaluation.bounds import row_bytes
 

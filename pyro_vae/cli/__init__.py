@@ -1,5 +1,5 @@
-"""The ``pyro-vae`` command: every subcommand's parser and output (:mod:`pyro_vae.cli.main`)."""
+"""The ``pyro-vae`` command: every subcommand's parser and output (:mod:`pyro_vae.cli.commands`)."""
 
-from pyro_vae.cli.main import main
+from pyro_vae.cli.commands import main
 
 __all__ = ["main"]

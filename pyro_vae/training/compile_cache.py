@@ -4,7 +4,7 @@ TorchInductor caches what it compiles (the FX graph and AOTAutograd entries,
 the C++ kernels, the probes of the CPU's vector instructions) under
 ``TORCHINDUCTOR_CACHE_DIR``, by default a folder in the system's temporary
 directory that disappears whenever that directory is cleared. The ``pyro-vae``
-command (:func:`pyro_vae.cli.main.main`, and only it: the library never edits the
+command (:func:`pyro_vae.cli.commands.main`, and only it: the library never edits the
 environment) sets that variable, when the user has not, to a folder the
 package owns::
 

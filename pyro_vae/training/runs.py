@@ -357,7 +357,7 @@ def run_log(run_dir: Path, rank: int = 0) -> Iterator[logging.Logger]:
     the file gets the run's INFO lines, the ``pyro_vae`` logger's level is INFO
     for the block where the host has left it unset (NOTSET), and is put back on
     exit. No other logger, the root included, is touched; console output is the
-    command line's (:func:`pyro_vae.cli.main.main`) or the host's own handlers'.
+    command line's (:func:`pyro_vae.cli.commands.main`) or the host's own handlers'.
     """
     logger = logging.getLogger(LOGGER)
     level = logger.level

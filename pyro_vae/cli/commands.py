@@ -136,9 +136,15 @@ def _add_threads(parser: argparse.ArgumentParser, default: str) -> None:
 def _plugin_option() -> argparse.ArgumentParser:
     """``--plugin MODULE``, shared by every command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first, so the parts it registers can be named (repeatable; the current "
-                             "folder is searched first; entry points of group pyro_vae.plugins load by themselves)")
+    common.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first, so the parts it registers can be named (repeatable; the current "
+        "folder is searched first; entry points of group pyro_vae.plugins load by themselves)",
+    )
     return common
 
 
