@@ -39,14 +39,13 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def model_and_data(data_root: str | None):
-    from pyro_vae.config.spec import load_spec
-    from pyro_vae.data import load_dataset
-    from pyro_vae.model import VAE
+    """The mnist spec's network at its initialization and the test split, through the public API (any revision)."""
+    import pyro_vae
 
-    spec = load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
-    data = load_dataset(spec.data, spec.train.seed)
+    spec = pyro_vae.load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
+    data = pyro_vae.load_dataset(spec.data, spec.train.seed)
     pyro.set_rng_seed(0)
-    vae = VAE.from_spec(spec.model, data.data_dim, data.image_shape).eval()
+    vae = pyro_vae.VAE.from_spec(spec.model, data.data_dim, data.image_shape).eval()
     return vae, data.test
 
 
