@@ -20,7 +20,7 @@ from sphinx.errors import ExtensionError
 from sphinx.util.docutils import SphinxDirective
 
 import pyro_vae  # noqa: F401  (fills the registry)
-from pyro_vae import registry, spec
+from pyro_vae.config import registry, spec
 
 NOTES = {
     "data.name": "`file` reads `data.path` (and `data.test_path`); "
