@@ -132,6 +132,7 @@ LOCKED = [
 ]
 
 
+@pytest.mark.slow
 def test_two_concurrent_resumes_one_trains_the_other_is_refused_and_the_run_is_bit_identical(tmp_path):
     """Two `train --resume RUN --epochs N` started together: one trains, the other names it and exits 2; the
     result is bit for bit the uninterrupted run of the same spec."""

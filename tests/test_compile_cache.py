@@ -53,6 +53,7 @@ def inductor_folder_of_the_command(env: dict) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_the_command_line_alone_points_inductor_at_the_package_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != compile_cache.INDUCTOR_ENV}
     env[compile_cache.ENV] = str(tmp_path / "cache")

@@ -383,6 +383,7 @@ def pyro_vae_command(*args: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_PLUGINS))
 def test_every_plugin_import_failure_is_one_line_and_exit_status_2(case, tmp_path):
     source, message = BAD_PLUGINS[case]
@@ -395,6 +396,7 @@ def test_every_plugin_import_failure_is_one_line_and_exit_status_2(case, tmp_pat
     assert re.search(message, result.stderr), result.stderr
 
 
+@pytest.mark.slow
 def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_training(tmp_path):
     (tmp_path / "wide_prior.py").write_text(
         textwrap.dedent("""
@@ -442,6 +444,7 @@ def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_train
     assert not (tmp_path / "runs" / "wide" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_the_docs_plugin_example_runs_as_written(tmp_path):
     docs = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text()
     (module,) = re.findall(r"```python\n(# laplace_prior\.py.*?)```", docs, flags=re.S)

@@ -129,6 +129,7 @@ def test_amat_reader_on_a_small_file(tmp_path):
         read_amat(tmp_path / "bad.amat")
 
 
+@pytest.mark.slow
 def test_known_density_file_log_likelihood_does_not_exceed_the_truth(tmp_path):
     """Train on a file drawn from a linear-Gaussian model; IS log-likelihood ≤ exact log p(x) + noise."""
     truth = LinearGaussian.random(8, 2, noise=0.3, generator=torch.Generator().manual_seed(11))
@@ -168,6 +169,7 @@ def test_real_mnist_and_fashion_mnist_load_from_the_local_root():
         assert data.train_labels.shape == (60000,) and data.image_shape == (1, 28, 28)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_real_static_binarized_mnist():
     data = load_dataset(data_spec(name="binarized-mnist", root=str(SHARED)))

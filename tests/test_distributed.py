@@ -23,6 +23,8 @@ from pyro_vae.config.spec import load_spec
 from pyro_vae.infer import estimators
 from pyro_vae.training import distributed, runs
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
+
 EPOCHS = 5
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 

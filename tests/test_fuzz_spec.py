@@ -193,6 +193,7 @@ def test_the_base_spec_trains(workspace):
     check_outcome(0, err.getvalue(), run)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25,
     deadline=None,

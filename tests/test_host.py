@@ -11,6 +11,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
+
 HOST = textwrap.dedent("""
     import io, logging, os, sys
     from pathlib import Path

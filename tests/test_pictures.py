@@ -192,6 +192,7 @@ def test_the_package_never_names_pyplot_or_selects_a_backend():
     assert not re.search(r"matplotlib\.pyplot|from matplotlib import [^\n]*pyplot|matplotlib\.use\(", source)
 
 
+@pytest.mark.slow
 def test_drawing_every_picture_leaves_the_callers_backend_and_figures_alone(tmp_path):
     script = textwrap.dedent(f"""
         import matplotlib

@@ -206,6 +206,7 @@ def test_published_validation_split_needs_a_dataset_that_has_one():
         load_dataset(load_spec(None, ["data.validation_size=published"]).data)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("PYRO_VAE_DATA"), reason="needs $PYRO_VAE_DATA with binarized_mnist")
 def test_binarized_mnist_published_validation_split():
     spec = load_spec(None, ["data.name=binarized-mnist", "data.validation_size=published"])
@@ -231,6 +232,7 @@ def test_early_stopping_keeps_the_best_epoch_in_best_pt(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["checkpoint"] == "checkpoint.pt"
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_with_plateau_validation_and_early_stopping_is_bit_identical(tmp_path):
     from test_robustness import assert_nested_equal, assert_same_run, checkpoint_writes
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

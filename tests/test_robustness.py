@@ -204,6 +204,7 @@ def checkpoint_writes(run: Path, process: subprocess.Popen, count: int) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(reference, tmp_path, trial, capsys):
     """A real process killed with SIGKILL in epoch ``trial + 1`` (a random instant, fixed seed), resumed here."""
@@ -369,6 +370,7 @@ def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(
         assert len(error_lines(capsys)) == 1
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_through_the_real_command(reference, tmp_path):
     """The installed entry point: exit status 2, exactly one line on stderr, no traceback."""
     run = tmp_path / "run"
