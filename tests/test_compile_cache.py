@@ -14,6 +14,7 @@ import sys
 
 import pyro
 import pytest
+import sizes
 import torch
 
 from pyro_vae import training
@@ -23,14 +24,7 @@ from pyro_vae.model import VAE
 from pyro_vae.training import compile_cache, compiled, path_choice
 from pyro_vae.training.optimizer import adam
 
-SMALL = [
-    "data.train_size=96",
-    "data.test_size=32",
-    "data.batch_size=20",
-    "model.encoder.hidden=[16]",
-    "model.decoder.hidden=[16]",
-    "train.epochs=2",
-]
+SMALL = sizes.SMALL
 
 
 @pytest.fixture

@@ -5,20 +5,13 @@
 """
 
 import pytest
+import sizes
 import torch
 
 from pyro_vae import training
 from pyro_vae.config.spec import load_spec
 
-SMALL = [
-    "data.train_size=96",
-    "data.test_size=32",
-    "data.batch_size=20",
-    "model.encoder.hidden=[16]",
-    "model.decoder.hidden=[16]",
-    "train.epochs=2",
-    "inference.compile=eager",
-]
+SMALL = [*sizes.SMALL, "inference.compile=eager"]
 
 
 def trained(*overrides: str) -> training.Trainer:

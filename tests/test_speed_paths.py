@@ -23,6 +23,7 @@ import os
 
 import pyro
 import pytest
+import sizes
 import torch
 
 from pyro_vae import evaluation, training
@@ -33,14 +34,7 @@ from pyro_vae.parts import distributions
 from pyro_vae.training import compiled, path_choice
 from pyro_vae.training.optimizer import adam
 
-SMALL = [
-    "data.train_size=96",
-    "data.test_size=32",
-    "data.batch_size=20",
-    "model.encoder.hidden=[16]",
-    "model.decoder.hidden=[16]",
-    "train.epochs=2",
-]
+SMALL = sizes.SMALL
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """How a run ends: what a failing first step says, and the TensorBoard writer closed on every way out."""
 
 import pytest
+import sizes
 import torch
 
 from pyro_vae import training
@@ -8,15 +9,7 @@ from pyro_vae.config.spec import load_spec
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.training import board
 
-SMALL = [
-    "data.train_size=96",
-    "data.test_size=32",
-    "data.batch_size=20",
-    "model.encoder.hidden=[16]",
-    "model.decoder.hidden=[16]",
-    "train.epochs=2",
-    "inference.compile=eager",
-]
+SMALL = [*sizes.SMALL, "inference.compile=eager"]
 
 
 def test_invalid_distribution_parameters_in_a_validated_step_stop_like_a_nan():
