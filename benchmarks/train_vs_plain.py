@@ -69,11 +69,20 @@ def project_epochs(epochs: int, extra: list[str], out: Path) -> tuple[list[float
     return [row["seconds"] for row in metrics], [line for line in log if "inference.compile" in line]
 
 
-def plain_epochs(epochs: int, train: torch.Tensor, batch: int = 128) -> list[float]:
-    """The hand-written loop on the same data and network shape; seconds per epoch."""
-    torch.manual_seed(0)
-    encoder = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 40))
-    decoder = nn.Sequential(nn.Linear(20, 400), nn.ReLU(), nn.Linear(400, 784))
+def plain_epochs(
+    epochs: int, train: torch.Tensor, batch: int = 128, modules: tuple[nn.Module, nn.Module] | None = None
+) -> list[float]:
+    """The hand-written loop on the same data and network shape; seconds per epoch.
+
+    ``modules``: the (encoder, decoder) to train, kept by the caller; new ones by default.
+    """
+    if modules is None:
+        torch.manual_seed(0)
+        modules = (
+            nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 40)),
+            nn.Sequential(nn.Linear(20, 400), nn.ReLU(), nn.Linear(400, 784)),
+        )
+    encoder, decoder = modules
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
     n = train.shape[0]
     seconds = []

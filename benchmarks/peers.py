@@ -1,0 +1,240 @@
+"""``pyro-vae train``, a hand-written PyTorch loop and a NumPyro VAE with a jit-compiled epoch, on one task.
+
+The common task: MNIST, dynamic binarization, 784-400-20 ReLU encoder and
+decoder, batch 128, Adam with learning rate 1e-3, the closed-form KL where the
+system has one. Each round runs the three systems one after the other, each in
+a fresh process at the same thread count, so a slow spell of the machine hits
+all three; ratios are taken within a round.
+
+- ``pyro-vae train`` (no compile setting: the default path), its epochs'
+  training seconds from the run's metrics.jsonl;
+- the hand-written loop of ``benchmarks/train_vs_plain.py`` (``torch.optim.Adam()``);
+- NumPyro: the same model and guide written as NumPyro programs (``numpyro.param``
+  weights, a subsampled data plate), ``SVI`` with ``Trace_ELBO`` and
+  ``numpyro.optim.Adam``, one epoch (permutation, binarization draws and every
+  update) compiled as one ``jax.jit`` of a ``lax.fori_loop``; the epoch's last
+  partial batch is dropped.
+
+Reported per round: each system's epoch seconds, the median of epochs 2+
+(epoch 1 holds start-up and compiles), the process's wall time, its final test
+ELBO (nats per example: pyro-vae's own; for NumPyro and the plain loop one
+sample per test image on one fixed binarization), and the ratios to the plain
+loop; then each ratio's median [min–max] over rounds.
+
+    pip install -e ".[bench]"
+    PYRO_VAE_DATA=../shared/data python benchmarks/peers.py --rounds 2 --epochs 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import cpu_name
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """Environment of a child process limited to ``threads`` threads in torch and XLA."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    flags = "--xla_cpu_multi_thread_eigen=" + ("false" if threads == 1 else "true")
+    env["XLA_FLAGS"] = f"{flags} intra_op_parallelism_threads={threads}"
+    return env
+
+
+def run_child(system: str, epochs: int, threads: int) -> dict:
+    """One system in a fresh process; its JSON report (epoch seconds, test ELBO) plus the wall time."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__)), "--child", system, "--epochs", str(epochs), "--threads", str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=thread_environment(threads),
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report["wall"] = time.perf_counter() - start
+    return report
+
+
+def child_pyro_vae(epochs: int, threads: int) -> dict:
+    """``pyro-vae train`` on the common task, as a user runs it."""
+    from train_vs_plain import NETWORK
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "run"
+        command = [sys.executable, "-m", "pyro_vae", "train", "--config", "mnist", "--epochs", str(epochs)]
+        command += ["--out", str(out), "--quiet", "--threads", str(threads)]
+        for item in NETWORK:
+            command += ["--set", item]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": [row["seconds"] for row in rows], "test_elbo": rows[-1]["test_elbo"]}
+
+
+def mnist(split: str):
+    """The MNIST pixel intensities in [0, 1], (N, 784) float32, through the package's loader."""
+    from pyro_vae.config.spec import load_spec
+    from pyro_vae.data import load_dataset
+
+    root = os.environ.get("PYRO_VAE_DATA", "")
+    data = load_dataset(load_spec("mnist", [f"data.root={root}"] if root else []).data, 0)
+    return getattr(data, split)
+
+
+def child_plain(epochs: int, threads: int) -> dict:
+    """The hand-written loop; its test ELBO with one sample per image on one fixed binarization."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from train_vs_plain import plain_epochs
+
+    torch.set_num_threads(threads)
+    train, test = mnist("train"), mnist("test")
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 40))
+    decoder = nn.Sequential(nn.Linear(20, 400), nn.ReLU(), nn.Linear(400, 784))
+    seconds = plain_epochs(epochs, train, modules=(encoder, decoder))
+    with torch.no_grad():
+        x = torch.bernoulli(test, generator=torch.Generator().manual_seed(0))
+        loc, raw = encoder(x).chunk(2, -1)
+        scale = F.softplus(raw) + 1e-3
+        z = loc + scale * torch.randn_like(loc)
+        log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum(-1)
+        kl = (-torch.log(scale) + 0.5 * (scale * scale + loc * loc) - 0.5).sum(-1)
+    return {"seconds": seconds, "test_elbo": float((log_lik - kl).mean())}
+
+
+def child_numpyro(epochs: int, threads: int, batch: int = 128, hidden: int = 400, latent: int = 20) -> dict:
+    """A NumPyro VAE on the common task, one ``jit``-compiled epoch per call.
+
+    model: z ~ N(0, I), x ~ Bernoulli(logits = dec(z)); guide: z ~ N(enc_μ(x),
+    softplus(enc_σ(x)) + 1e-3); both over a data plate of N subsampled to the
+    batch, so ``Trace_ELBO`` estimates the full-data ELBO as the other systems do.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import SVI, Trace_ELBO
+
+    train = jnp.asarray(mnist("train").numpy())
+    test = mnist("test").numpy()
+    n, d = train.shape
+
+    def dense(key, fan_in: int, fan_out: int) -> tuple:
+        bound = 1.0 / np.sqrt(fan_in)
+        w_key, b_key = jax.random.split(key)
+        weight = jax.random.uniform(w_key, (fan_in, fan_out), minval=-bound, maxval=bound)
+        return weight, jax.random.uniform(b_key, (fan_out,), minval=-bound, maxval=bound)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    start = {
+        "enc_in": dense(keys[0], d, hidden),
+        "enc_out": dense(keys[1], hidden, 2 * latent),
+        "dec_in": dense(keys[2], latent, hidden),
+        "dec_out": dense(keys[3], hidden, d),
+    }
+
+    def layer(name: str) -> tuple:
+        weight, bias = start[name]
+        return numpyro.param(f"{name}_w", weight), numpyro.param(f"{name}_b", bias)
+
+    def mlp(first: tuple, second: tuple, inputs):
+        return jax.nn.relu(inputs @ first[0] + first[1]) @ second[0] + second[1]
+
+    def model(x, num_data: int):
+        first, second = layer("dec_in"), layer("dec_out")
+        with numpyro.plate("data", num_data, subsample_size=x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(jnp.zeros(latent), 1.0).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=mlp(first, second, z)).to_event(1), obs=x)
+
+    def guide(x, num_data: int):
+        first, second = layer("enc_in"), layer("enc_out")
+        loc, raw = jnp.split(mlp(first, second, x), 2, axis=-1)
+        with numpyro.plate("data", num_data, subsample_size=x.shape[0]):
+            numpyro.sample("z", dist.Normal(loc, jax.nn.softplus(raw) + 1e-3).to_event(1))
+
+    svi = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(1), train[:batch], n)
+    steps = n // batch
+
+    @jax.jit
+    def epoch(state, key):
+        order = jax.random.permutation(key, n)
+
+        def step(i, carry):
+            state, total = carry
+            index = jax.lax.dynamic_slice(order, (i * batch,), (batch,))
+            x = jax.random.bernoulli(jax.random.fold_in(key, i), train[index]).astype(jnp.float32)
+            state, loss = svi.update(state, x, n)
+            return state, total + loss
+
+        return jax.lax.fori_loop(0, steps, step, (state, 0.0))
+
+    seconds = []
+    for e in range(epochs):
+        begin = time.perf_counter()
+        state, total = epoch(state, jax.random.PRNGKey(100 + e))
+        total.block_until_ready()
+        seconds.append(time.perf_counter() - begin)
+    params = svi.get_params(state)
+    x = jnp.asarray(np.random.default_rng(0).random(test.shape) < test, dtype=jnp.float32)
+    elbo = Trace_ELBO().loss(jax.random.PRNGKey(2), params, model, guide, x, x.shape[0])
+    return {"seconds": seconds, "test_elbo": -float(elbo) / x.shape[0]}
+
+
+CHILDREN = {"pyro-vae": child_pyro_vae, "plain": child_plain, "numpyro": child_numpyro}
+
+
+def steady(seconds: list[float]) -> float:
+    """The median epoch after the first."""
+    return statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args.epochs, args.threads)))
+        return
+    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs; {args.threads} thread(s) per system", flush=True)
+    ratios: dict[str, list[float]] = {name: [] for name in CHILDREN}
+    for r in range(args.rounds):
+        reports = {name: run_child(name, args.epochs, args.threads) for name in CHILDREN}
+        plain = steady(reports["plain"]["seconds"])
+        print(f"round {r + 1}:")
+        for name, report in reports.items():
+            ratio = steady(report["seconds"]) / plain
+            ratios[name].append(ratio)
+            epochs = " ".join(f"{s:.2f}" for s in report["seconds"])
+            print(
+                f"  {name:9s} epochs {epochs} s; steady {steady(report['seconds']):.2f} s; ratio to plain "
+                f"{ratio:.2f}; wall {report['wall']:.1f} s; test ELBO {report['test_elbo']:.2f}",
+                flush=True,
+            )
+    for name in CHILDREN:
+        label = f"{name}: steady epoch / plain loop's, median [min–max] over {args.rounds} round(s)"
+        print(f"{label}: {spread(ratios[name])}")
+    if ratios["numpyro"]:
+        ours = [a / b for a, b in zip(ratios["pyro-vae"], ratios["numpyro"])]
+        print(f"pyro-vae / numpyro: {spread(ours)}")
+
+
+if __name__ == "__main__":
+    main()
