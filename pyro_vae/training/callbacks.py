@@ -22,7 +22,7 @@ and ``train.eval_num_samples`` change no number of the training trajectory.
 
 Divergence (:func:`divergence_warning`): the reference is the ELBO of the
 starting parameters, E₀ (the first step's estimate, taken before its update);
-epoch e's train ELBO E_e is diverging when
+epoch e's train ELBO E_e is diverging when::
 
     E_e < E₀ − DIVERGENCE_FACTOR · max(|E₀|, 1 nat),
 

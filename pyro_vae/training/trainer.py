@@ -244,7 +244,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SVI step; returns the detached loss (−ELBO of the full training set) and max |gradient|.
+        """One SVI step; returns the detached loss (−ELBO of the full training set) and the largest ``|gradient|``.
 
         Pyro's validation is on for the first ``VALIDATED_STEPS`` steps: a distribution
         refusing its parameters there (parameters already damaged) stops training like
