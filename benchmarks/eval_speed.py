@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(timed_evaluation(args.num_samples, args.examples, args.threads, args.data_root)))
         return
     from pyro_vae import evaluation
-    from pyro_vae.training.runs import machine
+    from pyro_vae.training.environment import machine
 
     torch.set_num_threads(args.threads)
     vae, test = model_and_data(args.data_root)

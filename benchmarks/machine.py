@@ -1,3 +1,3 @@
 """The processor the benchmarks ran on, for their reports (the package's own description of it)."""
 
-from pyro_vae.training.runs import machine as cpu_name  # noqa: F401
+from pyro_vae.training.environment import machine as cpu_name  # noqa: F401

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pyro_vae.config.spec import load_spec
 from pyro_vae.evaluation import table
-from pyro_vae.training import runs
-from pyro_vae.training.trainer import train
+from pyro_vae.training import train
+from pyro_vae.training.run import Run
 
 SPECS = ["mnist", "mnist-mog", "mnist-vamp", "mnist-iaf", "mnist-flow-prior", "mnist-conv"]
 
@@ -45,7 +45,7 @@ def main() -> None:
                 name, [f"train.epochs={args.epochs}", f"train.seed={args.seed}", f"train.device={args.device}"]
             )
             train(spec, args.out / name, force=True)
-    finished = [args.out / name for name in SPECS if len(runs.read_metrics(args.out / name)) == args.epochs]
+    finished = [args.out / name for name in SPECS if len(Run(args.out / name).read_metrics()) == args.epochs]
     if not finished:
         print(
             f"mnist_table: no run under {args.out} has {args.epochs} trained epochs; train them first "

@@ -27,8 +27,8 @@ from machine import cpu_name
 
 from pyro_vae.config.spec import load_spec
 from pyro_vae.evaluation import table
-from pyro_vae.training import runs
-from pyro_vae.training.trainer import resume, train
+from pyro_vae.training import resume, train
+from pyro_vae.training.run import CHECKPOINT, LOG, Run
 
 PUBLISHED = {  # test NLL in nats, as the specs' descriptions cite them
     "mnist-iwae-paper": ("Burda et al. 2016, VAE k = 1", 86.76),
@@ -44,14 +44,14 @@ def run_spec(name: str, max_epochs: int, out: Path, num_samples: int) -> dict:
     full = spec.train.epochs
     epochs = min(full, max_epochs)
     run_dir = out / name
-    if (run_dir / runs.CHECKPOINT).exists():
+    if (run_dir / CHECKPOINT).exists():
         resume(run_dir, epochs, show_progress=False)
     else:
         train(load_spec(name, [f"train.epochs={epochs}"]), run_dir, force=True, show_progress=False)
-    metrics = runs.read_metrics(run_dir)
+    metrics = Run(run_dir).read_metrics()
     row = table.score_run(run_dir, num_samples)
     source, published = PUBLISHED[name]
-    stopped = any("early stopping" in line for line in (run_dir / runs.LOG).read_text().splitlines())
+    stopped = any("early stopping" in line for line in (run_dir / LOG).read_text().splitlines())
     return {
         "spec": name,
         "source": source,

@@ -6,7 +6,7 @@ The package is laid out by layer, and data flows one way through them::
     parts/       networks, priors, guides, likelihoods, their distributions and contracts
     model.py     the VAE as a Pyro model and guide, assembled from the parts
     infer/       log w from the model's and guide's traces; the estimators; closed-form KLs
-    training/    the SVI loop, the run folder and checkpoints, optimizer, compiled steps
+    training/    the lean SVI loop and its end-of-epoch callbacks, the run folder (Run), optimizer, compiled steps
     evaluation/  bounds, importance-sampled log-likelihood, diagnostics, tables, estimator comparison
     cli/         the ``pyro-vae`` command (not imported by ``import pyro_vae``)
 

@@ -219,7 +219,8 @@ def test_a_usage_error_has_one_prefix_and_names_the_command(capsys):
 def test_every_option_shows_one_default():
     import argparse
 
-    from pyro_vae.cli.commands import HelpFormatter, build_parser
+    from pyro_vae.cli.commands import build_parser
+    from pyro_vae.cli.options import HelpFormatter
 
     commands = build_parser()._subparsers._group_actions[0].choices
     for name, command in commands.items():

@@ -8,7 +8,7 @@ import pytest
 from pyro_vae import training
 from pyro_vae.cli.commands import build_parser, main
 from pyro_vae.config.spec import load_spec
-from pyro_vae.training import runs
+from pyro_vae.training.run import LOCK, Run
 
 TINY = [
     "data.train_size=100",
@@ -116,7 +116,7 @@ def test_tensorboard_event_file_holds_the_epoch_scalars(tmp_path):
     assert [e.step for e in events.Scalars("test_elbo")] == [1, 2]
     assert {"train_elbo", "lr", "kl_weight"} <= set(events.Tags()["scalars"])
     assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
-    metrics = runs.read_metrics(folder)
+    metrics = Run(folder).read_metrics()
     assert [e.value for e in events.Scalars("test_elbo")] == pytest.approx([m["test_elbo"] for m in metrics])
 
 
@@ -158,7 +158,7 @@ def test_two_concurrent_resumes_one_trains_the_other_is_refused_and_the_run_is_b
     assert len(lines) == 1 and f"'{run}' is in use by process {both[trained].pid} (" in lines[0], lines
     assert "--resume" in lines[0] and "nothing was changed" in lines[0]
     assert_same_run(run, reference)
-    assert not (run / runs.LOCK).exists()
+    assert not (run / LOCK).exists()
 
 
 def test_train_force_into_a_folder_in_use_is_refused_naming_the_holder_and_changes_nothing(run, capsys):
@@ -166,28 +166,28 @@ def test_train_force_into_a_folder_in_use_is_refused_naming_the_holder_and_chang
 
     from test_robustness import snapshot
 
-    with runs.locked(run):
+    with Run(run).locked():
         before = snapshot(run)
         assert main(["train", "--out", str(run), "--force", "--quiet", *sum((["--set", o] for o in TINY), [])]) == 2
         one_error_line(capsys, f"is in use by process {os.getpid()} (", "nothing was changed")
         assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 2
         one_error_line(capsys, f"is in use by process {os.getpid()} (")
         assert snapshot(run) == before
-    assert not (run / runs.LOCK).exists()
+    assert not (run / LOCK).exists()
 
 
 def test_a_lock_file_left_by_a_killed_process_does_not_block(run, capsys):
-    (run / runs.LOCK).write_text("process 999999 (pyro-vae train, killed)\n")  # no flock held on it
+    (run / LOCK).write_text("process 999999 (pyro-vae train, killed)\n")  # no flock held on it
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert "nothing to do" in capsys.readouterr().err
-    assert not (run / runs.LOCK).exists()
+    assert not (run / LOCK).exists()
 
 
 def test_the_lock_is_released_when_the_command_fails(run):
     with pytest.raises(Exception, match="the total number of epochs"):
         training.resume(run, epochs=1, show_progress=False)
-    assert not (run / runs.LOCK).exists()
-    with runs.locked(run):  # free again
+    assert not (run / LOCK).exists()
+    with Run(run).locked():  # free again
         pass
 
 
@@ -214,12 +214,12 @@ def test_resume_of_an_early_stopped_run_says_so(tmp_path, capsys):
         None, [*TINY, "data.validation_size=20", "train.early_stopping_patience=1", "optim.lr=1e-12", "train.epochs=6"]
     )
     training.train(spec, folder, show_progress=False)
-    epochs = len(runs.read_metrics(folder))
+    epochs = len(Run(folder).read_metrics())
     assert epochs < 6
     capsys.readouterr()
     assert main(["train", "--resume", str(folder), "--epochs", "9", "--quiet"]) == 0
     assert f"nothing to do: stopped early at epoch {epochs}" in capsys.readouterr().err
-    assert len(runs.read_metrics(folder)) == epochs
+    assert len(Run(folder).read_metrics()) == epochs
 
 
 # -- output folders of table and compare ---------------------------------------------------------------------------
@@ -247,13 +247,14 @@ def test_table_refuses_an_existing_out_without_force_and_replaces_only_its_files
 
 
 def test_an_interrupted_compare_leaves_nothing_and_an_existing_out_is_refused(tmp_path, monkeypatch, capsys):
+    from pyro_vae.cli import compare as command
     from pyro_vae.evaluation import compare
 
     def interrupted_half_way(out, rows, curves, about):
         compare.write_csv(rows, out / "comparison.csv")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compare, "write_report", interrupted_half_way)
+    monkeypatch.setattr(command, "write_report", interrupted_half_way)
     argv = ["compare", "--estimators", "trace", "--repeats", "2", "--quiet", *sum((["--set", o] for o in TINY), [])]
     assert main([*argv, "--out", str(tmp_path / "report")]) == 130
     assert list(tmp_path.iterdir()) == []

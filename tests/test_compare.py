@@ -26,6 +26,8 @@ from pyro_vae.config.spec import Spec, load_spec
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.evaluation import compare
+from pyro_vae.evaluation.estimator_tokens import parse_estimators
+from pyro_vae.evaluation.gradient_stats import Moments, snr_summary
 from pyro_vae.model import VAE
 from pyro_vae.training.trainer import Trainer
 
@@ -110,7 +112,7 @@ def test_a_bad_token_is_one_line_naming_it_and_the_accepted_forms(token, capsys)
 
 
 def test_parse_estimators():
-    choices = compare.parse_estimators(" trace, iwae:64 ,renyi:5:-0.5,tail-adaptive:2,")
+    choices = parse_estimators(" trace, iwae:64 ,renyi:5:-0.5,tail-adaptive:2,")
     assert [(c.name, c.k, c.alpha) for c in choices] == [
         ("trace", 1, None),
         ("iwae", 64, None),
@@ -126,7 +128,7 @@ def test_parse_estimators():
     assert tail.options.tail_adaptive_beta == -0.5  # the base spec's own setting carries over
     for text in ("", " , ", "iwae:8,iwae:8"):
         with pytest.raises(UserInputError):
-            compare.parse_estimators(text)
+            parse_estimators(text)
 
 
 @pytest.mark.parametrize(
@@ -175,22 +177,22 @@ def test_snr_summary_on_draws_of_known_mean_and_std():
     generator = torch.Generator().manual_seed(0)
     mean = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 0.0])
     std = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.1, 0.0])  # the last element never varies
-    moments = compare.Moments()
+    moments = Moments()
     draws = mean + std * torch.randn(8000, 6, generator=generator)
     for draw in draws:
         moments.add(draw)
     assert moments.count == 8000
     torch.testing.assert_close(moments.mean, draws.double().mean(0))
     torch.testing.assert_close(moments.variance, draws.double().var(0))
-    summary = compare.snr_summary(moments.mean, moments.variance)
+    summary = snr_summary(moments.mean, moments.variance)
     true_snr = torch.tensor([1.0, 4.0, 0.25, 0.0, 30.0])  # the never-varying element is left out
     assert summary["varying"] == 5 and summary["elements"] == 6
     assert summary["snr"] == pytest.approx(true_snr.mean().item(), rel=0.02)
     assert summary["snr_median"] == pytest.approx(1.0, rel=0.03)
     assert summary["var"] == pytest.approx((std**2).mean().item(), rel=0.03)
-    exact = compare.snr_summary(mean, std**2)
+    exact = snr_summary(mean, std**2)
     assert exact["snr"] == pytest.approx(true_snr.mean().item())
-    assert math.isnan(compare.snr_summary(torch.zeros(3), torch.zeros(3))["snr"])
+    assert math.isnan(snr_summary(torch.zeros(3), torch.zeros(3))["snr"])
 
 
 def test_meanfield_bound_varies_less_than_trace_at_a_fresh_initialization():
@@ -199,7 +201,7 @@ def test_meanfield_bound_varies_less_than_trace_at_a_fresh_initialization():
     )
     trainer = Trainer(spec, None, show_progress=False)
     rows, _ = compare.compare(
-        spec, trainer.vae, trainer.data, compare.parse_estimators("trace,meanfield"), repeats=30, show_progress=False
+        spec, trainer.vae, trainer.data, parse_estimators("trace,meanfield"), repeats=30, show_progress=False
     )
     trace, meanfield = rows
     assert meanfield["bound_mean"] == pytest.approx(trace["bound_mean"], abs=4 * trace["bound_std"])
@@ -246,7 +248,7 @@ def linear_gaussian_near_posterior():
 def test_iwae_encoder_snr_falls_with_k_while_dregs_does_not(linear_gaussian_near_posterior):
     spec, vae, data = linear_gaussian_near_posterior
     rows, _ = compare.compare(
-        spec, vae, data, compare.parse_estimators("iwae:1,iwae:64,dreg:1,dreg:64"), repeats=60, show_progress=False
+        spec, vae, data, parse_estimators("iwae:1,iwae:64,dreg:1,dreg:64"), repeats=60, show_progress=False
     )
     snr = {row["estimator"]: row["grad_snr_encoder"] for row in rows}
     decoder = {row["estimator"]: row["grad_snr_decoder"] for row in rows}

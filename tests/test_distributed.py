@@ -21,7 +21,8 @@ import torch.distributed
 from pyro_vae import training
 from pyro_vae.config.spec import load_spec
 from pyro_vae.infer import estimators
-from pyro_vae.training import distributed, runs
+from pyro_vae.training import distributed
+from pyro_vae.training.run import CHECKPOINT, CONFIG, LOG, METRICS, RUN_INFO, Run
 
 pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
 
@@ -121,14 +122,14 @@ def test_torchrun_two_gloo_processes_write_one_run_folder_and_match_one_process(
     assert done.stdout.split() == ["run"], done.stdout  # rank 0 alone prints the run folder
     assert sorted(p.name for p in out.iterdir()) == ["run"]  # one folder, nothing else written
     run = out / "run"
-    for name in (runs.CONFIG, runs.RUN_INFO, runs.METRICS, runs.CHECKPOINT, runs.LOG, "samples.png"):
+    for name in (CONFIG, RUN_INFO, METRICS, CHECKPOINT, LOG, "samples.png"):
         assert (run / name).is_file(), name
-    log = (run / runs.LOG).read_text()
+    log = (run / LOG).read_text()
     for epoch in range(1, EPOCHS + 1):
         assert log.count(f"epoch {epoch:>3}  train ELBO") == 1, log  # one writer
     console = done.stderr
     assert console.count("epoch   1  train ELBO") == 1, console  # ranks > 0 are silent
-    rows = runs.read_metrics(run)
+    rows = Run(run).read_metrics()
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
 
     single = training.Trainer(

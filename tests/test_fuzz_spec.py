@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from pyro_vae.cli.commands import main
 from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec
-from pyro_vae.training import runs
+from pyro_vae.training.run import CHECKPOINT, CONFIG, METRICS
 
 BASE = Spec.from_dict(
     {
@@ -150,7 +150,7 @@ def check_outcome(rc: int, stderr: str, run: Path) -> None:
     assert "Traceback" not in stderr, stderr
     if rc == 0:
         state_files = {p.name for p in run.iterdir()}
-        assert {runs.CONFIG, runs.CHECKPOINT, runs.METRICS} <= state_files
+        assert {CONFIG, CHECKPOINT, METRICS} <= state_files
     elif rc == 2:
         assert len(lines) == 1 and lines[0].startswith("pyro-vae: error: "), lines
     else:

@@ -23,7 +23,8 @@ from pyro_vae.data import load_dataset
 from pyro_vae.errors import UserInputError
 from pyro_vae.evaluation import table
 from pyro_vae.model import VAE
-from pyro_vae.training import checkpoint, optimizer, runs
+from pyro_vae.training import checkpoint, optimizer
+from pyro_vae.training.run import BEST, CHECKPOINT, CONFIG, LOG, Run
 
 TINY = [
     "data.train_size=200",
@@ -217,11 +218,11 @@ def test_binarized_mnist_published_validation_split():
 def test_early_stopping_keeps_the_best_epoch_in_best_pt(tmp_path, capsys):
     run = tmp_path / "run"
     trainer = training.train(load_spec(None, PROTOCOL), run, show_progress=False)
-    metrics = runs.read_metrics(run)
+    metrics = Run(run).read_metrics()
     best = max(metrics, key=lambda m: m["validation_elbo"])
     assert trainer.progress.stopped_early and len(metrics) < 12
     assert len(metrics) - best["epoch"] == 3
-    state = checkpoint.load(run / runs.BEST)
+    state = checkpoint.load(run / BEST)
     assert state["epoch"] == best["epoch"] and state["validation_elbo"] == best["validation_elbo"]
     assert [m["lr"] for m in metrics][-1] < 0.05  # plateau lowered the rate
     capsys.readouterr()
@@ -252,10 +253,10 @@ def test_sigkill_and_resume_with_plateau_validation_and_early_stopping_is_bit_id
     process.wait()
     training.resume(run, show_progress=False)
     assert_same_run(run, reference)
-    a, b = checkpoint.load(run / runs.CHECKPOINT), checkpoint.load(reference / runs.CHECKPOINT)
+    a, b = checkpoint.load(run / CHECKPOINT), checkpoint.load(reference / CHECKPOINT)
     assert_nested_equal(a["scheduler"], b["scheduler"], "scheduler")
     assert (a["best_epoch"], a["stopped_early"]) == (b["best_epoch"], b["stopped_early"])
-    assert_nested_equal(checkpoint.load(run / runs.BEST), checkpoint.load(reference / runs.BEST), "best")
+    assert_nested_equal(checkpoint.load(run / BEST), checkpoint.load(reference / BEST), "best")
 
 
 # -- pyro-vae table ----------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def test_runs_of_different_training_seeds_are_paired_and_labelled_by_their_paths
 def test_a_damaged_checkpoint_stops_table_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     training.train(load_spec(None, [*TINY, "train.epochs=1"]), run, show_progress=False)
-    path = run / runs.CHECKPOINT
+    path = run / CHECKPOINT
     path.write_bytes(path.read_bytes()[:-100])
     capsys.readouterr()
     assert main(["table", str(run), "--num-samples", "5", "--out", str(tmp_path / "t")]) == 2
@@ -354,15 +355,15 @@ def test_a_diverging_run_warns_once_per_epoch_and_sizes_beyond_the_data_say_what
     )  # d = 2: the latent map skips t-SNE, which the diverged means crash
     with command_line():  # the console handler the command line sets up: the lines reach stderr
         training.train(spec, run, show_progress=False)
-    err, log = capsys.readouterr().err, (run / runs.LOG).read_text()
+    err, log = capsys.readouterr().err, (run / LOG).read_text()
     for text in (err, log):
         assert "data.train_size is 100000 but 'digits' has 1617 training examples: all 1617 are used" in text
         assert "data.test_size is 100000 but 'digits' has 180 test examples: all 180 are used" in text
         warnings = [line for line in text.splitlines() if "training is diverging" in line]
         assert len(warnings) == 2 and "epoch 1:" in warnings[0] and "epoch 2:" in warnings[1]
         assert "optim.lr (now 50)" in warnings[0]
-    start = checkpoint.load(run / runs.CHECKPOINT)["start_elbo"]
-    assert -100 < start < 0 and all(m["train_elbo"] < 11 * start for m in runs.read_metrics(run))
+    start = checkpoint.load(run / CHECKPOINT)["start_elbo"]
+    assert -100 < start < 0 and all(m["train_elbo"] < 11 * start for m in Run(run).read_metrics())
 
 
 def test_divergence_rule_is_ten_times_the_starting_magnitude_below_the_start():
@@ -377,23 +378,23 @@ def test_divergence_rule_is_ten_times_the_starting_magnitude_below_the_start():
 def test_a_checkpoint_without_the_starting_elbo_resumes_against_the_first_epoch(tmp_path):
     run = tmp_path / "run"
     training.train(load_spec(None, [*TINY, "train.epochs=1", "model.latent_dim=2"]), run, show_progress=False)
-    state = checkpoint.load(run / runs.CHECKPOINT)
+    state = checkpoint.load(run / CHECKPOINT)
     del state["start_elbo"], state["format"]  # as checkpoints were written before
-    checkpoint.save_atomic(state, run / runs.CHECKPOINT)
+    checkpoint.save_atomic(state, run / CHECKPOINT)
     trainer = training.resume(run, epochs=2, show_progress=False)
-    assert trainer.progress.start_elbo is None and len(runs.read_metrics(run)) == 2
-    assert "training is diverging" not in (run / runs.LOG).read_text()
+    assert trainer.progress.start_elbo is None and len(Run(run).read_metrics()) == 2
+    assert "training is diverging" not in (run / LOG).read_text()
 
 
 def test_a_run_folder_written_before_the_evaluation_seed_keeps_its_test_images(tmp_path):
     run = tmp_path / "run"
     training.train(load_spec(None, [*TINY, "train.epochs=1", "train.seed=1"]), run, show_progress=False)
-    config = yaml.safe_load((run / runs.CONFIG).read_text())
+    config = yaml.safe_load((run / CONFIG).read_text())
     del config["data"]["eval_binarize_seed"]
-    (run / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-    state = checkpoint.load(run / runs.CHECKPOINT)
+    (run / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    state = checkpoint.load(run / CHECKPOINT)
     del state["spec"]["data"]["eval_binarize_seed"], state["format"]
-    checkpoint.save_atomic(state, run / runs.CHECKPOINT)
+    checkpoint.save_atomic(state, run / CHECKPOINT)
     spec, _, data = training.load_run(run)
     assert spec.data.eval_binarize_seed == "train"
     assert torch.equal(data.test, load_dataset(load_spec(None, [*TINY, "data.eval_binarize_seed=train"]).data, 1).test)

@@ -30,7 +30,8 @@ from pyro_vae import training
 from pyro_vae.cli.commands import main
 from pyro_vae.config.spec import load_spec
 from pyro_vae.errors import NonFiniteError
-from pyro_vae.training import checkpoint, run_state, runs
+from pyro_vae.training import checkpoint, run_state
+from pyro_vae.training.run import CHECKPOINT, CONFIG, METRICS, Run
 
 SMALL = [
     "data.train_size=96",
@@ -83,13 +84,13 @@ def assert_nested_equal(a, b, where: str = "") -> None:
 
 def assert_same_run(resumed: Path, reference: Path) -> None:
     """Bit-identical end state: parameters, Adam, generators, metrics."""
-    a, b = checkpoint.load(resumed / runs.CHECKPOINT), checkpoint.load(reference / runs.CHECKPOINT)
+    a, b = checkpoint.load(resumed / CHECKPOINT), checkpoint.load(reference / CHECKPOINT)
     assert (a["epoch"], a["step_in_epoch"], a["global_step"]) == (b["epoch"], b["step_in_epoch"], b["global_step"])
     assert_nested_equal(a["model"], b["model"], "model")
     assert_nested_equal(a["optimizer"], b["optimizer"], "optimizer")
     assert_nested_equal(a["rng"], b["rng"], "rng")
     assert without_seconds(a["metrics"]) == without_seconds(b["metrics"])
-    assert without_seconds(runs.read_metrics(resumed)) == without_seconds(runs.read_metrics(reference))
+    assert without_seconds(Run(resumed).read_metrics()) == without_seconds(Run(reference).read_metrics())
 
 
 def evaluate(run: Path, capsys) -> dict:
@@ -116,12 +117,12 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_checkpoint_holds_everything_a_resume_needs(reference):
-    state = checkpoint.load(reference / runs.CHECKPOINT, required=run_state.STATE_KEYS)
+    state = checkpoint.load(reference / CHECKPOINT, required=run_state.STATE_KEYS)
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
-    assert load_spec(None, SMALL).to_dict() == state["spec"] == runs.read_spec(reference).to_dict()
+    assert load_spec(None, SMALL).to_dict() == state["spec"] == Run(reference).read_spec().to_dict()
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (3, 0, 3 * STEPS_PER_EPOCH)
     assert [row["epoch"] for row in state["metrics"]] == [1, 2, 3]
-    assert state["metrics"] == runs.read_metrics(reference)
+    assert state["metrics"] == Run(reference).read_metrics()
     assert state["optimizer"]["state"], "Adam's moments are saved"
     assert not list(reference.glob(".*.tmp")), "no temporary file is left behind"
 
@@ -139,8 +140,8 @@ def test_param_store_holds_only_the_modules_parameters():
 
 def test_previous_checkpoint_survives_a_failed_write(reference, tmp_path, monkeypatch):
     """A write that dies half way leaves the old checkpoint as it was."""
-    path = tmp_path / runs.CHECKPOINT
-    shutil.copy(reference / runs.CHECKPOINT, path)
+    path = tmp_path / CHECKPOINT
+    shutil.copy(reference / CHECKPOINT, path)
     before = path.read_bytes()
 
     def dies_half_way(obj, handle, *args, **kwargs):
@@ -174,7 +175,7 @@ def test_sigterm_writes_a_checkpoint_at_the_step_and_resume_is_bit_identical(tmp
     capsys.readouterr()
     assert main(["train", *cli_args(VAMP), "--out", str(interrupted), "--no-progress"]) == 128 + signal.SIGTERM
     assert error_lines(capsys)[-1] == "pyro-vae: stopped by signal SIGTERM"
-    state = checkpoint.load(interrupted / runs.CHECKPOINT, required=run_state.STATE_KEYS)
+    state = checkpoint.load(interrupted / CHECKPOINT, required=run_state.STATE_KEYS)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, STEPS_PER_EPOCH + 3)
     assert len(state["epoch_losses"]) == 3 and all(math.isfinite(v) for v in state["epoch_losses"])
     monkeypatch.setattr(training.Trainer, "step", original)
@@ -186,8 +187,8 @@ def test_sigterm_writes_a_checkpoint_at_the_step_and_resume_is_bit_identical(tmp
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_from_the_beginning(reference, tmp_path):
     run = tmp_path / "run"
-    runs.prepare(run, load_spec(None, SMALL), force=False)  # what a kill right after the folder was made leaves
-    assert not (run / runs.CHECKPOINT).exists()
+    Run.create(run, load_spec(None, SMALL), force=False)  # what a kill right after the folder was made leaves
+    assert not (run / CHECKPOINT).exists()
     training.resume(run, show_progress=False)
     assert_same_run(run, reference)
 
@@ -198,7 +199,7 @@ def checkpoint_writes(run: Path, process: subprocess.Popen, count: int) -> None:
     deadline = time.monotonic() + 300
     while len(seen) < count and process.poll() is None and time.monotonic() < deadline:
         try:
-            seen.add(os.stat(run / runs.CHECKPOINT).st_ino)
+            seen.add(os.stat(run / CHECKPOINT).st_ino)
         except FileNotFoundError:
             pass
         time.sleep(0.002)
@@ -221,7 +222,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(reference, tmp_
     time.sleep(delay)
     process.kill()
     process.wait()
-    if (run / runs.CONFIG).exists():
+    if (run / CONFIG).exists():
         training.resume(run, show_progress=False)
     else:  # killed before the folder was made: the same command again
         training.train(load_spec(None, SMALL), run, show_progress=False)
@@ -233,7 +234,7 @@ def test_resume_after_the_last_epoch_only_rewrites_stale_metrics(reference, tmp_
     """Killed between the final checkpoint and metrics.jsonl: resume restores the metrics, trains nothing."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    (run / runs.METRICS).write_text("")
+    (run / METRICS).write_text("")
     training.resume(run, show_progress=False)
     assert_same_run(run, reference)
 
@@ -248,7 +249,7 @@ def test_absurd_learning_rate_stops_with_exit_3_and_keeps_a_checkpoint_that_eval
     last = error_lines(capsys)[-1]
     assert "at epoch 1, step" in last and "learning rate" in last and "optim.lr=1e+30" in last
     assert "data outside the expected range" in last and "likelihood scale" in last
-    state = checkpoint.load(run / runs.CHECKPOINT, required=run_state.STATE_KEYS)
+    state = checkpoint.load(run / CHECKPOINT, required=run_state.STATE_KEYS)
     assert state["epoch"] == 0 and all(bool(torch.isfinite(t).all()) for t in state["model"].values())
     result = evaluate(run, capsys)
     assert math.isfinite(result["elbo"]) and math.isfinite(result["log_likelihood"])
@@ -260,7 +261,7 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_and_the_last_checkpoint
     """A NaN gradient at epoch 2, step 4 (loss finite): exit 3 naming that step; epoch 1's checkpoint kept."""
     run = tmp_path / "run"
     training.train(load_spec(None, [*SMALL, "train.epochs=1"]), run, show_progress=False)
-    kept = {name: (run / name).read_bytes() for name in (runs.CHECKPOINT, runs.METRICS)}
+    kept = {name: (run / name).read_bytes() for name in (CHECKPOINT, METRICS)}
     original = training.Trainer.step
     seen_losses = []
 
@@ -288,12 +289,12 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_and_the_last_checkpoint
 
 def test_parameters_that_are_not_finite_are_never_saved(tmp_path):
     trainer = training.Trainer(load_spec(None, SMALL), None, show_progress=False)
-    trainer.attach(tmp_path)
+    trainer.attach(Run(tmp_path))
     with torch.no_grad():
         trainer.vae.decoder.net[0].bias[0] = float("inf")
     with pytest.raises(NonFiniteError, match="non-finite parameters"):
         trainer.save()
-    assert not (tmp_path / runs.CHECKPOINT).exists()
+    assert not (tmp_path / CHECKPOINT).exists()
 
 
 # -- damaged, foreign and incomplete checkpoints -------------------------------------------------------
@@ -356,7 +357,7 @@ def test_bad_checkpoint_is_one_line_exit_2_and_nothing_is_written(
 ):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    damage(run / runs.CHECKPOINT)
+    damage(run / CHECKPOINT)
     before = snapshot(run)
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--epochs", "4", "--no-progress"]) == 2
@@ -375,7 +376,7 @@ def test_truncated_checkpoint_through_the_real_command(reference, tmp_path):
     """The installed entry point: exit status 2, exactly one line on stderr, no traceback."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    _truncate(run / runs.CHECKPOINT)
+    _truncate(run / CHECKPOINT)
     done = subprocess.run(
         [sys.executable, "-m", "pyro_vae", "train", "--resume", str(run)], capture_output=True, text=True, timeout=300
     )
@@ -495,7 +496,7 @@ def test_bad_output_folder_and_conflicting_flags(argv, message, inputs, referenc
     run, broken = tmp_path / "run", tmp_path / "broken"
     shutil.copytree(reference, run)
     shutil.copytree(reference, broken)
-    (broken / runs.CONFIG).write_text("data: [\n")
+    (broken / CONFIG).write_text("data: [\n")
     names = {"a_file": inputs / "a_file", "run": run, "broken_spec_run": broken}
     argv = [arg.format(**names) for arg in argv]
     before = snapshot(run), snapshot(broken), (inputs / "a_file").read_bytes()

@@ -22,72 +22,21 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from pyro_vae.cli import compare
+from pyro_vae.cli.options import (
+    OneLineParser,
+    add_checkpoint,
+    add_quiet,
+    add_spec_options,
+    add_threads,
+    plugin_option,
+)
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
 OWN_THREADS = ("train", "compare")  # their spec's train.threads is the default of --threads
 MAX_SAMPLES = 1024  # sample grids beyond this are unreadable in one picture
 SPLITS = ("test", "validation", "train")
 PICTURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default (left out where there is none)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default == [] or "%(default)" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action) or ""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 2; defaults shown in --help."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        command = self.prog.partition(" ")[2]  # "pyro-vae train" → "train"; the top level has none
-        raise UserInputError(f"{command + ': ' if command else ''}{message} (see --help)")
-
-    def parse_args(self, args=None, namespace=None):
-        """Like argparse, but arguments no command knows are named with the command they were given to."""
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            command = getattr(parsed, "command", None)
-            raise UserInputError(
-                f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extras)} (see --help)"
-            )
-        return parsed
-
-
-def _add_spec_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE|NAME",
-        help="a spec file, or the name of a packaged spec (see 'pyro-vae configs'); default: the "
-        "built-in defaults (the digits spec)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one spec key by its dotted path, VALUE read as YAML (repeatable)",
-    )
-
-
-def add_quiet(parser: argparse.ArgumentParser, old_alias: bool = False) -> None:
-    """``--quiet``; with ``old_alias``, ``--no-progress`` too, accepted as before but not shown in --help."""
-    parser.add_argument(
-        "--quiet",
-        dest="quiet",
-        action="store_true",
-        help="no progress (bars, or plain lines in a log) and no 'using CHECKPOINT' line",
-    )
-    if old_alias:
-        parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
 
 
 def package_version() -> str:
@@ -100,54 +49,6 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
-def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        choices=("best", "last"),
-        default="best",
-        help="best.pt where the run has one (a run with a validation split), else the last "
-        "checkpoint; or always the last",
-    )
-
-
-def thread_setting(text: str) -> int | str:
-    """``--threads``: ``auto`` or an integer >= 1 (:mod:`pyro_vae.threads`)."""
-    if text == "auto":
-        return text
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"--threads is {text!r}; accepted: auto or an integer >= 1")
-    return count
-
-
-def _add_threads(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument(
-        "--threads",
-        type=thread_setting,
-        metavar="N|auto",
-        help=f"torch's CPU threads for this command: a count, or auto (one below 8 CPUs, at most 4); "
-        f"default: {default}",
-    )
-
-
-def _plugin_option() -> argparse.ArgumentParser:
-    """``--plugin MODULE``, shared by every command."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--plugin",
-        dest="plugins",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE first, so the parts it registers can be named (repeatable; the current "
-        "folder is searched first; entry points of group pyro_vae.plugins load by themselves)",
-    )
-    return common
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pyro-vae", description="The variational autoencoder as a Pyro program.")
     parser.add_argument(
@@ -156,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"pyro-vae {package_version()}",
         help="print the package version and exit",
     )
-    common = _plugin_option()
+    common = plugin_option()
 
     class Commands(argparse._SubParsersAction):
         def add_parser(self, name, **kwargs):
@@ -167,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     train = commands.add_parser("train", help="train a VAE by SVI into a run folder")
-    _add_spec_options(train)
+    add_spec_options(train)
     train.add_argument("--epochs", type=int, help="train.epochs: the total number of epochs (with --resume too)")
     train.add_argument("--seed", type=int, help="train.seed")
     train.add_argument("--device", help="train.device (cpu, cuda, cuda:N)")
@@ -180,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--force", action="store_true", help="overwrite a run folder that holds another run")
     add_quiet(train, old_alias=True)
-    _add_threads(train, "train.threads of the spec (auto)")
+    add_threads(train, "train.threads of the spec (auto)")
 
     evaluate = commands.add_parser("evaluate", help="bounds and importance-sampled log-likelihood of a run, as JSON")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
@@ -195,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the importance samples (same seed, same JSON)")
     evaluate.add_argument("--device", help="evaluate on this device; default: the run's train.device")
     evaluate.add_argument("--memory-mb", type=float, default=512.0, help="bound on the largest evaluation tensor, MB")
-    _add_checkpoint(evaluate)
+    add_checkpoint(evaluate)
     add_quiet(evaluate)
-    _add_threads(evaluate, "auto")
+    add_threads(evaluate, "auto")
 
     sample = commands.add_parser("sample", help="a grid of samples from a trained run")
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
@@ -210,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="picture to write (.png, .pdf, .svg, .jpg; folders are made); default "
         "RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png",
     )
-    _add_checkpoint(sample)
+    add_checkpoint(sample)
     add_quiet(sample)
-    _add_threads(sample, "auto")
+    add_threads(sample, "auto")
 
     pictures = commands.add_parser("pictures", help="draw a run's pictures from its last checkpoint, into its folder")
     pictures.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
@@ -223,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cheap: samples, reconstructions, ELBO curve, latent map without t-SNE; all: with t-SNE",
     )
     add_quiet(pictures)
-    _add_threads(pictures, "auto")
+    add_threads(pictures, "auto")
 
     configs = commands.add_parser("configs", help="list the packaged specs, or print one resolved")
     configs.add_argument(
@@ -245,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("--num-samples", type=int, default=1000, metavar="K", help="importance samples per test image")
     table.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
-    _add_checkpoint(table)
+    add_checkpoint(table)
     table.add_argument(
         "--out", type=Path, metavar="DIR", help="folder for table.md, table.csv, curves.png; default runs/table-<time>"
     )
@@ -255,11 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into an --out that exists with files in it, replacing its table.md, table.csv and curves.png",
     )
     add_quiet(table)
-    _add_threads(table, "auto")
+    add_threads(table, "auto")
 
-    from pyro_vae.evaluation import compare
-
-    _add_threads(compare.add_parser(commands, _add_spec_options, add_quiet), "train.threads of the spec (auto)")
+    compare.add_parser(commands)
     return parser
 
 
@@ -278,7 +177,7 @@ def run_train(args: argparse.Namespace) -> None:
     from pyro_vae import training
     from pyro_vae.config.spec import load_spec
     from pyro_vae.training import distributed
-    from pyro_vae.training.runs import default_run_dir
+    from pyro_vae.training.run import Run
 
     _positive(args.epochs, "--epochs")
     if args.resume is not None:
@@ -311,15 +210,15 @@ def run_train(args: argparse.Namespace) -> None:
         if value is not None:
             overrides.append(f"{key}={value}")
     spec = load_spec(args.config, overrides)
-    run_dir = args.out or default_run_dir(spec)
+    run_dir = args.out or Run.default(spec).path
     trainer = training.train(spec, run_dir, force=args.force, show_progress=not args.quiet)
     if trainer.dist.is_main:  # under torchrun, rank 0 alone prints
-        print(trainer.run_dir)
+        print(trainer.run)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from pyro_vae import evaluation
-    from pyro_vae.training.trainer import open_run, seed_everything
+    from pyro_vae.training import open_run, seed_everything
 
     _positive(args.num_samples, "--num-samples")
     if not math.isfinite(args.memory_mb) or args.memory_mb <= 0:
@@ -358,9 +257,8 @@ def evaluation_split(data, split: str, seed: int, run_dir: Path):
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from pyro_vae import plots
-    from pyro_vae.training import runs
-    from pyro_vae.training.trainer import load_model, seed_everything
+    from pyro_vae import folders, plots
+    from pyro_vae.training import load_model, seed_everything
 
     _positive(args.n, "--n")
     if args.n > MAX_SAMPLES:
@@ -377,7 +275,7 @@ def run_sample(args: argparse.Namespace) -> None:
         raise UserInputError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}")
     spec, vae, image_shape, used = load_model(args.run_dir, which=args.checkpoint)
     say_checkpoint(used, args.quiet)
-    runs.writable_folder(out.parent, "the folder of --out")
+    folders.writable_folder(out.parent, "the folder of --out")
     seed_everything(args.seed)
     plots.image_grid(vae.sample(args.n), image_shape, out, f"E[x | z], z ~ p(z), {args.n} draws, seed {args.seed}")
     print(out)
@@ -385,16 +283,15 @@ def run_sample(args: argparse.Namespace) -> None:
 
 def run_pictures(args: argparse.Namespace) -> None:
     """Draw the pictures of a run from its last checkpoint, with the run's seed; print their paths."""
-    from pyro_vae import pictures
-    from pyro_vae.training import runs
-    from pyro_vae.training.trainer import open_run, seed_everything
+    from pyro_vae import folders, pictures
+    from pyro_vae.training import Run, open_run, seed_everything
 
     spec, vae, data, used, _ = open_run(args.run_dir, which="last")
     say_checkpoint(used, args.quiet)
-    runs.writable_folder(Path(args.run_dir), "run folder")
+    folders.writable_folder(Path(args.run_dir), "run folder")
     seed_everything(spec.train.seed)
     for path in pictures.write(
-        args.run_dir, vae, data, runs.read_metrics(args.run_dir), args.which, show_progress=not args.quiet
+        args.run_dir, vae, data, Run(args.run_dir).read_metrics(), args.which, show_progress=not args.quiet
     ):
         print(path)
 
@@ -418,35 +315,29 @@ def run_configs(args: argparse.Namespace) -> None:
 def run_table(args: argparse.Namespace) -> None:
     from datetime import datetime
 
-    from pyro_vae import progress
+    from pyro_vae import folders, progress
     from pyro_vae.evaluation import table
-    from pyro_vae.training import runs
 
     _positive(args.num_samples, "--num-samples")
     out = args.out or Path("runs") / f"table-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    runs.check_output_folder(out, args.force)
+    folders.check_output_folder(out, args.force)
     count = len(set(args.run_dirs) | ({args.reference} if args.reference else set()))
     with progress.bar(count, "scoring runs", "run", quiet=args.quiet) as bar:
         rows = table.build_rows(args.run_dirs, args.reference, args.num_samples, args.seed, args.checkpoint, bar)
-    with runs.staged_folder(out, table.FILES) as staging:
+    with folders.staged_folder(out, table.FILES) as staging:
         table.write_table(rows, args.reference, staging)
     print(table.markdown(rows, args.reference))
     print(out)
-
-
-def run_compare(args: argparse.Namespace) -> None:
-    from pyro_vae.evaluation import compare
-
-    compare.run(args)
 
 
 @contextlib.contextmanager
 def command_line() -> Iterator[None]:
     """While a command runs: the ``pyro_vae`` logger at INFO with one stderr handler (rank 0 only, plain lines),
     and ``TORCHINDUCTOR_CACHE_DIR`` at the package's folder unless the user chose one; both put back after."""
-    from pyro_vae.training import compile_cache, distributed, runs
+    from pyro_vae.training import compile_cache, distributed
+    from pyro_vae.training.run import LOGGER
 
-    logger = logging.getLogger(runs.LOGGER)
+    logger = logging.getLogger(LOGGER)
     level, console = logger.level, None
     if distributed.is_main():
         console = logging.StreamHandler(sys.stderr)
@@ -482,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(argv: list[str] | None) -> int:
     """Parse ``argv``, run the command; bad input, a non-finite loss or a signal become one line and a status."""
-    from pyro_vae.training.trainer import TrainingInterrupted, is_out_of_memory
+    from pyro_vae.training import TrainingInterrupted, is_out_of_memory
 
     try:
         from pyro_vae.config import plugins
@@ -503,7 +394,7 @@ def run_command(argv: list[str] | None) -> int:
             "pictures": run_pictures,
             "configs": run_configs,
             "table": run_table,
-            "compare": run_compare,
+            "compare": compare.run,
         }[args.command]
         if args.command in OWN_THREADS or not hasattr(args, "threads"):
             handler(args)

@@ -1,4 +1,4 @@
-r"""Compare ELBO estimators on equal terms: ``pyro-vae compare``.
+r"""Compare ELBO estimators on equal terms: the library behind ``pyro-vae compare`` (:mod:`pyro_vae.cli.compare`).
 
 Every estimator in the list is measured at the **same fixed parameters** (a
 fresh initialization from the spec's seed, or the trained checkpoint of
@@ -19,15 +19,9 @@ TraceGraph and tail-adaptive included):
 * gradients: all encoder (guide, φ = ``vae.encoder_parameters()``) gradients
   flattened into one vector per draw, likewise all decoder (model, θ =
   ``vae.decoder_parameters()``) gradients; per element, the mean E[g] and
-  the variance Var[g] over the R draws (Welford, float64). Then
-
-      grad_var_*  = mean over all elements of Var[g]
-      grad_snr_*  = mean over elements of |E[g]| / std[g]       (as Rainforth et al. 2018 average per-parameter SNRs)
-
-  (``*_median`` columns: the median instead of the mean). Elements whose
-  gradient does not vary over the draws (std ≤ 10⁻⁶·|E[g]|: identically zero,
-  like the weights of an always-blank pixel, or deterministic) have no SNR
-  and are left out of the SNR summaries;
+  the variance Var[g] over the R draws, summarized as ``grad_var_*`` (mean
+  Var[g]) and ``grad_snr_*`` (mean |E[g]| / std[g] over the elements that vary;
+  ``*_median`` columns: the median), :mod:`pyro_vae.evaluation.gradient_stats`;
 * ``ms_per_step``: the median wall time of one full step (loss + backward),
   after one untimed, validated warm-up step.
 
@@ -38,10 +32,8 @@ reports the test ELBO (:func:`pyro_vae.evaluation.bounds.test_elbo`, one draw, c
 KL where registered) along the way and at the end, and the importance-sampled
 test log-likelihood with ``--num-samples`` (default 500) draws per example.
 
-Tokens of ``--estimators``, ``name[:V1[:V2]]``, are parsed against the registry:
-each estimator declares which ``inference`` keys its values fill (``iwae:K``,
-``renyi:K:ALPHA``, ``miwae:M:K``, ``ciwae:K:BETA``; the bare name for the
-single-particle ELBOs), so a newly registered estimator can be compared.
+The estimators to compare are given as tokens such as ``iwae:8``, parsed
+against the registry (:mod:`pyro_vae.evaluation.estimator_tokens`).
 ``tail-adaptive`` reports the IWAE bound of its K particles (it defines no
 value of its own).
 
@@ -69,16 +61,12 @@ Estimators for Monte Carlo Objectives", ICLR 2019.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
-import re
 import statistics
 import sys
 import time
-import typing
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -86,22 +74,20 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import evaluation, progress, threads
-from pyro_vae.config import registry
-from pyro_vae.config.spec import InferenceSpec, Spec, part_keys
-from pyro_vae.errors import NonFiniteError, UserInputError, one_line
+from pyro_vae import evaluation, progress
+from pyro_vae.config.spec import Spec
+from pyro_vae.errors import NonFiniteError
 from pyro_vae.evaluation import diagnostics
+from pyro_vae.evaluation.estimator_tokens import Choice
+from pyro_vae.evaluation.gradient_stats import Moments, flat_gradient, snr_summary
 from pyro_vae.infer import estimators
 from pyro_vae.infer.log_weights import log_weights
-from pyro_vae.parts import contracts
-from pyro_vae.training import runs
 
 FILES = ("comparison.csv", "comparison.md", "snr.png", "bounds.png")
 DEFAULT_REPEATS = 100
 DEFAULT_NUM_SAMPLES = 500
 CURVE_POINTS = 20
 DIAGNOSTIC_WEIGHTS = 200  # importance weights per example pooled for Pareto k̂ at fixed parameters
-NOT_VARYING = 1e-6  # relative std below which an element's gradient counts as not varying
 COLUMNS = (
     "estimator",
     "k",
@@ -132,187 +118,6 @@ TRAINED_COLUMNS = (
 
 
 # --------------------------------------------------------------------------
-# The estimator list
-# --------------------------------------------------------------------------
-
-PLACEHOLDERS = {"num_particles": "K", "alpha": "ALPHA", "outer_particles": "M", "ciwae_beta": "BETA"}
-
-
-def _key_type(name: str, key: str) -> type:
-    """The type of ``inference`` key ``key`` for estimator ``name``: a shared key or one of its config's."""
-    own = registry.config("estimator", name)
-    hints = {**typing.get_type_hints(InferenceSpec), **(typing.get_type_hints(own) if own else {})}
-    return hints[key]
-
-
-def accepted() -> str:
-    """The token forms of every registered estimator, e.g. ``iwae:K, renyi:K:ALPHA, miwae:M:K``."""
-    forms = [
-        ":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in registry.token_fields(name))])
-        for name in registry.names("estimator")
-    ]
-    return ", ".join(forms) + (
-        " (K and M positive integers, K >= 2 for tail-adaptive; ALPHA a number other than 1; BETA in [0, 1])"
-    )
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One estimator of the list: its registry name and the ``inference`` values its token set."""
-
-    name: str
-    values: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def settings(self) -> dict:
-        return dict(self.values)
-
-    @property
-    def k(self) -> int:
-        """Particles per bound's log-mean-exp (K; 1 for the single-particle ELBOs)."""
-        return int(self.settings.get("num_particles", 1))
-
-    @property
-    def alpha(self) -> float | None:
-        return self.settings.get("alpha")
-
-    @property
-    def label(self) -> str:
-        return ":".join([self.name, *(f"{value:g}" for _, value in self.values)])
-
-    @property
-    def family(self) -> str:
-        """The name and every setting but K: one line per family in the SNR plot."""
-        others = [f"{PLACEHOLDERS.get(key, key)}={value:g}" for key, value in self.values if key != "num_particles"]
-        return " ".join([self.name, *others])
-
-    def inference(self, base: InferenceSpec) -> InferenceSpec:
-        """``base`` with this estimator and its token's values (K = 1 unless the token sets it).
-
-        Keys of ``base`` that this estimator also takes keep their values
-        (``inference.tail_adaptive_beta`` for ``tail-adaptive:K``); a value
-        out of range is a :class:`UserInputError` naming the key.
-        """
-        raw = {
-            **Spec(inference=base).to_dict()["inference"],
-            "estimator": self.name,
-            "num_particles": 1,
-            **self.settings,
-        }
-        accepted = {f.name for f in dataclasses.fields(InferenceSpec)} | part_keys("estimator", self.name)
-        return Spec.from_dict({"inference": {k: v for k, v in raw.items() if k in accepted}}).inference
-
-    def build(self, base: InferenceSpec):
-        """The Pyro ELBO, through the registry, checked against the estimator contract."""
-        return contracts.build("estimator", self.name, self.inference(base))
-
-
-def parse_token(token: str) -> Choice:
-    """One token of ``--estimators`` (``name[:V1[:V2]]``, parsed against the registry); a one-line error otherwise."""
-
-    def bad(why: str = "") -> UserInputError:
-        return UserInputError(f"--estimators: {token!r} {why or 'is not an estimator token'}; accepted: {accepted()}")
-
-    name, *given = token.split(":")
-    if name not in registry.names("estimator"):
-        raise bad()
-    fields = registry.token_fields(name)
-    if len(given) != len(fields):
-        form = ":".join([name, *(PLACEHOLDERS.get(f, f.upper()) for f in fields)])
-        raise bad(f"does not have the form {form}")
-    values: list[tuple[str, float]] = []
-    for key, text in zip(fields, given):
-        placeholder = PLACEHOLDERS.get(key, key.upper())
-        if _key_type(name, key) is int:
-            if not re.fullmatch(r"\d+", text) or int(text) < 1:
-                raise bad(f"has {placeholder} = {text!r}, not a positive integer")
-            values.append((key, int(text)))
-            continue
-        try:
-            number = float(text)
-        except ValueError:
-            raise bad(f"has {placeholder} = {text!r}, not a number") from None
-        if not math.isfinite(number):
-            raise bad(f"has {placeholder} = {text!r}; it must be finite")
-        values.append((key, number))
-    choice = Choice(name, tuple(values))
-    try:
-        choice.build(InferenceSpec())
-    except (UserInputError, ValueError) as exc:
-        raise bad(f"is refused ({one_line(exc)})") from None
-    return choice
-
-
-def parse_estimators(text: str) -> list[Choice]:
-    """``--estimators`` (comma-separated tokens) as a list of :class:`Choice`, in order, no repeats."""
-    tokens = [t.strip() for t in text.split(",") if t.strip()]
-    if not tokens:
-        raise UserInputError(f"--estimators is empty; give a comma-separated list of: {accepted()}")
-    choices = [parse_token(t) for t in tokens]
-    labels = [c.label for c in choices]
-    for label in labels:
-        if labels.count(label) > 1:
-            raise UserInputError(f"--estimators lists {label!r} twice; give each estimator once")
-    return choices
-
-
-# --------------------------------------------------------------------------
-# Gradient statistics
-# --------------------------------------------------------------------------
-
-
-class Moments:
-    """Per-element mean and variance of a stream of equally long vectors (Welford, float64)."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def add(self, vector: torch.Tensor) -> None:
-        vector = vector.detach().to(torch.float64)
-        if self.mean is None:
-            self.mean, self.m2 = torch.zeros_like(vector), torch.zeros_like(vector)
-        self.count += 1
-        delta = vector - self.mean
-        self.mean += delta / self.count
-        self.m2 += delta * (vector - self.mean)
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Unbiased (R − 1) variance per element."""
-        return self.m2 / max(self.count - 1, 1)
-
-
-def snr_summary(mean: torch.Tensor, variance: torch.Tensor) -> dict:
-    """Summaries of per-element gradient moments.
-
-    ``snr`` / ``snr_median``: the mean / median over elements of |mean| / std,
-    over the elements whose gradient varies (std > 10⁻⁶·|mean|); ``var``: the
-    mean of the variance over all elements; ``varying``: how many elements
-    entered the SNR. NaN where no element varies (or there are none).
-    """
-    mean, variance = mean.double().flatten(), variance.double().flatten().clamp_min(0)
-    std = variance.sqrt()
-    varying = std > NOT_VARYING * mean.abs()
-    snr = mean[varying].abs() / std[varying]
-    nan = float("nan")
-    return {
-        "snr": snr.mean().item() if snr.numel() else nan,
-        "snr_median": snr.median().item() if snr.numel() else nan,
-        "var": variance.mean().item() if variance.numel() else nan,
-        "varying": int(varying.sum()),
-        "elements": mean.numel(),
-    }
-
-
-def flat_gradient(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-    """All the parameters' gradients as one vector (zeros where a parameter got none)."""
-    parts = [
-        torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().reshape(-1) for p in parameters
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-# --------------------------------------------------------------------------
 # Measuring at fixed parameters
 # --------------------------------------------------------------------------
 
@@ -332,7 +137,7 @@ def measure(
 
     Parameters are not changed (their gradients are, and are cleared at the end).
     """
-    from pyro_vae.training.trainer import seed_everything
+    from pyro_vae.training.rng import seed_everything
 
     encoder, decoder = vae.encoder_parameters(), vae.decoder_parameters()
     moments = {"encoder": Moments(), "decoder": Moments()}
@@ -416,7 +221,7 @@ def train_estimator(
     ``inference.compile: auto`` every estimator trains on the eager path, so ``train_seconds``
     compares like with like (a path named in the spec is used for all of them).
     """
-    from pyro_vae.training.trainer import Trainer, evaluation_seed, seed_everything
+    from pyro_vae.training import Trainer, evaluation_seed, seed_everything
 
     inference = choice.inference(spec.inference)
     if inference.compile == "auto":
@@ -601,6 +406,8 @@ def _families(rows: list[dict]) -> dict[str, list[dict]]:
 
 def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps: int, num_samples: int) -> list[str]:
     """The lines that say what was compared, and where."""
+    from pyro_vae.training.environment import machine
+
     m = spec.model
     batch = min(spec.data.batch_size, data.num_train)
     lines = [
@@ -614,7 +421,7 @@ def describe(spec: Spec, data, start: str, repeats: int, seed: int, train_steps:
         + f", scaled to N (bound per example = −loss / N); R = {repeats} draws per estimator, seed {seed}",
         "SNR: per parameter element |E[g]| / std[g] over the R draws, averaged over the encoder's (guide) and the "
         "decoder's (model) elements whose gradient varies; var: mean per-element gradient variance",
-        f"ms/step: median time of loss + backward; {runs.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"ms/step: median time of loss + backward; {machine()}, {torch.get_num_threads()} torch thread(s), "
         f"device {spec.train.device}",
     ]
     if train_steps:
@@ -638,106 +445,3 @@ def write_report(out: Path, rows: list[dict], curves: dict, about: list[str]) ->
     plots.bounds(rows, out / "bounds.png")
     if curves:
         plots.estimator_curves(curves, out / "curves.png")
-
-
-# --------------------------------------------------------------------------
-# The command
-# --------------------------------------------------------------------------
-
-
-def add_parser(commands, add_spec_options, add_quiet) -> argparse.ArgumentParser:
-    """Register ``pyro-vae compare`` on the CLI's subcommands (the CLI's spec options and ``--quiet``)."""
-    parser = commands.add_parser("compare", help="compare ELBO estimators: bounds, gradient SNR, time, training")
-    add_spec_options(parser)
-    parser.add_argument(
-        "--estimators",
-        required=True,
-        metavar="LIST",
-        help="comma-separated tokens name[:V1[:V2]] of registered estimators, e.g. "
-        "trace,iwae:64,dreg:64,renyi:8:0.5,miwae:8:8,ciwae:8:0.5,piwae:8:8,tail-adaptive:8",
-    )
-    parser.add_argument(
-        "--at",
-        type=Path,
-        metavar="RUN_DIR",
-        help="measure at this run's trained checkpoint, with its spec (default: a fresh initialization)",
-    )
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="R", help="draws per estimator")
-    parser.add_argument(
-        "--train-steps",
-        type=int,
-        default=0,
-        metavar="S",
-        help="also train each estimator S steps from the same start and report test figures",
-    )
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        default=DEFAULT_NUM_SAMPLES,
-        metavar="K",
-        help="importance samples for the test log-likelihood after training",
-    )
-    parser.add_argument("--seed", type=int, help="seed of the minibatch, the draws and training (default train.seed)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="report folder (default runs/compare-<time>)")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="write into an --out that exists with files in it, replacing its report files",
-    )
-    add_quiet(parser, old_alias=True)
-    return parser
-
-
-def run(args: argparse.Namespace) -> None:
-    """``pyro-vae compare``: check every input, measure, train, write the report, print the table."""
-    from pyro_vae.config.spec import load_spec
-    from pyro_vae.training.trainer import Trainer, load_run, seed_everything
-
-    choices = parse_estimators(args.estimators)
-    if args.repeats < 2:
-        raise UserInputError(
-            f"--repeats must be an integer >= 2 (a standard deviation needs two draws), got {args.repeats}"
-        )
-    if args.train_steps < 0:
-        raise UserInputError(f"--train-steps must be a non-negative integer, got {args.train_steps}")
-    if args.num_samples < 1:
-        raise UserInputError(f"--num-samples must be a positive integer, got {args.num_samples}")
-    if args.at is not None:
-        clashes = [
-            flag for flag, given in (("--config", args.config is not None), ("--set", bool(args.overrides))) if given
-        ]
-        if clashes:
-            raise UserInputError(
-                f"--at measures with that run's own spec; it cannot be combined with {', '.join(clashes)}"
-            )
-        spec, vae, data = load_run(args.at)
-        seed = spec.train.seed if args.seed is None else args.seed
-        seed_everything(seed)
-        start = f"the trained checkpoint of {args.at}"
-    else:
-        overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
-        spec = load_spec(args.config, overrides)
-        trainer = Trainer(spec, None, show_progress=False)  # checks data, model and a first pass
-        spec, vae, data, seed = trainer.spec, trainer.vae, trainer.data, spec.train.seed
-        start = f"a fresh initialization (seed {seed})"
-    for choice in choices:  # every estimator builds before any time is spent
-        choice.build(spec.inference)
-    out = args.out or Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    runs.check_output_folder(out, args.force)
-    with threads.using(args.threads or spec.train.threads):  # --threads, else the spec's train.threads
-        rows, curves = compare(
-            spec,
-            vae,
-            data,
-            choices,
-            repeats=args.repeats,
-            seed=seed,
-            train_steps=args.train_steps,
-            num_samples=args.num_samples,
-            show_progress=not args.quiet,
-        )
-        about = describe(spec, data, start, args.repeats, seed, args.train_steps, args.num_samples)
-    with runs.staged_folder(out, (*FILES, "curves.png")) as staging:  # an interrupt or error leaves no folder behind
-        write_report(staging, rows, curves, about)
-    print(markdown_table(rows))
-    print(out)

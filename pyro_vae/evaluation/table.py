@@ -39,7 +39,8 @@ import torch
 
 from pyro_vae import evaluation
 from pyro_vae.errors import UserInputError
-from pyro_vae.training import checkpoint, runs
+from pyro_vae.training import checkpoint
+from pyro_vae.training.run import CONFIG, Run
 
 CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
 FILES = ("table.md", "table.csv", "curves.png")  # what write_table writes into --out
@@ -98,17 +99,17 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
     The returned dict also holds ``per_image`` (float64 log-likelihoods) and ``test`` (the test tensor's
     :func:`fingerprint`, to tell whether two runs share their test images).
     """
-    from pyro_vae.training.trainer import load_run, seed_everything
+    from pyro_vae.training.loading import open_run
+    from pyro_vae.training.rng import seed_everything
 
     run_dir = Path(run_dir)
-    path = runs.checkpoint_path(run_dir, which)
+    path = Run(run_dir).checkpoint_path(which)
     cache = run_dir / f"scores-{path.stem}-K{num_samples}-seed{seed}.pt"
     saved = cached_row(cache, _stamp(path)) if path.exists() else None
     if saved is not None:
         return {**saved, "run": str(run_dir)}
-    spec, vae, data = load_run(run_dir, which=which)
-    state_epoch = int(checkpoint.load(path, required=("epoch",))["epoch"])
-    metrics = runs.read_metrics(run_dir)
+    spec, vae, data, path, state_epoch = open_run(run_dir, which=which)  # the checkpoint read once, checked
+    metrics = Run(run_dir).read_metrics()
     seed_everything(seed)
     started = time.perf_counter()
     result = evaluation.evaluate(vae, data.test, num_samples, per_example=True)
@@ -162,8 +163,8 @@ def build_rows(
     (scored too, and listed first)."""
     ordered = list(dict.fromkeys([*([reference] if reference is not None else []), *run_dirs]))
     for run_dir in ordered:
-        if not (Path(run_dir) / runs.CONFIG).exists():
-            raise UserInputError(f"'{run_dir}' is not a run folder (no {runs.CONFIG})")
+        if not (Path(run_dir) / CONFIG).exists():
+            raise UserInputError(f"'{run_dir}' is not a run folder (no {CONFIG})")
     rows = []
     for run_dir, label in zip(ordered, labels(ordered)):
         rows.append({**score_run(run_dir, num_samples, seed, which), "label": label})
@@ -221,4 +222,4 @@ def write_table(rows: list[dict], reference: Path | None, out: Path) -> None:
 
     (out / "table.md").write_text(markdown(rows, reference))
     write_csv(rows, out / "table.csv")
-    plots.run_curves({r["label"]: runs.read_metrics(Path(r["run"])) for r in rows}, out / "curves.png")
+    plots.run_curves({r["label"]: Run(r["run"]).read_metrics() for r in rows}, out / "curves.png")

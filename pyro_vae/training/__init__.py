@@ -1,34 +1,29 @@
-"""The SVI loop, the run folder and its checkpoints, the optimizer and schedules, compiled steps.
+"""The SVI loop, the run folder, the end-of-epoch callbacks, the optimizer and schedules, compiled steps.
 
-``pyro_vae.training`` names the loop's public face (:mod:`pyro_vae.training.trainer`).
+``pyro_vae.training`` names the public face of its modules: :func:`train` and
+:func:`resume` (:mod:`.runner`), the loop (:class:`Trainer`, :mod:`.trainer`),
+the run folder (:class:`Run`, :mod:`.run`) and reading a run back
+(:func:`open_run`, :func:`load_run`, :func:`load_model`, :mod:`.loading`).
 """
 
-from pyro_vae.training.trainer import (
-    VALIDATED_STEPS,
-    Trainer,
-    TrainingInterrupted,
-    divergence_warning,
-    epoch_order,
-    evaluation_seed,
-    is_out_of_memory,
-    kl_weight,
-    load_model,
-    load_run,
-    open_run,
-    resolve_device,
-    resume,
-    seed_everything,
-    train,
-)
+from pyro_vae.training.callbacks import divergence_warning, evaluation_seed
+from pyro_vae.training.device import is_out_of_memory, resolve_device
+from pyro_vae.training.loading import LoadedRun, load_model, load_run, open_run
+from pyro_vae.training.rng import seed_everything
+from pyro_vae.training.run import Run
+from pyro_vae.training.runner import resume, train
+from pyro_vae.training.trainer import VALIDATED_STEPS, Trainer, TrainingInterrupted, epoch_order, kl_weight
 
 __all__ = [
     "Trainer",
     "TrainingInterrupted",
+    "Run",
     "train",
     "resume",
     "load_run",
     "load_model",
     "open_run",
+    "LoadedRun",
     "seed_everything",
     "evaluation_seed",
     "epoch_order",

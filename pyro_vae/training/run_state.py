@@ -1,11 +1,13 @@
 """The run's state: what a checkpoint holds, how it is taken and how it is put back.
 
-A checkpoint is one dict (written atomically by :mod:`pyro_vae.training.checkpoint`):
+A checkpoint is one dict (written atomically by :mod:`pyro_vae.training.checkpoint`
+into the run folder, :class:`pyro_vae.training.run.Run`):
 the spec, the parameters, Adam's moments, the schedule, every generator
 (:mod:`pyro_vae.training.rng`), the loop's position (:class:`Progress`), the metrics so
 far and the path ``inference.compile: auto`` chose. Restoring refuses a
-checkpoint of another spec (``train.epochs`` may differ) or one that does not
-fit the model, in one line, so a resumed run is the interrupted one, bit for bit.
+checkpoint that does not fit the model, in one line (one of another spec is
+refused before, :func:`pyro_vae.training.run.check_same_spec`), so a resumed run
+is the interrupted one, bit for bit.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.config.spec import Spec, dotted_keys, get_dotted
+from pyro_vae.config.spec import Spec
 from pyro_vae.errors import UserInputError, one_line
-from pyro_vae.training import runs
 from pyro_vae.training.rng import rng_state, set_rng_state
 
 #: keys every training checkpoint has (``step_path`` is optional: older checkpoints lack it)
@@ -86,10 +87,9 @@ def snapshot(
 
 
 def restore(
-    state: dict, spec: Spec, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, where: Path | None
+    state: dict, vae: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, where: Path | None
 ) -> tuple[Progress, str | None]:
     """Put a :func:`snapshot` of this same spec back; returns the progress and the path auto chose (or None)."""
-    check_same_spec(state, spec, where)
     try:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -112,23 +112,3 @@ def restore(
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise UserInputError(f"the checkpoint in '{where}' does not fit this model: {one_line(exc, 200)}") from None
     return progress, state.get("step_path")
-
-
-def check_same_spec(state: dict, spec: Spec, where: Path | None) -> None:
-    """Refuse a checkpoint written by another spec than ``spec`` (``train.epochs`` may differ)."""
-    try:
-        saved = Spec.from_saved(state["spec"])
-    except UserInputError as exc:
-        raise UserInputError(f"the checkpoint in '{where}' holds an invalid spec: {exc}") from None
-    saved.train.epochs = spec.train.epochs
-    if saved != spec:
-        different = next(
-            key
-            for key in dotted_keys(spec.to_dict())
-            if get_dotted(saved.to_dict(), key) != get_dotted(spec.to_dict(), key)
-        )
-        raise UserInputError(
-            f"the checkpoint in '{where}' was written by a different spec than its {runs.CONFIG} "
-            f"({different}: {get_dotted(saved.to_dict(), different)!r} in the checkpoint, "
-            f"{get_dotted(spec.to_dict(), different)!r} in {runs.CONFIG})"
-        )

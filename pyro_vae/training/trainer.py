@@ -11,25 +11,34 @@ each parameter element separately, so one ``torch.optim.Adam`` over all the
 module parameters gives the same updates as Pyro's one-optimizer-per-parameter
 wrapper, with a single fused step instead of one per tensor.
 
+The loop itself is short (:meth:`Trainer.fit`)::
+
+    for each epoch left:
+        train_epoch()                        the steps, checked for non-finite values
+        row = evaluate_epoch()               the metrics row (its own generator)
+        progress counts the epoch, row kept
+        for callback in callbacks:           TensorBoard, best.pt, log line, early stopping,
+            callback.epoch_end(row)          schedule, checkpoint (pyro_vae.training.callbacks)
+    for callback in callbacks: callback.train_end()      the pictures
+
 Everything random in training comes from torch's global generator
 (initialization, binarization draws, the guide's ε) except the data order, which
-is a fresh permutation per epoch from a generator seeded by (seed, epoch). The
-end-of-epoch test and validation ELBOs draw from their own generator, seeded by
-(seed, epoch) too (:func:`evaluation_seed`), so the size of the test split and
-``train.eval_num_samples`` change no number of the training trajectory. A
-checkpoint holds all of it (the data order through the seed in its spec and its
-epoch), so a resumed run repeats the interrupted epoch bit for bit.
+is a fresh permutation per epoch from a generator seeded by (seed, epoch), and
+the end-of-epoch evaluation, which has its own generator
+(:func:`pyro_vae.training.callbacks.evaluation_seed`). A checkpoint holds all of
+it (the data order through the seed in its spec and its epoch), so a resumed
+run repeats the interrupted epoch bit for bit.
 
 What a run changes in the process that runs it: Pyro's param store is cleared
 (the new VAE's parameters replace any there), every global generator (torch,
 numpy, Python's ``random``) is seeded from ``train.seed``, and, while a run with
 a folder lasts, the ``pyro_vae`` logger writes to its ``log.txt``
-(:func:`pyro_vae.training.runs.run_log`). Nothing else global: no other logger, no
-environment variable, no ``sys.path`` entry.
+(:meth:`pyro_vae.training.run.Run.log_file`). Nothing else global: no other
+logger, no environment variable, no ``sys.path`` entry.
 
 Nothing lost:
 
-- a checkpoint is written (atomically, :mod:`pyro_vae.training.checkpoint`) at the start,
+- a checkpoint is written (atomically, :class:`pyro_vae.training.run.Run`) at the start,
   after every epoch, and at the step reached when SIGINT or SIGTERM arrives;
 - every step's loss and largest gradient entry are kept as tensors and checked
   for being finite (every step on the CPU, every ``NONFINITE_CHECK_EVERY`` steps
@@ -38,20 +47,8 @@ Nothing lost:
   non-finite value stops training with :class:`NonFiniteError` and no
   checkpoint of the damaged parameters is ever written;
 - before a new run touches its folder, the data, the model and one validated
-  model/guide pass on two examples are checked, so bad input fails first.
-
-Said out loud (a warning in the log and on stderr, at most one line per epoch):
-a train ELBO that diverges while staying finite. The reference is the ELBO of
-the starting parameters, E₀ (the first step's estimate, taken before its
-update); epoch e's train ELBO E_e is diverging when
-
-    E_e < E₀ − DIVERGENCE_FACTOR · max(|E₀|, 1 nat),
-
-that is, for the usual negative E₀, more than ten times its magnitude below it
-(E_e < 11 E₀): worse by an order of magnitude than the untrained model.
-Checkpoints older than this record use the first epoch's train ELBO as E₀.
-Sizes (``data.train_size``, ``data.test_size``) beyond the data are logged with
-what was used.
+  model/guide pass on two examples are checked (:mod:`pyro_vae.training.checks`),
+  so bad input fails first.
 """
 
 from __future__ import annotations
@@ -61,42 +58,26 @@ import math
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable
 
-import numpy as np
 import pyro
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pyro_vae import evaluation, progress, threads
-from pyro_vae.config.spec import Spec, check_device_name
+from pyro_vae import evaluation, progress
+from pyro_vae.config.spec import Spec
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
-from pyro_vae.infer import estimators
-from pyro_vae.model import VAE, check_likelihood_support
+from pyro_vae.model import VAE
 from pyro_vae.parts import contracts
-from pyro_vae.training import checkpoint, distributed, optimizer, path_choice, run_state, runs
+from pyro_vae.training import checks, distributed, optimizer, path_choice, run_state
+from pyro_vae.training.callbacks import Callback, default_callbacks, evaluate_epoch
+from pyro_vae.training.device import resolve_device
 from pyro_vae.training.rng import seed_everything
-
-if TYPE_CHECKING:
-    from pyro_vae.training import board
+from pyro_vae.training.run import LOGGER, Run, check_same_spec
 
 VALIDATED_STEPS = 3
 NONFINITE_CHECK_EVERY = 100
-EVALUATION_STREAM = 1  # the (seed, epoch, stream) entropy of the end-of-epoch evaluation's generator
-DIVERGENCE_FACTOR = 10.0  # see the module docstring: E_e < E₀ − factor · max(|E₀|, 1) warns
-
-
-def divergence_warning(epoch: int, train_elbo: float, start_elbo: float, lr: float) -> str | None:
-    """The warning line for ``train_elbo`` of ``epoch`` far below the starting point's ``start_elbo``; else None."""
-    if not train_elbo < start_elbo - DIVERGENCE_FACTOR * max(abs(start_elbo), 1.0):
-        return None
-    return (
-        f"warning: epoch {epoch}: train ELBO {train_elbo:.4g} nats, more than {DIVERGENCE_FACTOR:g}×|E₀| below "
-        f"the starting point's E₀ = {start_elbo:.4g} nats: training is diverging. Try a lower optim.lr "
-        f"(now {lr:g}) or optim.clip_norm"
-    )
 
 
 class TrainingInterrupted(Exception):
@@ -107,60 +88,10 @@ class TrainingInterrupted(Exception):
         self.exit_status = 128 + signum
 
 
-def resolve_device(name: str, key: str) -> torch.device:
-    """``name`` as a device that exists on this machine; ``key`` names the setting in the error."""
-    check_device_name(name, key)
-    device = torch.device(name)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise UserInputError(f"{key} is {name!r} but this machine has {count} CUDA device(s); use cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserInputError(f"{key} is 'mps' but MPS is not available on this machine; use cpu")
-    return device
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is torch failing to allocate memory (CPU or GPU)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
-
-
-def check_memory(vae: VAE, device: torch.device) -> None:
-    """Refuse a model whose parameters, gradients and Adam state cannot fit in free memory."""
-    needed = 4 * sum(p.numel() * p.element_size() for p in vae.parameters())
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            meminfo = Path("/proc/meminfo").read_text().split()
-            available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return  # not Linux: no cheap way to ask
-    held = sum(p.numel() * p.element_size() for p in vae.parameters())  # already allocated
-    if needed - held > available:
-        count = sum(p.numel() for p in vae.parameters())
-        raise UserInputError(
-            f"the model has {count:,} parameters: training needs about {needed / 2**30:.1f} GiB (parameters, "
-            f"gradients, Adam state) but {available / 2**30:.1f} GiB is free on {device}; reduce model.encoder.hidden, "
-            f"model.decoder.hidden, model.latent_dim or model.prior.pseudo_inputs"
-        )
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 epoch``, ``2 epochs``."""
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of ``epoch``: a permutation that depends on (seed, epoch) only."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_examples, generator=generator)
-
-
-def evaluation_seed(seed: int, epoch: int) -> int:
-    """The seed of the end-of-epoch evaluation of ``epoch``: a function of (seed, epoch) only."""
-    return int(np.random.SeedSequence([seed, epoch, EVALUATION_STREAM]).generate_state(1)[0])
 
 
 def is_invalid_parameter(exc: ValueError) -> bool:
@@ -196,30 +127,37 @@ def signals_to_flag(flag: list[int]):
 
 
 class Trainer:
-    """Builds data, VAE, estimator and optimizer from a spec and runs SVI into a run folder.
+    """Builds data, VAE, estimator and optimizer from a spec and runs SVI, checkpointing into ``run`` (if any).
 
+    ``callbacks``: the end-of-epoch work, in order; by default that of the spec
+    (:func:`pyro_vae.training.callbacks.default_callbacks`).
     Building a trainer clears Pyro's param store (the new VAE's parameters replace
     any there) and seeds every global generator (torch, numpy, Python's ``random``)
     from ``train.seed``. It logs through the ``pyro_vae`` logger and adds no handler
-    to it; :func:`train` and :func:`resume` add the run's ``log.txt`` for the run.
+    to it; :func:`pyro_vae.training.train` and :func:`pyro_vae.training.resume` add
+    the run's ``log.txt`` for the run.
     """
 
-    def __init__(self, spec: Spec, run_dir: Path | None, data: Dataset | None = None, show_progress: bool = True):
-        self.spec, self.run_dir = spec, run_dir
-        self.join_job(show_progress)
+    def __init__(
+        self,
+        spec: Spec,
+        run: Run | None,
+        data: Dataset | None = None,
+        show_progress: bool = True,
+        callbacks: list[Callback] | None = None,
+    ):
+        self.spec, self.run = spec, run
+        self.dist, device_name = distributed.setup(spec.train.device)  # torchrun's process group, if any
+        self.show_progress = show_progress and self.dist.is_main  # progress bars on rank 0 only
+        self.device = resolve_device(device_name, "'train.device'")
+        self.log = logging.getLogger(LOGGER)
+        self.callbacks = default_callbacks(spec) if callbacks is None else callbacks
         self.load_data(data)
         self.build_model()
         self.build_inference()
         self.prepare_loop()
-        self.dry_run()
+        checks.first_pass(self.elbo, self.vae, self.data, spec, self.device)
         self.dist.seed(spec.train.seed)  # ranks > 0: their own binarization and ε draws
-
-    def join_job(self, show_progress: bool) -> None:
-        """torchrun's process group (if any), the device, the package's logger; progress bars on rank 0 only."""
-        self.dist, device_name = distributed.setup(self.spec.train.device)
-        self.show_progress = show_progress and self.dist.is_main
-        self.device = resolve_device(device_name, "'train.device'")
-        self.log = logging.getLogger(runs.LOGGER)
 
     def load_data(self, data: Dataset | None) -> None:
         """The dataset on the device, then every generator seeded (:func:`pyro_vae.training.rng.seed_everything`).
@@ -238,8 +176,8 @@ class Trainer:
             self.device
         )
         self.dist.broadcast_parameters(self.vae)
-        check_memory(self.vae, self.device)
-        self.check_data()
+        checks.check_memory(self.vae, self.device)
+        checks.check_data_support(self.vae, self.data, self.spec, self.device)
 
     def build_inference(self) -> None:
         """Estimator, optimizer, schedule and the training step (eager, traced, compiled or chosen: auto)."""
@@ -268,46 +206,12 @@ class Trainer:
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = run_state.Progress()
         self.horizon = self.spec.train.epochs * self.steps_per_epoch  # the global step the current loop ends at
-        self.board: board.EpochWriter | None = None  # the TensorBoard writer, opened at the first epoch's end
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
 
-    def check_data(self) -> None:
-        """Support: refuse data the likelihood cannot take (all of it; dynamic draws are 0/1 anyway)."""
-        name = self.spec.model.likelihood.type
-        train = self.data.train
-        if self.data.binarize == "dynamic":
-            train = self.data.training_batch(torch.arange(min(self.data.num_train, 4096), device=self.device))
-        check_likelihood_support(
-            self.vae, train, name, f"data '{self.spec.data.name}' (binarize: {self.data.binarize})"
-        )
-        check_likelihood_support(self.vae, self.data.test, name, f"the test split of '{self.spec.data.name}'")
-
-    def dry_run(self) -> None:
-        """One validated model/guide pass on two examples, the generators left untouched.
-
-        Data the network cannot take, or a spec whose distributions are invalid
-        from the start, fail here with one line, before a run folder is written.
-        """
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), pyro.validation_enabled(True):
-                x = self.data.training_batch(torch.arange(min(2, self.data.num_train), device=self.device))
-                estimators.bound(self.elbo, self.vae.model, self.vae.guide, x, num_data=self.data.num_train)
-        except (RuntimeError, ValueError) as exc:
-            if is_out_of_memory(exc):
-                raise
-            shape = f"examples of {self.data.data_dim} values" + (
-                f" (images {self.data.image_shape})" if self.data.image_shape else ""
-            )
-            raise UserInputError(
-                f"the spec and data '{self.spec.data.name}' ({shape}) fail a first model/guide pass: "
-                f"{one_line(exc, 300)}"
-            ) from None
-
     # -- checkpoints ------------------------------------------------------------
-    def attach(self, run_dir: Path) -> None:
-        """From now on, checkpoint into ``run_dir`` (a folder that ``runs.prepare`` made)."""
-        self.run_dir = Path(run_dir)
+    def attach(self, run: Run) -> None:
+        """From now on, checkpoint into ``run`` (a folder that :meth:`Run.create` made)."""
+        self.run = run
 
     def state(self) -> dict:
         """Everything a resumed run needs (:func:`pyro_vae.training.run_state.snapshot`)."""
@@ -322,26 +226,25 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint and metrics into the run folder; never parameters that are not finite."""
-        if self.run_dir is None:
+        if self.run is None:
             return
         self.check_parameters()
         if not self.dist.is_main:  # data-parallel: rank 0 alone writes
             return
-        checkpoint.save_atomic(self.state(), self.run_dir / runs.CHECKPOINT)
-        runs.write_metrics(self.run_dir, self.progress.metrics)
+        self.run.save_checkpoint(self.state())
 
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint of this same spec (``train.epochs`` may differ)."""
-        self.progress, step_path = run_state.restore(
-            state, self.spec, self.vae, self.optimizer, self.scheduler, self.run_dir
-        )
+        """Continue from a checkpoint of this same spec (``train.epochs`` may differ); another spec's is refused."""
+        where = None if self.run is None else self.run.path
+        check_same_spec(state, self.spec, where)
+        self.progress, step_path = run_state.restore(state, self.vae, self.optimizer, self.scheduler, where)
         if step_path is not None:  # auto chose it: the rest of the run takes it too
             self.loss_and_grads = self.training_step(self.spec.inference.compile, chosen=step_path)
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
 
     # -- the loop ---------------------------------------------------------------
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SVI step; returns the detached loss (−ELBO of the full training set) and max |gradient|.
+        """One SVI step; returns the detached loss (−ELBO of the full training set) and the largest ``|gradient|``.
 
         Pyro's validation is on for the first ``VALIDATED_STEPS`` steps: a distribution
         refusing its parameters there (parameters already damaged) stops training like
@@ -349,7 +252,7 @@ class Trainer:
         a distribution's support, say) stops it with its own one-line message
         (:class:`UserInputError`).
         """
-        beta = kl_weight(self.spec, self.progress.global_step, self.steps_per_epoch)
+        beta = self.kl_weight_at(self.progress.global_step)
         validate = self.progress.global_step < VALIDATED_STEPS
         with pyro.validation_enabled(validate):
             self.optimizer.zero_grad(set_to_none=True)
@@ -388,9 +291,10 @@ class Trainer:
         return loss, largest
 
     def fit(self) -> list[dict]:
-        """Train until ``train.epochs`` epochs are complete; returns the metrics.
+        """Train until ``train.epochs`` epochs are complete (or early stopping says so); returns the metrics.
 
-        The TensorBoard writer (if any) is closed however training ends.
+        After each epoch: :meth:`end_epoch`; after the last, every callback's
+        ``train_end``; however training ends, every callback's ``close``.
         """
         if self.note:
             self.log.info(self.note)
@@ -405,9 +309,28 @@ class Trainer:
                 while self.progress.epoch < self.spec.train.epochs and not self.progress.stopped_early:
                     self.train_epoch(stop)
                     self.end_epoch()
+            for callback in self.callbacks:
+                callback.train_end(self)
         finally:
-            self.close_board()
+            for callback in self.callbacks:
+                callback.close()
         return self.progress.metrics
+
+    def end_epoch(self) -> None:
+        """The epoch's metrics row (:func:`pyro_vae.training.callbacks.evaluate_epoch`) kept, the epoch counted as
+        complete, then every callback's ``epoch_end`` with the row, in order."""
+        row = evaluate_epoch(self)
+        p = self.progress
+        if p.start_elbo is None and p.epoch == 0:
+            p.start_elbo = -p.epoch_losses[0] / self.data.num_train
+        p.metrics.append(row)
+        p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = p.epoch + 1, 0, [], 0.0
+        for callback in self.callbacks:
+            callback.epoch_end(self, row)
+
+    def kl_weight_at(self, global_step: int) -> float:
+        """β at step ``global_step`` of the run (:func:`kl_weight`)."""
+        return kl_weight(self.spec, global_step, self.steps_per_epoch)
 
     def minibatch(self, epoch: int, position: int) -> torch.Tensor:
         """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh."""
@@ -464,7 +387,7 @@ class Trainer:
                 bar.close()
                 self.save()
                 self.log.info(
-                    f"checkpoint written at epoch {p.epoch + 1}, step {step + 1}; resume with --resume {self.run_dir}"
+                    f"checkpoint written at epoch {p.epoch + 1}, step {step + 1}; resume with --resume {self.run}"
                 )
                 raise TrainingInterrupted(stop[0])
         bar.close()
@@ -493,320 +416,3 @@ class Trainer:
             f"checkpoint is kept. Usual causes: a learning rate too high (optim.lr={self.spec.optim.lr}), a likelihood "
             f"scale too small (model.likelihood.scale), data outside the expected range; try optim.clip_norm"
         )
-
-    def end_epoch(self) -> None:
-        """Evaluate, log and checkpoint the epoch just completed; keep the best; step the schedule; stop early."""
-        p = self.progress
-        seed = evaluation_seed(self.spec.train.seed, p.epoch)  # its own generator: training's is left as it was
-        with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
-            draws = self.spec.train.eval_num_samples
-            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws, seed=seed)
-            validation = (
-                None
-                if self.data.validation is None
-                else evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"]
-            )
-        if not all(
-            math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]
-        ):
-            raise self.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)
-        row = {
-            "epoch": p.epoch + 1,
-            "train_elbo": -float(np.mean(p.epoch_losses)) / self.data.num_train,
-            **({"validation_elbo": validation} if validation is not None else {}),
-            **test,
-            "seconds": p.epoch_seconds,
-            "kl_weight": kl_weight(self.spec, p.global_step - 1, self.steps_per_epoch),  # the epoch's last β
-            "lr": optimizer.current_lr(self.optimizer),
-        }
-        if p.start_elbo is None and p.epoch == 0:
-            p.start_elbo = -p.epoch_losses[0] / self.data.num_train
-        p.metrics.append(row)
-        self.write_board(row)
-        p.epoch, p.step_in_epoch, p.epoch_losses, p.epoch_seconds = p.epoch + 1, 0, [], 0.0
-        improved = validation is not None and (p.best_validation is None or validation > p.best_validation)
-        if improved:
-            p.best_validation, p.best_epoch = validation, p.epoch
-            self.save_best()
-        patience = self.spec.train.early_stopping_patience
-        if patience is not None and p.epoch - p.best_epoch >= patience:
-            p.stopped_early = True
-        optimizer.step_scheduler(self.scheduler, validation)
-        where = (
-            f"  validation ELBO {validation:9.3f}" + (" (best)" if improved else "") if validation is not None else ""
-        )
-        self.log.info(
-            f"epoch {row['epoch']:>3}  train ELBO {row['train_elbo']:9.3f}{where}  test ELBO "
-            f"{row['test_elbo']:9.3f} nats  ({row['seconds']:.1f} s)"
-        )
-        start = p.start_elbo if p.start_elbo is not None else p.metrics[0]["train_elbo"]
-        diverging = divergence_warning(row["epoch"], row["train_elbo"], start, self.spec.optim.lr)
-        if diverging:
-            self.log.warning(diverging)
-        if p.stopped_early:
-            self.log.info(
-                f"early stopping: no better validation ELBO for {patience} epochs; the best is epoch "
-                f"{p.best_epoch} ({p.best_validation:.3f} nats), kept in {runs.BEST}"
-            )
-        self.save()
-
-    def write_board(self, row: dict) -> None:
-        """With ``train.tensorboard``: the epoch's scalars and pictures in ``RUN/tensorboard``
-        (:mod:`pyro_vae.training.board`)."""
-        if not self.spec.train.tensorboard or self.run_dir is None or not self.dist.is_main:
-            return
-        from pyro_vae.training import board
-
-        if self.board is None:
-            self.board = board.EpochWriter(self.run_dir, self.spec.train.seed)
-        self.board.write(row, self.vae, self.data)
-
-    def close_board(self) -> None:
-        """Close the TensorBoard writer, if one is open (the next epoch's end opens a new one)."""
-        if self.board is not None:
-            self.board.close()
-            self.board = None
-
-    def save_best(self) -> None:
-        """``best.pt``: the parameters of the epoch with the highest validation ELBO, written atomically."""
-        if self.run_dir is None or not self.dist.is_main:
-            return
-        self.check_parameters()
-        p = self.progress
-        checkpoint.save_atomic(
-            {
-                "spec": self.spec.to_dict(),
-                "model": self.vae.state_dict(),
-                "epoch": p.best_epoch,
-                "validation_elbo": p.best_validation,
-            },
-            self.run_dir / runs.BEST,
-        )
-
-    def write_pictures(self) -> None:
-        """The pictures ``train.pictures`` asks for in the run folder (:mod:`pyro_vae.pictures`)."""
-        if self.run_dir is None or not self.dist.is_main:
-            return
-        from pyro_vae import pictures
-
-        pictures.write(
-            self.run_dir, self.vae, self.data, self.progress.metrics, self.spec.train.pictures, self.show_progress
-        )
-
-
-def train(spec: Spec, run_dir: Path, force: bool = False, show_progress: bool = True) -> Trainer:
-    """A new run: check every input, then lock and prepare the folder, train, write the pictures.
-
-    The folder, the data, the model and a first model/guide pass are checked
-    before anything is written, so bad input leaves an existing folder as it was.
-
-    What it changes in the calling process: Pyro's param store is cleared and every
-    global generator (torch, numpy, Python's ``random``) is seeded from
-    ``train.seed`` (:class:`Trainer`); while it runs, the ``pyro_vae`` logger also
-    writes to ``run_dir/log.txt`` (:func:`pyro_vae.training.runs.run_log`). It adds no console
-    handler: the lines reach the host's own logging handlers, if any.
-    torch uses ``train.threads`` threads meanwhile (:mod:`pyro_vae.threads`); the
-    caller's thread count is restored afterwards.
-    The folder stays locked (:func:`pyro_vae.training.runs.locked`) until the run ends.
-    """
-    with threads.using(spec.train.threads):
-        return _train(spec, Path(run_dir), force, show_progress)
-
-
-def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Trainer:
-    if spec.train.tensorboard:
-        from pyro_vae.training import board
-
-        board.check_available()
-    if distributed.is_main():  # under torchrun, rank 0 alone checks and writes the folder
-        runs.check_not_in_use(run_dir)
-        runs.check_new_run(run_dir, spec, force)
-    trainer = Trainer(spec, None, show_progress=show_progress)
-    if trainer.dist.is_main:
-        runs.writable_folder(run_dir, "output folder")
-    with runs.locked(run_dir) if trainer.dist.is_main else nullcontext():
-        if trainer.dist.is_main:
-            runs.check_new_run(run_dir, spec, force)  # again, now that no other command can write there
-            runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
-        trainer.attach(run_dir)
-        with runs.run_log(run_dir, trainer.dist.rank):
-            if trainer.dist.enabled:
-                trainer.log.info(trainer.dist.describe(trainer.batch_size, trainer.device))
-            trainer.log.info(
-                f"training {spec.data.name} ({trainer.data.num_train} examples, binarize: "
-                f"{trainer.data.binarize}) with {spec.inference.estimator}, "
-                f"{plural(spec.train.epochs, 'epoch')}; run folder {run_dir}"
-            )
-            trainer.save()
-            trainer.fit()
-            trainer.write_pictures()
-    return trainer
-
-
-def nothing_to_do(state: dict, epochs: int) -> str | None:
-    """Why a run whose checkpoint is ``state`` needs no training up to ``epochs`` epochs in total, or None."""
-    done = int(state["epoch"])
-    if bool(state["stopped_early"]):
-        return (
-            f"nothing to do: stopped early at epoch {done} (no better validation ELBO since epoch "
-            f"{int(state['best_epoch'])}, kept in {runs.BEST}); an early-stopped run is finished"
-        )
-    if done >= epochs and int(state["step_in_epoch"]) == 0:
-        return f"nothing to do: trained {done} of {plural(epochs, 'epoch')}; ask for more with --epochs"
-    return None
-
-
-def resume(run_dir: Path, epochs: int | None = None, show_progress: bool = True) -> Trainer | None:
-    """Continue the run in ``run_dir`` from its checkpoint (or from the start if it has none).
-
-    The folder is locked (:func:`pyro_vae.training.runs.locked`) and its checkpoint read
-    and checked against the run's spec before anything in it changes;
-    ``epochs`` (``--epochs``) replaces ``train.epochs``. A run that is already
-    complete (all its epochs, or stopped early) is not trained again: one line
-    says so, only a stale ``metrics.jsonl`` is rewritten from the checkpoint,
-    and None is returned.
-    The calling process is changed as by :func:`train` (param store, generators,
-    ``log.txt`` while it runs); torch uses the run's ``train.threads`` threads
-    meanwhile, then the caller's again.
-    """
-    run_dir = Path(run_dir)
-    spec = runs.read_spec(run_dir)
-    with threads.using(spec.train.threads):
-        return _resume(spec, run_dir, epochs, show_progress)
-
-
-def _resume(spec: Spec, run_dir: Path, epochs: int | None, show_progress: bool) -> Trainer | None:
-    if spec.train.tensorboard:
-        from pyro_vae.training import board
-
-        board.check_available()
-    with runs.locked(run_dir) if distributed.is_main() else nullcontext():
-        return _resume_locked(run_dir, spec, epochs, show_progress)
-
-
-def _resume_locked(run_dir: Path, spec: Spec, epochs: int | None, show_progress: bool) -> Trainer | None:
-    """:func:`resume` once the folder is locked."""
-    path = run_dir / runs.CHECKPOINT
-    state = checkpoint.load(path, required=run_state.STATE_KEYS) if path.exists() else None
-    if epochs is not None:
-        done = int(state["epoch"]) if state is not None else 0
-        if epochs < done:
-            raise UserInputError(
-                f"--epochs {epochs} is the total number of epochs, and '{run_dir}' has already "
-                f"trained {plural(done, 'epoch')}; give --epochs above {done} to train further "
-                f"(nothing was changed)"
-            )
-    target = spec.train.epochs if epochs is None else epochs
-    done_why = None if state is None else nothing_to_do(state, target)
-    if state is not None and done_why is not None:
-        run_state.check_same_spec(state, spec, run_dir)
-        if distributed.is_main() and runs.read_metrics(run_dir) != state["metrics"]:
-            runs.write_metrics(run_dir, state["metrics"])  # a kill between checkpoint and metrics left them behind
-        logging.getLogger("pyro_vae").info(done_why)
-        return None
-    changed_epochs = target != spec.train.epochs
-    spec.train.epochs = target
-    trainer = Trainer(spec, None, show_progress=show_progress)
-    trainer.attach(run_dir)
-    if state is not None:
-        trainer.restore(state)
-    if changed_epochs and trainer.dist.is_main:
-        runs.write_text_atomic(run_dir / runs.CONFIG, spec.to_yaml())
-    with runs.run_log(run_dir, trainer.dist.rank):
-        if state is not None:
-            p = trainer.progress
-            if trainer.dist.is_main:
-                runs.write_metrics(run_dir, p.metrics)  # a kill between checkpoint and metrics left them behind
-            trainer.log.info(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
-        else:
-            trainer.log.info(f"no checkpoint in {run_dir}: starting the run from the beginning with its saved spec")
-            trainer.save()
-        trainer.fit()
-        trainer.write_pictures()
-    return trainer
-
-
-def model_inputs(data: Dataset) -> dict:
-    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into."""
-    return {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
-
-
-def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec, dict, Path, torch.device]:
-    """The run's spec, its checkpoint ``which`` (read once, checked against the spec), its path, and the device."""
-    spec = runs.read_spec(run_dir)
-    path = runs.checkpoint_path(run_dir, which)
-    state = checkpoint.load(path, required=("spec", "model", "epoch"))
-    run_state.check_same_spec(state, spec, run_dir)
-    if device is not None:
-        spec.train.device = device
-    return spec, state, path, resolve_device(spec.train.device, "--device" if device is not None else "'train.device'")
-
-
-def _trained_vae(
-    spec: Spec,
-    state: dict,
-    data_dim: int,
-    image_shape: tuple[int, int, int] | None,
-    run_dir: Path,
-    target: torch.device,
-) -> VAE:
-    """The VAE of ``spec`` with the checkpoint's parameters, on ``target``, in eval mode."""
-    vae = VAE.from_spec(spec.model, data_dim, image_shape)
-    try:
-        vae.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise UserInputError(
-            f"the checkpoint in '{run_dir}' does not fit its {runs.CONFIG}: {one_line(exc, 200)}"
-        ) from None
-    return vae.to(target).eval()
-
-
-class LoadedRun(NamedTuple):
-    """A run read back for scoring: its spec, the VAE (eval mode), the data, and which checkpoint gave them."""
-
-    spec: Spec
-    vae: VAE
-    data: Dataset
-    checkpoint: Path
-    epoch: int
-
-
-def open_run(run_dir: Path, device: str | None = None, which: str = "best") -> LoadedRun:
-    """The spec, trained VAE (eval mode) and data of a finished or interrupted run, with the checkpoint file read
-    and the epoch it holds (the epochs completed, or the best epoch for ``best.pt``).
-
-    ``which``: ``best`` reads ``best.pt`` where the run has one (a run with a
-    validation split), else the last checkpoint; ``last`` always the last
-    (see :func:`pyro_vae.training.runs.checkpoint_path`). The checkpoint is read once,
-    so the epoch is that of the parameters returned even while the run trains.
-    """
-    run_dir = Path(run_dir)
-    spec, state, path, target = _checked_state(run_dir, device, which)
-    data = load_dataset(spec.data, spec.train.seed).to(target)
-    vae = _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target)
-    return LoadedRun(spec, vae, data, path, int(state["epoch"]))
-
-
-def load_run(run_dir: Path, device: str | None = None, which: str = "best") -> tuple[Spec, VAE, Dataset]:
-    """The spec, trained VAE (eval mode) and data of a finished or interrupted run (:func:`open_run`)."""
-    loaded = open_run(run_dir, device, which)
-    return loaded.spec, loaded.vae, loaded.data
-
-
-def load_model(
-    run_dir: Path, device: str | None = None, which: str = "best"
-) -> tuple[Spec, VAE, tuple[int, int, int] | None, Path]:
-    """The spec, trained VAE (eval mode), image shape and checkpoint path of a run, without its data where it can.
-
-    The model is built from what ``run.json`` recorded at training time
-    (:func:`pyro_vae.training.runs.read_model_inputs`); a run without that record loads
-    its dataset for it. ``which`` as in :func:`open_run`.
-    """
-    run_dir = Path(run_dir)
-    spec, state, path, target = _checked_state(run_dir, device, which)
-    inputs = runs.read_model_inputs(run_dir)
-    if inputs is None:
-        data = load_dataset(spec.data, spec.train.seed)
-        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape}
-    vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run_dir, target)
-    return spec, vae, inputs["image_shape"], path
