@@ -97,6 +97,7 @@ from typing import Callable
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
@@ -238,7 +239,10 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
                 raise NotImplementedError(
                     f"{type(self).__name__} needs a reparameterized guide; site {site['name']!r} has none"
                 )
-        sites = weights.from_traces(model_trace, guide_trace, self.path_derivative)
+        detached = None
+        if self.path_derivative and len(weights.latent_sites(guide_trace)) > 1:
+            detached = weights.path_trace(guide, guide_trace, args, kwargs, self.num_particles, -self.particle_dim - 1)
+        sites = weights.from_traces(model_trace, guide_trace, self.path_derivative, detached)
         log_q = sites.log_q
         if late_scale is not None:
             log_q = late_scale(log_q)
@@ -513,9 +517,44 @@ def trace_estimator(spec: InferenceSpec) -> ELBO:
     return Trace_ELBO(**_pyro_options(spec))
 
 
+class MeanField_ELBO(TraceMeanField_ELBO):
+    """Pyro's ``TraceMeanField_ELBO`` with a closed-form KL only where it is unbiased.
+
+    Where the guide draws some site before a site that the model draws earlier
+    (a bottom-up guide of stochastic layers: z_1, then z_2 ~ q(z_2 | z_1), while
+    p(z_1 | z_2) depends on z_2), KL(q_s ‖ p_s) at the drawn parents is biased
+    (:func:`pyro_vae.infer.log_weights.closed_form_allowed`); those sites take
+    the sampled log p_s − log q_s, the others the closed form where registered.
+    When every site allows it, this is ``TraceMeanField_ELBO`` itself.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # Trace_ELBO's traces: the per-site rule replaces TraceMeanField_ELBO's whole-program order warning
+        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        allowed = weights.closed_form_allowed(weights.latent_sites(model_trace), weights.latent_sites(guide_trace))
+        if all(allowed.values()):
+            return super()._differentiable_loss_particle(model_trace, guide_trace)
+        elbo = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                elbo = elbo + site["log_prob_sum"]
+                continue
+            q = guide_trace.nodes[name]
+            exact = weights.closed_kl(q["fn"], site["fn"]) if allowed[name] else None
+            if exact is None:
+                elbo = elbo + site["log_prob_sum"] - q["score_parts"].entropy_term.sum()
+            else:
+                elbo = elbo - scale_and_mask(exact, scale=q["scale"], mask=q["mask"]).sum()
+        return torch_item(-elbo), -elbo
+
+
 @registry.register("estimator", "meanfield")
 def meanfield_estimator(spec: InferenceSpec) -> ELBO:
-    return TraceMeanField_ELBO(**_pyro_options(spec))
+    return MeanField_ELBO(**_pyro_options(spec))
 
 
 @registry.register("estimator", "tracegraph")
