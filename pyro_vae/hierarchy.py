@@ -185,18 +185,23 @@ class HierarchicalVAE(VAE):
 
     # -- what users expect of a VAE object ----------------------------------------
     @torch.no_grad()
-    def layer_means(self, x: torch.Tensor, num_samples: int = 16) -> dict[str, torch.Tensor]:
-        """E_q[z_l | x] per layer (top-down names), each (B, d_l): exact for z_1 of a bottom-up guide, else the
-        mean of ``num_samples`` draws of the guide."""
+    def layer_means(self, x: torch.Tensor, num_samples: int = 64) -> dict[str, torch.Tensor]:
+        """E_q[z_l | x] per layer (top-down names), each (B, d_l): the mean of q(z_l | its parents) averaged over
+        ``num_samples`` draws of the parents (exact for the first layer the guide draws)."""
         plate = pyro.plate("layer_means", num_samples, dim=-2)
         with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(plate(self.guide)).get_trace(x)
-        return {name: trace.nodes[name]["value"].mean(0) for name in self.sites}
+        return {name: trace.nodes[name]["fn"].mean.mean(0) for name in self.sites}
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of z_1's guide: q(z_1|x) (``bottom-up``), the ladder's bottom-up estimate."""
         return self.guide_head.moments(self.encoder(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z_1 = E_q[z_1 | x]] (:meth:`layer_means`)."""
+        return self.likelihood.mean(self.decoder(self.layer_means(x)[self.sites[-1]]))
 
     @torch.no_grad()
     def sample_layers(self, n: int) -> list[torch.Tensor]:
