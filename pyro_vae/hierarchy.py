@@ -25,6 +25,8 @@ that layer's sites in both programs, so log w = log p(x|z_1) + Σ_l β_l [log p(
 
 from __future__ import annotations
 
+from typing import cast
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -99,25 +101,33 @@ class HierarchicalVAE(VAE):
         )
         if structure == "bottom-up":
             self.upward = nn.ModuleList(
-                ConditionalGaussian(lower.dim, list(reversed(lower.hidden or [])), upper.dim, lower.activation, min_scale)
+                ConditionalGaussian(
+                    lower.dim, list(reversed(lower.hidden or [])), upper.dim, lower.activation, min_scale
+                )
                 for upper, lower in reversed(below)
             )
         else:
-            feature_dim = encoder.output_dim  # type: ignore[attr-defined]  # every encoder declares it (contracts)
-            widths = [feature_dim] + [(lower.hidden or [feature_dim])[-1] for _, lower in reversed(below)]
-            self.upward = nn.ModuleList(
-                mlp([widths[i], *reversed(lower.hidden or [])], lower.activation, final_activation=True)
-                for i, (_, lower) in enumerate(reversed(below))
-            )
-            self.estimates = nn.ModuleList(
-                ConditionalGaussian(widths[i + 1], [], upper.dim, "relu", min_scale)
-                for i, (upper, _) in enumerate(reversed(below))
-            )
+            width, upward, estimates = encoder.output_dim, [], []
+            for upper, lower in reversed(below):  # d_{l+1} = MLP(d_l), the widths of p(z_l | z_{l+1}) reversed
+                widths = [width, *reversed(lower.hidden or [])]
+                upward.append(mlp(widths, lower.activation, final_activation=True))
+                width = widths[-1]
+                estimates.append(ConditionalGaussian(width, [], upper.dim, lower.activation, min_scale))
+            self.upward, self.estimates = nn.ModuleList(upward), nn.ModuleList(estimates)
 
     @classmethod
-    def assemble(cls, spec: ModelSpec, *parts: nn.Module) -> "HierarchicalVAE":
-        """The layered VAE of the one-layer ``parts`` (:meth:`VAE.from_spec`, the prior on z_L) and ``spec.latents``."""
-        return cls(*parts, spec.latents, spec.guide_structure, spec.guide.min_scale)  # type: ignore[arg-type]
+    def assemble(
+        cls,
+        spec: ModelSpec,
+        encoder: contracts.Encoder,
+        decoder: contracts.Decoder,
+        guide_head: contracts.Guide,
+        prior: contracts.Prior,
+        likelihood: contracts.Likelihood,
+    ) -> "HierarchicalVAE":
+        """The layered VAE of the one-layer parts (:meth:`VAE.from_spec`, the prior on z_L) and ``spec.latents``."""
+        layers, structure = spec.latents, spec.guide_structure
+        return cls(encoder, decoder, guide_head, prior, likelihood, layers, structure, spec.guide.min_scale)
 
     @property
     def sites(self) -> list[str]:
@@ -172,16 +182,20 @@ class HierarchicalVAE(VAE):
         h = self.encoder(x)
         first = self.guide_head(h)
         estimates = [(first.mean, first.stddev)]  # bottom-up: z_1, z_2, …
-        for upward, estimate in zip(self.upward, self.estimates):
+        for upward, estimate in zip(self.upward, self._gaussians(self.estimates)):
             h = upward(h)
             estimates.append(estimate.moments(h))
         estimates.reverse()  # top-down
         with self._scaled(kl_weight, 0):
             z = pyro.sample(self.sites[0], distributions.DiagonalNormal(*estimates[0]))
-        for layer, conditional in enumerate(self.conditionals, start=1):
+        for layer, conditional in enumerate(self._gaussians(self.conditionals), start=1):
             with self._scaled(kl_weight, layer):
                 z = pyro.sample(self.sites[layer], precision_merge(*estimates[layer], *conditional.moments(z)))
         return z
+
+    @staticmethod
+    def _gaussians(modules: nn.ModuleList) -> list[ConditionalGaussian]:
+        return [cast(ConditionalGaussian, module) for module in modules]
 
     # -- what users expect of a VAE object ----------------------------------------
     @torch.no_grad()
@@ -191,7 +205,7 @@ class HierarchicalVAE(VAE):
         plate = pyro.plate("layer_means", num_samples, dim=-2)
         with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(plate(self.guide)).get_trace(x)
-        return {name: trace.nodes[name]["fn"].mean.mean(0) for name in self.sites}
+        return {name: cast(dist.TorchDistribution, trace.nodes[name]["fn"]).mean.mean(0) for name in self.sites}
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,4 +239,3 @@ class HierarchicalVAE(VAE):
     def decoder_parameters(self) -> list[nn.Parameter]:
         """θ: the decoder, p(z_L), the conditional priors and the likelihood."""
         return [*super().decoder_parameters(), *self.conditionals.parameters()]
-

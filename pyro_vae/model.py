@@ -115,9 +115,17 @@ class VAE(nn.Module):
         return cls.assemble(spec, encoder, decoder, guide_head, prior, likelihood)
 
     @classmethod
-    def assemble(cls, spec: ModelSpec, *parts: nn.Module) -> "VAE":
-        """The VAE of the built ``parts`` (encoder, decoder, guide head, prior, likelihood) for ``spec``."""
-        return cls(*parts, spec.latent_dim)  # type: ignore[arg-type]  # the parts passed their contracts
+    def assemble(
+        cls,
+        spec: ModelSpec,
+        encoder: contracts.Encoder,
+        decoder: contracts.Decoder,
+        guide_head: contracts.Guide,
+        prior: contracts.Prior,
+        likelihood: contracts.Likelihood,
+    ) -> "VAE":
+        """The VAE of the built parts for ``spec``."""
+        return cls(encoder, decoder, guide_head, prior, likelihood, spec.latent_dim)
 
     # -- the distributions, usable without Pyro's effect handlers ------------------
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:

@@ -75,7 +75,9 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
             )
         )
     if isinstance(vae, HierarchicalVAE) and subset.shape[0] >= 2:
-        steps += [(f"latent-{name}.png", _layer_map(vae, subset, labels, name, folder, data)) for name in vae.sites[:-1]]
+        steps += [
+            (f"latent-{name}.png", _layer_map(vae, subset, labels, name, folder, data)) for name in vae.sites[:-1]
+        ]
     return steps
 
 
@@ -84,7 +86,11 @@ def _layer_map(vae: HierarchicalVAE, subset, labels, name: str, folder: Path, da
     from pyro_vae import plots
 
     return lambda: plots.latent_map(
-        vae.layer_means(subset)[name], labels, folder / f"latent-{name}.png", with_tsne=False, class_names=data.class_names
+        vae.layer_means(subset)[name],
+        labels,
+        folder / f"latent-{name}.png",
+        with_tsne=False,
+        class_names=data.class_names,
     )
 
 

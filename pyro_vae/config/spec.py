@@ -239,6 +239,8 @@ class Spec:
             key, value = parse_assignment(assignment)
             set_dotted(raw, key, value)
             explicit.append(key)
+        if "model.latents" in explicit and "model.latent_dim" not in explicit and raw["model"].get("latents"):
+            del raw["model"]["latent_dim"]  # z_1's dimension follows the new layers (_with_latent_dim)
         for prefix, kind in part_sections():
             section, current = section_at(raw, prefix), section_at(self, prefix)
             selector = part_selector(type(current))
@@ -503,7 +505,7 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
         raise UserInputError(f"'{key}' is {value!r}; accepted: {accepted}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
-        if dataclasses.is_dataclass(item_type):
+        if isinstance(item_type, type) and dataclasses.is_dataclass(item_type):
             return _build_list(item_type, value, key)
         example = "[200, 200]" if item_type is int else "[0.9, 0.999]"
         if isinstance(value, str) and "," in value:
@@ -563,10 +565,10 @@ def _with_latent_dim(raw: Any) -> Any:
     """``raw`` with ``model.latent_dim`` set to the bottom layer's ``dim`` where ``model.latents`` is given
     without it."""
     model = raw.get("model") if isinstance(raw, dict) else None
-    latents = model.get("latents") if isinstance(model, dict) else None
-    if not (isinstance(latents, list) and latents and isinstance(latents[-1], dict)) or "latent_dim" in model:
+    if not isinstance(model, dict) or "latent_dim" in model:
         return raw
-    if "dim" not in latents[-1]:
+    latents = model.get("latents")
+    if not (isinstance(latents, list) and latents and isinstance(latents[-1], dict) and "dim" in latents[-1]):
         return raw
     return {**raw, "model": {**model, "latent_dim": latents[-1]["dim"]}}
 

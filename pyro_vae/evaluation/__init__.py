@@ -13,4 +13,12 @@ from pyro_vae.evaluation.bounds import (
     test_elbo,
 )
 
-__all__ = ["evaluate", "test_elbo", "log_weight_terms", "active_units", "rows_per_pass", "kl_note", "layer_active_units"]
+__all__ = [
+    "evaluate",
+    "test_elbo",
+    "log_weight_terms",
+    "active_units",
+    "rows_per_pass",
+    "kl_note",
+    "layer_active_units",
+]

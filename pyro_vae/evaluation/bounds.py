@@ -147,7 +147,7 @@ def evaluate(
             for sites in chunk_sites(vae, data[start:stop], blocks):
                 log_w = sites.log_w
                 terms, closed = sites.kl_terms()
-                kl = sum(terms.values())
+                kl = sum(terms.values(), log_w.new_zeros(()))
                 closed_form = closed_form and all(closed.values())
                 for name, term in terms.items():
                     site_kl.setdefault(name, []).append(term.expand(log_w.shape))

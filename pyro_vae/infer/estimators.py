@@ -96,8 +96,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.distributions.util import scale_and_mask
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 

@@ -266,8 +266,10 @@ def path_trace(
     """
     owner = getattr(guide, "__self__", None)
     if not isinstance(owner, nn.Module):
-        raise NotImplementedError("a path-derivative estimator on a guide with several latent sites needs the "
-                                  "guide to be a method of an nn.Module")
+        raise NotImplementedError(
+            "a path-derivative estimator on a guide with several latent sites needs the "
+            "guide to be a method of an nn.Module"
+        )
     particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
     tracer = poutine.trace(poutine.replay(particles(guide), trace=guide_trace))
     detached = {f"owner.{name}": p.detach().requires_grad_(p.requires_grad) for name, p in owner.named_parameters()}
@@ -299,7 +301,7 @@ def from_traces(
             dims = tuple(f.dim for f in site["cond_indep_stack"] if f.vectorized and f not in shared)
             path = stl and not site["is_observed"]
             if path and detached_trace is not None:
-                log_prob = _site_log_prob(detached_trace.nodes[site["name"]], False)
+                log_prob = _site_log_prob(cast(dict, detached_trace.nodes[site["name"]]), False)
             else:
                 log_prob = _site_log_prob(site, path)
             out[site["name"]] = Site(
