@@ -18,7 +18,7 @@ from torch.nn.functional import softplus
 
 from pyro_vae import evaluation, pictures
 from pyro_vae.config import registry
-from pyro_vae.config.spec import Spec, load_spec
+from pyro_vae.config.spec import Spec, config_summary, load_spec, packaged_configs
 from pyro_vae.errors import UserInputError
 from pyro_vae.evaluation import table
 from pyro_vae.hierarchy import HierarchicalVAE, precision_merge
@@ -380,3 +380,26 @@ def test_the_table_and_the_pictures_show_each_layer():
     dataset = types.SimpleNamespace(test=data(8), test_labels=None, image_shape=None, class_names=None)
     names = [label.split()[0] for label, _ in pictures.plan(Path("/nonexistent"), vae, dataset, [], "cheap")]
     assert names[-2:] == ["latent.png", "latent-z2.png"]
+
+
+@pytest.mark.parametrize(
+    "name,structure,number",
+    [
+        ("mnist-2layer", "bottom-up", "85.33"),
+        ("mnist-iwae-paper-2layer", "bottom-up", "85.33"),
+        ("mnist-iwae-paper-2layer-k50", "bottom-up", "82.90"),
+        ("mnist-ladder", "ladder", "81.74"),
+    ],
+)
+def test_packaged_layered_specs_build_burdas_two_layer_network_and_name_the_paper(name, structure, number):
+    description = config_summary(packaged_configs()[name])
+    assert number in description and ("Burda et al. 2016" in description or "Sønderby et al. 2016" in description)
+    spec = load_spec(name)
+    assert spec.model.guide_structure == structure and spec.model.latent_dim == 100
+    torch.manual_seed(0)
+    vae = VAE.from_spec(spec.model, 784)
+    assert vae.sites == ["z2", "z1"] and vae.dims == [50, 100]
+    widths = [m.out_features for m in vae.conditionals.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [100, 100, 100, 100]  # p(z_1 | z_2): 50-100-100, then the heads for μ and σ of z_1
+    assert [m.out_features for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)] == [200, 200]
+    assert vae.sample(2).shape == (2, 784)
