@@ -549,7 +549,7 @@ class MeanField_ELBO(TraceMeanField_ELBO):
                 elbo = elbo + site["log_prob_sum"] - q["score_parts"].entropy_term.sum()
             else:
                 elbo = elbo - scale_and_mask(exact, scale=q["scale"], mask=q["mask"]).sum()
-        return torch_item(-elbo), -elbo
+        return -(elbo.detach() if torch._C._get_tracing_state() else torch_item(elbo)), -elbo  # as Pyro's own
 
 
 @registry.register("estimator", "meanfield")
