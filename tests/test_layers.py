@@ -7,16 +7,19 @@ N(W z_1 + b, σ² I), so x ~ N(W a + b, W (A Aᵀ + diag s²) Wᵀ + σ² I) exa
 
 from __future__ import annotations
 
+import json
 import math
 import types
 from pathlib import Path
 
 import pyro
 import pytest
+import sizes
 import torch
 from torch.nn.functional import softplus
 
-from pyro_vae import evaluation, pictures
+from pyro_vae import evaluation, pictures, training
+from pyro_vae.cli.commands import main
 from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec, config_summary, load_spec, packaged_configs
 from pyro_vae.errors import UserInputError
@@ -403,3 +406,22 @@ def test_packaged_layered_specs_build_burdas_two_layer_network_and_name_the_pape
     assert widths == [100, 100, 100, 100]  # p(z_1 | z_2): 50-100-100, then the heads for μ and σ of z_1
     assert [m.out_features for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)] == [200, 200]
     assert vae.sample(2).shape == (2, 784)
+
+
+@pytest.mark.slow
+def test_a_two_layer_run_trains_evaluates_samples_and_tables_through_the_commands(tmp_path, capsys):
+    torch.set_default_dtype(torch.float32)  # a run as users train it
+    folder = tmp_path / "run"
+    spec = load_spec(None, [*sizes.SMALL, "model.latents=[{dim: 2}, {dim: 3, hidden: [8]}]", "train.pictures=cheap"])
+    training.train(spec, folder, show_progress=False)
+    assert (folder / "latent.png").exists() and (folder / "latent-z2.png").exists()
+    capsys.readouterr()
+    assert main(["evaluate", str(folder), "--num-samples", "20", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["layers"]) == {"z1", "z2"}
+    assert result["layers"]["z2"]["dim"] == 2 and result["layers"]["z1"]["kl_closed_form"] is False
+    assert result["active_units"] == sum(layer["active_units"] for layer in result["layers"].values())
+    assert main(["sample", str(folder), "--n", "4", "--quiet"]) == 0
+    assert (folder / "samples-n4-seed0.png").exists()
+    assert main(["table", str(folder), "--num-samples", "5", "--out", str(tmp_path / "table"), "--quiet"]) == 0
+    assert "| z2 " in (tmp_path / "table" / "table.md").read_text()
