@@ -158,6 +158,8 @@ def test_latent_dim_is_the_bottom_layer_and_must_agree():
         Spec.from_dict({"model": {"latent_dim": 2, "latents": [{"dim": 3}, {"dim": 5, "hidden": [4]}]}})
     with pytest.raises(UserInputError, match="ladder .* accepted: diagonal-normal"):
         load_spec(None, [LATENTS, "model.guide_structure=ladder", "model.guide.type=full-normal"])
+    with pytest.raises(UserInputError, match="dreg's path weights take one KL weight"):
+        load_spec(None, ["model.latents=[{dim: 2, kl_weight: 0.5}, {dim: 3, hidden: []}]", "inference.estimator=dreg"])
     with pytest.raises(UserInputError, match="'model.guide_structure' is 'top-down'"):
         load_spec(None, [LATENTS, "model.guide_structure=top-down"])
 

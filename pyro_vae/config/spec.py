@@ -626,6 +626,11 @@ def _check_cross_field(spec: Spec) -> None:
     """Constraints that involve more than one key."""
     model = spec.model
     _check_latents(model)
+    if spec.inference.estimator == "dreg" and len({layer.kl_weight for layer in model.latents}) > 1:
+        raise UserInputError(
+            "'model.latents[*].kl_weight' differ, but dreg's path weights take one KL weight for every layer; "
+            "accepted with dreg: equal kl_weight on every layer"
+        )
     for prefix, _ in part_sections():
         check = getattr(section_at(spec, prefix).options, "check", None)
         if check is not None:

@@ -4,7 +4,7 @@ r"""ELBO estimators: Pyro's own, plus the importance-weighted family done right.
 name               estimator (K = ``inference.num_particles``)           class
 =================  ====================================================  ==========================
 ``trace``          ELBO, KL sampled                                      ``pyro.infer.Trace_ELBO``
-``meanfield``      ELBO, KL in closed form where registered              ``TraceMeanField_ELBO``
+``meanfield``      ELBO, KL closed-form where registered and unbiased    :class:`MeanField_ELBO`
 ``tracegraph``     ELBO, Rao-Blackwellized score terms                   ``TraceGraph_ELBO``
 ``tail-adaptive``  tail-adaptive f-divergence gradient (K > 1)           :class:`TailAdaptive_ELBO`
 ``iwae``           importance-weighted bound, α = 0                      :class:`IWAE_ELBO`
@@ -66,14 +66,22 @@ that log w (IWAE's log (1/K) Σ_k w_k, Rényi's power mean, ...). Reparameterize
 gradients of those bounds need nothing else; DReG's removal of the score term
 does (its weight above), and reads β from the guide site's own scale.
 
-Both tricks treat each guide site's distribution as a function of φ only; a
-guide whose site depends on an *earlier latent site* (a hierarchical guide)
-would lose that path too. The package's guides have one latent site "z".
+With one guide site, both tricks detach that site's distribution from φ. A
+guide whose site depends on an *earlier latent site* (the layered guides of
+:mod:`pyro_vae.hierarchy`, q(z_2 | z_1)) must keep the path through z_1 into
+q(z_2 | z_1): there log q is the guide replayed on its own draws with its
+parameters detached (:func:`pyro_vae.infer.log_weights.path_trace`), so every
+site's log q has the path derivatives through all draws and none through φ
+directly. DReG's weight c_k multiplies the gradient into every layer's value.
 
 Closed-form KL (``meanfield``)
 ------------------------------
-``TraceMeanField_ELBO`` uses ``kl_divergence(q, p)`` where a pair is registered
-and silently samples that site's KL otherwise. Registered in torch 2.x /
+:class:`MeanField_ELBO` (Pyro's ``TraceMeanField_ELBO``) uses ``kl_divergence(q, p)``
+where a pair is registered and samples that site's KL otherwise; with stochastic
+layers, a site whose prior depends on a layer the guide draws after it (a
+bottom-up guide's z_1) is sampled too, since the closed form at that draw is
+biased (:func:`pyro_vae.infer.log_weights.closed_form_allowed`); the run's log
+names the sampled and closed-form sites. Registered in torch 2.x /
 Pyro 1.9 for guide → prior: diagonal Normal → diagonal Normal or
 MultivariateNormal; MultivariateNormal or LowRankMultivariateNormal →
 MultivariateNormal or LowRankMultivariateNormal. Not registered (sampled):
