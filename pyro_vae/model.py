@@ -77,8 +77,16 @@ class VAE(nn.Module):
         the mean image) and the VampPrior's pseudo-input range [min x, max x].
         With ``init_bias: zero``, or without ``train`` (a checkpoint is about to
         be loaded), the bias starts at zero and the range at [0, 1].
+
+        With ``model.latents`` the result is a :class:`pyro_vae.hierarchy.HierarchicalVAE`: these parts
+        sit on z_1 (``spec.latent_dim``) and the prior is that of the top layer.
         """
+        if spec.latents and cls is VAE:
+            from pyro_vae.hierarchy import HierarchicalVAE  # the layered VAE subclasses this one
+
+            return HierarchicalVAE.from_spec(spec, data_dim, image_shape, train)
         d = spec.latent_dim
+        top = spec.latents[0].dim if spec.latents else d
         data_range = (0.0, 1.0) if train is None else (float(train.min()), float(train.max()))
         encoder = contracts.build("encoder", spec.encoder.type, spec.encoder, "encoder", data_dim, None, image_shape)
         features = contracts.probe_encoder(spec.encoder.type, encoder, data_dim)
@@ -90,13 +98,13 @@ class VAE(nn.Module):
             "prior",
             spec.prior.type,
             spec.prior,
-            d,
+            top,
             data_dim=data_dim,
             encoder=encoder,
             guide=guide_head,
             data_range=data_range,
         )
-        contracts.probe_prior(spec.prior.type, prior, d)
+        contracts.probe_prior(spec.prior.type, prior, top)
         likelihood = contracts.build("likelihood", spec.likelihood.type, spec.likelihood, data_dim)
         contracts.probe_likelihood(spec.likelihood.type, likelihood, output, data_dim)
         with torch.no_grad():
@@ -104,7 +112,20 @@ class VAE(nn.Module):
                 decoder.output_bias.copy_(likelihood.output_for_mean(train.mean(0)))
             else:
                 decoder.output_bias.zero_()
-        return cls(encoder, decoder, guide_head, prior, likelihood, d)
+        return cls.assemble(spec, encoder, decoder, guide_head, prior, likelihood)
+
+    @classmethod
+    def assemble(
+        cls,
+        spec: ModelSpec,
+        encoder: contracts.Encoder,
+        decoder: contracts.Decoder,
+        guide_head: contracts.Guide,
+        prior: contracts.Prior,
+        likelihood: contracts.Likelihood,
+    ) -> "VAE":
+        """The VAE of the built parts for ``spec``."""
+        return cls(encoder, decoder, guide_head, prior, likelihood, spec.latent_dim)
 
     # -- the distributions, usable without Pyro's effect handlers ------------------
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:

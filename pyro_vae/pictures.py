@@ -9,6 +9,8 @@ elbo.png            train and test ELBO per epoch (runs with an epoch)     cheap
 latent.png          posterior means of up to 5,000 test examples in 2-D:   cheap, all
                     as they are (d ≤ 2), else the first two principal
                     components, and with ``all`` a t-SNE panel too
+latent-z2.png, …    the same map of E_q[z_l | x] for each layer above z_1  cheap, all
+                    (``model.latents``; latent.png is z_1's)
 =================== ====================================================== =========
 
 ``none`` draws nothing. t-SNE is the one slow picture (seconds to minutes for
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from pyro_vae import progress
 from pyro_vae.data import Dataset
+from pyro_vae.hierarchy import HierarchicalVAE
 from pyro_vae.model import VAE
 
 CHOICES = ("all", "cheap", "none")
@@ -71,7 +74,24 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
                 ),
             )
         )
+    if isinstance(vae, HierarchicalVAE) and subset.shape[0] >= 2:
+        steps += [
+            (f"latent-{name}.png", _layer_map(vae, subset, labels, name, folder, data)) for name in vae.sites[:-1]
+        ]
     return steps
+
+
+def _layer_map(vae: HierarchicalVAE, subset, labels, name: str, folder: Path, data: Dataset) -> Callable:
+    """Draws ``latent-{name}.png``: the map of E_q[z_l | x] of an upper layer (latent.png is z_1's)."""
+    from pyro_vae import plots
+
+    return lambda: plots.latent_map(
+        vae.layer_means(subset)[name],
+        labels,
+        folder / f"latent-{name}.png",
+        with_tsne=False,
+        class_names=data.class_names,
+    )
 
 
 def write(

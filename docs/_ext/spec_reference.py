@@ -38,6 +38,11 @@ NOTES = {
     "model.decoder.init_bias": "`data-mean`: the output bias starts at the likelihood's parameter for the mean "
     "training example, so p(x|z) starts at the mean image.",
     "model.guide.min_scale": "σ = softplus(raw) + `min_scale`.",
+    "model.latents": "stochastic layers top-down z_L, …, z_1, each `{dim, hidden, activation, kl_weight}`: "
+    "`hidden` is the MLP of p(z_l | z_(l+1)) (null on the top layer, whose prior is `model.prior`); `kl_weight` "
+    "multiplies `train.beta` on that layer; `[]`: one layer z of `model.latent_dim`.",
+    "model.guide_structure": "with `model.latents`: `bottom-up` q(z_1|x) q(z_2|z_1)… or `ladder` "
+    "(precision-weighted top-down merge).",
     "model.guide.log_variance_bounds": "`[low, high]`: every variance of a Gaussian guide clamped to "
     "[e^low, e^high]; the VampPrior paper uses [−6, 2].",
     "model.prior.pseudo_input_activation": "`hardtanh` clamps the pseudo-inputs into the data's range, "

@@ -231,7 +231,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     with progress.bar(x.shape[0], f"evaluating K = {args.num_samples}", "example", quiet=args.quiet) as bar:
         result = evaluation.evaluate(vae, x, args.num_samples, memory_mb=args.memory_mb, progress=bar)
-    result["active_units"] = evaluation.active_units(vae, x)
+    units = evaluation.layer_active_units(vae, x)
+    result["active_units"] = sum(layer["active_units"] for layer in units.values())
+    if "layers" in result:
+        for name, layer in units.items():
+            result["layers"][name].update(layer)
     result["split"] = args.split
     result["seed"] = args.seed
     result["checkpoint"] = used.name

@@ -30,6 +30,7 @@ from pyro_vae.errors import UserInputError, one_line
 OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened into its section in YAML
 PUBLISHED = "published"  # data.validation_size: the dataset's own validation split (binarized-mnist)
 TRAIN_SEED = "train"  # data.eval_binarize_seed: binarize the evaluation splits with train.seed
+ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")
 
 
 def accepts(
@@ -82,7 +83,7 @@ class NetworkSpec:
     hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=accepts(1))
     activation: str = field(
         default="relu",
-        metadata=accepts(choices=("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")),
+        metadata=accepts(choices=ACTIVATIONS),
     )
 
 
@@ -114,6 +115,18 @@ class LikelihoodSpec:
 
 
 @dataclass
+class LayerSpec:
+    """One stochastic layer z_l of ``model.latents``: its dimension, the MLP of its conditional prior
+    p(z_l | z_{l+1}) (``hidden``, ``activation``; null for the top layer, whose prior is ``model.prior``), and
+    ``kl_weight``, the factor on train.beta (and its warm-up) for this layer's sites."""
+
+    dim: int = field(default=4, metadata=accepts(1))
+    hidden: Union[list[int], None] = field(default=None, metadata=accepts(1))
+    activation: str = field(default="relu", metadata=accepts(choices=ACTIVATIONS))
+    kl_weight: float = field(default=1.0, metadata=accepts(0))
+
+
+@dataclass
 class ModelSpec:
     latent_dim: int = field(default=4, metadata=accepts(1))
     encoder: NetworkSpec = field(default_factory=NetworkSpec)
@@ -121,6 +134,9 @@ class ModelSpec:
     prior: PriorSpec = field(default_factory=PriorSpec)
     guide: GuideSpec = field(default_factory=GuideSpec)
     likelihood: LikelihoodSpec = field(default_factory=LikelihoodSpec)
+    # stochastic layers top-down z_L, …, z_1 (pyro_vae.hierarchy); empty: the one layer z of latent_dim
+    latents: list[LayerSpec] = field(default_factory=list)
+    guide_structure: str = field(default="bottom-up", metadata=accepts(choices=("bottom-up", "ladder")))
 
 
 @dataclass
@@ -179,7 +195,7 @@ class Spec:
     @classmethod
     def from_dict(cls, raw: Any) -> "Spec":
         """Build and validate a spec from a (possibly partial) nested mapping."""
-        spec = _build(cls, raw if raw is not None else {}, "")
+        spec = _build(cls, _with_latent_dim(raw) if raw is not None else {}, "")
         _check_cross_field(spec)
         return spec
 
@@ -223,6 +239,8 @@ class Spec:
             key, value = parse_assignment(assignment)
             set_dotted(raw, key, value)
             explicit.append(key)
+        if "model.latents" in explicit and "model.latent_dim" not in explicit and raw["model"].get("latents"):
+            del raw["model"]["latent_dim"]  # z_1's dimension follows the new layers (_with_latent_dim)
         for prefix, kind in part_sections():
             section, current = section_at(raw, prefix), section_at(self, prefix)
             selector = part_selector(type(current))
@@ -487,6 +505,8 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
         raise UserInputError(f"'{key}' is {value!r}; accepted: {accepted}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
+        if isinstance(item_type, type) and dataclasses.is_dataclass(item_type):
+            return _build_list(item_type, value, key)
         example = "[200, 200]" if item_type is int else "[0.9, 0.999]"
         if isinstance(value, str) and "," in value:
             raise UserInputError(
@@ -530,6 +550,67 @@ def _coerce(value: Any, annotation: Any, key: str, meta: typing.Mapping) -> Any:
     raise TypeError(f"unsupported spec annotation {annotation!r} for {key}")
 
 
+def _build_list(item_type: type, value: Any, key: str) -> list:
+    """A list of sections (``model.latents``): each item built as its dataclass, named ``key[i]``."""
+    if not isinstance(value, list):
+        raise UserInputError(f"'{key}' must be a list of mappings with keys {', '.join(_field_names(item_type))}")
+    return [_build(item_type, item, f"{key}[{i}].") for i, item in enumerate(value)]
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _with_latent_dim(raw: Any) -> Any:
+    """``raw`` with ``model.latent_dim`` set to the bottom layer's ``dim`` where ``model.latents`` is given
+    without it."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or "latent_dim" in model:
+        return raw
+    latents = model.get("latents")
+    if not (isinstance(latents, list) and latents and isinstance(latents[-1], dict) and "dim" in latents[-1]):
+        return raw
+    return {**raw, "model": {**model, "latent_dim": latents[-1]["dim"]}}
+
+
+def _check_latents(model: ModelSpec) -> None:
+    """``model.latents``: two layers or more, the top one without a network, each lower one with one, z_1's
+    dimension ``model.latent_dim``; ``ladder`` needs a diagonal-normal guide."""
+    layers = model.latents
+    if not layers:
+        return
+    if len(layers) < 2:
+        raise UserInputError(
+            "'model.latents' lists one layer; accepted: [] (the one layer z of model.latent_dim) or two layers "
+            "or more, top-down, e.g. [{dim: 50}, {dim: 100, hidden: [100, 100]}]"
+        )
+    if layers[0].hidden is not None:
+        raise UserInputError(
+            "'model.latents[0].hidden' is set, but the top layer's prior is model.prior; accepted: null"
+        )
+    for i, layer in enumerate(layers[1:], start=1):
+        if layer.hidden is None:
+            raise UserInputError(
+                f"'model.latents[{i}].hidden' is missing: the hidden widths of the network of "
+                f"p(z_{len(layers) - i} | z_{len(layers) - i + 1}), e.g. [100, 100] ([] for a linear map)"
+            )
+    if model.latent_dim != layers[-1].dim:
+        raise UserInputError(
+            f"'model.latent_dim' is {model.latent_dim} but the bottom layer z_1 (model.latents[{len(layers) - 1}]."
+            f"dim) is {layers[-1].dim}; accepted: equal values (leave latent_dim out to take z_1's)"
+        )
+    if model.guide_structure == "ladder" and model.guide.type != "diagonal-normal":
+        raise UserInputError(
+            f"'model.guide.type' is {model.guide.type!r}; a ladder guide merges Gaussian estimates by precision, "
+            "accepted: diagonal-normal"
+        )
+    if model.prior.type == "vamp":
+        raise UserInputError(
+            "'model.prior.type' vamp is not available with model.latents (its components are q(z_L | u), which "
+            "a layered guide does not give in closed form); accepted: the other priors"
+        )
+
+
 def _check_range(value: float, key: str, meta: typing.Mapping) -> float:
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("open_low") and value == low)):
@@ -544,6 +625,12 @@ def _check_range(value: float, key: str, meta: typing.Mapping) -> float:
 def _check_cross_field(spec: Spec) -> None:
     """Constraints that involve more than one key."""
     model = spec.model
+    _check_latents(model)
+    if spec.inference.estimator == "dreg" and len({layer.kl_weight for layer in model.latents}) > 1:
+        raise UserInputError(
+            "'model.latents[*].kl_weight' differ, but dreg's path weights take one KL weight for every layer; "
+            "accepted with dreg: equal kl_weight on every layer"
+        )
     for prefix, _ in part_sections():
         check = getattr(section_at(spec, prefix).options, "check", None)
         if check is not None:

@@ -36,7 +36,8 @@ import pyro
 import torch
 
 from pyro_vae.evaluation import diagnostics
-from pyro_vae.infer.log_weights import LogWeights, log_weights
+from pyro_vae.hierarchy import HierarchicalVAE
+from pyro_vae.infer.log_weights import LogWeights, closed_form_allowed, log_weights
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -136,14 +137,21 @@ def evaluate(
     vae.eval()
     names = ("elbo", "reconstruction", "kl_sampled", "kl", "ll", "ess", "khat")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    layers: dict[str, list[torch.Tensor]] = {}
+    layer_closed: dict[str, bool] = {}
     closed_form = True
     with pyro.validation_enabled(False):  # z is drawn from q: no support checks of the K × B draws
         for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb)):
             columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "log_lik", "kl_sampled", "kl")}
+            site_kl: dict[str, list[torch.Tensor]] = {}
             for sites in chunk_sites(vae, data[start:stop], blocks):
                 log_w = sites.log_w
-                kl, closed = sites.kl()
+                terms, closed = sites.kl_terms()
+                kl = sum(terms.values(), log_w.new_zeros(()))
                 closed_form = closed_form and all(closed.values())
+                for name, term in terms.items():
+                    site_kl.setdefault(name, []).append(term.expand(log_w.shape))
+                    layer_closed[name] = layer_closed.get(name, True) and closed.get(name, False)
                 columns["log_w"].append(log_w)
                 columns["log_lik"].append(sites.log_likelihood.expand(log_w.shape))
                 columns["kl_sampled"].append((sites.log_guide - sites.log_prior).expand(log_w.shape))
@@ -153,6 +161,8 @@ def evaluate(
             parts["reconstruction"].append(log_lik.mean(0))
             parts["kl_sampled"].append(kl_sampled.mean(0))
             parts["kl"].append(kl.mean(0))
+            for name, chunks in site_kl.items():
+                layers.setdefault(name, []).append(torch.cat(chunks).mean(0))
             parts["ll"].append(torch.logsumexp(log_w, 0) - math.log(num_samples))
             parts["ess"].append(diagnostics.effective_sample_fraction(log_w))
             parts["khat"].append(diagnostics.pareto_k(log_w).to(log_w.device))
@@ -175,6 +185,11 @@ def evaluate(
         "units": "nats per example",
         **diagnostics.summarize(values["ess"], values["khat"], num_samples),
     }
+    if len(layers) > 1:
+        summary["layers"] = {
+            name: {"kl": torch.cat(v).double().mean().item(), "kl_closed_form": layer_closed[name]}
+            for name, v in layers.items()
+        }
     if per_example:
         summary["per_example"] = {"elbo": values["elbo"].cpu(), "log_likelihood": values["ll"].cpu()}
     return summary
@@ -217,17 +232,37 @@ def _test_elbo(vae: VAE, data: torch.Tensor, num_samples: int, memory_mb: float)
 
 
 def kl_note(vae: VAE, x: torch.Tensor) -> str | None:
-    """Which latent sites' KL(q ‖ p) has no closed form (so ``meanfield`` samples it), as one line; None if all do."""
+    """Which latent sites' KL(q ‖ p) ``meanfield`` samples, and why, as one line; None if all are closed-form.
+
+    A site is sampled when its pair has no registered closed form, or when the
+    guide draws it before a layer its prior depends on (a bottom-up guide:
+    :func:`pyro_vae.infer.log_weights.closed_form_allowed`).
+    """
     with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
         sites = log_weights(vae.model, vae.guide, x[:2], num_particles=1)
         _, closed = sites.kl()
     sampled = [name for name, has in closed.items() if not has]
     if not sampled:
         return None
-    pairs = ", ".join(f"{name}: KL({_name(sites.guide[name].fn)} ‖ {_name(sites.model[name].fn)})" for name in sampled)
+    allowed = closed_form_allowed(sites.model, sites.guide)
+    ordered = [name for name in sampled if not allowed[name]]
+    unregistered = [name for name in sampled if allowed[name]]
+    notes = []
+    if unregistered:
+        pairs = ", ".join(
+            f"{name}: KL({_name(sites.guide[name].fn)} ‖ {_name(sites.model[name].fn)})" for name in unregistered
+        )
+        notes.append(f"{pairs} has no closed form")
+    if ordered:
+        notes.append(
+            f"{', '.join(ordered)}: the guide draws it before a layer its prior depends on, where a closed form "
+            f"would be biased"
+        )
+    exact = [name for name, has in closed.items() if has]
+    tail = f"; closed-form: {', '.join(exact)}" if exact and len(closed) > 1 else ""
     return (
-        f"meanfield: {pairs} has no closed form; that term is estimated by sampling "
-        f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)"
+        f"meanfield: {'; '.join(notes)}; that term is estimated by sampling "
+        f"log q(z|x) − log p(z) at z ~ q (unbiased, higher variance){tail}"
     )
 
 
@@ -243,3 +278,21 @@ def active_units(vae: VAE, data: torch.Tensor, batch_size: int = 1024, threshold
     """Latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z|x]) > 0.01 (Burda et al. 2016)."""
     means = torch.cat([vae.encode(data[i : i + batch_size])[0] for i in range(0, data.shape[0], batch_size)])
     return int((means.var(0) > threshold).sum())
+
+
+@torch.no_grad()
+def layer_active_units(
+    vae: VAE, data: torch.Tensor, batch_size: int = 1024, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> dict[str, dict[str, int]]:
+    """Per latent site, ``{"active_units": A, "dim": d}``: Cov_x(E_q[z_l|x]) > 0.01 per unit of each layer.
+
+    A one-layer VAE has the one site ``z`` (:func:`active_units`); a layered one
+    takes E_q[z_l | x] from :meth:`~pyro_vae.hierarchy.HierarchicalVAE.layer_means`.
+    """
+    if not isinstance(vae, HierarchicalVAE):
+        return {"z": {"active_units": active_units(vae, data, batch_size, threshold), "dim": vae.latent_dim}}
+    chunks = [vae.layer_means(data[i : i + batch_size]) for i in range(0, data.shape[0], batch_size)]
+    return {
+        name: {"active_units": int((torch.cat([c[name] for c in chunks]).var(0) > threshold).sum()), "dim": dim}
+        for name, dim in zip(vae.sites, vae.dims)
+    }

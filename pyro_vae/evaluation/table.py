@@ -58,6 +58,7 @@ COLUMNS = (
     "vs_reference_stderr",
     "active_units",
     "latent_dim",
+    "active_units_per_layer",
     "seconds_per_epoch",
     "num_samples",
 )
@@ -123,8 +124,7 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
         "test_elbo": at_epoch.get("test_elbo", float("nan")),
         "log_likelihood": result["log_likelihood"],
         "log_likelihood_stderr": result["log_likelihood_stderr"],
-        "active_units": evaluation.active_units(vae, data.test),
-        "latent_dim": spec.model.latent_dim,
+        **active_columns(evaluation.layer_active_units(vae, data.test)),
         "seconds_per_epoch": (sum(m["seconds"] for m in metrics) / len(metrics)) if metrics else float("nan"),
         "num_samples": num_samples,
         "eval_seconds": time.perf_counter() - started,
@@ -133,6 +133,17 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
     }
     save_row(cache, _stamp(path), row)
     return row
+
+
+def active_columns(units: dict[str, dict[str, int]]) -> dict:
+    """``active_units`` and ``latent_dim`` summed over the latent sites, and, with several sites,
+    ``active_units_per_layer`` as ``z2 3/50, z1 40/100`` (top-down)."""
+    per_layer = ", ".join(f"{name} {u['active_units']}/{u['dim']}" for name, u in units.items())
+    return {
+        "active_units": sum(u["active_units"] for u in units.values()),
+        "latent_dim": sum(u["dim"] for u in units.values()),
+        "active_units_per_layer": per_layer if len(units) > 1 else "",
+    }
 
 
 def paired(row: dict, reference: dict) -> tuple[float, float] | str:
@@ -200,7 +211,8 @@ def markdown(rows: list[dict], reference: Path | None) -> str:
         if reference is not None:
             vs = r["vs_reference"]
             cells.append(f"{vs:+.2f} ± {r['vs_reference_stderr']:.2f}" if isinstance(vs, float) else f"{vs}")
-        cells += [f"{r['active_units']} / {r['latent_dim']}", str(r["epochs"]), _cell(r["seconds_per_epoch"], 1)]
+        units = r.get("active_units_per_layer") or f"{r['active_units']} / {r['latent_dim']}"
+        cells += [units, str(r["epochs"]), _cell(r["seconds_per_epoch"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     k = rows[0]["num_samples"] if rows else 0
     return (

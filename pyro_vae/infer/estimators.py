@@ -4,7 +4,7 @@ r"""ELBO estimators: Pyro's own, plus the importance-weighted family done right.
 name               estimator (K = ``inference.num_particles``)           class
 =================  ====================================================  ==========================
 ``trace``          ELBO, KL sampled                                      ``pyro.infer.Trace_ELBO``
-``meanfield``      ELBO, KL in closed form where registered              ``TraceMeanField_ELBO``
+``meanfield``      ELBO, KL closed-form where registered and unbiased    :class:`MeanField_ELBO`
 ``tracegraph``     ELBO, Rao-Blackwellized score terms                   ``TraceGraph_ELBO``
 ``tail-adaptive``  tail-adaptive f-divergence gradient (K > 1)           :class:`TailAdaptive_ELBO`
 ``iwae``           importance-weighted bound, α = 0                      :class:`IWAE_ELBO`
@@ -66,14 +66,22 @@ that log w (IWAE's log (1/K) Σ_k w_k, Rényi's power mean, ...). Reparameterize
 gradients of those bounds need nothing else; DReG's removal of the score term
 does (its weight above), and reads β from the guide site's own scale.
 
-Both tricks treat each guide site's distribution as a function of φ only; a
-guide whose site depends on an *earlier latent site* (a hierarchical guide)
-would lose that path too. The package's guides have one latent site "z".
+With one guide site, both tricks detach that site's distribution from φ. A
+guide whose site depends on an *earlier latent site* (the layered guides of
+:mod:`pyro_vae.hierarchy`, q(z_2 | z_1)) must keep the path through z_1 into
+q(z_2 | z_1): there log q is the guide replayed on its own draws with its
+parameters detached (:func:`pyro_vae.infer.log_weights.path_trace`), so every
+site's log q has the path derivatives through all draws and none through φ
+directly. DReG's weight c_k multiplies the gradient into every layer's value.
 
 Closed-form KL (``meanfield``)
 ------------------------------
-``TraceMeanField_ELBO`` uses ``kl_divergence(q, p)`` where a pair is registered
-and silently samples that site's KL otherwise. Registered in torch 2.x /
+:class:`MeanField_ELBO` (Pyro's ``TraceMeanField_ELBO``) uses ``kl_divergence(q, p)``
+where a pair is registered and samples that site's KL otherwise; with stochastic
+layers, a site whose prior depends on a layer the guide draws after it (a
+bottom-up guide's z_1) is sampled too, since the closed form at that draw is
+biased (:func:`pyro_vae.infer.log_weights.closed_form_allowed`); the run's log
+names the sampled and closed-form sites. Registered in torch 2.x /
 Pyro 1.9 for guide → prior: diagonal Normal → diagonal Normal or
 MultivariateNormal; MultivariateNormal or LowRankMultivariateNormal →
 MultivariateNormal or LowRankMultivariateNormal. Not registered (sampled):
@@ -96,6 +104,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
@@ -238,7 +247,10 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
                 raise NotImplementedError(
                     f"{type(self).__name__} needs a reparameterized guide; site {site['name']!r} has none"
                 )
-        sites = weights.from_traces(model_trace, guide_trace, self.path_derivative)
+        detached = None
+        if self.path_derivative and len(weights.latent_sites(guide_trace)) > 1:
+            detached = weights.path_trace(guide, guide_trace, args, kwargs, self.num_particles, -self.particle_dim - 1)
+        sites = weights.from_traces(model_trace, guide_trace, self.path_derivative, detached)
         log_q = sites.log_q
         if late_scale is not None:
             log_q = late_scale(log_q)
@@ -513,9 +525,44 @@ def trace_estimator(spec: InferenceSpec) -> ELBO:
     return Trace_ELBO(**_pyro_options(spec))
 
 
+class MeanField_ELBO(TraceMeanField_ELBO):
+    """Pyro's ``TraceMeanField_ELBO`` with a closed-form KL only where it is unbiased.
+
+    Where the guide draws some site before a site that the model draws earlier
+    (a bottom-up guide of stochastic layers: z_1, then z_2 ~ q(z_2 | z_1), while
+    p(z_1 | z_2) depends on z_2), KL(q_s ‖ p_s) at the drawn parents is biased
+    (:func:`pyro_vae.infer.log_weights.closed_form_allowed`); those sites take
+    the sampled log p_s − log q_s, the others the closed form where registered.
+    When every site allows it, this is ``TraceMeanField_ELBO`` itself.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # Trace_ELBO's traces: the per-site rule replaces TraceMeanField_ELBO's whole-program order warning
+        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        allowed = weights.closed_form_allowed(weights.latent_sites(model_trace), weights.latent_sites(guide_trace))
+        if all(allowed.values()):
+            return super()._differentiable_loss_particle(model_trace, guide_trace)
+        elbo = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                elbo = elbo + site["log_prob_sum"]
+                continue
+            q = guide_trace.nodes[name]
+            exact = weights.closed_kl(q["fn"], site["fn"]) if allowed[name] else None
+            if exact is None:
+                elbo = elbo + site["log_prob_sum"] - q["score_parts"].entropy_term.sum()
+            else:
+                elbo = elbo - scale_and_mask(exact, scale=q["scale"], mask=q["mask"]).sum()
+        return -(elbo.detach() if torch._C._get_tracing_state() else torch_item(elbo)), -elbo  # as Pyro's own
+
+
 @registry.register("estimator", "meanfield")
 def meanfield_estimator(spec: InferenceSpec) -> ELBO:
-    return TraceMeanField_ELBO(**_pyro_options(spec))
+    return MeanField_ELBO(**_pyro_options(spec))
 
 
 @registry.register("estimator", "tracegraph")

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterable, cast
 
 import pyro
 import torch
@@ -46,6 +46,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match
+from torch import nn
 from torch.distributions import kl_divergence
 
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -130,29 +131,64 @@ class LogWeights:
         return _total(site.unweighted() for site in self.guide.values())
 
     def kl(self) -> tuple[torch.Tensor, dict[str, bool]]:
-        """KL(q ‖ p) summed over the latent sites, (K, B), and which sites had a closed form.
+        """KL(q ‖ p) summed over the latent sites, (K, B), and which sites had a closed form (:meth:`kl_terms`)."""
+        terms, closed = self.kl_terms()
+        return _total(terms.values()), closed
 
-        A site whose pair (q_s, p_s) has a registered ``kl_divergence`` takes it
-        (evaluated at the particle's draws of the sites p_s depends on); any
-        other takes the sampled log q_s − log p_s of the same draws.
+    def kl_terms(self) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+        """Each guide site's KL(q_s ‖ p_s), broadcastable against (K, B), and which had a closed form.
+
+        A site takes the registered ``kl_divergence`` of its pair (q_s, p_s),
+        evaluated at the particle's draws of the sites p_s depends on, only
+        where that is unbiased (:func:`closed_form_allowed`: the guide drew every
+        latent site the model draws before s, before s); any other takes the
+        sampled log q_s − log p_s of the same draws.
         """
-        terms, closed = [], {}
+        allowed = closed_form_allowed(self.model, self.guide)
+        terms, closed = {}, {}
         for name, q in self.guide.items():
             p = self.model.get(name)
             if p is None:
-                terms.append(q.unweighted())
+                terms[name] = q.unweighted()
                 continue
-            try:
-                exact = kl_divergence(q.fn, p.fn)
-            except NotImplementedError:
-                exact = None
+            exact = closed_kl(q.fn, p.fn) if allowed[name] else None
             closed[name] = exact is not None
             if exact is None:
-                terms.append(q.unweighted() - p.unweighted())
+                terms[name] = q.unweighted() - p.unweighted()
             else:
                 exact = scale_and_mask(exact, 1.0, q.mask)
-                terms.append(exact.sum(q.dims, keepdim=True) if q.dims else exact)
-        return _total(terms), closed
+                terms[name] = exact.sum(q.dims, keepdim=True) if q.dims else exact
+        return terms, closed
+
+
+def closed_kl(q: torch.distributions.Distribution, p: torch.distributions.Distribution) -> torch.Tensor | None:
+    """``kl_divergence(q, p)`` where the pair is registered, else None."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return None
+
+
+def closed_form_allowed(model: Iterable[str], guide: Iterable[str]) -> dict[str, bool]:
+    """Per guide site s: may KL(q_s ‖ p_s) be taken in closed form without bias?
+
+    The closed form at the particle's draws of s's parents is unbiased when
+    those draws do not depend on z_s: when the guide draws every latent site
+    that the model draws before s (its possible parents) before s, as a
+    top-down or ladder guide does. A bottom-up guide draws z_1 first and z_2
+    from q(z_2 | z_1), so KL(q(z_1|x) ‖ p(z_1|z_2)) is not (it is sampled).
+    ``model``, ``guide``: the latent site names in the order each program drew them
+    (observed names in ``model`` are ignored when absent from ``guide``).
+    """
+    order = {name: i for i, name in enumerate(guide)}
+    earlier: list[str] = []
+    allowed = {}
+    for name in model:
+        if name not in order:
+            continue
+        allowed[name] = all(order[parent] < order[name] for parent in earlier)
+        earlier.append(name)
+    return {name: allowed.get(name, True) for name in order}
 
 
 def _site_log_prob(site: dict, path_derivative: bool) -> torch.Tensor:
@@ -202,12 +238,58 @@ def traces(
     return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
 
-def from_traces(model_trace: poutine.Trace, guide_trace: poutine.Trace, path_derivative: bool = False) -> LogWeights:
+def latent_sites(trace: poutine.Trace) -> list[str]:
+    """The names of the trace's unobserved sample sites, in the order they were drawn."""
+    return [site["name"] for site in _sites(trace) if not site["is_observed"] and not site_is_subsample(site)]
+
+
+class _Call(nn.Module):
+    """A module whose forward is ``fn``, holding ``owner``: so ``functional_call`` can swap ``owner``'s parameters."""
+
+    def __init__(self, owner: nn.Module, fn: Callable):
+        super().__init__()
+        self.owner, self.fn = owner, fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def path_trace(
+    guide: Callable, guide_trace: poutine.Trace, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int
+) -> poutine.Trace:
+    """The guide replayed on ``guide_trace``'s draws with its module's parameters detached.
+
+    Its log q_s(z_s | parents) then has only path derivatives: through z_s and
+    through the earlier draws that q_s depends on (a layered guide's
+    q(z_2 | z_1)), none through φ directly — the STL/DReG guide term when a
+    guide site depends on another. ``guide`` must be a method of an ``nn.Module``.
+    """
+    owner = getattr(guide, "__self__", None)
+    if not isinstance(owner, nn.Module):
+        raise NotImplementedError(
+            "a path-derivative estimator on a guide with several latent sites needs the "
+            "guide to be a method of an nn.Module"
+        )
+    particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
+    tracer = poutine.trace(poutine.replay(particles(guide), trace=guide_trace))
+    detached = {f"owner.{name}": p.detach().requires_grad_(p.requires_grad) for name, p in owner.named_parameters()}
+    torch.func.functional_call(_Call(owner, tracer), detached, args, kwargs)
+    return prune_subsample_sites(tracer.trace)
+
+
+def from_traces(
+    model_trace: poutine.Trace,
+    guide_trace: poutine.Trace,
+    path_derivative: bool = False,
+    detached_trace: poutine.Trace | None = None,
+) -> LogWeights:
     """The :class:`LogWeights` of a (model, guide) trace pair.
 
     The plates every site shares set N/B (``scale``); each site's weight is its
     ``site["scale"]`` divided by N/B. ``path_derivative`` (STL, DReG): the
-    guide's latent sites keep only the path derivative of log q.
+    guide's latent sites keep only the path derivative of log q, from
+    ``detached_trace`` (:func:`path_trace`) where given (a guide with several
+    latent sites), else by the surrogate log q(z) − [log q(z.detach()) − log q(z.detach()).detach()].
     """
     model_sites, guide_sites = _sites(model_trace), _sites(guide_trace)
     shared = set.intersection(*(set(s["cond_indep_stack"]) for s in model_sites + guide_sites))
@@ -217,9 +299,14 @@ def from_traces(model_trace: poutine.Trace, guide_trace: poutine.Trace, path_der
         out = {}
         for site in sites:
             dims = tuple(f.dim for f in site["cond_indep_stack"] if f.vectorized and f not in shared)
+            path = stl and not site["is_observed"]
+            if path and detached_trace is not None:
+                log_prob = _site_log_prob(cast(dict, detached_trace.nodes[site["name"]]), False)
+            else:
+                log_prob = _site_log_prob(site, path)
             out[site["name"]] = Site(
                 site["name"],
-                _site_log_prob(site, stl and not site["is_observed"]),
+                log_prob,
                 site["scale"] / scale,
                 site["mask"],
                 dims,
@@ -250,4 +337,7 @@ def log_weights(
     shape (K, B); see :class:`LogWeights` for the rest.
     """
     model_trace, guide_trace = traces(model, guide, args, kwargs, num_particles, max_plate_nesting, scale_values)
-    return from_traces(model_trace, guide_trace, path_derivative)
+    detached = None
+    if path_derivative and len(latent_sites(guide_trace)) > 1:
+        detached = path_trace(guide, guide_trace, args, kwargs, num_particles, max_plate_nesting)
+    return from_traces(model_trace, guide_trace, path_derivative, detached)
