@@ -270,7 +270,8 @@ def recorded_plugins(run_dir: Path) -> list[str]:
 
 def read_model_inputs(run_dir: Path) -> dict | None:
     """What building the run's model needs besides its spec, as recorded in ``run.json`` at training time:
-    ``{"data_dim": int, "image_shape": (C, H, W) or None}``; None for a run without a usable record."""
+    ``{"data_dim": int, "image_shape": (C, H, W) or None, "num_classes": int or None}`` (``num_classes`` is
+    recorded for labelled data only); None for a run without a usable record."""
     try:
         info = json.loads((Path(run_dir) / RUN_INFO).read_text())
     except (OSError, ValueError):
@@ -278,7 +279,7 @@ def read_model_inputs(run_dir: Path) -> dict | None:
     record = info.get("model_inputs") if isinstance(info, dict) else None
     if not isinstance(record, dict):
         return None
-    data_dim, shape = record.get("data_dim"), record.get("image_shape")
+    data_dim, shape, classes = record.get("data_dim"), record.get("image_shape"), record.get("num_classes")
 
     def whole(value: object) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -287,7 +288,9 @@ def read_model_inputs(run_dir: Path) -> dict | None:
         shape is None or (isinstance(shape, list) and len(shape) == 3 and all(whole(size) for size in shape))
     ):
         return None
-    return {"data_dim": data_dim, "image_shape": None if shape is None else tuple(shape)}
+    if not (classes is None or whole(classes)):
+        return None
+    return {"data_dim": data_dim, "image_shape": None if shape is None else tuple(shape), "num_classes": classes}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

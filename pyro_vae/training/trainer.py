@@ -70,6 +70,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyro_vae import evaluation, progress, threads
+from pyro_vae.conditional import labels_for, program_kwargs
 from pyro_vae.config.spec import Spec, check_device_name
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
@@ -234,9 +235,9 @@ class Trainer:
     def build_model(self) -> None:
         """The VAE from the spec (the same on every rank), checked against free memory and the data's support."""
         pyro.clear_param_store()  # the one place: a new VAE's parameters replace any earlier ones there
-        self.vae = VAE.from_spec(self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train).to(
-            self.device
-        )
+        self.vae = VAE.from_spec(
+            self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train, self.data.num_classes
+        ).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         check_memory(self.vae, self.device)
         self.check_data()
@@ -248,7 +249,11 @@ class Trainer:
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = self.training_step(spec.inference.compile)
-        self.note = evaluation.kl_note(self.vae, self.data.test) if spec.inference.estimator == "meanfield" else None
+        self.note = (
+            evaluation.kl_note(self.vae, self.data.test, self.labels("test"))
+            if spec.inference.estimator == "meanfield"
+            else None
+        )
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
@@ -291,8 +296,11 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), pyro.validation_enabled(True):
-                x = self.data.training_batch(torch.arange(min(2, self.data.num_train), device=self.device))
-                estimators.bound(self.elbo, self.vae.model, self.vae.guide, x, num_data=self.data.num_train)
+                index = torch.arange(min(2, self.data.num_train), device=self.device)
+                x, y = self.data.training_batch(index), self.batch_labels(index)
+                estimators.bound(
+                    self.elbo, self.vae.model, self.vae.guide, x, num_data=self.data.num_train, **program_kwargs(y)
+                )
         except (RuntimeError, ValueError) as exc:
             if is_out_of_memory(exc):
                 raise
@@ -340,8 +348,9 @@ class Trainer:
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
 
     # -- the loop ---------------------------------------------------------------
-    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SVI step; returns the detached loss (−ELBO of the full training set) and max |gradient|.
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SVI step on ``x`` (and its labels ``y``, for a conditional VAE); returns the detached loss (−ELBO of
+        the full training set) and max |gradient|.
 
         Pyro's validation is on for the first ``VALIDATED_STEPS`` steps: a distribution
         refusing its parameters there (parameters already damaged) stops training like
@@ -355,7 +364,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 loss = self.loss_and_grads(
-                    x, self.data.num_train, beta
+                    x, self.data.num_train, beta, y
                 )  # pyro_vae.training.path_choice: eager, traced or compiled
             except ValueError as exc:
                 if not validate:
@@ -409,12 +418,22 @@ class Trainer:
             self.close_board()
         return self.progress.metrics
 
-    def minibatch(self, epoch: int, position: int) -> torch.Tensor:
-        """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh."""
+    def minibatch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh, and its
+        labels for a conditional VAE (else None)."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.data.num_train, self.spec.train.seed, epoch).to(self.device))
-        index = self._order[1][position * self.batch_size : (position + 1) * self.batch_size]
-        return self.data.training_batch(self.dist.shard(index))
+        index = self.dist.shard(self._order[1][position * self.batch_size : (position + 1) * self.batch_size])
+        return self.data.training_batch(index), self.batch_labels(index)
+
+    def batch_labels(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the training examples at ``index`` for a conditional VAE; None for an unconditional one."""
+        labels = labels_for(self.vae, self.data.train_labels)
+        return None if labels is None else labels[index]
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        """The labels of ``split`` (``test``, ``validation``) for a conditional VAE; None for an unconditional one."""
+        return labels_for(self.vae, self.data.labels(split))
 
     def run_steps(self, count: int, on_step: Callable[[int], None] | None = None) -> None:
         """``count`` steps from where training stands, through the epochs' data orders, with no epoch-end evaluation
@@ -427,7 +446,7 @@ class Trainer:
         for _ in range(count):
             if p.step_in_epoch == self.steps_per_epoch:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
-            loss, largest = self.step(self.minibatch(p.epoch, p.step_in_epoch))
+            loss, largest = self.step(*self.minibatch(p.epoch, p.step_in_epoch))
             p.step_in_epoch, p.global_step = p.step_in_epoch + 1, p.global_step + 1
             self.check_finite(loss.reshape(1), largest.reshape(1), first_step=p.step_in_epoch)
             if on_step is not None:
@@ -449,7 +468,7 @@ class Trainer:
         start = time.perf_counter()
         checked = p.step_in_epoch  # steps before it are known to be finite
         for step in range(p.step_in_epoch, self.steps_per_epoch):
-            losses[step], gradients[step] = self.step(self.minibatch(p.epoch, step))
+            losses[step], gradients[step] = self.step(*self.minibatch(p.epoch, step))
             p.step_in_epoch, p.global_step = step + 1, p.global_step + 1
             if (step + 1) % self.check_every == 0 or step + 1 == self.steps_per_epoch:
                 self.check_finite(losses[checked : step + 1], gradients[checked : step + 1], first_step=checked + 1)
@@ -500,11 +519,15 @@ class Trainer:
         seed = evaluation_seed(self.spec.train.seed, p.epoch)  # its own generator: training's is left as it was
         with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
             draws = self.spec.train.eval_num_samples
-            test = evaluation.test_elbo(self.vae, self.data.test, num_samples=draws, seed=seed)
+            test = evaluation.test_elbo(
+                self.vae, self.data.test, num_samples=draws, seed=seed, labels=self.labels("test")
+            )
             validation = (
                 None
                 if self.data.validation is None
-                else evaluation.test_elbo(self.vae, self.data.validation, num_samples=draws, seed=seed)["test_elbo"]
+                else evaluation.test_elbo(
+                    self.vae, self.data.validation, num_samples=draws, seed=seed, labels=self.labels("validation")
+                )["test_elbo"]
             )
         if not all(
             math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]
@@ -627,7 +650,7 @@ def _train(spec: Spec, run_dir: Path, force: bool, show_progress: bool) -> Train
     with runs.locked(run_dir) if trainer.dist.is_main else nullcontext():
         if trainer.dist.is_main:
             runs.check_new_run(run_dir, spec, force)  # again, now that no other command can write there
-            runs.prepare(run_dir, spec, force, model_inputs(trainer.data))
+            runs.prepare(run_dir, spec, force, model_inputs(trainer.data, trainer.vae))
         trainer.attach(run_dir)
         with runs.run_log(run_dir, trainer.dist.rank):
             if trainer.dist.enabled:
@@ -726,9 +749,11 @@ def _resume_locked(run_dir: Path, spec: Spec, epochs: int | None, show_progress:
     return trainer
 
 
-def model_inputs(data: Dataset) -> dict:
-    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into."""
-    return {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
+def model_inputs(data: Dataset, vae: VAE) -> dict:
+    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into
+    (``num_classes`` for a conditional ``vae`` only)."""
+    inputs = {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
+    return {**inputs, "num_classes": vae.num_classes} if vae.num_classes else inputs
 
 
 def _checked_state(run_dir: Path, device: str | None, which: str) -> tuple[Spec, dict, Path, torch.device]:
@@ -749,9 +774,10 @@ def _trained_vae(
     image_shape: tuple[int, int, int] | None,
     run_dir: Path,
     target: torch.device,
+    num_classes: int | None = None,
 ) -> VAE:
     """The VAE of ``spec`` with the checkpoint's parameters, on ``target``, in eval mode."""
-    vae = VAE.from_spec(spec.model, data_dim, image_shape)
+    vae = VAE.from_spec(spec.model, data_dim, image_shape, num_classes=num_classes)
     try:
         vae.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
@@ -783,7 +809,7 @@ def open_run(run_dir: Path, device: str | None = None, which: str = "best") -> L
     run_dir = Path(run_dir)
     spec, state, path, target = _checked_state(run_dir, device, which)
     data = load_dataset(spec.data, spec.train.seed).to(target)
-    vae = _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target)
+    vae = _trained_vae(spec, state, data.data_dim, data.image_shape, run_dir, target, data.num_classes)
     return LoadedRun(spec, vae, data, path, int(state["epoch"]))
 
 
@@ -807,6 +833,8 @@ def load_model(
     inputs = runs.read_model_inputs(run_dir)
     if inputs is None:
         data = load_dataset(spec.data, spec.train.seed)
-        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape}
-    vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run_dir, target)
+        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape, "num_classes": data.num_classes}
+    vae = _trained_vae(
+        spec, state, inputs["data_dim"], inputs["image_shape"], run_dir, target, inputs.get("num_classes")
+    )
     return spec, vae, inputs["image_shape"], path
