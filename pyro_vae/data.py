@@ -54,6 +54,7 @@ class Dataset:
 
     ``class_names[label]`` names a label where the dataset names its classes
     (Fashion-MNIST's garments); None where the labels are their own names (digits).
+    ``num_classes``: how many classes the labels index (labels are 0 … num_classes − 1), None without labels.
     """
 
     name: str
@@ -67,6 +68,8 @@ class Dataset:
     validation: torch.Tensor | None = None
     class_names: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()  # what loading used instead of what the spec asked (a size beyond the data)
+    num_classes: int | None = None
+    validation_labels: torch.Tensor | None = None
 
     @property
     def data_dim(self) -> int:
@@ -90,7 +93,8 @@ class Dataset:
         return torch.bernoulli(self.train.cpu(), generator=generator).to(self.train.device)
 
     def labels(self, name: str) -> torch.Tensor | None:
-        return self.train_labels if name == "train" else self.test_labels
+        """The labels of split ``name`` (``train``, ``test`` or ``validation``), in the split's order; None without."""
+        return {"train": self.train_labels, "validation": self.validation_labels}.get(name, self.test_labels)
 
     def training_batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training examples at ``index``, freshly binarized under ``dynamic``."""
@@ -106,6 +110,7 @@ class Dataset:
             train=self.train.to(device),
             test=self.test.to(device),
             validation=move(self.validation),
+            validation_labels=move(self.validation_labels),
             train_labels=move(self.train_labels),
             test_labels=move(self.test_labels),
         )
@@ -171,7 +176,7 @@ def evaluation_seed(spec: DataSpec) -> int | None:
 def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset:
     """Keep the published validation split, hold ``size`` training examples out by ``seed``, or none."""
     if size is None:
-        return replace(data, validation=None)
+        return replace(data, validation=None, validation_labels=None)
     if size == PUBLISHED:
         if data.validation is None:
             raise UserInputError(
@@ -187,7 +192,10 @@ def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset
     order = torch.randperm(data.num_train, generator=torch.Generator().manual_seed(seed))
     held, kept = order[:size].sort().values, order[size:].sort().values
     labels = None if data.train_labels is None else data.train_labels[kept]
-    return replace(data, train=data.train[kept], train_labels=labels, validation=data.train[held])
+    held_labels = None if data.train_labels is None else data.train_labels[held]
+    return replace(
+        data, train=data.train[kept], train_labels=labels, validation=data.train[held], validation_labels=held_labels
+    )
 
 
 def resolve_binarization(spec: DataSpec) -> str:
@@ -269,7 +277,7 @@ def digits(spec: DataSpec) -> Dataset:
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)
     train, test, train_labels, test_labels = _held_out(x, labels, spec.test_fraction)
-    return Dataset("digits", train, test, train_labels, test_labels, image_shape=(1, 8, 8))
+    return Dataset("digits", train, test, train_labels, test_labels, image_shape=(1, 8, 8), num_classes=10)
 
 
 def _torchvision(spec: DataSpec, cls_name: str, name: str) -> Dataset:
@@ -288,7 +296,15 @@ def _torchvision(spec: DataSpec, cls_name: str, name: str) -> Dataset:
             f"set data.root or ${DATA_ENV} to a torchvision root, or data.download: true on a machine with a network"
         ) from None
     train, test = (s.data.reshape(s.data.shape[0], -1).float() / 255.0 for s in splits)
-    return Dataset(name, train, test, splits[0].targets.clone(), splits[1].targets.clone(), image_shape=(1, 28, 28))
+    return Dataset(
+        name,
+        train,
+        test,
+        splits[0].targets.clone(),
+        splits[1].targets.clone(),
+        image_shape=(1, 28, 28),
+        num_classes=len(splits[0].classes),
+    )
 
 
 @registry.register("dataset", "mnist")
@@ -355,6 +371,36 @@ def linear_gaussian(spec: DataSpec) -> Dataset:
     return Dataset("linear-gaussian", train, test, exact=exact)
 
 
+def read_examples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A user's examples and their labels: a ``.npy`` or ``.pt`` array (no labels), or a ``.npz`` whose array ``x``
+    holds the examples and whose optional array ``labels`` holds one integer class 0, 1, … per example."""
+    if path.suffix != ".npz":
+        return read_array(path), None
+    if not path.exists():
+        raise UserInputError(f"data file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as exc:  # corrupt files raise many types; report them as one line
+        raise UserInputError(f"cannot read data file '{path}': {one_line(exc, 200)}") from None
+    if "x" not in arrays:
+        raise UserInputError(
+            f"data file '{path}' has arrays {sorted(arrays)}; a .npz needs 'x' (and may have 'labels')"
+        )
+    x = checked_array(torch.from_numpy(arrays["x"]), path)
+    return x, None if "labels" not in arrays else checked_labels(arrays["labels"], x.shape[0], path)
+
+
+def checked_labels(labels: np.ndarray, count: int, path: Path) -> torch.Tensor:
+    """The ``labels`` array of a ``.npz``: ``count`` integers ≥ 0, as a long tensor."""
+    if labels.shape != (count,) or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise UserInputError(
+            f"data file '{path}': 'labels' must hold {count} integer classes ≥ 0, one per example of 'x'; "
+            f"got {labels.dtype} of shape {labels.shape}"
+        )
+    return torch.from_numpy(labels.astype(np.int64))
+
+
 def read_array(path: Path) -> torch.Tensor:
     """A user's ``.npy`` or ``.pt`` array as float32 (N, ...)."""
     if not path.exists():
@@ -365,11 +411,16 @@ def read_array(path: Path) -> torch.Tensor:
         elif path.suffix == ".pt":
             array = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise UserInputError(f"data file '{path}' must be .npy or .pt")
+            raise UserInputError(f"data file '{path}' must be .npy, .pt or .npz")
     except UserInputError:
         raise
     except Exception as exc:  # corrupt files raise many types; report them as one line
         raise UserInputError(f"cannot read data file '{path}': {one_line(exc, 200)}") from None
+    return checked_array(array, path)
+
+
+def checked_array(array: object, path: Path) -> torch.Tensor:
+    """A user's array of examples, (N, ...) with N ≥ 1 and numbers, as float32."""
     if not isinstance(array, torch.Tensor) or array.dim() < 2 or array.dtype.is_complex:
         raise UserInputError(
             f"data file '{path}' must hold one numeric array of shape (N, D) or (N, H, W) or (N, C, H, W)"
@@ -393,18 +444,29 @@ def _image_shape(array: torch.Tensor) -> tuple[int, int, int] | None:
 
 @registry.register("dataset", "file")
 def user_file(spec: DataSpec) -> Dataset:
-    """A user's array from ``data.path``; test from ``data.test_path`` or a held-out fraction."""
+    """A user's array from ``data.path``; test from ``data.test_path`` or a held-out fraction.
+
+    A ``.npz`` with a ``labels`` array gives labelled data (both files' labels, when there are two);
+    the classes are 0 … the largest label.
+    """
     assert spec.path is not None  # the spec check requires data.path for data.name file
-    x = read_array(Path(spec.path))
+    x, labels = read_examples(Path(spec.path))
     shape = _image_shape(x)
     flat = x.reshape(x.shape[0], -1)
-    if spec.test_path is not None:
-        test = read_array(Path(spec.test_path))
-        if test.shape[1:] != x.shape[1:]:
+    if spec.test_path is None:
+        train, test, train_labels, test_labels = _held_out(flat, labels, spec.test_fraction)
+    else:
+        held, test_labels = read_examples(Path(spec.test_path))
+        if held.shape[1:] != x.shape[1:]:
             raise UserInputError(
-                f"data.test_path '{spec.test_path}' has examples of shape {tuple(test.shape[1:])}, "
+                f"data.test_path '{spec.test_path}' has examples of shape {tuple(held.shape[1:])}, "
                 f"data.path has {tuple(x.shape[1:])}"
             )
-        return Dataset("file", flat, test.reshape(test.shape[0], -1), image_shape=shape)
-    train, test, _, _ = _held_out(flat, None, spec.test_fraction)
-    return Dataset("file", train, test, image_shape=shape)
+        if (labels is None) != (test_labels is None):
+            raise UserInputError(
+                f"data.path '{spec.path}' and data.test_path '{spec.test_path}': labels in one file only; "
+                f"give both a 'labels' array or neither"
+            )
+        train, test, train_labels = flat, held.reshape(held.shape[0], -1), labels
+    classes = None if labels is None else int(max(train_labels.max(), test_labels.max())) + 1
+    return Dataset("file", train, test, train_labels, test_labels, image_shape=shape, num_classes=classes)

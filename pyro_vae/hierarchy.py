@@ -34,6 +34,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn.functional import softplus
 
+from pyro_vae.conditional import check_label_argument
 from pyro_vae.config.spec import LayerSpec, ModelSpec
 from pyro_vae.model import VAE
 from pyro_vae.parts import contracts, distributions
@@ -124,8 +125,12 @@ class HierarchicalVAE(VAE):
         guide_head: contracts.Guide,
         prior: contracts.Prior,
         likelihood: contracts.Likelihood,
+        num_classes: int = 0,
     ) -> "HierarchicalVAE":
-        """The layered VAE of the one-layer parts (:meth:`VAE.from_spec`, the prior on z_L) and ``spec.latents``."""
+        """The layered VAE of the one-layer parts (:meth:`VAE.from_spec`, the prior on z_L) and ``spec.latents``.
+
+        ``num_classes`` is always 0 here: the spec refuses ``model.condition: label`` with ``model.latents``.
+        """
         layers, structure = spec.latents, spec.guide_structure
         return cls(encoder, decoder, guide_head, prior, likelihood, layers, structure, spec.guide.min_scale)
 
@@ -150,8 +155,11 @@ class HierarchicalVAE(VAE):
             if self.structure == "ladder":
                 pyro.module("estimates", self.estimates)
 
-    def model(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
+    def model(
+        self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """p(z_L) Π_l p(z_l | z_{l+1}) p_θ(x | z_1) over the plate, each layer's sites weighted by its β_l."""
+        check_label_argument(0, y)  # a layered VAE is unconditional
         self.register(("model",))
         with self._plate(x, num_data):
             with self._scaled(kl_weight, 0):
@@ -161,8 +169,11 @@ class HierarchicalVAE(VAE):
                     z = pyro.sample(self.sites[layer], conditional(z))
             return pyro.sample("x", self.likelihood_distribution(z), obs=x)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
+    def guide(
+        self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q(z_1 | x) q(z_2 | z_1) … (``bottom-up``) or the ladder's top-down q, over the same plate and β_l."""
+        check_label_argument(0, y)  # a layered VAE is unconditional
         self.register(("guide",))
         with self._plate(x, num_data):
             if self.structure == "bottom-up":
@@ -208,13 +219,15 @@ class HierarchicalVAE(VAE):
         return {name: cast(dist.TorchDistribution, trace.nodes[name]["fn"]).mean.mean(0) for name in self.sites}
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of z_1's guide: q(z_1|x) (``bottom-up``), the ladder's bottom-up estimate."""
+        check_label_argument(0, y)  # a layered VAE is unconditional
         return self.guide_head.moments(self.encoder(x))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """E[x | z_1 = E_q[z_1 | x]] (:meth:`layer_means`)."""
+        check_label_argument(0, y)  # a layered VAE is unconditional
         return self.likelihood.mean(self.decoder(self.layer_means(x)[self.sites[-1]]))
 
     @torch.no_grad()
@@ -226,8 +239,9 @@ class HierarchicalVAE(VAE):
         return z
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
+    def sample(self, n: int, mean: bool = True, y: torch.Tensor | None = None) -> torch.Tensor:
         """n ancestral draws through the layers, then E[x | z_1] (``mean=True``) or x ~ p(x | z_1)."""
+        check_label_argument(0, y)  # a layered VAE is unconditional
         out = self.decoder(self.sample_layers(n)[-1])
         return self.likelihood.mean(out) if mean else self.likelihood(out).sample()
 

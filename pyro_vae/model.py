@@ -24,6 +24,10 @@ E_q[log p(x|z)] − β KL, the β-VAE. Both programs register their modules with
 ``pyro.module`` on every call, as Pyro's own examples do, so ``SVI`` with a
 ``pyro.optim`` optimizer finds the parameters in the param store; the
 package's trainer steps ``torch.optim`` over ``vae.parameters()`` instead.
+
+Under ``model.condition: label`` both programs also take ``y``, the labels
+(B,), and the prior, decoder and guide take the one-hot label
+(:mod:`pyro_vae.conditional`); an unconditional VAE's programs take no ``y``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_vae import conditional
 from pyro_vae.config.spec import ModelSpec
 from pyro_vae.errors import UserInputError
 from pyro_vae.parts import contracts
@@ -52,11 +57,13 @@ class VAE(nn.Module):
         prior: contracts.Prior,
         likelihood: contracts.Likelihood,
         latent_dim: int,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.guide_head, self.prior, self.likelihood = guide_head, prior, likelihood
         self.latent_dim = latent_dim
+        self.num_classes = num_classes  # K of a conditional VAE (the one-hot label's width); 0: unconditional
 
     @classmethod
     def from_spec(
@@ -65,6 +72,7 @@ class VAE(nn.Module):
         data_dim: int,
         image_shape: tuple[int, int, int] | None = None,
         train: torch.Tensor | None = None,
+        num_classes: int | None = None,
     ) -> "VAE":
         """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.parts.contracts`).
 
@@ -80,31 +88,41 @@ class VAE(nn.Module):
 
         With ``model.latents`` the result is a :class:`pyro_vae.hierarchy.HierarchicalVAE`: these parts
         sit on z_1 (``spec.latent_dim``) and the prior is that of the top layer.
+
+        ``num_classes``, the data's number of classes, is needed under
+        ``model.condition: label``: the decoder then takes [z, e_y], the guide
+        head [features, e_y], and the prior is :class:`pyro_vae.conditional.ConditionalNormal`.
         """
         if spec.latents and cls is VAE:
             from pyro_vae.hierarchy import HierarchicalVAE  # the layered VAE subclasses this one
 
             return HierarchicalVAE.from_spec(spec, data_dim, image_shape, train)
         d = spec.latent_dim
-        top = spec.latents[0].dim if spec.latents else d
+        top = spec.latents[0].dim if spec.latents else d  # the prior's layer: z_L (z_1 = z for one layer)
+        k = conditional.label_width(spec.condition, num_classes)
         data_range = (0.0, 1.0) if train is None else (float(train.min()), float(train.max()))
         encoder = contracts.build("encoder", spec.encoder.type, spec.encoder, "encoder", data_dim, None, image_shape)
         features = contracts.probe_encoder(spec.encoder.type, encoder, data_dim)
-        decoder = contracts.build("decoder", spec.decoder.type, spec.decoder, "decoder", d, data_dim, image_shape)
-        output = contracts.probe_decoder(spec.decoder.type, decoder, d, data_dim)
-        guide_head = contracts.build("guide", spec.guide.type, spec.guide, encoder.output_dim, d)
-        contracts.probe_guide(spec.guide.type, guide_head, features, d)
-        prior = contracts.build(
-            "prior",
-            spec.prior.type,
-            spec.prior,
-            top,
-            data_dim=data_dim,
-            encoder=encoder,
-            guide=guide_head,
-            data_range=data_range,
+        decoder = contracts.build("decoder", spec.decoder.type, spec.decoder, "decoder", d + k, data_dim, image_shape)
+        output = contracts.probe_decoder(spec.decoder.type, decoder, d + k, data_dim)
+        guide_head = contracts.build("guide", spec.guide.type, spec.guide, encoder.output_dim + k, d)
+        contracts.probe_guide(spec.guide.type, guide_head, conditional.padded(features, k), d)
+        prior = (
+            conditional.ConditionalNormal(k, d)
+            if k
+            else contracts.build(
+                "prior",
+                spec.prior.type,
+                spec.prior,
+                top,
+                data_dim=data_dim,
+                encoder=encoder,
+                guide=guide_head,
+                data_range=data_range,
+            )
         )
-        contracts.probe_prior(spec.prior.type, prior, top)
+        if not k:
+            contracts.probe_prior(spec.prior.type, prior, top)
         likelihood = contracts.build("likelihood", spec.likelihood.type, spec.likelihood, data_dim)
         contracts.probe_likelihood(spec.likelihood.type, likelihood, output, data_dim)
         with torch.no_grad():
@@ -112,7 +130,7 @@ class VAE(nn.Module):
                 decoder.output_bias.copy_(likelihood.output_for_mean(train.mean(0)))
             else:
                 decoder.output_bias.zero_()
-        return cls.assemble(spec, encoder, decoder, guide_head, prior, likelihood)
+        return cls.assemble(spec, encoder, decoder, guide_head, prior, likelihood, k)
 
     @classmethod
     def assemble(
@@ -123,22 +141,28 @@ class VAE(nn.Module):
         guide_head: contracts.Guide,
         prior: contracts.Prior,
         likelihood: contracts.Likelihood,
+        num_classes: int = 0,
     ) -> "VAE":
-        """The VAE of the built parts for ``spec``."""
-        return cls(encoder, decoder, guide_head, prior, likelihood, spec.latent_dim)
+        """The VAE of the built parts for ``spec`` (``num_classes``: the label's width of a conditional VAE)."""
+        return cls(encoder, decoder, guide_head, prior, likelihood, spec.latent_dim, num_classes)
 
     # -- the distributions, usable without Pyro's effect handlers ------------------
-    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """q_φ(z | x), batch shape (B,), event shape (d,)."""
-        return self.guide_head(self.encoder(x))  # type: ignore[return-value]  # the parts return Pyro distributions
+    def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """q_φ(z | x) (q_φ(z | x, y) given labels ``y``), batch shape (B,), event shape (d,)."""
+        h = conditional.with_label(self.encoder(x), y, self.num_classes)
+        return self.guide_head(h)  # type: ignore[return-value]  # the parts return Pyro distributions
 
-    def prior_distribution(self) -> dist.TorchDistribution:
-        """p(z), event shape (d,)."""
+    def prior_distribution(self, y: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """p(z), event shape (d,); given labels ``y`` (B,), p(z | y) with batch shape (B,)."""
+        if y is not None:
+            label = conditional.one_hot(y, self.num_classes)
+            return self.prior(label)  # type: ignore[call-arg,return-value]  # the conditional prior takes the label
         return self.prior()  # type: ignore[return-value]  # the parts return Pyro distributions
 
-    def likelihood_distribution(self, z: torch.Tensor) -> dist.TorchDistribution:
-        """p_θ(x | z), batch shape z.shape[:-1], event shape (D,)."""
-        return self.likelihood(self.decoder(z))  # type: ignore[return-value]  # the parts return Pyro distributions
+    def likelihood_distribution(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """p_θ(x | z) (p_θ(x | z, y) given labels ``y``), batch shape z.shape[:-1], event shape (D,)."""
+        out = self.decoder(conditional.with_label(z, y, self.num_classes))
+        return self.likelihood(out)  # type: ignore[return-value]  # the parts return Pyro distributions
 
     # -- the Pyro program ---------------------------------------------------------
     def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
@@ -166,38 +190,50 @@ class VAE(nn.Module):
             for name, module in names[program]:
                 pyro.module(name, module)  # type: ignore[arg-type]  # every part is an nn.Module (contracts)
 
-    def model(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
-        """p(z) p_θ(x|z) over a minibatch scaled to ``num_data`` examples, the z sites weighted by β."""
+    def model(
+        self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """p(z) p_θ(x|z) (p(z|y) p_θ(x|z,y) given labels ``y``) over a minibatch scaled to ``num_data`` examples,
+        the z sites weighted by β."""
+        conditional.check_label_argument(self.num_classes, y)
         self.register(("model",))
         with self._plate(x, num_data):
             with self._kl_scale(kl_weight):
-                z = pyro.sample("z", self.prior_distribution())
-            return pyro.sample("x", self.likelihood_distribution(z), obs=x)
+                z = pyro.sample("z", self.prior_distribution(y))
+            return pyro.sample("x", self.likelihood_distribution(z, y), obs=x)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0) -> torch.Tensor:
-        """q_φ(z|x) over the same plate, with the same β."""
+    def guide(
+        self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q_φ(z|x) (q_φ(z|x,y) given labels ``y``) over the same plate, with the same β."""
+        conditional.check_label_argument(self.num_classes, y)
         self.register(("guide",))
         with self._plate(x, num_data):
             with self._kl_scale(kl_weight):
-                return pyro.sample("z", self.posterior(x))
+                return pyro.sample("z", self.posterior(x, y))
 
     # -- what users expect of a VAE object ----------------------------------------
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and standard deviation of q(z|x), each (B, d)."""
-        return self.guide_head.moments(self.encoder(x))
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and standard deviation of q(z|x) (q(z|x,y) given labels ``y``), each (B, d)."""
+        conditional.check_label_argument(self.num_classes, y)
+        return self.guide_head.moments(conditional.with_label(self.encoder(x), y, self.num_classes))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z = posterior mean]: the decoder's mean at the encoder's mean."""
-        mean, _ = self.encode(x)
-        return self.likelihood.mean(self.decoder(mean))
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z = posterior mean] (and y, given labels ``y``): the decoder's mean at the encoder's mean."""
+        mean, _ = self.encode(x, y)
+        return self.likelihood.mean(self.decoder(conditional.with_label(mean, y, self.num_classes)))
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
-        """n draws z ~ p(z), then E[x|z] (``mean=True``) or x ~ p(x|z)."""
-        z = self.prior_distribution().sample((n,))
-        out = self.decoder(z)
+    def sample(self, n: int, mean: bool = True, y: torch.Tensor | None = None) -> torch.Tensor:
+        """n draws z ~ p(z), then E[x|z] (``mean=True``) or x ~ p(x|z); given labels ``y`` (n of them), the i-th
+        draw is z ~ p(z|y_i), then x from p(x|z,y_i)."""
+        conditional.check_label_argument(self.num_classes, y)
+        if y is not None and y.shape != (n,):
+            raise ValueError(f"sample({n}) takes {n} labels y, got shape {tuple(y.shape)}")
+        z = self.prior_distribution().sample((n,)) if y is None else self.prior_distribution(y).sample()
+        out = self.decoder(conditional.with_label(z, y, self.num_classes))
         return self.likelihood.mean(out) if mean else self.likelihood(out).sample()
 
     def encoder_parameters(self) -> list[nn.Parameter]:

@@ -13,6 +13,10 @@ latent-z2.png, …    the same map of E_q[z_l | x] for each layer above z_1  che
                     (``model.latents``; latent.png is z_1's)
 =================== ====================================================== =========
 
+A conditional VAE (``model.condition: label``) draws its samples one row per
+class y, E[x | z, y] with z ~ p(z | y), and reconstructs and maps the test
+examples through q(z | x, y) at their labels.
+
 ``none`` draws nothing. t-SNE is the one slow picture (seconds to minutes for
 a few thousand points), which is why it is left to ``all``.
 """
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyro_vae import progress
+from pyro_vae.conditional import every_class, labels_for
 from pyro_vae.data import Dataset
 from pyro_vae.hierarchy import HierarchicalVAE
 from pyro_vae.model import VAE
@@ -38,18 +43,14 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
     from pyro_vae import plots  # matplotlib: seconds of imports that a run without pictures should not pay
 
     folder = Path(folder)
+    given = labels_for(vae, data.test_labels)  # the test labels a conditional VAE takes; None otherwise
     steps: list[tuple[str, Callable]] = [
-        (
-            "samples.png",
-            lambda: plots.image_grid(
-                vae.sample(SAMPLES), data.image_shape, folder / "samples.png", "E[x | z], z ~ p(z)"
-            ),
-        ),
+        ("samples.png", lambda: draw_samples(vae, data, folder / "samples.png")),
         (
             "reconstructions.png",
             lambda: plots.reconstructions(
                 data.test[:ORIGINALS],
-                vae.reconstruct(data.test[:ORIGINALS]),
+                vae.reconstruct(data.test[:ORIGINALS], None if given is None else given[:ORIGINALS]),
                 data.image_shape,
                 folder / "reconstructions.png",
             ),
@@ -66,7 +67,7 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
             (
                 label,
                 lambda: plots.latent_map(
-                    vae.encode(subset)[0],
+                    vae.encode(subset, None if given is None else given[:LATENT_POINTS])[0],
                     labels,
                     folder / "latent.png",
                     with_tsne=with_tsne,
@@ -92,6 +93,19 @@ def _layer_map(vae: HierarchicalVAE, subset, labels, name: str, folder: Path, da
         with_tsne=False,
         class_names=data.class_names,
     )
+
+
+def draw_samples(vae: VAE, data: Dataset, path: Path) -> None:
+    """``samples.png``: SAMPLES draws E[x | z], z ~ p(z); for a conditional VAE, a row of draws per class."""
+    from pyro_vae import plots
+
+    if not vae.num_classes:
+        plots.image_grid(vae.sample(SAMPLES), data.image_shape, path, "E[x | z], z ~ p(z)")
+        return
+    per_class = max(1, SAMPLES // vae.num_classes)
+    y = every_class(vae.num_classes, per_class).to(data.test.device)
+    title = "E[x | z, y], z ~ p(z | y), one row per class y"
+    plots.image_grid(vae.sample(len(y), y=y), data.image_shape, path, title, nrow=per_class)
 
 
 def write(

@@ -57,9 +57,10 @@ def tile(images: torch.Tensor, nrow: int, padding: int = 1, pad_value: float = 1
     return torch.nn.functional.pad(grid, (padding, 0, padding, 0), value=pad_value)
 
 
-def image_grid(images: torch.Tensor, image_shape, path: Path, title: str) -> Figure:
-    """Save ``images`` (n, D) as a square grid (flat vectors: a heat map of n rows)."""
-    nrow = max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+def image_grid(images: torch.Tensor, image_shape, path: Path, title: str, nrow: int | None = None) -> Figure:
+    """Save ``images`` (n, D) as a grid of ``nrow`` images per row, square by default (flat vectors: a heat map of
+    n rows)."""
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
     fig = Figure(figsize=(6, 6), layout="constrained")
     ax = fig.add_subplot()
     heat = _show_images(ax, images, image_shape, nrow)

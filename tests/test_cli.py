@@ -246,10 +246,10 @@ def test_a_log_line_during_a_progress_bar_does_not_cut_it(monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     original = training.Trainer.step
 
-    def step_and_log(self, x):
+    def step_and_log(self, x, y=None):
         if self.progress.global_step == 2:
             self.log.info("a line logged mid-epoch")
-        return original(self, x)
+        return original(self, x, y)
 
     monkeypatch.setattr(training.Trainer, "step", step_and_log)
     trainer = training.Trainer(

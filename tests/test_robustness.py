@@ -164,8 +164,8 @@ def test_sigterm_writes_a_checkpoint_at_the_step_and_resume_is_bit_identical(tmp
     assert main(["train", *cli_args(VAMP), "--out", str(reference), "--no-progress"]) == 0
     original = training.Trainer.step
 
-    def step_then_sigterm(self, x):
-        out = original(self, x)
+    def step_then_sigterm(self, x, y=None):
+        out = original(self, x, y)
         if self.progress.global_step == STEPS_PER_EPOCH + 2:  # the 3rd step of epoch 2 (counter not yet advanced)
             os.kill(os.getpid(), signal.SIGTERM)
         return out
@@ -265,12 +265,12 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_and_the_last_checkpoint
     original = training.Trainer.step
     seen_losses = []
 
-    def step_with_nan_gradient(self, x):
+    def step_with_nan_gradient(self, x, y=None):
         hook = None
         if self.progress.global_step == STEPS_PER_EPOCH + 3:
             weight = self.vae.decoder.net[0].weight
             hook = weight.register_hook(lambda grad: grad * float("nan"))
-        loss, largest = original(self, x)
+        loss, largest = original(self, x, y)
         if hook is not None:
             hook.remove()
             seen_losses.append(float(loss))

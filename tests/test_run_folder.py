@@ -26,7 +26,7 @@ def test_create_writes_the_spec_and_run_json_and_reads_them_back(tmp_path):
     spec = load_spec(None, SMALL)
     run = Run.create(tmp_path / "run", spec, force=False, model_inputs={"data_dim": 64, "image_shape": [1, 8, 8]})
     assert run.read_spec() == spec
-    assert run.model_inputs() == {"data_dim": 64, "image_shape": (1, 8, 8)}
+    assert run.model_inputs() == {"data_dim": 64, "image_shape": (1, 8, 8), "num_classes": None}
     assert json.loads((run.path / RUN_INFO).read_text())["seed"] == spec.train.seed
     assert run.read_metrics() == [] and not run.has_checkpoint()
 

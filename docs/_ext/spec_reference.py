@@ -26,7 +26,10 @@ NOTES = {
     "data.name": "`file` reads `data.path` (and `data.test_path`); "
     "`linear-gaussian` is synthetic data with an exact p(x).",
     "data.root": "a torchvision root; unset: `$PYRO_VAE_DATA`, else `~/.cache/pyro_vae`.",
-    "data.path": "`.npy` / `.pt` array (N, D), (N, H, W) or (N, C, H, W), for `data.name: file`.",
+    "data.path": "`.npy` / `.pt` array (N, D), (N, H, W) or (N, C, H, W), for `data.name: file`; or a `.npz` "
+    "with that array as `x` and, optionally, integer classes 0, 1, … as `labels`.",
+    "model.condition": "`label`: a conditional VAE, p(z|y) p(x|z,y) with guide q(z|x,y), y the one-hot label "
+    "(labelled data; prior `standard-normal` or `learned-normal`, which become p(z|y)); see Conditional VAEs.",
     "data.test_fraction": "held-out share where there is no test file (`digits`, `file`).",
     "data.binarize": "`auto` is dynamic for images, static for `binarized-mnist`, none otherwise.",
     "data.train_size": "use the first n examples (null: all).",

@@ -35,6 +35,7 @@ from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 
 OWN_THREADS = ("train", "compare")  # their spec's train.threads is the default of --threads
 MAX_SAMPLES = 1024  # sample grids beyond this are unreadable in one picture
+DEFAULT_SAMPLES, DEFAULT_PER_CLASS = 64, 8  # sample --n: draws, and draws of each class with --label all
 SPLITS = ("test", "validation", "train")
 PICTURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -102,14 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="a grid of samples from a trained run")
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (written by pyro-vae train)")
-    sample.add_argument("--n", type=int, default=64, help=f"number of samples, at most {MAX_SAMPLES} (one picture)")
+    sample.add_argument(
+        "--n",
+        type=int,
+        help=f"number of samples (with --label all: of each class), at most {MAX_SAMPLES} in all; "
+        f"default {DEFAULT_SAMPLES} ({DEFAULT_PER_CLASS} of each class with --label all)",
+    )
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws z ~ p(z)")
+    sample.add_argument(
+        "--label",
+        metavar="CLASS",
+        help="a conditional run's class: draws z ~ p(z | y = CLASS), or 'all' for one row per class "
+        "(the default for a conditional run)",
+    )
     sample.add_argument(
         "--out",
         type=Path,
         metavar="FILE",
-        help="picture to write (.png, .pdf, .svg, .jpg; folders are made); default "
-        "RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png",
+        help="picture to write (.png, .pdf, .svg, .jpg; folders are made), or .npy for the samples E[x | z] as an "
+        "array (N, C, H, W); default RUN_DIR/samples-n<N>-seed<S>.png, never the run's own samples.png",
     )
     add_checkpoint(sample)
     add_quiet(sample)
@@ -227,11 +239,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
     say_checkpoint(used, args.quiet)
     seed_everything(args.seed)
     x = evaluation_split(data, args.split, spec.train.seed, args.run_dir)
+    from pyro_vae.conditional import labels_for
+
+    labels = labels_for(vae, data.labels(args.split))
     from pyro_vae import progress
 
     with progress.bar(x.shape[0], f"evaluating K = {args.num_samples}", "example", quiet=args.quiet) as bar:
-        result = evaluation.evaluate(vae, x, args.num_samples, memory_mb=args.memory_mb, progress=bar)
-    units = evaluation.layer_active_units(vae, x)
+        result = evaluation.evaluate(vae, x, args.num_samples, memory_mb=args.memory_mb, progress=bar, labels=labels)
+    units = evaluation.layer_active_units(vae, x, labels=labels)
     result["active_units"] = sum(layer["active_units"] for layer in units.values())
     if "layers" in result:
         for name, layer in units.items():
@@ -245,7 +260,17 @@ def run_evaluate(args: argparse.Namespace) -> None:
     caution = diagnostics.warning(result, f"log-likelihood of '{args.run_dir}' (K = {args.num_samples})")
     if caution:
         print(f"pyro-vae: warning: {caution}", file=sys.stderr)
-    print(json.dumps(result))
+    print(json.dumps(given_label(result) if labels is not None else result))
+
+
+def given_label(result: dict) -> dict:
+    """A conditional run's ``evaluate`` JSON: its log-likelihood is log p(x | y), named ``log_likelihood_given_label``
+    (its bounds, ``elbo`` and the rest, are those of log p(x | y) too; ``condition`` says so)."""
+    renamed = {
+        "log_likelihood": "log_likelihood_given_label",
+        "log_likelihood_stderr": "log_likelihood_given_label_stderr",
+    }
+    return {"condition": "label", **{renamed.get(key, key): value for key, value in result.items()}}
 
 
 def evaluation_split(data, split: str, seed: int, run_dir: Path):
@@ -261,28 +286,88 @@ def evaluation_split(data, split: str, seed: int, run_dir: Path):
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from pyro_vae import folders, plots
+    from pyro_vae import folders
     from pyro_vae.training import load_model, seed_everything
 
-    _positive(args.n, "--n")
-    if args.n > MAX_SAMPLES:
+    if args.n is not None:
+        _positive(args.n, "--n")
+    if args.out is not None:
+        check_sample_out(args.out)
+    spec, vae, image_shape, used = load_model(args.run_dir, which=args.checkpoint)
+    labels = sampled_labels(args.label, args.n, vae.num_classes, args.run_dir)
+    count = (args.n or DEFAULT_SAMPLES) if labels is None else len(labels)
+    if count > MAX_SAMPLES:
         raise UserInputError(
-            f"--n is {args.n}; one grid holds at most {MAX_SAMPLES} readable samples "
+            f"--n asks for {count} samples in all; one grid holds at most {MAX_SAMPLES} readable samples "
             f"(run sample several times with other --seed values for more)"
         )
-    out = args.out or Path(args.run_dir) / f"samples-n{args.n}-seed{args.seed}.png"
-    if out.suffix.lower() not in PICTURE_FORMATS:
-        raise UserInputError(
-            f"--out '{out}' has the extension {out.suffix or '(none)'!r}; accepted: {', '.join(PICTURE_FORMATS)}"
-        )
-    if out.is_dir():
-        raise UserInputError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}")
-    spec, vae, image_shape, used = load_model(args.run_dir, which=args.checkpoint)
+    out = args.out or Path(args.run_dir) / f"samples-n{count}-seed{args.seed}.png"
     say_checkpoint(used, args.quiet)
     folders.writable_folder(out.parent, "the folder of --out")
     seed_everything(args.seed)
-    plots.image_grid(vae.sample(args.n), image_shape, out, f"E[x | z], z ~ p(z), {args.n} draws, seed {args.seed}")
+    samples = vae.sample(count, y=None if labels is None else labels.to(next(vae.parameters()).device))
+    if out.suffix.lower() == ".npy":
+        save_array(samples, image_shape, out)
+    else:
+        draw_sample_grid(samples, image_shape, out, labels, vae.num_classes, args.seed)
     print(out)
+
+
+def check_sample_out(out: Path) -> None:
+    """``sample --out``: a picture or a ``.npy`` file name, not a folder."""
+    if out.suffix.lower() not in (*PICTURE_FORMATS, ".npy"):
+        raise UserInputError(
+            f"--out '{out}' has the extension {out.suffix or '(none)'!r}; accepted: "
+            f"{', '.join(PICTURE_FORMATS)}, or .npy for the samples as an array"
+        )
+    if out.is_dir():
+        raise UserInputError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}")
+
+
+def sampled_labels(label: str | None, n: int | None, num_classes: int, run_dir: Path):
+    """The labels ``sample`` draws for: None for an unconditional run; else ``--n`` (default 64) copies of the
+    ``--label`` class, or, for ``--label all`` (the default), ``--n`` (default 8) of each class.
+
+    ``--label`` on an unconditional run, or a class the run does not have, is a one-line error.
+    """
+    from pyro_vae.conditional import sample_labels
+
+    if not num_classes:
+        if label is not None:
+            raise UserInputError(
+                f"--label: the run '{run_dir}' is not conditional (model.condition: none); sample it without --label"
+            )
+        return None
+    label = "all" if label is None else label
+    per_class = n if n is not None else DEFAULT_PER_CLASS if label == "all" else DEFAULT_SAMPLES
+    return sample_labels(label, num_classes, per_class)
+
+
+def save_array(samples, image_shape, out: Path) -> None:
+    """The samples as a float32 ``.npy`` array (N, C, H, W) ((N, D) for data that are not images)."""
+    import numpy as np
+
+    array = samples.cpu().numpy().astype(np.float32)
+    if image_shape is not None:
+        array = array.reshape(-1, *image_shape)
+    try:
+        np.save(out, array)
+    except OSError as exc:
+        raise UserInputError(f"cannot write --out '{out}': {exc.strerror or exc}") from None
+
+
+def draw_sample_grid(samples, image_shape, out: Path, labels, num_classes: int, seed: int) -> None:
+    """The samples as a grid picture; a conditional run's draws of every class one row per class."""
+    from pyro_vae import plots
+
+    nrow = None
+    if labels is None:
+        title = f"E[x | z], z ~ p(z), {len(samples)} draws, seed {seed}"
+    elif bool((labels == labels[0]).all()):
+        title = f"E[x | z, y = {int(labels[0])}], z ~ p(z | y), {len(samples)} draws, seed {seed}"
+    else:
+        title, nrow = f"E[x | z, y], z ~ p(z | y), one row per class y, seed {seed}", len(labels) // num_classes
+    plots.image_grid(samples, image_shape, out, title, nrow=nrow)
 
 
 def run_pictures(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ OPTIONS = {"options": True}  # the field that holds a part's own keys, flattened
 PUBLISHED = "published"  # data.validation_size: the dataset's own validation split (binarized-mnist)
 TRAIN_SEED = "train"  # data.eval_binarize_seed: binarize the evaluation splits with train.seed
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")
+CONDITIONAL_PRIORS = ("standard-normal", "learned-normal")  # model.condition label: the priors it makes p(z|y)
 
 
 def accepts(
@@ -137,6 +138,8 @@ class ModelSpec:
     # stochastic layers top-down z_L, …, z_1 (pyro_vae.hierarchy); empty: the one layer z of latent_dim
     latents: list[LayerSpec] = field(default_factory=list)
     guide_structure: str = field(default="bottom-up", metadata=accepts(choices=("bottom-up", "ladder")))
+    # label: the prior p(z|y), the decoder p(x|z,y) and the guide q(z|x,y) take the one-hot label (pyro_vae.conditional)
+    condition: str = field(default="none", metadata=accepts(choices=("none", "label")))
 
 
 @dataclass
@@ -650,9 +653,27 @@ def _check_cross_field(spec: Spec) -> None:
         raise UserInputError(
             "'train.early_stopping_patience' needs a validation split; set data.validation_size (e.g. 10000)"
         )
+    if model.condition == "label":
+        check_conditional(spec)
     if spec.data.name == "file" and spec.data.path is None:
-        raise UserInputError("'data.path' is required when data.name is 'file' (a .npy or .pt array)")
+        raise UserInputError("'data.path' is required when data.name is 'file' (a .npy, .pt or .npz array)")
     check_device_name(spec.train.device, "'train.device'")
+
+
+def check_conditional(spec: Spec) -> None:
+    """``model.condition: label`` needs a one-layer model and a prior it can make conditional (labelled data is
+    checked as it loads)."""
+    if spec.model.latents:
+        raise UserInputError(
+            "'model.condition' label is not available with 'model.latents' (stochastic layers) yet; "
+            "accepted: a conditional one-layer model, or layers with model.condition: none"
+        )
+    prior = spec.model.prior.type
+    if prior not in CONDITIONAL_PRIORS:
+        raise UserInputError(
+            f"'model.condition' label makes the prior p(z|y) a Gaussian from a network of the label, which replaces "
+            f"'model.prior.type' {prior!r}; accepted with it: {', '.join(CONDITIONAL_PRIORS)}"
+        )
 
 
 def check_device_name(name: str, key: str) -> None:

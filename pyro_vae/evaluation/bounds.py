@@ -25,6 +25,10 @@ under ``memory_mb`` (measured on the VAE itself, so a convolutional decoder's
 feature maps count) and, on a CPU, within ``CPU_BLOCK_ROWS``, so the decoder's
 outputs are still in cache when the likelihood reads them. The densities' own
 speed lives in the parts (:mod:`pyro_vae.parts.distributions`).
+
+A conditional VAE (``model.condition: label``) is scored with the examples'
+``labels`` as its programs' ``y``: every figure is then conditional on the
+label, and ``log_likelihood`` estimates log p(x | y).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Iterator
 import pyro
 import torch
 
+from pyro_vae.conditional import program_kwargs
 from pyro_vae.evaluation import diagnostics
 from pyro_vae.hierarchy import HierarchicalVAE
 from pyro_vae.infer.log_weights import LogWeights, closed_form_allowed, log_weights
@@ -50,7 +55,7 @@ def _own_draws(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def row_bytes(vae: VAE, x: torch.Tensor) -> int:
+def row_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> int:
     """Bytes one (particle, example) pair of a pass costs: every module's output on one example, times TEMPORARIES."""
     seen: dict[int, int] = {}
 
@@ -62,16 +67,24 @@ def row_bytes(vae: VAE, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(count) for m in vae.modules()]
     try:
         with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
-            log_weights(vae.model, vae.guide, x[:1], num_particles=1)
+            log_weights(vae.model, vae.guide, x[:1], num_particles=1, **program_kwargs(_first(labels, 1)))
     finally:
         for handle in handles:
             handle.remove()
     return TEMPORARIES * (sum(seen.values()) + x[:1].numel() * x.element_size())
 
 
-def rows_per_pass(vae: VAE, x: torch.Tensor, memory_mb: float) -> int:
+def _first(labels: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    return None if labels is None else labels[:count]
+
+
+def _chunk(labels: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if labels is None else labels[start:stop]
+
+
+def rows_per_pass(vae: VAE, x: torch.Tensor, memory_mb: float, labels: torch.Tensor | None = None) -> int:
     """(particle, example) pairs per pass: under ``memory_mb``, and at most ``CPU_BLOCK_ROWS`` on a CPU."""
-    rows = max(1, int(memory_mb * 2**20 // row_bytes(vae, x)))
+    rows = max(1, int(memory_mb * 2**20 // row_bytes(vae, x, labels)))
     return min(rows, CPU_BLOCK_ROWS) if x.device.type == "cpu" else rows
 
 
@@ -92,23 +105,26 @@ def passes(num_examples: int, num_samples: int, rows: int) -> Iterator[tuple[int
         yield start, start + 1, sizes
 
 
-def chunk_sites(vae: VAE, x: torch.Tensor, blocks: list[int]) -> Iterator[LogWeights]:
-    """The :class:`~pyro_vae.infer.log_weights.LogWeights` of each particle block for the examples ``x``."""
+def chunk_sites(
+    vae: VAE, x: torch.Tensor, blocks: list[int], labels: torch.Tensor | None = None
+) -> Iterator[LogWeights]:
+    """The :class:`~pyro_vae.infer.log_weights.LogWeights` of each particle block for the examples ``x``
+    (with their ``labels``, for a conditional VAE)."""
     for size in blocks:
-        yield log_weights(vae.model, vae.guide, x, num_particles=size)
+        yield log_weights(vae.model, vae.guide, x, num_particles=size, **program_kwargs(labels))
 
 
 @torch.no_grad()
 def log_weight_terms(
-    vae: VAE, x: torch.Tensor, num_samples: int, memory_mb: float = 512.0
+    vae: VAE, x: torch.Tensor, num_samples: int, memory_mb: float = 512.0, labels: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(x|z), log p(z), log q(z|x)) of K = ``num_samples`` draws per example, each (K, B), from the program."""
     was_training = vae.training
     vae.eval()
     parts: list[list[torch.Tensor]] = [[], [], []]
     with pyro.validation_enabled(False):
-        for start, stop, blocks in passes(x.shape[0], num_samples, rows_per_pass(vae, x, memory_mb)):
-            sites = list(chunk_sites(vae, x[start:stop], blocks))
+        for start, stop, blocks in passes(x.shape[0], num_samples, rows_per_pass(vae, x, memory_mb, labels)):
+            sites = list(chunk_sites(vae, x[start:stop], blocks, _chunk(labels, start, stop)))
             for part, name in zip(parts, ("log_likelihood", "log_prior", "log_guide")):
                 part.append(torch.cat([getattr(s, name).expand(s.log_w.shape) for s in sites]))
     vae.train(was_training)
@@ -124,8 +140,11 @@ def evaluate(
     memory_mb: float = 512.0,
     per_example: bool = False,
     progress=None,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """All the per-example bounds on ``data``, averaged, with their standard errors.
+
+    ``labels``: the examples' labels, which a conditional VAE needs (its bounds are then those of log p(x | y)).
 
     ``progress`` (a :func:`pyro_vae.progress.bar`) is advanced by the examples of each chunk.
 
@@ -141,10 +160,10 @@ def evaluate(
     layer_closed: dict[str, bool] = {}
     closed_form = True
     with pyro.validation_enabled(False):  # z is drawn from q: no support checks of the K × B draws
-        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb)):
+        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb, labels)):
             columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "log_lik", "kl_sampled", "kl")}
             site_kl: dict[str, list[torch.Tensor]] = {}
-            for sites in chunk_sites(vae, data[start:stop], blocks):
+            for sites in chunk_sites(vae, data[start:stop], blocks, _chunk(labels, start, stop)):
                 log_w = sites.log_w
                 terms, closed = sites.kl_terms()
                 kl = sum(terms.values(), log_w.new_zeros(()))
@@ -196,7 +215,12 @@ def evaluate(
 
 
 def test_elbo(
-    vae: VAE, data: torch.Tensor, num_samples: int = 1, memory_mb: float = 512.0, seed: int | None = None
+    vae: VAE,
+    data: torch.Tensor,
+    num_samples: int = 1,
+    memory_mb: float = 512.0,
+    seed: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """ELBO and its two terms per example, from ``num_samples`` draws each (``train.eval_num_samples``):
     the per-epoch test figure. The KL term is closed form where one is registered.
@@ -204,25 +228,27 @@ def test_elbo(
     With ``seed``, the draws come from torch's generator (CPU, and ``data``'s CUDA
     device) seeded with it inside :func:`torch.random.fork_rng`: the generators'
     states afterwards are those from before, so evaluating changes no later draw.
-    Without it, the draws continue torch's global generator.
+    Without it, the draws continue torch's global generator. ``labels`` as in :func:`evaluate`.
     """
     if seed is None:
-        return _test_elbo(vae, data, num_samples, memory_mb)
+        return _test_elbo(vae, data, num_samples, memory_mb, labels)
     with _own_draws(data.device):
         torch.default_generator.manual_seed(seed)
         if data.is_cuda:
             torch.cuda.default_generators[data.device.index].manual_seed(seed)
-        return _test_elbo(vae, data, num_samples, memory_mb)
+        return _test_elbo(vae, data, num_samples, memory_mb, labels)
 
 
 @torch.no_grad()
-def _test_elbo(vae: VAE, data: torch.Tensor, num_samples: int, memory_mb: float) -> dict:
+def _test_elbo(
+    vae: VAE, data: torch.Tensor, num_samples: int, memory_mb: float, labels: torch.Tensor | None = None
+) -> dict:
     was_training = vae.training
     vae.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=data.device)
     with pyro.validation_enabled(False):
-        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb)):
-            for sites in chunk_sites(vae, data[start:stop], blocks):
+        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb, labels)):
+            for sites in chunk_sites(vae, data[start:stop], blocks, _chunk(labels, start, stop)):
                 log_lik = sites.log_likelihood.expand(sites.log_w.shape)
                 kl = sites.kl()[0].expand(log_lik.shape)
                 totals += torch.stack([(log_lik - kl).sum(), log_lik.sum(), kl.sum()]).double() / num_samples
@@ -231,15 +257,15 @@ def _test_elbo(vae: VAE, data: torch.Tensor, num_samples: int, memory_mb: float)
     return {"test_elbo": elbo, "test_reconstruction": reconstruction, "test_kl": kl}
 
 
-def kl_note(vae: VAE, x: torch.Tensor) -> str | None:
+def kl_note(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> str | None:
     """Which latent sites' KL(q ‖ p) ``meanfield`` samples, and why, as one line; None if all are closed-form.
 
     A site is sampled when its pair has no registered closed form, or when the
     guide draws it before a layer its prior depends on (a bottom-up guide:
-    :func:`pyro_vae.infer.log_weights.closed_form_allowed`).
+    :func:`pyro_vae.infer.log_weights.closed_form_allowed`). ``labels``: a conditional VAE's.
     """
     with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
-        sites = log_weights(vae.model, vae.guide, x[:2], num_particles=1)
+        sites = log_weights(vae.model, vae.guide, x[:2], num_particles=1, **program_kwargs(_first(labels, 2)))
         _, closed = sites.kl()
     sampled = [name for name, has in closed.items() if not has]
     if not sampled:
@@ -274,23 +300,42 @@ def _name(fn: torch.distributions.Distribution) -> str:
 
 
 @torch.no_grad()
-def active_units(vae: VAE, data: torch.Tensor, batch_size: int = 1024, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
-    """Latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z|x]) > 0.01 (Burda et al. 2016)."""
-    means = torch.cat([vae.encode(data[i : i + batch_size])[0] for i in range(0, data.shape[0], batch_size)])
+def active_units(
+    vae: VAE,
+    data: torch.Tensor,
+    batch_size: int = 1024,
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
+    labels: torch.Tensor | None = None,
+) -> int:
+    """Latent dimensions whose posterior mean varies across examples: Cov_x(E_q[z|x]) > 0.01 (Burda et al. 2016).
+
+    A conditional VAE's posterior means are those of q(z | x, y) at the examples' ``labels``.
+    """
+    means = torch.cat(
+        [
+            vae.encode(data[i : i + batch_size], _chunk(labels, i, i + batch_size))[0]
+            for i in range(0, data.shape[0], batch_size)
+        ]
+    )
     return int((means.var(0) > threshold).sum())
 
 
 @torch.no_grad()
 def layer_active_units(
-    vae: VAE, data: torch.Tensor, batch_size: int = 1024, threshold: float = ACTIVE_UNIT_THRESHOLD
+    vae: VAE,
+    data: torch.Tensor,
+    batch_size: int = 1024,
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, dict[str, int]]:
     """Per latent site, ``{"active_units": A, "dim": d}``: Cov_x(E_q[z_l|x]) > 0.01 per unit of each layer.
 
     A one-layer VAE has the one site ``z`` (:func:`active_units`); a layered one
-    takes E_q[z_l | x] from :meth:`~pyro_vae.hierarchy.HierarchicalVAE.layer_means`.
+    takes E_q[z_l | x] from :meth:`~pyro_vae.hierarchy.HierarchicalVAE.layer_means` (layered VAEs are
+    unconditional; a conditional one-layer VAE's means are those of q(z | x, y) at ``labels``).
     """
     if not isinstance(vae, HierarchicalVAE):
-        return {"z": {"active_units": active_units(vae, data, batch_size, threshold), "dim": vae.latent_dim}}
+        return {"z": {"active_units": active_units(vae, data, batch_size, threshold, labels), "dim": vae.latent_dim}}
     chunks = [vae.layer_means(data[i : i + batch_size]) for i in range(0, data.shape[0], batch_size)]
     return {
         name: {"active_units": int((torch.cat([c[name] for c in chunks]).var(0) > threshold).sum()), "dim": dim}

@@ -75,6 +75,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_vae import evaluation, progress
+from pyro_vae.conditional import labels_for, program_kwargs
 from pyro_vae.config.spec import Spec
 from pyro_vae.errors import NonFiniteError
 from pyro_vae.evaluation import diagnostics
@@ -130,10 +131,25 @@ def fixed_minibatch(data, batch_size: int, seed: int) -> torch.Tensor:
     return x
 
 
+def fixed_labels(vae, data, batch_size: int) -> torch.Tensor | None:
+    """The labels of :func:`fixed_minibatch`'s examples for a conditional ``vae``; None for an unconditional one."""
+    labels = labels_for(vae, data.train_labels)
+    return None if labels is None else labels[: min(batch_size, data.num_train)]
+
+
 def measure(
-    elbo, vae, x: torch.Tensor, num_data: int, repeats: int, seed: int, bar=None, kl_weight: float = 1.0
+    elbo,
+    vae,
+    x: torch.Tensor,
+    num_data: int,
+    repeats: int,
+    seed: int,
+    bar=None,
+    kl_weight: float = 1.0,
+    y: torch.Tensor | None = None,
 ) -> dict:
-    """Bound, gradient moments and time of one estimator over ``repeats`` draws at the current parameters.
+    """Bound, gradient moments and time of one estimator over ``repeats`` draws at the current parameters
+    (``y``: the labels of ``x`` for a conditional VAE).
 
     Parameters are not changed (their gradients are, and are cleared at the end).
     """
@@ -143,16 +159,19 @@ def measure(
     moments = {"encoder": Moments(), "decoder": Moments()}
     bounds: list[float] = []
     seconds: list[float] = []
+    labels = program_kwargs(y)
     seed_everything(seed)
     with pyro.validation_enabled(True):  # warm-up, untimed, validated
         vae.zero_grad(set_to_none=True)
-        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
+        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight, **labels)
     with pyro.validation_enabled(False):
         for _ in range(repeats):
             vae.zero_grad(set_to_none=True)
             start = time.perf_counter()
             loss = float(  # float() waits for the device, inside the timed step
-                estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight)
+                estimators.bound_and_backward(
+                    elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight, **labels
+                )
             )
             seconds.append(time.perf_counter() - start)
             bounds.append(-loss / num_data)
@@ -164,7 +183,7 @@ def measure(
     row = {
         "bound_mean": statistics.fmean(bounds),
         "bound_std": statistics.stdev(bounds) if len(bounds) > 1 else float("nan"),
-        **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1), kl_weight),
+        **weight_diagnostics(vae, x, num_data, getattr(elbo, "weights_per_bound", 1), kl_weight, y),
     }
     for part, stream in moments.items():
         summary = snr_summary(stream.mean, stream.variance)
@@ -175,7 +194,9 @@ def measure(
     return row
 
 
-def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int, kl_weight: float = 1.0) -> dict:
+def weight_diagnostics(
+    vae, x: torch.Tensor, num_data: int, particles: int, kl_weight: float = 1.0, y: torch.Tensor | None = None
+) -> dict:
     """ESS / P and Pareto k̂ of the bound's P importance weights per example (:mod:`pyro_vae.evaluation.diagnostics`).
 
     ESS is taken per draw of P weights and averaged over draws; k̂ is fitted to
@@ -185,7 +206,13 @@ def weight_diagnostics(vae, x: torch.Tensor, num_data: int, particles: int, kl_w
     draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
     with pyro.validation_enabled(False), torch.no_grad():  # i.i.d. weights: one vectorized pass, then groups of P
         log_w = log_weights(
-            vae.model, vae.guide, x, num_particles=draws * particles, num_data=num_data, kl_weight=kl_weight
+            vae.model,
+            vae.guide,
+            x,
+            num_particles=draws * particles,
+            num_data=num_data,
+            kl_weight=kl_weight,
+            **program_kwargs(y),
         ).log_w
     groups = log_w.reshape(draws, particles, *log_w.shape[1:])
     ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)  # (B,)
@@ -235,7 +262,9 @@ def train_estimator(
     every = max(1, steps // CURVE_POINTS)
 
     def test(step: int) -> float:  # its own generator: the estimator's training draws are left as they were
-        return evaluation.test_elbo(vae, trainer.data.test, seed=evaluation_seed(seed, step))["test_elbo"]
+        return evaluation.test_elbo(
+            vae, trainer.data.test, seed=evaluation_seed(seed, step), labels=trainer.labels("test")
+        )["test_elbo"]
 
     curve = [(0, test(0))]
 
@@ -261,7 +290,7 @@ def train_estimator(
             "test_pareto_k_share": nan,
         }, curve
     seconds = time.perf_counter() - start
-    result = evaluation.evaluate(vae, trainer.data.test, num_samples)
+    result = evaluation.evaluate(vae, trainer.data.test, num_samples, labels=trainer.labels("test"))
     return {
         "train_steps": steps,
         "test_elbo": curve[-1][1],
@@ -293,7 +322,7 @@ def compare(
     Returns one row per estimator (the CSV's columns) and, when trained, the test-ELBO curves by label.
     """
     seed = spec.train.seed if seed is None else seed
-    x = fixed_minibatch(data, spec.data.batch_size, seed)
+    x, y = fixed_minibatch(data, spec.data.batch_size, seed), fixed_labels(vae, data, spec.data.batch_size)
     initial_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
     rows, curves = [], {}
     for choice in choices:
@@ -305,7 +334,7 @@ def compare(
             "k": choice.k,
             "alpha": choice.alpha if choice.alpha is not None else "",
         }
-        row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar, kl_weight=spec.train.beta))
+        row.update(measure(elbo, vae, x, data.num_train, repeats, seed, bar, kl_weight=spec.train.beta, y=y))
         bar.close()
         rows.append(row)
         if show_progress:

@@ -38,11 +38,13 @@ from pathlib import Path
 import torch
 
 from pyro_vae import evaluation
+from pyro_vae.conditional import labels_for
 from pyro_vae.errors import UserInputError
 from pyro_vae.training import checkpoint
 from pyro_vae.training.run import CONFIG, Run
 
 CACHE_FORMAT = 2  # the layout of a cached row; a cache of another layout is scored again
+CONDITIONAL_NOTE = " A conditional run's (model.condition: label) log-likelihood is log p(x | y), y the image's label."
 FILES = ("table.md", "table.csv", "curves.png")  # what write_table writes into --out
 COLUMNS = (
     "label",
@@ -113,7 +115,8 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
     metrics = Run(run_dir).read_metrics()
     seed_everything(seed)
     started = time.perf_counter()
-    result = evaluation.evaluate(vae, data.test, num_samples, per_example=True)
+    labels = labels_for(vae, data.test_labels)
+    result = evaluation.evaluate(vae, data.test, num_samples, per_example=True, labels=labels)
     at_epoch = next((m for m in metrics if m["epoch"] == state_epoch), metrics[-1] if metrics else {})
     row = {
         "run": str(run_dir),
@@ -124,7 +127,8 @@ def score_run(run_dir: Path, num_samples: int = 1000, seed: int = 0, which: str 
         "test_elbo": at_epoch.get("test_elbo", float("nan")),
         "log_likelihood": result["log_likelihood"],
         "log_likelihood_stderr": result["log_likelihood_stderr"],
-        **active_columns(evaluation.layer_active_units(vae, data.test)),
+        **active_columns(evaluation.layer_active_units(vae, data.test, labels=labels)),
+        "condition": spec.model.condition,
         "seconds_per_epoch": (sum(m["seconds"] for m in metrics) / len(metrics)) if metrics else float("nan"),
         "num_samples": num_samples,
         "eval_seconds": time.perf_counter() - started,
@@ -206,7 +210,8 @@ def markdown(rows: list[dict], reference: Path | None) -> str:
             f"`{r['label']}`",
             f"{r['checkpoint']} ({r['epoch']})",
             _cell(r["test_elbo"]),
-            f"{r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f}",
+            f"{r['log_likelihood']:.2f} ± {r['log_likelihood_stderr']:.2f}"
+            + (" (log p(x \\| y))" if r.get("condition") == "label" else ""),
         ]
         if reference is not None:
             vs = r["vs_reference"]
@@ -215,9 +220,10 @@ def markdown(rows: list[dict], reference: Path | None) -> str:
         cells += [units, str(r["epochs"]), _cell(r["seconds_per_epoch"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     k = rows[0]["num_samples"] if rows else 0
+    conditional = any(r.get("condition") == "label" for r in rows)
     return (
         f"Test split; log-likelihood by importance sampling with K = {k} draws per image, ± one standard error "
-        f"over the images; nats per example.\n\n" + "\n".join(lines) + "\n"
+        f"over the images; nats per example.{CONDITIONAL_NOTE if conditional else ''}\n\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -51,9 +51,12 @@ class EpochWriter:
             cuda = [data.test.device.index or 0] if data.test.is_cuda else []
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(self.seed)
-                samples = vae.sample(64).reshape(-1, *data.image_shape).clamp(0, 1).cpu()
+                y = None if not vae.num_classes else torch.arange(64, device=data.test.device) % vae.num_classes
+                samples = vae.sample(64, y=y).reshape(-1, *data.image_shape).clamp(0, 1).cpu()
             originals = data.test[:16]
-            pairs = torch.cat([originals, vae.reconstruct(originals)]).reshape(-1, *data.image_shape).clamp(0, 1).cpu()
+            labels = None if not vae.num_classes else data.test_labels[:16]
+            recons = vae.reconstruct(originals, labels)
+            pairs = torch.cat([originals, recons]).reshape(-1, *data.image_shape).clamp(0, 1).cpu()
             self.writer.add_image("samples", make_grid(samples, nrow=8, pad_value=1.0), epoch)
             self.writer.add_image("reconstructions", make_grid(pairs, nrow=16, pad_value=1.0), epoch)
         self.writer.flush()

@@ -80,11 +80,19 @@ def evaluate_epoch(trainer: Trainer) -> dict:
     seed = evaluation_seed(spec.train.seed, p.epoch)  # its own generator: training's is left as it was
     with pyro.validation_enabled(False):  # damaged parameters give NaN here, not a ValueError
         draws = spec.train.eval_num_samples
-        test = evaluation.test_elbo(trainer.vae, trainer.data.test, num_samples=draws, seed=seed)
+        test = evaluation.test_elbo(
+            trainer.vae, trainer.data.test, num_samples=draws, seed=seed, labels=trainer.labels("test")
+        )
         validation = (
             None
             if trainer.data.validation is None
-            else evaluation.test_elbo(trainer.vae, trainer.data.validation, num_samples=draws, seed=seed)["test_elbo"]
+            else evaluation.test_elbo(
+                trainer.vae,
+                trainer.data.validation,
+                num_samples=draws,
+                seed=seed,
+                labels=trainer.labels("validation"),
+            )["test_elbo"]
         )
     if not all(math.isfinite(value) for value in [*test.values(), *([validation] if validation is not None else [])]):
         raise trainer.nonfinite("non-finite test or validation ELBO", p.step_in_epoch)

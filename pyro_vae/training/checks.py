@@ -11,6 +11,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_vae.conditional import labels_for, program_kwargs
 from pyro_vae.config.spec import Spec
 from pyro_vae.data import Dataset
 from pyro_vae.errors import UserInputError, one_line
@@ -57,7 +58,8 @@ def check_data_support(vae: VAE, data: Dataset, spec: Spec, device: torch.device
 
 
 def first_pass(elbo, vae: VAE, data: Dataset, spec: Spec, device: torch.device) -> None:
-    """One validated model/guide pass of ``elbo`` on two examples, the generators left untouched.
+    """One validated model/guide pass of ``elbo`` on two examples (and their labels, for a conditional VAE), the
+    generators left untouched.
 
     Data the network cannot take, or a spec whose distributions are invalid
     from the start, fail here with one line, before a run folder is written.
@@ -65,8 +67,10 @@ def first_pass(elbo, vae: VAE, data: Dataset, spec: Spec, device: torch.device) 
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), pyro.validation_enabled(True):
-            x = data.training_batch(torch.arange(min(2, data.num_train), device=device))
-            estimators.bound(elbo, vae.model, vae.guide, x, num_data=data.num_train)
+            index = torch.arange(min(2, data.num_train), device=device)
+            labels = labels_for(vae, data.train_labels)
+            x, y = data.training_batch(index), None if labels is None else labels[index]
+            estimators.bound(elbo, vae.model, vae.guide, x, num_data=data.num_train, **program_kwargs(y))
     except (RuntimeError, ValueError) as exc:
         if is_out_of_memory(exc):
             raise

@@ -55,6 +55,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyro_vae.conditional import program_kwargs
 from pyro_vae.errors import one_line
 from pyro_vae.infer import estimators
 from pyro_vae.training import compile_cache, rng
@@ -130,15 +131,18 @@ def _keeps_random(node: torch.fx.Node) -> bool:
 
 
 class _Objective(nn.Module):
-    """−bound of ``elbo`` for ``vae`` on a batch, β as a tensor (so warm-up needs no new trace)."""
+    """−bound of ``elbo`` for ``vae`` on a batch (and its labels ``y``, for a conditional VAE), β as a tensor
+    (so warm-up needs no new trace)."""
 
     def __init__(self, elbo, vae: nn.Module):
         super().__init__()
         self.vae = vae
         self.elbo = elbo
 
-    def forward(self, x: torch.Tensor, beta, num_data: int) -> torch.Tensor:
-        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=beta)
+    def forward(self, x: torch.Tensor, beta, num_data: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.elbo.differentiable_loss(
+            self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=beta, **program_kwargs(y)
+        )
 
 
 class KLWeight:
@@ -177,15 +181,15 @@ class Graph:
     def __init__(self, fn: Callable, grad_slots: list[int], compiled: bool):
         self.fn, self.grad_slots, self.compiled = fn, grad_slots, compiled
 
-    def __call__(self, params, buffers, x, beta):
+    def __call__(self, params, buffers, x, beta, y=None):
         with torch.no_grad():
-            return self.fn(params, buffers, x, beta)
+            return self.fn(params, buffers, x, beta, y)
 
 
 class CompiledStep:
     """``bound_and_backward`` of an estimator, traced once per batch shape and replayed.
 
-    ``step(x, num_data, kl_weight)`` leaves each parameter's gradient in ``.grad`` and
+    ``step(x, num_data, kl_weight, y)`` leaves each parameter's gradient in ``.grad`` and
     returns the detached loss, exactly like :func:`estimators.bound_and_backward`
     (which it calls while Pyro's validation is on, and for good after a failure).
     """
@@ -205,9 +209,11 @@ class CompiledStep:
             self._give_up(f"{type(elbo).__name__} has no differentiable_loss to trace")
 
     # -- the step ---------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.failed is not None or is_validation_enabled():
-            return self._eager(x, num_data, kl_weight)
+            return self._eager(x, num_data, kl_weight, y)
         if self._inputs is None:  # the module's parameters and buffers, looked up once
             names, params = self._parameters()
             self._inputs = (names, params, [b for _, b in self.objective.named_buffers()])
@@ -218,14 +224,14 @@ class CompiledStep:
         if graph is None:
             start = rng.fork_torch(x.device)
             try:
-                graph, loss, grads = self._build(key, names, params, buffers, x, beta, num_data, kl_weight)
+                graph, loss, grads = self._build(key, names, params, buffers, x, beta, num_data, kl_weight, y)
             except Exception as exc:  # anything tracing cannot take: run as Pyro always does
                 rng.restore_torch(x.device, start)
                 self._give_up(f"{type(exc).__name__}: {one_line(exc, 160)}")
-                return self._eager(x, num_data, kl_weight)
+                return self._eager(x, num_data, kl_weight, y)
             self.graphs[key] = graph
         else:
-            loss, grads = graph(params, buffers, x, beta)
+            loss, grads = graph(params, buffers, x, beta, y)
         for slot, grad in zip(graph.grad_slots, grads):
             params[slot].grad = grad
         return loss
@@ -242,13 +248,19 @@ class CompiledStep:
         pairs = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         return [n for n, _ in pairs], [p for _, p in pairs]
 
-    def _eager(self, x: torch.Tensor, num_data: int, kl_weight: float) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, num_data: int, kl_weight: float, y: torch.Tensor | None) -> torch.Tensor:
         """Pyro's step, β passed as the graphs receive it."""
         return estimators.bound_and_backward(
-            self.elbo, self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=self._beta(kl_weight, x.device)
+            self.elbo,
+            self.vae.model,
+            self.vae.guide,
+            x,
+            num_data=num_data,
+            kl_weight=self._beta(kl_weight, x.device),
+            **program_kwargs(y),
         )
 
-    def _build(self, key, names, params, buffers, x, beta, num_data, kl_weight):
+    def _build(self, key, names, params, buffers, x, beta, num_data, kl_weight, y):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         buffer_names = [n for n, _ in self.objective.named_buffers()]
@@ -260,10 +272,10 @@ class CompiledStep:
         # ones never enter it
         self.vae.register()
 
-        def loss_and_grads(params_, buffers_, x_, beta_):
+        def loss_and_grads(params_, buffers_, x_, beta_, y_):
             state = {**dict(zip(names, params_)), **dict(zip(buffer_names, buffers_))}
             beta_arg = beta_ if constant_beta is None else constant_beta
-            loss = torch.func.functional_call(self.objective, state, (x_, beta_arg), {"num_data": num_data})
+            loss = torch.func.functional_call(self.objective, state, (x_, beta_arg), {"num_data": num_data, "y": y_})
             grads = torch.autograd.grad(loss, params_, allow_unused=True)
             grad_slots[:] = [i for i, g in enumerate(grads) if g is not None]
             return loss.detach(), [g for g in grads if g is not None]
@@ -272,17 +284,17 @@ class CompiledStep:
         start = rng.fork_torch(device)
         inputs = [p.detach().requires_grad_(True) for p in params]
         with host_free_pyro():
-            traced = make_fx(loss_and_grads)(inputs, list(buffers), x, beta)
+            traced = make_fx(loss_and_grads)(inputs, list(buffers), x, beta, y)
         traced.graph.eliminate_dead_code(is_impure_node=_keeps_random)
         traced.recompile()
         slots = list(grad_slots)
 
         # the eager estimator from the same generator state: the reference
         rng.restore_torch(device, start)
-        ref_loss, ref_grads = self._eager_reference(params, x, num_data, self._beta(kl_weight, device))
+        ref_loss, ref_grads = self._eager_reference(params, x, num_data, self._beta(kl_weight, device), y)
         graph = Graph(traced, slots, compiled=False)
         rng.restore_torch(device, start)
-        loss, grads = graph(params, buffers, x, beta)
+        loss, grads = graph(params, buffers, x, beta, y)
         problem = _mismatch(ref_loss, ref_grads, loss, grads, slots)
         if problem:
             raise RuntimeError(f"the traced step differs from the eager one ({problem})")
@@ -291,7 +303,7 @@ class CompiledStep:
         if self.inductor and self.inductor_shape in (None, key[0]):
             self.inductor_shape = key[0]
             try:
-                compiled, c_loss, c_grads = self._compile(traced, slots, params, buffers, x, beta, start)
+                compiled, c_loss, c_grads = self._compile(traced, slots, params, buffers, x, beta, y, start)
                 problem = _mismatch(ref_loss, ref_grads, c_loss, c_grads, slots)
                 if problem:
                     raise RuntimeError(f"compiled step differs from the eager one ({problem})")
@@ -315,7 +327,7 @@ class CompiledStep:
             )
         return graph, loss, grads
 
-    def _compile(self, traced, slots, params, buffers, x, beta, start) -> tuple[Graph, torch.Tensor, list]:
+    def _compile(self, traced, slots, params, buffers, x, beta, y, start) -> tuple[Graph, torch.Tensor, list]:
         """TorchInductor's build of the traced graph, run once from ``start``.
 
         Where ``TORCHINDUCTOR_CACHE_DIR`` names the package's folder (the ``pyro-vae``
@@ -333,7 +345,7 @@ class CompiledStep:
                     compiled=True,
                 )
                 rng.restore_torch(x.device, start)
-                loss, grads = graph(params, buffers, x, beta)
+                loss, grads = graph(params, buffers, x, beta, y)
             except Exception as exc:
                 torch.compiler.reset()
                 if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
@@ -344,8 +356,10 @@ class CompiledStep:
             return graph, loss, grads
         raise AssertionError("unreachable")
 
-    def _eager_reference(self, params, x, num_data, kl_weight):
-        loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=kl_weight)
+    def _eager_reference(self, params, x, num_data, kl_weight, y):
+        loss = self.elbo.differentiable_loss(
+            self.vae.model, self.vae.guide, x, num_data=num_data, kl_weight=kl_weight, **program_kwargs(y)
+        )
         return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
     def _give_up(self, reason: str) -> None:

@@ -31,9 +31,10 @@ def _trained_vae(
     image_shape: tuple[int, int, int] | None,
     run: Run,
     target: torch.device,
+    num_classes: int | None = None,
 ) -> VAE:
     """The VAE of ``spec`` with the checkpoint's parameters, on ``target``, in eval mode."""
-    vae = VAE.from_spec(spec.model, data_dim, image_shape)
+    vae = VAE.from_spec(spec.model, data_dim, image_shape, num_classes=num_classes)
     try:
         vae.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
@@ -63,7 +64,7 @@ def open_run(run_dir: Path | str, device: str | None = None, which: str = "best"
     run = Run(run_dir)
     spec, state, path, target = _checked_state(run, device, which)
     data = load_dataset(spec.data, spec.train.seed).to(target)
-    vae = _trained_vae(spec, state, data.data_dim, data.image_shape, run, target)
+    vae = _trained_vae(spec, state, data.data_dim, data.image_shape, run, target, data.num_classes)
     return LoadedRun(spec, vae, data, path, int(state["epoch"]))
 
 
@@ -87,6 +88,6 @@ def load_model(
     inputs = run.model_inputs()
     if inputs is None:
         data = load_dataset(spec.data, spec.train.seed)
-        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape}
-    vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run, target)
+        inputs = {"data_dim": data.data_dim, "image_shape": data.image_shape, "num_classes": data.num_classes}
+    vae = _trained_vae(spec, state, inputs["data_dim"], inputs["image_shape"], run, target, inputs.get("num_classes"))
     return spec, vae, inputs["image_shape"], path

@@ -27,6 +27,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyro_vae.conditional import program_kwargs
 from pyro_vae.infer import estimators
 from pyro_vae.training import compiled
 
@@ -57,10 +58,12 @@ class AutoStep:
         self.eager = eager_step(elbo, vae)
         self.step = compiled.CompiledStep(elbo, vae, log, inductor=False) if path == "traced" else self.eager
 
-    def __call__(self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, num_data: int, kl_weight: float = 1.0, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.path is None and not is_validation_enabled():
             self.choose(max(self.steps_left(), 0))
-        return self.step(x, num_data, kl_weight)
+        return self.step(x, num_data, kl_weight, y)
 
     def choose(self, steps_left: int) -> None:
         """Take ``traced`` when ``steps_left`` ≥ ``trace_after``, else ``eager``; one log line says which and why."""
@@ -95,7 +98,8 @@ def build_step(
     steps_left: Callable[[], int] = lambda: 0,
     chosen: str | None = None,
 ) -> Callable:
-    """The trainer's ``(x, num_data, kl_weight) → loss`` step for an ``inference.compile`` value.
+    """The trainer's ``(x, num_data, kl_weight, y) → loss`` step for an ``inference.compile`` value
+    (``y``: a conditional VAE's labels, else None).
 
     ``auto`` (:class:`AutoStep`) needs ``steps_left``, and takes ``chosen``, the
     path an earlier part of the run chose, if any; ``traced`` and ``inductor`` are
@@ -119,9 +123,9 @@ def eager_step(elbo, vae: nn.Module) -> Callable:
     """
     beta = compiled.KLWeight()
 
-    def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
+    def eager(x: torch.Tensor, num_data: int, kl_weight: float = 1.0, y: torch.Tensor | None = None) -> torch.Tensor:
         return estimators.bound_and_backward(
-            elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=beta(kl_weight, x.device)
+            elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=beta(kl_weight, x.device), **program_kwargs(y)
         )
 
     return eager

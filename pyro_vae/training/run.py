@@ -2,7 +2,8 @@
 
 Files: ``config.yaml`` (the resolved spec), ``run.json`` (seed, package
 versions, git revision, device, thread count, and under ``model_inputs`` what
-building the model needs besides the spec: ``data_dim`` and ``image_shape``),
+building the model needs besides the spec: ``data_dim``, ``image_shape`` and,
+for a conditional VAE, ``num_classes``),
 ``metrics.jsonl`` (one JSON object per epoch, always the rows of the last
 checkpoint), ``checkpoint.pt`` (:mod:`pyro_vae.training.run_state`), ``best.pt``
 (the parameters of the epoch with the best validation ELBO), ``log.txt``, the
@@ -202,11 +203,12 @@ class Run:
 
     def model_inputs(self) -> dict | None:
         """What building the run's model needs besides its spec, as recorded in ``run.json`` at training time:
-        ``{"data_dim": int, "image_shape": (C, H, W) or None}``; None for a run without a usable record."""
+        ``{"data_dim": int, "image_shape": (C, H, W) or None, "num_classes": int or None}`` (``num_classes`` is
+        recorded for labelled data only); None for a run without a usable record."""
         record = self._info().get("model_inputs")
         if not isinstance(record, dict):
             return None
-        data_dim, shape = record.get("data_dim"), record.get("image_shape")
+        data_dim, shape, classes = record.get("data_dim"), record.get("image_shape"), record.get("num_classes")
 
         def whole(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -215,7 +217,9 @@ class Run:
             shape is None or (isinstance(shape, list) and len(shape) == 3 and all(whole(size) for size in shape))
         ):
             return None
-        return {"data_dim": data_dim, "image_shape": None if shape is None else tuple(shape)}
+        if not (classes is None or whole(classes)):
+            return None
+        return {"data_dim": data_dim, "image_shape": None if shape is None else tuple(shape), "num_classes": classes}
 
     # -- metrics ------------------------------------------------------------------------------------
     def read_metrics(self) -> list[dict]:

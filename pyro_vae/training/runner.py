@@ -22,6 +22,7 @@ from pyro_vae import threads
 from pyro_vae.config.spec import Spec
 from pyro_vae.data import Dataset
 from pyro_vae.errors import UserInputError
+from pyro_vae.model import VAE
 from pyro_vae.training import distributed, run_state
 from pyro_vae.training.run import BEST, LOGGER, Run
 from pyro_vae.training.trainer import Trainer
@@ -32,9 +33,11 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def model_inputs(data: Dataset) -> dict:
-    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into."""
-    return {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
+def model_inputs(data: Dataset, vae: VAE) -> dict:
+    """What :meth:`VAE.from_spec` reads from the data to build a model to load a checkpoint into
+    (``num_classes`` for a conditional ``vae`` only)."""
+    inputs = {"data_dim": data.data_dim, "image_shape": None if data.image_shape is None else list(data.image_shape)}
+    return {**inputs, "num_classes": vae.num_classes} if vae.num_classes else inputs
 
 
 def check_tensorboard(spec: Spec) -> None:
@@ -70,7 +73,8 @@ def _train(spec: Spec, run: Run, force: bool, show_progress: bool) -> Trainer:
         folders.writable_folder(run.path, "output folder")
     with run.locked() if main else nullcontext():
         if main:
-            run = Run.create(run.path, spec, force, model_inputs(trainer.data))  # checked again, now locked
+            # checked again, now locked
+            run = Run.create(run.path, spec, force, model_inputs(trainer.data, trainer.vae))
         trainer.attach(run)
         with run.log_file(trainer.dist.rank):
             if trainer.dist.enabled:

@@ -65,6 +65,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyro_vae import evaluation, progress
+from pyro_vae.conditional import labels_for
 from pyro_vae.config.spec import Spec
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
@@ -172,9 +173,9 @@ class Trainer:
     def build_model(self) -> None:
         """The VAE from the spec (the same on every rank), checked against free memory and the data's support."""
         pyro.clear_param_store()  # the one place: a new VAE's parameters replace any earlier ones there
-        self.vae = VAE.from_spec(self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train).to(
-            self.device
-        )
+        self.vae = VAE.from_spec(
+            self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train, self.data.num_classes
+        ).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         checks.check_memory(self.vae, self.device)
         checks.check_data_support(self.vae, self.data, self.spec, self.device)
@@ -186,7 +187,11 @@ class Trainer:
         self.optimizer = optimizer.adam(self.vae.parameters(), spec.optim)
         self.scheduler = optimizer.scheduler(self.optimizer, spec.optim, spec.train.epochs)
         self.loss_and_grads = self.training_step(spec.inference.compile)
-        self.note = evaluation.kl_note(self.vae, self.data.test) if spec.inference.estimator == "meanfield" else None
+        self.note = (
+            evaluation.kl_note(self.vae, self.data.test, self.labels("test"))
+            if spec.inference.estimator == "meanfield"
+            else None
+        )
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
@@ -243,8 +248,9 @@ class Trainer:
         self.dist.seed(self.spec.train.seed, self.progress.global_step)
 
     # -- the loop ---------------------------------------------------------------
-    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SVI step; returns the detached loss (−ELBO of the full training set) and the largest ``|gradient|``.
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SVI step on ``x`` (and its labels ``y``, for a conditional VAE); returns the detached loss (−ELBO of
+        the full training set) and the largest ``|gradient|``.
 
         Pyro's validation is on for the first ``VALIDATED_STEPS`` steps: a distribution
         refusing its parameters there (parameters already damaged) stops training like
@@ -258,7 +264,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 loss = self.loss_and_grads(
-                    x, self.data.num_train, beta
+                    x, self.data.num_train, beta, y
                 )  # pyro_vae.training.path_choice: eager, traced or compiled
             except ValueError as exc:
                 if not validate:
@@ -332,12 +338,22 @@ class Trainer:
         """β at step ``global_step`` of the run (:func:`kl_weight`)."""
         return kl_weight(self.spec, global_step, self.steps_per_epoch)
 
-    def minibatch(self, epoch: int, position: int) -> torch.Tensor:
-        """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh."""
+    def minibatch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh, and its
+        labels for a conditional VAE (else None)."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.data.num_train, self.spec.train.seed, epoch).to(self.device))
-        index = self._order[1][position * self.batch_size : (position + 1) * self.batch_size]
-        return self.data.training_batch(self.dist.shard(index))
+        index = self.dist.shard(self._order[1][position * self.batch_size : (position + 1) * self.batch_size])
+        return self.data.training_batch(index), self.batch_labels(index)
+
+    def batch_labels(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the training examples at ``index`` for a conditional VAE; None for an unconditional one."""
+        labels = labels_for(self.vae, self.data.train_labels)
+        return None if labels is None else labels[index]
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        """The labels of ``split`` (``test``, ``validation``) for a conditional VAE; None for an unconditional one."""
+        return labels_for(self.vae, self.data.labels(split))
 
     def run_steps(self, count: int, on_step: Callable[[int], None] | None = None) -> None:
         """``count`` steps from where training stands, through the epochs' data orders, with no epoch-end evaluation
@@ -350,7 +366,7 @@ class Trainer:
         for _ in range(count):
             if p.step_in_epoch == self.steps_per_epoch:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
-            loss, largest = self.step(self.minibatch(p.epoch, p.step_in_epoch))
+            loss, largest = self.step(*self.minibatch(p.epoch, p.step_in_epoch))
             p.step_in_epoch, p.global_step = p.step_in_epoch + 1, p.global_step + 1
             self.check_finite(loss.reshape(1), largest.reshape(1), first_step=p.step_in_epoch)
             if on_step is not None:
@@ -372,7 +388,7 @@ class Trainer:
         start = time.perf_counter()
         checked = p.step_in_epoch  # steps before it are known to be finite
         for step in range(p.step_in_epoch, self.steps_per_epoch):
-            losses[step], gradients[step] = self.step(self.minibatch(p.epoch, step))
+            losses[step], gradients[step] = self.step(*self.minibatch(p.epoch, step))
             p.step_in_epoch, p.global_step = step + 1, p.global_step + 1
             if (step + 1) % self.check_every == 0 or step + 1 == self.steps_per_epoch:
                 self.check_finite(losses[checked : step + 1], gradients[checked : step + 1], first_step=checked + 1)
