@@ -23,7 +23,7 @@ def test_invalid_distribution_parameters_in_a_validated_step_stop_like_a_nan():
 def test_another_value_error_in_a_validated_step_says_what_it_is(monkeypatch):
     trainer = training.Trainer(load_spec(None, SMALL), None, show_progress=False)
 
-    def refuse(x, num_data, kl_weight):
+    def refuse(x, num_data, kl_weight, y=None):
         raise ValueError("Expected value argument to be within the support of Bernoulli\n(more lines)")
 
     monkeypatch.setattr(trainer, "loss_and_grads", refuse)
