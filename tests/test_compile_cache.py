@@ -107,7 +107,7 @@ def test_a_compile_that_fails_with_a_cache_present_is_retried_from_an_empty_fold
     monkeypatch.setattr(torch, "compile", fake_compile)
     step = compiled.CompiledStep(None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), inductor=True)
 
-    def traced(params, buffers, x, beta):
+    def traced(params, buffers, x, beta, y):
         return x.sum(), [x]
 
     with caplog.at_level(logging.INFO, logger="pyro_vae.test"):

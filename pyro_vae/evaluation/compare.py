@@ -159,18 +159,18 @@ def measure(
     moments = {"encoder": Moments(), "decoder": Moments()}
     bounds: list[float] = []
     seconds: list[float] = []
-    labels = program_kwargs(y)
+    given = program_kwargs(y)  # the labels, for a conditional VAE
     seed_everything(seed)
     with pyro.validation_enabled(True):  # warm-up, untimed, validated
         vae.zero_grad(set_to_none=True)
-        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight, **labels)
+        estimators.bound_and_backward(elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight, **given)
     with pyro.validation_enabled(False):
         for _ in range(repeats):
             vae.zero_grad(set_to_none=True)
             start = time.perf_counter()
             loss = float(  # float() waits for the device, inside the timed step
                 estimators.bound_and_backward(
-                    elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight, **labels
+                    elbo, vae.model, vae.guide, x, num_data=num_data, kl_weight=kl_weight, **given
                 )
             )
             seconds.append(time.perf_counter() - start)

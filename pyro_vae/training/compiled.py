@@ -303,7 +303,7 @@ class CompiledStep:
         if self.inductor and self.inductor_shape in (None, key[0]):
             self.inductor_shape = key[0]
             try:
-                compiled, c_loss, c_grads = self._compile(traced, slots, params, buffers, x, beta, y, start)
+                compiled, c_loss, c_grads = self._compile(traced, slots, params, buffers, x, beta, start, y)
                 problem = _mismatch(ref_loss, ref_grads, c_loss, c_grads, slots)
                 if problem:
                     raise RuntimeError(f"compiled step differs from the eager one ({problem})")
@@ -327,7 +327,7 @@ class CompiledStep:
             )
         return graph, loss, grads
 
-    def _compile(self, traced, slots, params, buffers, x, beta, y, start) -> tuple[Graph, torch.Tensor, list]:
+    def _compile(self, traced, slots, params, buffers, x, beta, start, y=None) -> tuple[Graph, torch.Tensor, list]:
         """TorchInductor's build of the traced graph, run once from ``start``.
 
         Where ``TORCHINDUCTOR_CACHE_DIR`` names the package's folder (the ``pyro-vae``
