@@ -5,7 +5,7 @@ name               estimator (K = ``inference.num_particles``)           class
 =================  ====================================================  ==========================
 ``trace``          ELBO, KL sampled                                      ``pyro.infer.Trace_ELBO``
 ``meanfield``      ELBO, KL in closed form where registered              ``TraceMeanField_ELBO``
-``tracegraph``     ELBO, Rao-Blackwellized score terms                   ``TraceGraph_ELBO``
+``tracegraph``     ELBO, Rao-Blackwellized score terms, baselines        :mod:`~pyro_vae.infer.discrete_estimators`
 ``tail-adaptive``  tail-adaptive f-divergence gradient (K > 1)           :class:`TailAdaptive_ELBO`
 ``iwae``           importance-weighted bound, α = 0                      :class:`IWAE_ELBO`
 ``renyi``          variational Rényi bound, α = ``inference.alpha``      :class:`Renyi_ELBO`
@@ -96,7 +96,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
@@ -106,6 +106,8 @@ from pyro_vae.errors import UserInputError
 from pyro_vae.infer import log_weights as weights
 
 MAX_PLATE_NESTING = 1
+#: the estimators that take a discrete (non-reparameterized) guide site (:mod:`pyro_vae.infer.discrete_estimators`)
+DISCRETE_ESTIMATORS = ("trace", "tracegraph", "vimco:K", "rws:K", "enum")
 
 
 # --------------------------------------------------------------------------
@@ -235,8 +237,10 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         )
         for site in guide_trace.nodes.values():
             if site["type"] == "sample" and not site["fn"].has_rsample:
-                raise NotImplementedError(
-                    f"{type(self).__name__} needs a reparameterized guide; site {site['name']!r} has none"
+                raise UserInputError(
+                    f"{type(self).__name__} needs reparameterized latent sites; site {site['name']!r} "
+                    f"({type(site['fn']).__name__}) is discrete: use one of {', '.join(DISCRETE_ESTIMATORS)}, "
+                    "or model.guide.type: relaxed-bernoulli"
                 )
         sites = weights.from_traces(model_trace, guide_trace, self.path_derivative)
         log_q = sites.log_q
@@ -516,11 +520,6 @@ def trace_estimator(spec: InferenceSpec) -> ELBO:
 @registry.register("estimator", "meanfield")
 def meanfield_estimator(spec: InferenceSpec) -> ELBO:
     return TraceMeanField_ELBO(**_pyro_options(spec))
-
-
-@registry.register("estimator", "tracegraph")
-def tracegraph_estimator(spec: InferenceSpec) -> ELBO:
-    return TraceGraph_ELBO(**_pyro_options(spec))
 
 
 @dataclass
