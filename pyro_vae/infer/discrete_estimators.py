@@ -231,6 +231,11 @@ class _ParticleBound(_FromDifferentiableLoss, ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
         self.particle_dim = -(max_plate_nesting + 1)
 
+    @property
+    def weights_per_bound(self) -> int:
+        """K: how many importance weights one example's bound normalizes over."""
+        return self.num_particles
+
     def example_bounds(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float]:
         """``(bounds, scale)``: each example's bound (shape of the data plate) and N/B."""
         raise NotImplementedError
