@@ -203,7 +203,9 @@ def test_enum_refuses_a_layer_too_wide_to_sum_out_in_one_line():
         bound_and_backward(estimator("enum"), vae.model, vae.guide, x, num_data=NUM_DATA)
 
 
-@pytest.mark.parametrize("token", ["dreg:2", "stl", "iwae:2", "renyi:2:0.5", "tail-adaptive:2", "piwae:2:2"])
+@pytest.mark.parametrize(
+    "token", ["meanfield", "dreg:2", "stl", "iwae:2", "renyi:2:0.5", "tail-adaptive:2", "piwae:2:2"]
+)
 def test_a_reparameterized_estimator_refuses_a_discrete_site_naming_it_and_the_alternatives(token):
     vae, x = small_vae()
     with pytest.raises(UserInputError, match=r"site 'z' \(BernoulliUnits\) is discrete: use one of .*vimco:K"):

@@ -56,6 +56,14 @@ def test_bernoulli_prior_probabilities_are_learned_or_fixed():
         binary_vae(**{"prior.probs": 1.0})
 
 
+@pytest.mark.parametrize(
+    "prior, guide", [("bernoulli", "diagonal-normal"), ("standard-normal", "bernoulli"), ("vamp", "relaxed-bernoulli")]
+)
+def test_binary_units_need_the_bernoulli_prior_and_a_binary_guide_together(prior, guide):
+    with pytest.raises(UserInputError, match=r"binary latent units need the 'bernoulli' prior with one of the guides"):
+        load_spec(None, [f"model.prior.type={prior}", f"model.guide.type={guide}"])
+
+
 def test_encode_gives_the_bernoulli_means_and_standard_deviations():
     vae, x = binary_vae()
     mean, std = vae.encode(x)
@@ -108,9 +116,11 @@ def test_the_relaxed_guide_reports_the_bernoulli_guides_elbo():
     assert abs(values.mean().item() - exact) <= 5 * values.std().item() / math.sqrt(20)
 
 
-def test_train_evaluate_and_sample_on_the_binary_latent_spec(tmp_path, capsys):
+@pytest.mark.parametrize("estimator", ["vimco", "enum"])
+def test_train_evaluate_and_sample_on_the_binary_latent_spec(tmp_path, capsys, estimator):
     run = tmp_path / "sbn"
-    assert main(["train", "--epochs", "2", "--out", str(run), *SBN_ON_DIGITS]) == 0
+    chosen = ["--set", f"inference.estimator={estimator}", "--set", "model.latent_dim=4"]
+    assert main(["train", "--epochs", "2", "--out", str(run), *SBN_ON_DIGITS, *chosen]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["test_elbo"]) for row in rows)
     capsys.readouterr()

@@ -366,6 +366,9 @@ class Enum_ELBO(TraceEnum_ELBO):
         )
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """−ELBO as a tensor; without gradients (evaluation) Pyro's ``loss`` value, on the device of the data."""
+        if not torch.is_grad_enabled():  # Pyro's differentiable_loss refuses a loss that records no gradient
+            return torch.tensor(self.loss(model, guide, *args, **kwargs), device=args[0].device)
         return super().differentiable_loss(model, enumerate_discrete_sites(guide), *args, **kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:

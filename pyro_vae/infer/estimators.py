@@ -115,6 +115,17 @@ DISCRETE_ESTIMATORS = ("trace", "tracegraph", "vimco:K", "rws:K", "enum")
 # --------------------------------------------------------------------------
 
 
+def refuse_discrete_sites(estimator: str, guide_trace) -> None:
+    """One line naming the first latent guide site that is not reparameterized, and the estimators that take it."""
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site) and not site["fn"].has_rsample:
+            raise UserInputError(
+                f"{estimator} needs reparameterized latent sites; site {site['name']!r} "
+                f"({type(site['fn']).__name__}) is discrete: use one of {', '.join(DISCRETE_ESTIMATORS)}, "
+                "or model.guide.type: relaxed-bernoulli"
+            )
+
+
 def guide_kl_weight(guide_trace, scale: float):
     """β of the guide's latent site: its scale over the plates' N/B, times its mask (0 where masked).
 
@@ -235,13 +246,7 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         model_trace, guide_trace = weights.traces(
             model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1, late_scale
         )
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and not site["fn"].has_rsample:
-                raise UserInputError(
-                    f"{type(self).__name__} needs reparameterized latent sites; site {site['name']!r} "
-                    f"({type(site['fn']).__name__}) is discrete: use one of {', '.join(DISCRETE_ESTIMATORS)}, "
-                    "or model.guide.type: relaxed-bernoulli"
-                )
+        refuse_discrete_sites(type(self).__name__, guide_trace)
         sites = weights.from_traces(model_trace, guide_trace, self.path_derivative)
         log_q = sites.log_q
         if late_scale is not None:
@@ -517,9 +522,18 @@ def trace_estimator(spec: InferenceSpec) -> ELBO:
     return Trace_ELBO(**_pyro_options(spec))
 
 
+class MeanField_ELBO(TraceMeanField_ELBO):
+    """Pyro's ``TraceMeanField_ELBO``, refusing a discrete guide site in one line (:func:`refuse_discrete_sites`)."""
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        refuse_discrete_sites(type(self).__name__, guide_trace)
+        return model_trace, guide_trace
+
+
 @registry.register("estimator", "meanfield")
 def meanfield_estimator(spec: InferenceSpec) -> ELBO:
-    return TraceMeanField_ELBO(**_pyro_options(spec))
+    return MeanField_ELBO(**_pyro_options(spec))
 
 
 @dataclass

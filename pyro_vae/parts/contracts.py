@@ -430,7 +430,7 @@ def probe_guide(name: str, guide: Guide, h: torch.Tensor, latent_dim: int) -> No
         _check_event(
             part_label, call, q, (PROBE_BATCH,), (latent_dim,), "events of model.latent_dim values, one per row of h"
         )
-        if not (q.has_rsample or q.support.is_discrete):
+        if not (q.has_rsample or (q.support is not None and q.support.is_discrete)):
             raise UserInputError(
                 f"{part_label}: {call} gave {qualified(q)}, which has no rsample and is not discrete; "
                 "a guide must be reparameterized or discrete"

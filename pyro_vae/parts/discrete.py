@@ -51,6 +51,8 @@ from pyro_vae.parts.guides import Guide
 #: the most binary units whose 2^d joint configurations ``enum`` sums out
 MAX_ENUMERATED_UNITS = 10
 LEARNED = "learned"
+BINARY_PRIOR = "bernoulli"
+BINARY_GUIDES = ("bernoulli", "relaxed-bernoulli")
 
 
 class BernoulliUnits(dist.Independent):
@@ -155,6 +157,16 @@ class RelaxedBernoulliGuide(BernoulliGuide):
         return StraightThroughBernoulli(self.temperature, logits=self.logits(h)).to_event(1)
 
 
+def check_binary_pair(spec) -> None:
+    """Binary units on both sides: the ``bernoulli`` prior with a binary guide, a binary guide with that prior."""
+    prior, guide = spec.model.prior.type, spec.model.guide.type
+    if (prior == BINARY_PRIOR) != (guide in BINARY_GUIDES):
+        raise UserInputError(
+            f"'model.prior.type' is {prior!r} and 'model.guide.type' is {guide!r}; binary latent units need the "
+            f"{BINARY_PRIOR!r} prior with one of the guides {', '.join(map(repr, BINARY_GUIDES))}"
+        )
+
+
 @dataclass
 class BernoulliPriorConfig:
     """``bernoulli`` prior: the units' probability, ``learned`` (a parameter per unit, starting at 0.5) or fixed."""
@@ -164,6 +176,15 @@ class BernoulliPriorConfig:
     def check(self, key: str, spec) -> None:
         if isinstance(self.probs, float) and self.probs >= 1:
             raise UserInputError(f"'{key}.probs' is {self.probs}; it must be 'learned' or a number in (0, 1)")
+        check_binary_pair(spec)
+
+
+@dataclass
+class BinaryGuideConfig:
+    """``bernoulli`` guide: no keys of its own; it needs the ``bernoulli`` prior."""
+
+    def check(self, key: str, spec) -> None:
+        check_binary_pair(spec)
 
 
 @registry.register("prior", "bernoulli", config=BernoulliPriorConfig)
@@ -171,14 +192,15 @@ def bernoulli_prior(spec: PriorSpec, latent_dim: int, **parts) -> nn.Module:
     return BernoulliPrior(latent_dim, spec.options.probs)
 
 
-@registry.register("guide", "bernoulli")
+@registry.register("guide", "bernoulli", config=BinaryGuideConfig)
 def bernoulli_guide(spec: GuideSpec, feature_dim: int, latent_dim: int) -> Guide:
     return BernoulliGuide(feature_dim, latent_dim)
 
 
 @dataclass
-class RelaxedConfig:
-    """``relaxed-bernoulli``: τ > 0, the temperature of the relaxation (module docstring)."""
+class RelaxedConfig(BinaryGuideConfig):
+    """``relaxed-bernoulli``: τ > 0, the temperature of the relaxation (module docstring); it needs the ``bernoulli``
+    prior."""
 
     temperature: float = field(default=0.5, metadata=accepts(0, open_low=True))
 
