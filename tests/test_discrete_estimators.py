@@ -210,3 +210,14 @@ def test_a_reparameterized_estimator_refuses_a_discrete_site_naming_it_and_the_a
     vae, x = small_vae()
     with pytest.raises(UserInputError, match=r"site 'z' \(BernoulliUnits\) is discrete: use one of .*vimco:K"):
         bound_and_backward(estimator(token), vae.model, vae.guide, x, num_data=NUM_DATA)
+
+
+def test_the_neural_baseline_leaves_the_draws_of_the_run_as_they_are():
+    vae, x = small_vae()
+    losses = {}
+    for baseline in ("average", "neural"):
+        elbo = estimator("tracegraph", baseline=baseline)
+        pyro.set_rng_seed(3)
+        losses[baseline] = [bound_and_backward(elbo, vae.model, vae.guide, x, num_data=NUM_DATA) for _ in range(3)]
+        vae.zero_grad(set_to_none=True)
+    assert losses["average"] == losses["neural"]

@@ -134,9 +134,14 @@ class TraceGraphBaseline_ELBO(TraceGraph_ELBO):
         self.network_optimizer: torch.optim.Optimizer | None = None
 
     def _neural(self, x: torch.Tensor) -> NeuralBaseline:
-        """The baseline network, built at the first batch for its width and device."""
+        """The baseline network, built at the first batch for its width and device.
+
+        Its initial weights are drawn from a fork of torch's generators, so building it leaves the draws of the
+        run (its z and its minibatches) as they would be with any other baseline.
+        """
         if self.network is None:
-            self.network = NeuralBaseline(x[0].numel()).to(x.device)
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                self.network = NeuralBaseline(x[0].numel()).to(x.device)
             self.network_optimizer = torch.optim.Adam(self.network.parameters(), lr=self.baseline_lr)
         return self.network
 
