@@ -36,7 +36,7 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.infer.util import MultiFrameTensor
-from pyro.ops.provenance import get_provenance
+from pyro.ops.provenance import detach_provenance, get_provenance
 from pyro.poutine.runtime import InferDict, Message
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -165,7 +165,7 @@ class TraceGraphBaseline_ELBO(TraceGraph_ELBO):
                 per_example = (cost / guide_trace.nodes[name]["scale"]).mean()
                 old = self.averages.get(name)
                 new = per_example if old is None else self.baseline_beta * old + (1 - self.baseline_beta) * per_example
-                self.averages[name] = new.detach()
+                self.averages[name] = detach_provenance(new).detach()  # no trace of this step's z in it
 
     def _get_traces(self, model, guide, args, kwargs):
         """Pyro's traces, each non-reparameterized guide site given this step's baseline."""
