@@ -76,7 +76,7 @@ class BernoulliUnits(dist.Independent):
         return self.event_shape[0] <= MAX_ENUMERATED_UNITS
 
     def enumerate_support(self, expand: bool = True) -> torch.Tensor:
-        """The 2^d configurations, shape (2^d, *batch_shape, d) (batch dims of size 1 unless ``expand``)."""
+        """The 2^d configurations, shape ``(2^d, *batch_shape, d)`` (batch dims of size 1 unless ``expand``)."""
         units = self.event_shape[0]
         if not self.has_enumerate_support:
             raise NotImplementedError(
