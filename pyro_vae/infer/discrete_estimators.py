@@ -148,7 +148,7 @@ class TraceGraphBaseline_ELBO(TraceGraph_ELBO):
     def _site_baseline(self, name: str, site: dict, x: torch.Tensor) -> dict:
         """The site's ``infer["baseline"]`` for this step."""
         scale = site["scale"]
-        average = self.averages.get(name, torch.zeros((), device=x.device))
+        average = self.averages.get(name, torch.zeros((), device=site["value"].device))
         if self.baseline == "average":
             return {"baseline_value": (scale * average).expand(site["log_prob"].shape)}
         network = self._neural(x)
