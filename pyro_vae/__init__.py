@@ -17,7 +17,9 @@ validation knows all names.
 from pyro_vae.config import registry  # first: the parts below register into it
 from pyro_vae import data  # noqa: F401  (registers the datasets)
 from pyro_vae.infer import estimators  # noqa: F401  (registers the estimators)
+from pyro_vae.infer import discrete_estimators  # noqa: F401  (after them: tracegraph, vimco, rws, enum)
 from pyro_vae.parts import guides, likelihoods, networks, priors  # noqa: F401  (register the parts)
+from pyro_vae.parts import discrete  # noqa: F401  (after them: the binary prior and guides)
 from pyro_vae import evaluation, training  # noqa: F401
 from pyro_vae.config.spec import Spec, load_spec
 from pyro_vae.data import Dataset, load_dataset

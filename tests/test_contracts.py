@@ -182,11 +182,11 @@ class NormalGuide(GuideWithoutMoments):
         return self.gaussian(h).mean, self.gaussian(h).stddev
 
 
-class CoinGuide(NormalGuide):
-    """A guide whose distribution cannot be reparameterized."""
+class AngleGuide(NormalGuide):
+    """A guide whose distribution is continuous but cannot be reparameterized."""
 
     def forward(self, h):
-        return dist.Bernoulli(probs=h.new_full((*h.shape[:-1], self.latent_dim), 0.5)).to_event(1)
+        return dist.VonMises(h.new_zeros((*h.shape[:-1], self.latent_dim)), 1.0).to_event(1)
 
 
 @pytest.mark.parametrize(
@@ -229,9 +229,9 @@ class CoinGuide(NormalGuide):
         (
             "guide",
             None,
-            lambda spec, feature_dim, latent_dim: CoinGuide(latent_dim),
-            r"^guide 'shapes' \(.*CoinGuide\): forward\(h of shape \(2, 8\)\) gave "
-            r".*Independent, which has no rsample; a guide must be reparameterized",
+            lambda spec, feature_dim, latent_dim: AngleGuide(latent_dim),
+            r"^guide 'shapes' \(.*AngleGuide\): forward\(h of shape \(2, 8\)\) gave "
+            r".*Independent, which has no rsample and is not discrete; a guide must be reparameterized or discrete",
         ),
     ],
     ids=["prior-event", "prior-batch", "decoder-bias", "decoder-input", "guide-event", "guide-rsample"],

@@ -45,7 +45,6 @@ Z = 4.5
 ESTIMATORS = [
     "trace",
     "meanfield",
-    "tracegraph",
     "tail-adaptive",
     "iwae",
     "renyi",
@@ -54,6 +53,7 @@ ESTIMATORS = [
     "miwae",
     "ciwae",
     "piwae",
+    "tracegraph",  # with the estimators for discrete sites (pyro_vae.infer.discrete_estimators)
 ]
 ENCODER, MODEL, SHARED = ("A", "c", "L"), ("W", "b"), ("m",)
 # coordinates of the flattened gradient over ENCODER + MODEL + SHARED (D = 4, d = 2)

@@ -5,7 +5,7 @@ name               estimator (K = ``inference.num_particles``)           class
 =================  ====================================================  ==========================
 ``trace``          ELBO, KL sampled                                      ``pyro.infer.Trace_ELBO``
 ``meanfield``      ELBO, KL closed-form where registered and unbiased    :class:`MeanField_ELBO`
-``tracegraph``     ELBO, Rao-Blackwellized score terms                   ``TraceGraph_ELBO``
+``tracegraph``     ELBO, Rao-Blackwellized score terms, baselines        :mod:`~pyro_vae.infer.discrete_estimators`
 ``tail-adaptive``  tail-adaptive f-divergence gradient (K > 1)           :class:`TailAdaptive_ELBO`
 ``iwae``           importance-weighted bound, α = 0                      :class:`IWAE_ELBO`
 ``renyi``          variational Rényi bound, α = ``inference.alpha``      :class:`Renyi_ELBO`
@@ -105,7 +105,7 @@ from typing import Callable
 
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
@@ -115,11 +115,24 @@ from pyro_vae.errors import UserInputError
 from pyro_vae.infer import log_weights as weights
 
 MAX_PLATE_NESTING = 1
+#: the estimators that take a discrete (non-reparameterized) guide site (:mod:`pyro_vae.infer.discrete_estimators`)
+DISCRETE_ESTIMATORS = ("trace", "tracegraph", "vimco:K", "rws:K", "enum")
 
 
 # --------------------------------------------------------------------------
 # Shared pieces: the guide's KL weight, a late-bound gradient scale
 # --------------------------------------------------------------------------
+
+
+def refuse_discrete_sites(estimator: str, guide_trace) -> None:
+    """One line naming the first latent guide site that is not reparameterized, and the estimators that take it."""
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site) and not site["fn"].has_rsample:
+            raise UserInputError(
+                f"{estimator} needs reparameterized latent sites; site {site['name']!r} "
+                f"({type(site['fn']).__name__}) is discrete: use one of {', '.join(DISCRETE_ESTIMATORS)}, "
+                "or model.guide.type: relaxed-bernoulli"
+            )
 
 
 def guide_kl_weight(guide_trace, scale: float):
@@ -242,11 +255,7 @@ class Renyi_ELBO(_FromDifferentiableLoss, ELBO):
         model_trace, guide_trace = weights.traces(
             model, guide, args, kwargs, self.num_particles, -self.particle_dim - 1, late_scale
         )
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and not site["fn"].has_rsample:
-                raise NotImplementedError(
-                    f"{type(self).__name__} needs a reparameterized guide; site {site['name']!r} has none"
-                )
+        refuse_discrete_sites(type(self).__name__, guide_trace)
         detached = None
         if self.path_derivative and len(weights.latent_sites(guide_trace)) > 1:
             detached = weights.path_trace(guide, guide_trace, args, kwargs, self.num_particles, -self.particle_dim - 1)
@@ -533,12 +542,15 @@ class MeanField_ELBO(TraceMeanField_ELBO):
     p(z_1 | z_2) depends on z_2), KL(q_s ‖ p_s) at the drawn parents is biased
     (:func:`pyro_vae.infer.log_weights.closed_form_allowed`); those sites take
     the sampled log p_s − log q_s, the others the closed form where registered.
-    When every site allows it, this is ``TraceMeanField_ELBO`` itself.
+    When every site allows it, this is ``TraceMeanField_ELBO`` itself. A discrete guide site is refused in one
+    line (:func:`refuse_discrete_sites`).
     """
 
     def _get_trace(self, model, guide, args, kwargs):
         # Trace_ELBO's traces: the per-site rule replaces TraceMeanField_ELBO's whole-program order warning
-        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+        model_trace, guide_trace = Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+        refuse_discrete_sites(type(self).__name__, guide_trace)
+        return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         allowed = weights.closed_form_allowed(weights.latent_sites(model_trace), weights.latent_sites(guide_trace))
@@ -563,11 +575,6 @@ class MeanField_ELBO(TraceMeanField_ELBO):
 @registry.register("estimator", "meanfield")
 def meanfield_estimator(spec: InferenceSpec) -> ELBO:
     return MeanField_ELBO(**_pyro_options(spec))
-
-
-@registry.register("estimator", "tracegraph")
-def tracegraph_estimator(spec: InferenceSpec) -> ELBO:
-    return TraceGraph_ELBO(**_pyro_options(spec))
 
 
 @dataclass

@@ -10,7 +10,7 @@ kind            what the part provides
 encoder         :class:`Encoder`: ``forward(x: (..., D)) -> (..., H)``; ``output_dim: int`` (H)
 decoder         :class:`Decoder`: ``forward(z: (..., d)) -> (..., D)``; ``output_bias: Parameter (D,)``
 prior           :class:`Prior`: ``forward() ->`` p(z), event shape (d,), batch shape ()
-guide           :class:`Guide`: ``forward(h) ->`` q(z|x), reparameterized, event shape (d,);
+guide           :class:`Guide`: ``forward(h) ->`` q(z|x), reparameterized or discrete, event shape (d,);
                 ``gaussian(h)``; ``moments(h)``
 likelihood      :class:`Likelihood`: ``forward(out) ->`` p(x|z), event shape (D,); ``mean(out)``;
                 ``holds(data)``; ``output_for_mean(mean)``; ``support_name``
@@ -94,9 +94,11 @@ class Prior(Protocol):
 class Guide(Protocol):
     """q_φ(z|x) from encoder features h (..., H).
 
-    ``forward(h)``: a reparameterized distribution (``has_rsample``), batch
-    shape h.shape[:-1], event shape (d,). ``gaussian(h)``: its Gaussian part
-    (the guide itself for a Gaussian guide; the VampPrior's components).
+    ``forward(h)``: a reparameterized distribution (``has_rsample``), or a
+    discrete one (binary units, :mod:`pyro_vae.parts.discrete`, for the
+    score-function and enumerating estimators), batch shape h.shape[:-1],
+    event shape (d,). ``gaussian(h)``: its Gaussian part (the guide itself for
+    a Gaussian guide; the VampPrior's components; a discrete guide's own distribution).
     ``moments(h)``: the posterior mean and marginal standard deviations, each (..., d).
     """
 
@@ -206,7 +208,9 @@ CONTRACTS = {
         "guide",
         (
             Member(
-                FORWARD, "method", "forward(h) returning a reparameterized distribution with event shape (latent_dim,)"
+                FORWARD,
+                "method",
+                "forward(h) returning a reparameterized or discrete distribution with event shape (latent_dim,)",
             ),
             Member("gaussian", "method", "gaussian(h) -> its Gaussian part"),
             Member("moments", "method", "moments(h) -> (mean, std)"),
@@ -418,7 +422,7 @@ def _check_event(part_label: str, call: str, q: Distribution, batch: tuple, even
 
 
 def probe_guide(name: str, guide: Guide, h: torch.Tensor, latent_dim: int) -> None:
-    """guide(h) and guide.gaussian(h): batch shape (PROBE_BATCH,), event shape (d,); guide(h) reparameterized."""
+    """guide(h) and guide.gaussian(h): batch shape (PROBE_BATCH,), event shape (d,); reparameterized or discrete."""
     part_label = label("guide", name, guide)
     for method, fn in (("forward", guide), ("gaussian", guide.gaussian)):
         call = f"{method}(h of shape {_shape(h.shape)})"
@@ -426,9 +430,10 @@ def probe_guide(name: str, guide: Guide, h: torch.Tensor, latent_dim: int) -> No
         _check_event(
             part_label, call, q, (PROBE_BATCH,), (latent_dim,), "events of model.latent_dim values, one per row of h"
         )
-        if not q.has_rsample:
+        if not (q.has_rsample or (q.support is not None and q.support.is_discrete)):
             raise UserInputError(
-                f"{part_label}: {call} gave {qualified(q)}, which has no rsample; a guide must be reparameterized"
+                f"{part_label}: {call} gave {qualified(q)}, which has no rsample and is not discrete; "
+                "a guide must be reparameterized or discrete"
             )
 
 
