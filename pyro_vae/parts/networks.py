@@ -43,15 +43,34 @@ class GatedLinear(nn.Module):
         return self.value(x) * torch.sigmoid(self.gate(x))
 
 
+def relu_start(layer: nn.Linear) -> nn.Linear:
+    """He et al. (2015)'s start for a layer that feeds a ReLU: W ~ N(0, 2 / fan_in), b = 0.
+
+    A ReLU passes half of a symmetric input's second moment, so weights of
+    variance 2 / fan_in keep E[h²] the same from layer to layer. PyTorch's
+    default (uniform, variance 1 / (3 fan_in)) shrinks it about sixfold per ReLU
+    layer: the features reaching the output are small, the first steps move
+    units by more than their input's scale, and units silent on every input
+    (zero gradient) stay silent for the rest of training.
+    """
+    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def mlp(sizes: list[int], activation: str, final_activation: bool) -> nn.Sequential:
-    """Linear layers between consecutive ``sizes`` with ``activation`` in between (``gated``: gated layers)."""
+    """Linear layers between consecutive ``sizes`` with ``activation`` in between (``gated``: gated layers).
+
+    A layer that feeds a ReLU starts as :func:`relu_start` says; every other layer keeps PyTorch's start.
+    """
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         hidden = i < len(sizes) - 2 or final_activation
         if hidden and activation == GATED:
             layers.append(GatedLinear(fan_in, fan_out))
             continue
-        layers.append(nn.Linear(fan_in, fan_out))
+        linear = nn.Linear(fan_in, fan_out)
+        layers.append(relu_start(linear) if hidden and activation == "relu" else linear)
         if hidden:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
