@@ -1,6 +1,6 @@
 """Mutated specs through the real ``pyro-vae train`` command: a valid run or exit 2 with one line, never a traceback.
 
-Each case takes the tiny valid spec of ``tests/test_fuzz_spec.py``, applies one
+Each case takes the tiny valid spec of ``tests/spec/test_fuzz_spec.py``, applies one
 to three random mutations from the same pools (a key set to a valid, odd or wrong
 value; a part swapped for another registered one; a key deleted; an unknown key
 added), writes it to a YAML file and runs ``python -m pyro_vae train --config
@@ -33,12 +33,13 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS / "spec"), str(TESTS)]
 from test_fuzz_spec import ALTERNATIVES, BASE, PATHS, SECTIONS, VALUES, apply  # noqa: E402
 
 
 def random_operations(rng: random.Random) -> list[tuple]:
-    """One to three mutations, drawn like the hypothesis strategy in tests/test_fuzz_spec.py."""
+    """One to three mutations, drawn like the hypothesis strategy in tests/spec/test_fuzz_spec.py."""
     operations = []
     for _ in range(rng.randint(1, 3)):
         kind = rng.choice(["set", "swap", "swap", "delete", "add"])

@@ -71,7 +71,7 @@ GRAD_RTOL = 1e-3  # compiled vs eager, relative to each gradient tensor's larges
 # Pyro while tracing: the one place the package patches Pyro
 # --------------------------------------------------------------------------
 
-#: the module attributes :func:`host_free_pyro` replaces while a step is traced; tests/test_speed_paths.py
+#: the module attributes :func:`host_free_pyro` replaces while a step is traced; tests/training/test_speed_paths.py
 #: fails when a Pyro release moves one of them (the trace would then stop at a host conversion)
 PATCHED = (
     ("pyro.infer.trace_elbo", "torch_item"),

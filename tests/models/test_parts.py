@@ -43,7 +43,7 @@ def choose(prior: str = "standard-normal", guide: str = "diagonal-normal") -> li
 
 
 def test_the_registry_holds_every_documented_part():
-    # the binary prior and guides (pyro_vae.parts.discrete) pair only with each other: tests/test_discrete_parts.py
+    # the binary prior and guides (pyro_vae.parts.discrete) pair only with each other: test_discrete_parts.py
     assert registry.names("prior") == [*PRIORS, "bernoulli"]
     assert registry.names("guide") == [*GUIDES, "bernoulli", "relaxed-bernoulli"]
     assert set(registry.names("likelihood")) == {"bernoulli", "continuous-bernoulli", "gaussian", "laplace"}

@@ -94,7 +94,7 @@ def test_the_relaxed_guide_draws_binary_units_scored_by_the_bernoulli_mass():
 
 
 def load_estimator(token: str):
-    from pyro_vae.evaluation.compare import parse_token
+    from pyro_vae.evaluation.estimator_tokens import parse_token
 
     return parse_token(token).build(load_spec(None, []).inference)
 

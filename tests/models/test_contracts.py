@@ -446,7 +446,7 @@ def test_train_with_a_plugin_prior_of_the_wrong_event_shape_exits_2_before_train
 
 @pytest.mark.slow
 def test_the_docs_plugin_example_runs_as_written(tmp_path):
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "contracts.md").read_text()
     (module,) = re.findall(r"```python\n(# laplace_prior\.py.*?)```", docs, flags=re.S)
     (command,) = re.findall(r"```bash\n(pyro-vae .*?)\n```", docs, flags=re.S)
     (tmp_path / "laplace_prior.py").write_text(module)

@@ -12,7 +12,9 @@ import torch
 import pyro_vae  # noqa: F401  (fills the registry)
 from pyro_vae.config.spec import load_spec
 from pyro_vae.errors import UserInputError
-from pyro_vae.evaluation.compare import Moments, flat_gradient, measure, parse_token
+from pyro_vae.evaluation.compare import measure
+from pyro_vae.evaluation.estimator_tokens import parse_token
+from pyro_vae.evaluation.gradient_stats import Moments, flat_gradient
 from pyro_vae.infer.discrete_estimators import leave_one_out_signals
 from pyro_vae.infer.estimators import bound_and_backward
 from pyro_vae.model import VAE

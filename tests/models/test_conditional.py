@@ -7,6 +7,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from sizes import SMALL
 from torch.distributions import Bernoulli, Normal
 
 from pyro_vae import evaluation, training
@@ -20,7 +21,6 @@ from pyro_vae.infer.log_weights import log_weights
 from pyro_vae.model import VAE
 from pyro_vae.parts import contracts
 from pyro_vae.training import compiled, path_choice
-from tests.sizes import SMALL
 
 LABEL = ["model.condition=label"]
 

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def blocks(language: str) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 

@@ -4,11 +4,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from sizes import SMALL
 
 from pyro_vae.config.spec import load_spec
 from pyro_vae.training.run import RUN_INFO, Run
 from pyro_vae.training.runner import model_inputs
-from tests.sizes import SMALL
 
 IMAGES = SimpleNamespace(data_dim=64, image_shape=(1, 8, 8))
 
