@@ -67,6 +67,7 @@ def test_decoder_output_starts_at_the_training_mean(likelihood, extra, network):
         [
             *TINY,
             *extra,
+            "model.decoder.init_bias=data-mean",
             f"model.likelihood.type={likelihood}",
             f"model.encoder.type={network}",
             f"model.decoder.type={network}",

@@ -90,7 +90,7 @@ class NetworkSpec:
 class DecoderSpec(NetworkSpec):
     """A network spec plus how the decoder's output bias starts."""
 
-    init_bias: str = field(default="data-mean", metadata=accepts(choices=("data-mean", "zero")))
+    init_bias: str = field(default="auto", metadata=accepts(choices=("auto", "data-mean", "zero")))
 
 
 @dataclass
