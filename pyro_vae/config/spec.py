@@ -88,7 +88,14 @@ class NetworkSpec:
 
 @dataclass
 class DecoderSpec(NetworkSpec):
-    """A network spec plus how the decoder's output bias starts."""
+    """A network spec plus how the decoder's output bias starts.
+
+    ``init_bias``: ``data-mean`` (p(x|z) starts at the mean training image),
+    ``zero``, or ``auto``: ``zero`` when the encoder or the decoder is a ReLU
+    network (its units go silent for good in the first steps from the mean
+    image), ``data-mean`` otherwise, as measured on MNIST per activation
+    (:func:`pyro_vae.model.output_bias_start`).
+    """
 
     init_bias: str = field(default="auto", metadata=accepts(choices=("auto", "data-mean", "zero")))
 
