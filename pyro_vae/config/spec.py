@@ -91,10 +91,10 @@ class DecoderSpec(NetworkSpec):
     """A network spec plus how the decoder's output bias starts.
 
     ``init_bias``: ``data-mean`` (p(x|z) starts at the mean training image),
-    ``zero``, or ``auto``: ``zero`` when the encoder or the decoder is a ReLU
-    network (its units go silent for good in the first steps from the mean
-    image), ``data-mean`` otherwise, as measured on MNIST per activation
-    (:func:`pyro_vae.model.output_bias_start`).
+    ``zero``, or ``auto``: ``data-mean`` when both networks' activation is one
+    measured on MNIST to train better from the mean image (tanh, gelu, silu),
+    ``zero`` otherwise: ReLU and softplus units go silent for good in the first
+    steps from the mean image (:func:`pyro_vae.model.output_bias_start`).
     """
 
     init_bias: str = field(default="auto", metadata=accepts(choices=("auto", "data-mean", "zero")))
