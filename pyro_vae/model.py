@@ -189,7 +189,7 @@ class VAE(nn.Module):
 
 
 # the activations measured on MNIST to train better from the mean-image start than from zero (docs/init.md)
-DATA_MEAN_ACTIVATIONS = frozenset({"tanh", "gelu", "silu"})
+DATA_MEAN_ACTIVATIONS = frozenset({"tanh", "gelu", "silu", "gated"})
 
 
 def output_bias_start(spec: ModelSpec) -> str:
@@ -204,7 +204,7 @@ def output_bias_start(spec: ModelSpec) -> str:
     hundred or so steps). A ReLU unit gets there by going silent on every input,
     where its gradient is zero, and stays silent for the rest of training; a
     softplus unit by a pre-activation far below zero, where its gradient
-    vanishes. tanh, GELU and SiLU units keep a gradient and come back. From the
+    vanishes. tanh, GELU, SiLU and gated units keep a gradient and come back. From the
     zero start the decoder first draws the mean image through its hidden units,
     which keeps them active.
     """

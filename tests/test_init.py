@@ -27,13 +27,13 @@ def both(activation: str) -> list[str]:
     return [f"model.encoder.activation={activation}", f"model.decoder.activation={activation}"]
 
 
-@pytest.mark.parametrize("activation", ["relu", "softplus", "elu", "leaky_relu", "gated"])
+@pytest.mark.parametrize("activation", ["relu", "softplus", "elu", "leaky_relu"])
 def test_auto_starts_at_zero_where_the_mean_image_was_not_measured_better(activation):
     vae, _ = built(*both(activation))
     assert vae.decoder.output_bias.abs().max() == 0
 
 
-@pytest.mark.parametrize("activation", ["tanh", "gelu", "silu"])
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "silu", "gated"])
 def test_auto_starts_at_the_mean_image_where_it_was_measured_better(activation):
     vae, mean_logit = built(*both(activation))
     assert torch.allclose(vae.decoder.output_bias, mean_logit)

@@ -37,7 +37,8 @@ NOTES = {
     "model.encoder.activation": "`gated`: h = (Wx + b) ⊙ σ(Vx + c), mlp only (the VampPrior paper's unit).",
     "model.decoder.init_bias": "`data-mean`: the output bias starts at the likelihood's parameter for the mean "
     "training example, so p(x|z) starts at the mean image; `zero`: at 0; `auto`: `data-mean` where both networks' "
-    "activation is `tanh`, `gelu` or `silu`, `zero` otherwise (measured per activation, see the decoder start page).",
+    "activation is `tanh`, `gelu`, `silu` or `gated`, `zero` otherwise (measured per activation, see the "
+    "decoder start page).",
     "model.guide.min_scale": "σ = softplus(raw) + `min_scale`.",
     "model.guide.log_variance_bounds": "`[low, high]`: every variance of a Gaussian guide clamped to "
     "[e^low, e^high]; the VampPrior paper uses [−6, 2].",

@@ -92,9 +92,9 @@ class DecoderSpec(NetworkSpec):
 
     ``init_bias``: ``data-mean`` (p(x|z) starts at the mean training image),
     ``zero``, or ``auto``: ``data-mean`` when both networks' activation is one
-    measured on MNIST to train better from the mean image (tanh, gelu, silu),
-    ``zero`` otherwise: ReLU and softplus units go silent for good in the first
-    steps from the mean image (:func:`pyro_vae.model.output_bias_start`).
+    measured on MNIST to train better from the mean image (tanh, gelu, silu,
+    gated), ``zero`` otherwise (relu, softplus, and the activations not
+    measured): see :func:`pyro_vae.model.output_bias_start`.
     """
 
     init_bias: str = field(default="auto", metadata=accepts(choices=("auto", "data-mean", "zero")))
