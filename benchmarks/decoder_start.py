@@ -7,7 +7,8 @@ with a mean KL above 0.1 nats, the share of *silent* hidden units per layer of
 each network (output ≤ 0 on every one of those images: for a ReLU unit its
 gradient is zero there, so it stays silent), the mean hidden output of the
 decoder, the mean logit of the never-lit training pixels, and the gradient norm
-of every linear layer's weight on one minibatch.
+of every linear layer's weight on one minibatch. The statistics draw from a fork
+of torch's generator, so the training steps are those of a plain run.
 
     PYRO_VAE_DATA=../shared/data python benchmarks/decoder_start.py --set model.encoder.activation=relu \
         --set model.decoder.activation=relu --set model.decoder.init_bias=data-mean
@@ -97,7 +98,9 @@ def main() -> None:
     for step in steps:
         trainer.run_steps(step - done)
         done = step
-        print(json.dumps({"step": step, **latent_statistics(trainer, x), **gradient_norms(trainer, batch)}), flush=True)
+        with torch.random.fork_rng():  # the statistics' draws leave training's generator as it was
+            row = {"step": step, **latent_statistics(trainer, x), **gradient_norms(trainer, batch)}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
