@@ -39,7 +39,9 @@ NOTES = {
     "model.encoder.hidden": "layer widths; `[]` makes a network linear.",
     "model.encoder.activation": "`gated`: h = (Wx + b) ⊙ σ(Vx + c), mlp only (the VampPrior paper's unit).",
     "model.decoder.init_bias": "`data-mean`: the output bias starts at the likelihood's parameter for the mean "
-    "training example, so p(x|z) starts at the mean image.",
+    "training example, so p(x|z) starts at the mean image; `zero`: at 0; `auto`: `data-mean` where both networks' "
+    "activation is `tanh`, `gelu`, `silu` or `gated`, `zero` otherwise (measured per activation, see the "
+    "decoder start page).",
     "model.guide.min_scale": "σ = softplus(raw) + `min_scale`.",
     "model.latents": "stochastic layers top-down z_L, …, z_1, each `{dim, hidden, activation, kl_weight}`: "
     "`hidden` is the MLP of p(z_l | z_(l+1)) (null on the top layer, whose prior is `model.prior`); `kl_weight` "

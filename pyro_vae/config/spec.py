@@ -90,9 +90,16 @@ class NetworkSpec:
 
 @dataclass
 class DecoderSpec(NetworkSpec):
-    """A network spec plus how the decoder's output bias starts."""
+    """A network spec plus how the decoder's output bias starts.
 
-    init_bias: str = field(default="data-mean", metadata=accepts(choices=("data-mean", "zero")))
+    ``init_bias``: ``data-mean`` (p(x|z) starts at the mean training image),
+    ``zero``, or ``auto``: ``data-mean`` when both networks' activation is one
+    measured on MNIST to train better from the mean image (tanh, gelu, silu,
+    gated), ``zero`` otherwise (relu, softplus, and the activations not
+    measured): see :func:`pyro_vae.model.output_bias_start`.
+    """
+
+    init_bias: str = field(default="auto", metadata=accepts(choices=("auto", "data-mean", "zero")))
 
 
 @dataclass
