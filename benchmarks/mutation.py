@@ -44,7 +44,7 @@ def copy_checkout(workdir: Path, only: list[str] | None) -> None:
     for name in files:
         target = workdir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
+        shutil.copy2(ROOT / name, target, follow_symlinks=False)  # a link (docs/notebooks) stays a link
     if only:
         config = configparser.ConfigParser()
         config.read(workdir / "setup.cfg")
