@@ -47,7 +47,6 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match
-from torch.autograd import forward_ad
 from torch.distributions import TransformedDistribution, kl_divergence
 
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -189,24 +188,32 @@ def flow_score(fn: TransformedDistribution, base: torch.Tensor) -> torch.Tensor:
 
         ∇_z log q(z) = J⁻ᵀ ∇_{x₀} g(x₀)
 
-    J and ∇g come from one forward-mode pass over d copies of x₀ with the unit
-    tangents e₁ … e_d (d = the event size); the parameters are held fixed (no
-    gradient is recorded). The transforms run as shallow copies, so the
-    flow's own caches keep the pass that drew the sample.
+    J and ∇g are forward-mode derivatives along the unit tangents e₁ … e_d
+    (d = the event size), batched by ``torch.func.vmap`` over the tangents only,
+    so the flow itself runs once; the parameters are held fixed (no gradient is
+    recorded). The transforms run as shallow copies, so the flow's own caches
+    keep the pass that drew the sample.
     """
-    d = base.shape[-1]
-    units = torch.eye(d, dtype=base.dtype, device=base.device).reshape(d, *(1,) * (base.dim() - 1), d)
-    shape = (d, *base.shape)
-    with torch.no_grad(), forward_ad.dual_level():
-        x = forward_ad.make_dual(base.expand(shape).contiguous(), units.expand(shape).contiguous())
+    transforms = [copy.copy(t) for t in fn.transforms]
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, g) at x₀ = x."""
         log_q = fn.base_dist.log_prob(x)
-        for transform in map(copy.copy, fn.transforms):
+        for transform in transforms:
             y = transform(x)
             log_det = transform.log_abs_det_jacobian(x, y)
             log_q = log_q - (log_det.sum(-1) if transform.domain.event_dim == 0 else log_det)
             x = y
-        jacobian = forward_ad.unpack_dual(x).tangent.movedim(0, -1)  # [..., j, i] = ∂z_j/∂x₀_i
-        gradient = forward_ad.unpack_dual(log_q).tangent.movedim(0, -1)  # [..., i] = ∂g/∂x₀_i
+        return x, log_q
+
+    def along(unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∂z/∂x₀, ∂g/∂x₀) along the direction ``unit``."""
+        return torch.func.jvp(forward, (base,), (unit.expand_as(base),))[1]
+
+    with torch.no_grad():
+        columns, partials = torch.func.vmap(along)(torch.eye(base.shape[-1], dtype=base.dtype, device=base.device))
+    jacobian = columns.movedim(0, -1)  # [..., j, i] = ∂z_j/∂x₀_i
+    gradient = partials.movedim(0, -1)  # [..., i] = ∂g/∂x₀_i
     return torch.linalg.solve(jacobian.transpose(-1, -2), gradient)
 
 
