@@ -1,4 +1,4 @@
-"""LogWeights.kl: the closed form where a pair is registered, the sampled difference elsewhere, per particle and example.
+"""LogWeights.kl: the closed form where a pair is registered, the sampled difference elsewhere, per particle, example.
 
 Small Pyro programs written here, with a mask on some examples, a guide-only
 site and a plate nested inside the data plate, against torch's own
