@@ -132,3 +132,17 @@ def test_a_draw_the_cache_does_not_hold_takes_the_inverse():
     assert log_weights.cached_base_draw(q, z) is None
     site = {"fn": q, "value": z, "args": (), "kwargs": {}, "is_observed": False}
     assert torch.equal(log_weights._site_log_prob(site, True), q.log_prob(z))
+
+
+def test_only_a_cached_vector_flow_has_a_base_draw():
+    flow = T.affine_autoregressive(3, hidden_dims=[4])
+    vector = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [flow])
+    assert log_weights.cached_base_draw(vector, vector.rsample()) is not None  # one draw, no batch dims
+    resized = dist.TransformedDistribution(  # a base of 3 dims, a value of 4
+        dist.Normal(torch.zeros(3), 1.0).to_event(1), [T.StickBreakingTransform(cache_size=1)]
+    )
+    assert log_weights.cached_base_draw(resized, resized.rsample()) is None
+    scalar = dist.TransformedDistribution(dist.Normal(0.0, 1.0), [T.ExpTransform(cache_size=1)])
+    assert log_weights.cached_base_draw(scalar, scalar.rsample()) is None
+    uncached = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [T.ExpTransform()])
+    assert log_weights.cached_base_draw(uncached, uncached.rsample()) is None

@@ -160,7 +160,7 @@ def cached_base_draw(fn: torch.distributions.Distribution, value: torch.Tensor) 
     """The base draw x₀ of a flow ``fn`` whose transforms cached the forward pass that made ``value``.
 
     For a ``TransformedDistribution`` over vectors (event dim 1, base and value of
-    the same size, each transform acting on elements or on vectors) whose every
+    the same size, so each transform acts on elements or on vectors) whose every
     transform holds the pair (x_t, x_{t+1}) of that pass, ending at ``value``
     itself: x₀, detached. None for any other distribution, or when a cache
     holds another pass.
@@ -171,8 +171,6 @@ def cached_base_draw(fn: torch.distributions.Distribution, value: torch.Tensor) 
         return None
     y = value
     for transform in reversed(fn.transforms):
-        if not transform.domain.event_dim == transform.codomain.event_dim <= 1:
-            return None
         x, cached_y = getattr(transform, "_cached_x_y", (None, None))
         if x is None or cached_y is not y:
             return None

@@ -81,3 +81,70 @@ def test_closed_form_kl_sums_a_plate_nested_inside_the_data_plate():
     exact = kl_divergence(dist.Normal(LOC, SCALE).to_event(1), dist.Normal(torch.zeros(D), 2.0).to_event(1))
     assert kl.shape == (K, 1, B)
     assert torch.allclose(kl, inner * exact.expand(K, 1, B))
+
+
+def test_sites_of_a_nested_plate_are_summed_per_particle_and_example():
+    inner = 2
+
+    def nested(loc):
+        def program(x):
+            data = pyro.plate("data", B, dim=-1)
+            with data, pyro.plate("inner", inner, dim=-2):
+                pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            if loc is LOC:
+                return
+            with data:
+                pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+        return program
+
+    sites = log_weights(nested(torch.zeros(D)), nested(LOC), torch.zeros(B), num_particles=K, max_plate_nesting=2)
+    z = sites.guide["z"].value
+    log_q = dist.Normal(LOC, 1.0).to_event(1).log_prob(z).sum(-2, keepdim=True)
+    log_p = dist.Normal(torch.zeros(D), 1.0).to_event(1).log_prob(z).sum(-2, keepdim=True)
+    for got, want in [
+        (sites.log_guide, log_q),
+        (sites.log_prior, log_p),
+        (sites.log_q, log_q),
+        (sites.log_p - sites.log_likelihood, log_p),
+    ]:
+        assert got.shape == (K, 1, B)
+        assert torch.allclose(got, want)
+
+
+def test_unweighted_sums_leave_masked_examples_out():
+    sites = log_weights(model, guide, torch.zeros(B), num_particles=K)
+    z = sites.guide["z"].value
+    log_p = dist.Normal(torch.zeros(D), 2.0).to_event(1).log_prob(z)
+    assert torch.allclose(sites.log_prior, torch.where(MASK, log_p, 0.0))
+    assert torch.equal(sites.log_guide[:, ~MASK], sites.guide["aux"].log_prob[:, ~MASK])
+
+
+def test_one_particle_by_default_and_values_wrapped_before_the_model_sees_them():
+    sites = log_weights(model, guide, torch.zeros(B))
+    assert sites.log_w.shape == (1, B)
+    shifted = log_weights(
+        model, guide, torch.zeros(B), num_particles=K, scale_values=lambda value, event_dim: value + 1
+    )
+    assert torch.equal(shifted.model["z"].value, shifted.guide["z"].value + 1)
+
+
+def test_the_path_derivative_only_when_asked():
+    """log q(loc + σε): its total gradient in loc is 0; the path derivative alone is Σ −ε/σ."""
+    loc = torch.zeros(B, D, requires_grad=True)
+
+    def normal_guide(x):
+        with pyro.plate("data", B, dim=-1):
+            pyro.sample("z", dist.Normal(loc, SCALE).to_event(1))
+
+    def plain_model(x):
+        with pyro.plate("data", B, dim=-1):
+            pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+
+    for path_derivative, asked in [(False, {}), (True, {"path_derivative": True})]:
+        pyro.set_rng_seed(1)
+        sites = log_weights(plain_model, normal_guide, torch.zeros(B), num_particles=K, **asked)
+        (grad,) = torch.autograd.grad(sites.log_guide.sum(), loc)
+        eps = (sites.guide["z"].value - loc).detach() / SCALE
+        want = -(eps / SCALE).sum(0) if path_derivative else torch.zeros(B, D)
+        assert torch.allclose(grad, want, atol=1e-5)
