@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.distributions import kl_divergence
 
-from pyro_vae.infer.log_weights import log_weights
+from pyro_vae.infer.log_weights import from_traces, log_weights, traces
 
 B, D, K = 4, 3, 5
 LOC = torch.linspace(-1.0, 1.0, B * D).reshape(B, D)
@@ -123,6 +123,9 @@ def test_unweighted_sums_leave_masked_examples_out():
 def test_one_particle_by_default_and_values_wrapped_before_the_model_sees_them():
     sites = log_weights(model, guide, torch.zeros(B))
     assert sites.log_w.shape == (1, B)
+    assert [site.name for site in sites.guide.values()] == ["aux", "z"]
+    model_trace, guide_trace = traces(model, guide, (torch.zeros(B),), {}, K)  # the data plate alone: K at dim -2
+    assert guide_trace.nodes["z"]["value"].shape == model_trace.nodes["z"]["value"].shape == (K, B, D)
     shifted = log_weights(
         model, guide, torch.zeros(B), num_particles=K, scale_values=lambda value, event_dim: value + 1
     )
@@ -144,6 +147,9 @@ def test_the_path_derivative_only_when_asked():
     for path_derivative, asked in [(False, {}), (True, {"path_derivative": True})]:
         pyro.set_rng_seed(1)
         sites = log_weights(plain_model, normal_guide, torch.zeros(B), num_particles=K, **asked)
+        if not path_derivative:
+            assert torch.equal(from_traces(sites.model_trace, sites.guide_trace).log_guide, sites.log_guide)
+            sites = from_traces(sites.model_trace, sites.guide_trace)
         (grad,) = torch.autograd.grad(sites.log_guide.sum(), loc)
         eps = (sites.guide["z"].value - loc).detach() / SCALE
         want = -(eps / SCALE).sum(0) if path_derivative else torch.zeros(B, D)
