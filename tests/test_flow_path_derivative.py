@@ -96,20 +96,21 @@ def test_flow_path_derivative_has_the_inverse_formulas_value_and_gradients(inver
 
 
 def test_flow_score_is_the_gradient_of_log_q_in_z():
-    """An autoregressive, an elementwise and a y-dependent Jacobian, a float32 flow, two batch dims."""
+    """An autoregressive, an elementwise and a y-dependent Jacobian, a float32 flow, two batch dims and one."""
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)  # the flow in float32, scored while the default is float64
     flow = T.affine_autoregressive(3, hidden_dims=[6])
     base = dist.Normal(torch.randn(3), torch.rand(3) + 0.5).to_event(1)
     q = dist.TransformedDistribution(base, [flow, T.ExpTransform(cache_size=1), T.PowerTransform(2.0, cache_size=1)])
-    z = q.rsample((2, 4))
-    torch.set_default_dtype(torch.float64)
-    score = log_weights.flow_score(q, log_weights.cached_base_draw(q, z))
-    torch.set_default_dtype(torch.float32)  # Pyro's inverse makes its zeros in the default dtype
-    free = z.detach().requires_grad_()
-    (want,) = torch.autograd.grad(q.log_prob(free).sum(), free)
-    assert score.dtype == torch.float32 and score.shape == (2, 4, 3)
-    assert torch.allclose(score, want, rtol=1e-3, atol=1e-4)
+    for shape in [(2, 4), (5,)]:
+        z = q.rsample(shape)
+        torch.set_default_dtype(torch.float64)
+        score = log_weights.flow_score(q, log_weights.cached_base_draw(q, z))
+        torch.set_default_dtype(torch.float32)  # Pyro's inverse makes its zeros in the default dtype
+        free = z.detach().requires_grad_()
+        (want,) = torch.autograd.grad(q.log_prob(free).sum(), free)
+        assert score.dtype == torch.float32 and score.shape == (*shape, 3)
+        assert torch.allclose(score, want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("estimator", [STL_ELBO, DReG_ELBO])
