@@ -181,9 +181,9 @@ def cached_base_draw(fn: torch.distributions.Distribution, value: torch.Tensor) 
 def flow_score(fn: TransformedDistribution, base: torch.Tensor) -> torch.Tensor:
     r"""∇_z log q(z) at z = T(x₀), from the base draw x₀ of a flow (:func:`cached_base_draw`), without inverting T.
 
-    With g(x₀) = log q(T(x₀)) = log q₀(x₀) − Σ_t log |det ∂x_{t+1}/∂x_t| and
-    J = ∂T/∂x₀, by the chain rule through x₀ = T⁻¹(z)::
+    With J = ∂T/∂x₀, by the chain rule through x₀ = T⁻¹(z)::
 
+        g(x₀) = log q(T(x₀)) = log q₀(x₀) − Σ_t log |det ∂x_{t+1}/∂x_t|
         ∇_z log q(z) = J⁻ᵀ ∇_{x₀} g(x₀)
 
     J and ∇g are forward-mode derivatives along the unit tangents e₁ … e_d
