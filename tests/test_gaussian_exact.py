@@ -50,3 +50,11 @@ def test_closed_form_kl_refuses_a_prior_it_has_no_formula_for():
         torch.distributions.kl_divergence(q, dist.Normal(torch.zeros(3, 2), 1.0).to_event(2))
     with pytest.raises(ValueError, match=r"^event shapes differ: q \(2,\), p \(3,\)$"):
         torch.distributions.kl_divergence(q, dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+
+def test_sample_is_w_z_plus_b_plus_sigma_eps_from_the_generator():
+    model = LinearGaussian.random(5, 3, generator=torch.Generator().manual_seed(0))
+    x = model.sample(4, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    z, eps = torch.randn(4, 3, generator=generator), torch.randn(4, 5, generator=generator)
+    assert torch.allclose(x, z @ model.weight.T + model.bias + 0.5 * eps)
