@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +26,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# mutmut forks a child per mutant from a process that ran the tests: a thread pool (OpenMP) of the parent's
+# would leave a child waiting forever on a lock no thread holds, so every mutant runs single-threaded
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def copy_checkout(workdir: Path, only: list[str] | None) -> None:
@@ -44,7 +48,7 @@ def copy_checkout(workdir: Path, only: list[str] | None) -> None:
     for name in files:
         target = workdir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
+        shutil.copy2(ROOT / name, target, follow_symlinks=False)  # a link (docs/notebooks) stays a link
     if only:
         config = configparser.ConfigParser()
         config.read(workdir / "setup.cfg")
@@ -72,6 +76,28 @@ def diff(workdir: Path, name: str) -> str:
     ).stdout.strip()
 
 
+def source_file(name: str) -> str:
+    """The file of a mutant: ``pyro_vae.infer.gaussian.x_log_density__mutmut_3`` → ``pyro_vae/infer/gaussian.py``."""
+    module = re.split(r"\.x(?:_|ǁ)", name, maxsplit=1)[0]
+    return module.replace(".", "/") + ".py"
+
+
+def scores(by_status: dict[str, list[str]]) -> list[str]:
+    """One table row per mutated file: killed, timed out, survived, not reached, score."""
+    rows = ["| file | killed | timed out | survived | not reached | score |", "|---|---|---|---|---|---|"]
+    counts: dict[str, dict[str, int]] = {}
+    for status, names in by_status.items():
+        for name in names:
+            per_file = counts.setdefault(source_file(name), {})
+            per_file[status] = per_file.get(status, 0) + 1
+    for path, c in sorted(counts.items()):
+        killed, timeouts, survived = c.get("killed", 0), c.get("timeout", 0), c.get("survived", 0)
+        tested = killed + timeouts + survived
+        score = 100.0 * (killed + timeouts) / tested if tested else float("nan")
+        rows.append(f"| {path} | {killed} | {timeouts} | {survived} | {c.get('no tests', 0)} | {score:.1f}% |")
+    return rows
+
+
 def report(workdir: Path, out: Path) -> str:
     by_status = results(workdir)
     killed = len(by_status.get("killed", []))
@@ -85,6 +111,8 @@ def report(workdir: Path, out: Path) -> str:
         "",
         f"score {score:.1f}%: {killed} killed, {timeouts} timed out, {len(survived)} survived "
         f"({untested} mutants in code no selected test reaches are not counted)",
+        "",
+        *scores(by_status),
         "",
     ]
     for name in survived:
@@ -107,7 +135,10 @@ def main() -> None:
     if not args.report_only:
         copy_checkout(workdir, args.only)
         subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=workdir, check=False
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+            cwd=workdir,
+            check=False,
+            env=ONE_THREAD,
         )
     print(report(workdir, args.out.resolve()).splitlines()[2])
 

@@ -316,7 +316,9 @@ class STL_ELBO(IWAE_ELBO):
     so the K = 1 guide gradient is exactly zero. (The K > 1 form is biased
     relative to IWAE's gradient; :class:`DReG_ELBO` is the unbiased one.) Done by
     replacing log q(z) with log q(z) − [log q(z.detach()) − log q(z.detach()).detach()],
-    which works for any reparameterized site, flows included.
+    which works for any reparameterized site; for a flow whose transforms cached the
+    draw (the IAF guide) by log q(z).detach() + ⟨∇_z log q(z), z − z.detach()⟩, the same
+    value and gradient without inverting the flow (:func:`~pyro_vae.infer.log_weights.flow_score`).
 
     G. Roeder, Y. Wu, D. Duvenaud, "Sticking the Landing: Simple, Lower-Variance
     Gradient Estimators for Variational Inference", NeurIPS 2017.

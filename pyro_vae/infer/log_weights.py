@@ -35,6 +35,7 @@ plate), such as a plate nested inside the data plate, are summed inside log w.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, cast
@@ -47,7 +48,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match
 from torch import nn
-from torch.distributions import kl_divergence
+from torch.distributions import TransformedDistribution, kl_divergence
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -191,18 +192,84 @@ def closed_form_allowed(model: Iterable[str], guide: Iterable[str]) -> dict[str,
     return {name: allowed.get(name, True) for name in order}
 
 
+def cached_base_draw(fn: torch.distributions.Distribution, value: torch.Tensor) -> torch.Tensor | None:
+    """The base draw x₀ of a flow ``fn`` whose transforms cached the forward pass that made ``value``.
+
+    For a ``TransformedDistribution`` over vectors (event dim 1, base and value of
+    the same size, so each transform acts on elements or on vectors) whose every
+    transform holds the pair (x_t, x_{t+1}) of that pass, ending at ``value``
+    itself: x₀, detached. None for any other distribution, or when a cache
+    holds another pass.
+    """
+    if not isinstance(fn, TransformedDistribution) or value.dim() < 1:
+        return None
+    if fn.event_shape != value.shape[-1:] or fn.base_dist.event_shape != value.shape[-1:]:
+        return None
+    y = value
+    for transform in reversed(fn.transforms):
+        x, cached_y = getattr(transform, "_cached_x_y", (None, None))
+        if x is None or cached_y is not y:
+            return None
+        y = x
+    return y.detach()
+
+
+def flow_score(fn: TransformedDistribution, base: torch.Tensor) -> torch.Tensor:
+    r"""∇_z log q(z) at z = T(x₀), from the base draw x₀ of a flow (:func:`cached_base_draw`), without inverting T.
+
+    With J = ∂T/∂x₀, by the chain rule through x₀ = T⁻¹(z)::
+
+        g(x₀) = log q(T(x₀)) = log q₀(x₀) − Σ_t log |det ∂x_{t+1}/∂x_t|
+        ∇_z log q(z) = J⁻ᵀ ∇_{x₀} g(x₀)
+
+    J and ∇g are forward-mode derivatives along the unit tangents e₁ … e_d
+    (d = the event size), batched by ``torch.func.vmap`` over the tangents only,
+    so the flow itself runs once; the parameters are held fixed (no gradient is
+    recorded). The transforms run as shallow copies, so the flow's own caches
+    keep the pass that drew the sample.
+    """
+    transforms = [copy.copy(t) for t in fn.transforms]
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, g) at x₀ = x."""
+        log_q = fn.base_dist.log_prob(x)
+        for transform in transforms:
+            y = transform(x)
+            log_det = transform.log_abs_det_jacobian(x, y)
+            log_q = log_q - (log_det.sum(-1) if transform.domain.event_dim == 0 else log_det)
+            x = y
+        return x, log_q
+
+    def along(unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∂z/∂x₀, ∂g/∂x₀) along the direction ``unit``."""
+        return torch.func.jvp(forward, (base,), (unit.expand_as(base),))[1]
+
+    with torch.no_grad():
+        columns, partials = torch.func.vmap(along)(torch.eye(base.shape[-1], dtype=base.dtype, device=base.device))
+    jacobian = columns.movedim(0, -1)  # [..., j, i] = ∂z_j/∂x₀_i
+    gradient = partials.movedim(0, -1)  # [..., i] = ∂g/∂x₀_i
+    return torch.linalg.solve(jacobian.transpose(-1, -2), gradient)
+
+
 def _site_log_prob(site: dict, path_derivative: bool) -> torch.Tensor:
     """Unscaled log-density of one sample site (batch shape; event dims summed).
 
     With ``path_derivative`` the value is the same, but the gradient is only the
-    path derivative: log q(z) − [log q(z.detach()) − log q(z.detach()).detach()].
+    path derivative ∇_z log q(z) · ∂z/∂φ: for a flow whose transforms cached
+    the draw (an IAF guide), log q(z)ᵈ + ⟨s, z − zᵈ⟩ with s = ∇_z log q(z)ᵈ from
+    :func:`flow_score` (ᵈ: detached), so the flow is never inverted; for any
+    other site log q(z) − [log q(zᵈ) − log q(zᵈ)ᵈ].
     """
     fn, value = site["fn"], site["value"]
     log_prob = fn.log_prob(value, *site["args"], **site["kwargs"])
-    if path_derivative:
-        fixed = fn.log_prob(value.detach(), *site["args"], **site["kwargs"])
-        log_prob = log_prob - (fixed - fixed.detach())
-    return log_prob
+    if not path_derivative:
+        return log_prob
+    base = cached_base_draw(fn, value)
+    if base is not None:
+        score = flow_score(fn, base)
+        return log_prob.detach() + (score * (value - value.detach())).sum(-1)
+    fixed = fn.log_prob(value.detach(), *site["args"], **site["kwargs"])
+    return log_prob - (fixed - fixed.detach())
 
 
 def _sites(trace: poutine.Trace) -> list[Any]:
