@@ -66,7 +66,7 @@ def test_a_guide_site_without_rsample_is_refused_by_name():
         with pyro.plate("data", 3, dim=-1):
             pyro.sample("c", dist.Bernoulli(0.3))
 
-    with pytest.raises(NotImplementedError, match="^IWAE_ELBO needs a reparameterized guide; site 'c' has none"):
+    with pytest.raises(UserInputError, match="^IWAE_ELBO needs reparameterized latent sites; site 'c' \\(Bernoulli\\)"):
         IWAE_ELBO(num_particles=2).differentiable_loss(model, guide)
 
 
