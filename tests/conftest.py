@@ -2,7 +2,9 @@
 
 import os
 
+import pyro
 import pytest
+import torch
 
 from pyro_vae.training import compile_cache
 
@@ -16,3 +18,23 @@ def private_compile_cache(tmp_path_factory):
         os.environ.pop(compile_cache.ENV, None)
     else:
         os.environ[compile_cache.ENV] = previous
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype and a fresh Pyro param store, for numerical checks; both restored after."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def float64_one_thread(float64):
+    """:func:`float64` on one thread: tiny tensors gain nothing from intra-op threads (they only add overhead)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -60,17 +60,7 @@ ENCODER, MODEL, SHARED = ("A", "c", "L"), ("W", "b"), ("m",)
 ENC, MOD = slice(0, 8 + 2 + 4), slice(14, 14 + 8 + 4)
 
 
-@pytest.fixture(autouse=True)
-def float64_one_thread_fresh_params():
-    # tiny tensors: intra-op threads only add overhead (milliseconds per op on a busy machine)
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 class Problem:

@@ -20,13 +20,7 @@ from pyro_vae.model import VAE
 B, N, D, LATENT = 5, 50, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture

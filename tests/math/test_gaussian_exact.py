@@ -7,13 +7,7 @@ import torch
 
 from pyro_vae.infer.gaussian import LinearGaussian
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_posterior_is_the_conditional_of_the_joint_gaussian():

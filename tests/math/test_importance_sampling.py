@@ -25,12 +25,7 @@ from pyro_vae.model import VAE
 D, d, NOISE = 5, 2, 0.5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def linear_gaussian_vae(widen: float):

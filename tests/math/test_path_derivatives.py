@@ -22,13 +22,7 @@ GUIDES = ["diagonal-normal", "low-rank-normal", "full-normal", "iaf"]
 B, N, D = 6, 60, 10
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 GUIDE_KEYS = {"low-rank-normal": ["model.guide.rank=2"], "iaf": ["model.guide.hidden=[8]"]}  # each part's own keys

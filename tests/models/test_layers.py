@@ -34,16 +34,7 @@ LATENTS = "model.latents=[{dim: 2}, {dim: 3, hidden: []}]"
 Z = 4.0  # z-score bound of an expectation check
 
 
-@pytest.fixture(autouse=True)
-def float64_one_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def linear_two_layer(structure: str = "bottom-up", extra: tuple[str, ...] = ()) -> HierarchicalVAE:
