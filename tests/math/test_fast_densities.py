@@ -85,15 +85,15 @@ def test_no_row_is_recomputed_where_every_group_stays_normal():
 
 
 def test_underflowing_rows_of_a_broadcast_batch_keep_their_place():
-    """(K, B, D) logits against (B, D) data and (B, D) logits against (K, B, D) data, confidently wrong rows among them."""
+    """(K, B, D) logits against (B, D) data and the reverse, with confidently wrong rows among them."""
     torch.manual_seed(1)
     x = torch.bernoulli(torch.full((4, 64), 0.5))
     logits = torch.randn(3, 4, 64)
     logits[1, 2] = 30 * (1 - 2 * x[2])  # every logit wrong by 30: −1920 nats
     logits[2, 0] = 30 * (1 - 2 * x[0])
-    for l, v in ((logits, x), (logits[1], x.expand(3, 4, 64)), (logits[:, None], x.expand(2, 4, 64))):
-        want = plain_bernoulli(l, v)
-        got = distributions.bernoulli_log_prob(l, v)
+    for lo, v in ((logits, x), (logits[1], x.expand(3, 4, 64)), (logits[:, None], x.expand(2, 4, 64))):
+        want = plain_bernoulli(lo, v)
+        got = distributions.bernoulli_log_prob(lo, v)
         assert got.shape == want.shape
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
     assert distributions.bernoulli_log_prob(logits, x)[1, 2] < -1900
