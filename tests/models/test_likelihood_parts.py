@@ -50,6 +50,9 @@ def test_the_continuous_bernoulli_data_mean_logits_give_that_mean():
     ends = likelihoods.ContinuousBernoulli().output_for_mean(torch.tensor([0.0, 0.01, 0.99, 1.0]))
     limit = torch.logit(torch.tensor(1 - torch.finfo(torch.float32).eps, dtype=torch.float64)).item()
     assert torch.allclose(ends.double(), torch.tensor([-limit, -limit, limit, limit], dtype=torch.float64), rtol=1e-6)
+    ends = likelihoods.ContinuousBernoulli().output_for_mean(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert ends.dtype == torch.float64
+    assert torch.allclose(ends, torch.tensor([-limit, limit], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", [dist.Normal, dist.Laplace])
