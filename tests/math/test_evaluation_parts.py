@@ -218,3 +218,89 @@ def test_a_layered_vae_reports_each_layers_kl():
     assert sum(layer["kl"] for layer in result["layers"].values()) == pytest.approx(result["kl"], abs=1e-5)
     assert {name: layer["kl_closed_form"] for name, layer in result["layers"].items()} == {"z1": False, "z2": True}
     assert result["kl_closed_form"] is False
+
+
+def test_the_per_epoch_elbo_takes_one_draw_per_example_by_default():
+    vae, x = small_vae(), binary(6)
+    assert evaluation.test_elbo(vae, x, seed=3) == evaluation.test_elbo(vae, x, num_samples=1, seed=3)
+
+
+def test_the_probes_of_a_pass_check_no_support(monkeypatch):
+    """Measuring a row and naming the KL terms score draws from q: no support checks, as in the evaluation itself."""
+    vae, x = small_vae("model.prior.type=mog"), binary(3)
+
+    def checked(self, value):
+        raise AssertionError("a support check ran")
+
+    monkeypatch.setattr(torch.distributions.Distribution, "_validate_sample", checked)
+    assert bounds.row_bytes(vae, x) > 0
+    assert evaluation.kl_note(vae, x).startswith("meanfield: z: KL(Normal ‖ DiagonalNormalMixture)")
+
+
+LAYERS_2 = "model.latents=[{dim: 2}, {dim: 2, hidden: []}]"
+NOTE_TAIL = "that term is estimated by sampling log q(z|x) − log p(z) at z ~ q (unbiased, higher variance)"
+ORDERED = "the guide draws it before a layer its prior depends on, where a closed form would be biased"
+
+
+@pytest.mark.parametrize(
+    "overrides, note",
+    [
+        (
+            ["model.latents=[{dim: 2}, {dim: 2, hidden: []}, {dim: 2, hidden: []}]"],
+            f"meanfield: z1, z2: {ORDERED}; {NOTE_TAIL}; closed-form: z3",
+        ),
+        (
+            [LAYERS_2, "model.prior.type=mog", "model.guide_structure=ladder"],
+            f"meanfield: z2: KL(Normal ‖ DiagonalNormalMixture) has no closed form; {NOTE_TAIL}; closed-form: z1",
+        ),
+        (
+            [
+                "model.latents=[{dim: 2}, {dim: 2, hidden: []}, {dim: 2, hidden: []}]",
+                "model.prior.type=mog",
+                "model.guide_structure=ladder",
+            ],
+            f"meanfield: z3: KL(Normal ‖ DiagonalNormalMixture) has no closed form; {NOTE_TAIL}; closed-form: z2, z1",
+        ),
+        (
+            [LAYERS_2, "model.prior.type=mog"],
+            f"meanfield: z2: KL(Normal ‖ DiagonalNormalMixture) has no closed form; z1: {ORDERED}; {NOTE_TAIL}",
+        ),
+    ],
+)
+def test_the_kl_note_of_a_layered_vae_names_each_sampled_layer_and_why(overrides, note):
+    spec = load_spec(None, ["model.encoder.hidden=[4]", "model.decoder.hidden=[4]", *overrides])
+    assert evaluation.kl_note(VAE.from_spec(spec.model, DATA_DIM), binary(3)) == note
+
+
+def conditional_vae() -> VAE:
+    spec = load_spec(
+        None,
+        [f"model.latent_dim={LATENT}", "model.encoder.hidden=[5]", "model.decoder.hidden=[5]", "model.condition=label"],
+    )
+    torch.manual_seed(0)
+    return VAE.from_spec(spec.model, DATA_DIM, num_classes=3)
+
+
+def test_a_conditional_vae_is_scored_with_each_examples_label():
+    """Every pass hands its examples' labels to the programs: the probes, the passes, the per-epoch ELBO."""
+    vae, x = conditional_vae(), binary(5)
+    labels, other = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2, 0, 1, 0])
+    assert bounds.row_bytes(vae, x, labels) > 0 and evaluation.rows_per_pass(vae, x, 1.0, labels) >= 1
+    assert evaluation.kl_note(vae, x, labels) is None
+    torch.manual_seed(9)
+    result = evaluation.evaluate(vae, x, num_samples=4, memory_mb=1e-4, per_example=True, labels=labels)
+    torch.manual_seed(9)  # one example per pass: the same draws as scoring each example alone, in order
+    alone = [
+        evaluation.evaluate(vae, x[i : i + 1], num_samples=4, per_example=True, labels=labels[i : i + 1])
+        for i in range(5)
+    ]
+    want = torch.cat([a["per_example"]["elbo"] for a in alone])
+    assert torch.allclose(result["per_example"]["elbo"], want, atol=1e-6)
+    torch.manual_seed(9)
+    relabelled = evaluation.evaluate(vae, x, num_samples=4, memory_mb=1e-4, per_example=True, labels=other)
+    assert not torch.allclose(relabelled["per_example"]["elbo"], want)
+    for seed in (None, 2):
+        torch.manual_seed(1)
+        first = evaluation.test_elbo(vae, x, num_samples=2, seed=seed, labels=labels)
+        torch.manual_seed(1)
+        assert evaluation.test_elbo(vae, x, num_samples=2, seed=seed, labels=other) != first
