@@ -79,6 +79,31 @@ def test_a_row_costs_every_modules_output_and_the_example_three_times():
     assert bounds.TEMPORARIES == 3
 
 
+class Split(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return h, 2 * h
+
+
+class SplitEncoder(torch.nn.Module):
+    """A plugin network with a submodule that returns a tuple (its second tensor kept alive, as a cache would)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.split, self.output_dim = inner, Split(), inner.output_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, self.kept = self.split(self.inner(x))
+        return h
+
+
+def test_a_row_counts_the_tensors_a_module_returns_in_a_tuple():
+    vae, x = small_vae(), binary(4)
+    plain = bounds.row_bytes(vae, x)
+    vae.encoder = SplitEncoder(vae.encoder)
+    features = 5 * x.element_size()  # the encoder's output for one example: hidden=[5]
+    assert bounds.row_bytes(vae, x) == plain + bounds.TEMPORARIES * features
+
+
 def test_measuring_a_row_leaves_the_vae_and_the_generators_as_they_were():
     vae, x = small_vae(), binary(4)
     torch.manual_seed(5)
