@@ -227,6 +227,7 @@ def test_active_units_are_the_latent_dims_whose_posterior_mean_varies():
     with torch.no_grad():
         vae.guide_head.loc.weight[1].zero_()  # the second dim's mean is the same for every x
         vae.guide_head.loc.weight[0].mul_(50)
+        vae.guide_head.raw_scale.weight.zero_()  # the posterior scales are the same for every x: only means vary
         means = vae.encode(x)[0]
     assert means[:, 0].var() > 0.01 and means[:, 1].var() < 1e-10
     assert evaluation.active_units(vae, x) == 1
