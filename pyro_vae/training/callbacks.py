@@ -73,7 +73,8 @@ def evaluate_epoch(trainer: Trainer) -> dict:
 
     Keys, in order: ``epoch`` (1-based), ``train_elbo`` (−mean step loss / N),
     ``validation_elbo`` (runs with a validation split), the test figures of
-    :func:`pyro_vae.evaluation.test_elbo`, ``test_error`` (M2: argmax q(y|x) against the test labels), ``seconds``, ``kl_weight`` (the epoch's
+    :func:`pyro_vae.evaluation.test_elbo`, ``test_error`` (M2 only: the share of test examples whose
+    argmax q(y|x) is not their label), ``seconds``, ``kl_weight`` (the epoch's
     last β) and ``lr``. A non-finite test or validation ELBO stops training.
     """
     p, spec = trainer.progress, trainer.spec
