@@ -80,7 +80,7 @@ def joined(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
 class Classifier(nn.Module):
     """x ↦ the logits of q(y|x): a network of ``model.classifier`` and a linear layer to the C classes."""
 
-    def __init__(self, network: nn.Module, num_classes: int):
+    def __init__(self, network: contracts.Encoder, num_classes: int):
         super().__init__()
         self.network, self.head = network, nn.Linear(network.output_dim, num_classes)
 
@@ -187,8 +187,9 @@ class SemiSupervisedVAE(VAE):
 
     def model(
         self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0, y: torch.Tensor | None = None
-    ) -> None:
-        """p(y) p(z) p(x|y,z) over the labeled (y observed, plus the factor ω log q(y|x)) and unlabeled examples."""
+    ) -> torch.Tensor:
+        """p(y) p(z) p(x|y,z) over the labeled (y observed, plus the factor ω log q(y|x)) and unlabeled examples;
+        returns ``x``."""
         self.register(("model",))
         with self._batch_scale(x, num_data):
             for name, xs, ys in self.parts_of(x, y):
@@ -201,19 +202,24 @@ class SemiSupervisedVAE(VAE):
                     if ys is not None and self.weight:
                         log_q = self.class_logits(xs).gather(-1, ys.unsqueeze(-1)).squeeze(-1)
                         pyro.factor(CLASSIFIER_SITE, self.weight * log_q)
+        return x
 
     def guide(
         self, x: torch.Tensor, num_data: int | None = None, kl_weight: float = 1.0, y: torch.Tensor | None = None
-    ) -> None:
-        """q(z|x,y) for the labeled examples; q(y|x) q(z|x,y) for the unlabeled (y enumerable)."""
+    ) -> torch.Tensor:
+        """q(z|x,y) for the labeled examples; q(y|x) q(z|x,y) for the unlabeled (y enumerable); returns the z drawn
+        last (the unlabeled examples', where the batch has any)."""
         self.register(("guide",))
+        draws: list[torch.Tensor] = []
         with self._batch_scale(x, num_data):
             for name, xs, ys in self.parts_of(x, y):
                 suffix = "_labeled" if ys is not None else ""
                 with pyro.plate(name, xs.shape[0], dim=-1):
                     label = ys if ys is not None else pyro.sample("y", dist.Categorical(logits=self.classifier(xs)))
+                    q = self.guide_head(joined(self.encoder(xs), label, self.num_classes))
                     with self._kl_scale(kl_weight):
-                        pyro.sample(f"z{suffix}", self.guide_head(joined(self.encoder(xs), label, self.num_classes)))
+                        draws.append(pyro.sample(f"z{suffix}", q))  # type: ignore[arg-type]  # a Pyro distribution
+        return draws[-1]
 
     # -- what users expect ------------------------------------------------------------
     @torch.no_grad()
