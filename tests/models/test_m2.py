@@ -267,3 +267,14 @@ def test_the_sampling_estimators_train_m2_with_a_score_function_for_y(float64_on
     loss = estimators.bound_and_backward(elbo, vae.model, vae.guide, x, y=torch.full((8,), -1))
     assert torch.isfinite(loss)
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in vae.classifier.parameters())
+
+
+def test_training_batches_carry_the_labels_of_the_labeled_subset_only():
+    from pyro_vae.training.trainer import Trainer
+
+    spec = Spec().with_overrides([*SMALL, *M2, "data.num_labeled=20", "model.latent_dim=2"])
+    trainer = Trainer(spec, None, show_progress=False)
+    y = trainer.batch_labels(torch.arange(96))
+    kept = y >= 0
+    assert int(kept.sum()) == 20 and torch.equal(y[kept], trainer.data.train_labels[kept])
+    assert torch.equal(kept, trainer.data.labeled)
