@@ -83,6 +83,9 @@ def test_the_enumerated_objective_is_kingmas_definition(float64_one_thread):
     unlabeled_part = (q_y * bounds).sum(0) - (q_y * q_y.log()).sum(0)
     expected = num_data / 5 * (labeled_part.sum() + unlabeled_part.sum())
     assert torch.allclose(-loss, expected, rtol=1e-10, atol=1e-10)
+    parameters = list(vae.parameters())  # the gradient too: the classifier's through q(y|x) in the exact sum
+    for got, want in zip(torch.autograd.grad(-loss, parameters), torch.autograd.grad(expected, parameters)):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
 def test_the_classifier_weight_is_kingmas_alpha_over_the_labeled_examples():
