@@ -89,8 +89,9 @@ def check_label_argument(num_classes: int, y: torch.Tensor | None) -> None:
 
 
 def labels_for(vae, labels: torch.Tensor | None) -> torch.Tensor | None:
-    """``labels`` for a conditional VAE, None for an unconditional one (which takes none)."""
-    return labels if vae.num_classes else None
+    """``labels`` for a conditional VAE, None for one whose figures are not conditional on them (an unconditional
+    VAE, or M2, which scores log p(x))."""
+    return labels if vae.conditions_on_labels else None
 
 
 def program_kwargs(y: torch.Tensor | None) -> dict:

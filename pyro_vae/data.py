@@ -70,6 +70,7 @@ class Dataset:
     notes: tuple[str, ...] = ()  # what loading used instead of what the spec asked (a size beyond the data)
     num_classes: int | None = None
     validation_labels: torch.Tensor | None = None
+    labeled: torch.Tensor | None = None  # data.num_labeled: which training examples keep their label (bool, (N,))
 
     @property
     def data_dim(self) -> int:
@@ -96,6 +97,17 @@ class Dataset:
         """The labels of split ``name`` (``train``, ``test`` or ``validation``), in the split's order; None without."""
         return {"train": self.train_labels, "validation": self.validation_labels}.get(name, self.test_labels)
 
+    @property
+    def num_labeled(self) -> int:
+        """N_l: the training examples that keep their label (``data.num_labeled``; all of them by default)."""
+        return self.num_train if self.labeled is None else int(self.labeled.sum())
+
+    def partial_labels(self, index: torch.Tensor) -> torch.Tensor:
+        """The labels of the training examples at ``index``, −1 for those used without their label."""
+        assert self.train_labels is not None  # a semi-supervised model is refused on data without labels
+        labels = self.train_labels[index]
+        return labels if self.labeled is None else torch.where(self.labeled[index], labels, -1)
+
     def training_batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training examples at ``index``, freshly binarized under ``dynamic``."""
         batch = self.train[index]
@@ -113,6 +125,7 @@ class Dataset:
             validation_labels=move(self.validation_labels),
             train_labels=move(self.train_labels),
             test_labels=move(self.test_labels),
+            labeled=move(self.labeled),
         )
 
 
@@ -152,6 +165,7 @@ def load_dataset(spec: DataSpec, seed: int = 0, device: str | torch.device = "cp
             test_labels=None if data.test_labels is None else data.test_labels[: spec.test_size],
         )
     data = with_validation(data, spec.validation_size, seed)
+    data = with_labeled_subset(data, spec.num_labeled, seed)
     check_size(data, spec.name)
     check_finite(data.train, f"data '{spec.name}' (training split)")
     check_finite(data.test, f"data '{spec.name}' (test split)")
@@ -196,6 +210,38 @@ def with_validation(data: Dataset, size: int | str | None, seed: int) -> Dataset
     return replace(
         data, train=data.train[kept], train_labels=labels, validation=data.train[held], validation_labels=held_labels
     )
+
+
+def with_labeled_subset(data: Dataset, num_labeled: int | None, seed: int) -> Dataset:
+    """``data.num_labeled``: the training examples that keep their label, ``num_labeled / C`` of each class drawn
+    by a generator seeded with ``seed``; None keeps every label.
+
+    Data without labels, a count that is not a multiple of the C classes, or more of a class than the training
+    split holds, is a one-line UserInputError.
+    """
+    if num_labeled is None:
+        return data
+    if data.train_labels is None or not data.num_classes:
+        raise UserInputError(f"'data.num_labeled' is {num_labeled} but data '{data.name}' has no labels")
+    classes = data.num_classes
+    if num_labeled % classes:
+        raise UserInputError(
+            f"'data.num_labeled' is {num_labeled}; accepted: a multiple of the {classes} classes of '{data.name}' "
+            f"(the labeled subset holds as many examples of each class)"
+        )
+    per_class = num_labeled // classes
+    generator = torch.Generator().manual_seed(seed)
+    labeled = torch.zeros(data.num_train, dtype=torch.bool)
+    for c in range(classes):
+        members = (data.train_labels == c).nonzero().squeeze(-1).cpu()
+        if members.numel() < per_class:
+            raise UserInputError(
+                f"'data.num_labeled' is {num_labeled}: {per_class} examples of each class, but class {c} of "
+                f"'{data.name}' has {members.numel()} training examples; accepted: at most "
+                f"{classes * min(int((data.train_labels == k).sum()) for k in range(classes))}"
+            )
+        labeled[members[torch.randperm(members.numel(), generator=generator)[:per_class]]] = True
+    return replace(data, labeled=labeled)
 
 
 def resolve_binarization(spec: DataSpec) -> str:

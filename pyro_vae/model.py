@@ -41,13 +41,15 @@ from pyro import poutine
 from torch import nn
 
 from pyro_vae import conditional
-from pyro_vae.config.spec import ModelSpec
+from pyro_vae.config.spec import SEMISUPERVISED, ModelSpec
 from pyro_vae.errors import UserInputError
 from pyro_vae.parts import contracts
 
 
 class VAE(nn.Module):
     """Encoder, decoder, prior, guide head and likelihood, with the Pyro model and guide."""
+
+    traceable = True  # the programs' structure never depends on tensor values (pyro_vae.training.compiled)
 
     def __init__(
         self,
@@ -73,6 +75,7 @@ class VAE(nn.Module):
         image_shape: tuple[int, int, int] | None = None,
         train: torch.Tensor | None = None,
         num_classes: int | None = None,
+        classifier_weight: float = 0.0,
     ) -> "VAE":
         """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.parts.contracts`).
 
@@ -92,7 +95,15 @@ class VAE(nn.Module):
         ``num_classes``, the data's number of classes, is needed under
         ``model.condition: label``: the decoder then takes [z, e_y], the guide
         head [features, e_y], and the prior is :class:`pyro_vae.conditional.ConditionalNormal`.
+
+        Under ``model.condition: semisupervised`` the result is a
+        :class:`pyro_vae.semisupervised.SemiSupervisedVAE` (M2) whose labeled examples' log q(y|x) weighs
+        ``classifier_weight`` (ω) in its objective.
         """
+        if spec.condition == SEMISUPERVISED and cls is VAE:
+            from pyro_vae.semisupervised import SemiSupervisedVAE  # M2 subclasses this one
+
+            return SemiSupervisedVAE.from_spec(spec, data_dim, image_shape, train, num_classes, classifier_weight)
         if spec.latents and cls is VAE:
             from pyro_vae.hierarchy import HierarchicalVAE  # the layered VAE subclasses this one
 
@@ -145,6 +156,11 @@ class VAE(nn.Module):
     ) -> "VAE":
         """The VAE of the built parts for ``spec`` (``num_classes``: the label's width of a conditional VAE)."""
         return cls(encoder, decoder, guide_head, prior, likelihood, spec.latent_dim, num_classes)
+
+    @property
+    def conditions_on_labels(self) -> bool:
+        """Whether its figures are conditional on the examples' labels (log p(x | y)): a conditional VAE's are."""
+        return bool(self.num_classes)
 
     # -- the distributions, usable without Pyro's effect handlers ------------------
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:

@@ -29,7 +29,13 @@ NOTES = {
     "data.path": "`.npy` / `.pt` array (N, D), (N, H, W) or (N, C, H, W), for `data.name: file`; or a `.npz` "
     "with that array as `x` and, optionally, integer classes 0, 1, … as `labels`.",
     "model.condition": "`label`: a conditional VAE, p(z|y) p(x|z,y) with guide q(z|x,y), y the one-hot label "
-    "(labelled data; prior `standard-normal` or `learned-normal`, which become p(z|y)); see Conditional VAEs.",
+    "(labelled data; prior `standard-normal` or `learned-normal`, which become p(z|y)); see Conditional VAEs. "
+    "`semisupervised`: the M2 VAE, p(y) p(z) p(x|y,z) with guide q(y|x) q(z|x,y), y observed where labeled and "
+    "summed out by `enum` elsewhere; see Discrete latent variables.",
+    "data.num_labeled": "with `model.condition: semisupervised`: the training examples that keep their label, "
+    "as many of each class (drawn by `train.seed`); the others are used without it. null: every label.",
+    "model.classifier_weight": "with `model.condition: semisupervised`: ω, the weight of each labeled example's "
+    "log q(y|x) in the objective; `kingma`: 0.1·N / N_l (Kingma et al.'s α = 0.1·N over the N_l labels).",
     "data.test_fraction": "held-out share where there is no test file (`digits`, `file`).",
     "data.binarize": "`auto` is dynamic for images, static for `binarized-mnist`, none otherwise.",
     "data.train_size": "use the first n examples (null: all).",

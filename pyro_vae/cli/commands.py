@@ -246,6 +246,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     with progress.bar(x.shape[0], f"evaluating K = {args.num_samples}", "example", quiet=args.quiet) as bar:
         result = evaluation.evaluate(vae, x, args.num_samples, memory_mb=args.memory_mb, progress=bar, labels=labels)
+    from pyro_vae.semisupervised import classification
+
+    result.update(classification(vae, x, data.labels(args.split)))
     units = evaluation.layer_active_units(vae, x, labels=labels)
     result["active_units"] = sum(layer["active_units"] for layer in units.values())
     if "layers" in result:

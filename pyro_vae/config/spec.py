@@ -32,6 +32,8 @@ PUBLISHED = "published"  # data.validation_size: the dataset's own validation sp
 TRAIN_SEED = "train"  # data.eval_binarize_seed: binarize the evaluation splits with train.seed
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky_relu", "gated")
 CONDITIONAL_PRIORS = ("standard-normal", "learned-normal")  # model.condition label: the priors it makes p(z|y)
+SEMISUPERVISED = "semisupervised"  # model.condition: the M2 VAE (pyro_vae.semisupervised)
+SEMISUPERVISED_ESTIMATORS = ("enum", "trace", "tracegraph")  # those whose gradient handles y's sampled or summed site
 
 
 def accepts(
@@ -74,6 +76,9 @@ class DataSpec:
     validation_size: Union[int, str, None] = field(default=None, metadata=accepts(1, choices=(PUBLISHED,)))
     # the seed of the test and validation splits' fixed binarization; "train": train.seed (runs before this key)
     eval_binarize_seed: Union[int, str] = field(default=0, metadata=accepts(0, 2**64 - 1, choices=(TRAIN_SEED,)))
+    # model.condition semisupervised: the class-balanced labeled subset (num_labeled / C of each class, by
+    # train.seed); the other training examples are used without their labels. null: every label is used
+    num_labeled: Union[int, None] = field(default=None, metadata=accepts(1))
     linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
 
 
@@ -146,7 +151,12 @@ class ModelSpec:
     latents: list[LayerSpec] = field(default_factory=list)
     guide_structure: str = field(default="bottom-up", metadata=accepts(choices=("bottom-up", "ladder")))
     # label: the prior p(z|y), the decoder p(x|z,y) and the guide q(z|x,y) take the one-hot label (pyro_vae.conditional)
-    condition: str = field(default="none", metadata=accepts(choices=("none", "label")))
+    # semisupervised: the M2 VAE, y observed where labeled and latent elsewhere (pyro_vae.semisupervised)
+    condition: str = field(default="none", metadata=accepts(choices=("none", "label", SEMISUPERVISED)))
+    # semisupervised: the network of the classifier q(y|x) (a linear layer to the classes follows it)
+    classifier: NetworkSpec = field(default_factory=NetworkSpec)
+    # semisupervised: ω, the weight of each labeled example's log q(y|x) in the objective; kingma: 0.1·N / N_l
+    classifier_weight: Union[float, str] = field(default="kingma", metadata=accepts(0, choices=("kingma",)))
 
 
 @dataclass
@@ -662,6 +672,7 @@ def _check_cross_field(spec: Spec) -> None:
         )
     if model.condition == "label":
         check_conditional(spec)
+    check_semisupervised(spec)
     if spec.data.name == "file" and spec.data.path is None:
         raise UserInputError("'data.path' is required when data.name is 'file' (a .npy, .pt or .npz array)")
     check_device_name(spec.train.device, "'train.device'")
@@ -680,6 +691,38 @@ def check_conditional(spec: Spec) -> None:
         raise UserInputError(
             f"'model.condition' label makes the prior p(z|y) a Gaussian from a network of the label, which replaces "
             f"'model.prior.type' {prior!r}; accepted with it: {', '.join(CONDITIONAL_PRIORS)}"
+        )
+
+
+def check_semisupervised(spec: Spec) -> None:
+    """``model.condition: semisupervised`` needs one layer, an unconditional Gaussian prior, an estimator for its
+    discrete site y and the eager step; ``data.num_labeled`` needs it."""
+    model, inference = spec.model, spec.inference
+    if model.condition != SEMISUPERVISED:
+        if spec.data.num_labeled is not None:
+            raise UserInputError(
+                f"'data.num_labeled' is {spec.data.num_labeled} but 'model.condition' is {model.condition!r}; "
+                f"accepted: data.num_labeled with model.condition: {SEMISUPERVISED}, else null"
+            )
+        return
+    if model.latents:
+        raise UserInputError(
+            f"'model.condition' {SEMISUPERVISED} is not available with 'model.latents'; accepted: a one-layer model"
+        )
+    if model.prior.type not in CONDITIONAL_PRIORS:
+        raise UserInputError(
+            f"'model.prior.type' is {model.prior.type!r}; accepted with model.condition {SEMISUPERVISED}: "
+            f"{', '.join(CONDITIONAL_PRIORS)}"
+        )
+    if inference.estimator not in SEMISUPERVISED_ESTIMATORS:
+        raise UserInputError(
+            f"'inference.estimator' is {inference.estimator!r}, which cannot take the discrete site y of "
+            f"model.condition {SEMISUPERVISED}; accepted: {', '.join(SEMISUPERVISED_ESTIMATORS)}"
+        )
+    if inference.compile not in ("auto", "eager", False):
+        raise UserInputError(
+            f"'inference.compile' is {inference.compile!r}; model.condition {SEMISUPERVISED} runs eagerly (its "
+            f"plates depend on which examples are labeled), accepted: auto, eager"
         )
 
 

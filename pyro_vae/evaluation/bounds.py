@@ -151,7 +151,14 @@ def evaluate(
     ``per_example=True`` adds ``"per_example"``: the ELBO and log-likelihood
     estimate of every example (float64 tensors), for paired comparisons of two
     models on the same data.
+
+    An M2 VAE (:class:`pyro_vae.semisupervised.SemiSupervisedVAE`) is scored with its class y summed out
+    exactly inside each importance weight (:func:`pyro_vae.semisupervised.evaluate`).
     """
+    from pyro_vae import semisupervised  # it scores through this module's passes
+
+    if isinstance(vae, semisupervised.SemiSupervisedVAE):
+        return semisupervised.evaluate(vae, data, num_samples, memory_mb, per_example, progress)
     was_training = vae.training
     vae.eval()
     names = ("elbo", "reconstruction", "kl_sampled", "kl", "ll", "ess", "khat")

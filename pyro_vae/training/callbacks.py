@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyro
 
-from pyro_vae import evaluation
+from pyro_vae import evaluation, semisupervised
 from pyro_vae.config.spec import Spec
 from pyro_vae.training import optimizer
 from pyro_vae.training.run import BEST
@@ -73,7 +73,8 @@ def evaluate_epoch(trainer: Trainer) -> dict:
 
     Keys, in order: ``epoch`` (1-based), ``train_elbo`` (−mean step loss / N),
     ``validation_elbo`` (runs with a validation split), the test figures of
-    :func:`pyro_vae.evaluation.test_elbo`, ``seconds``, ``kl_weight`` (the epoch's
+    :func:`pyro_vae.evaluation.test_elbo`, ``test_error`` (M2 only: the share of test examples whose
+    argmax q(y|x) is not their label), ``seconds``, ``kl_weight`` (the epoch's
     last β) and ``lr``. A non-finite test or validation ELBO stops training.
     """
     p, spec = trainer.progress, trainer.spec
@@ -101,6 +102,7 @@ def evaluate_epoch(trainer: Trainer) -> dict:
         "train_elbo": -float(np.mean(p.epoch_losses)) / trainer.data.num_train,
         **({"validation_elbo": validation} if validation is not None else {}),
         **test,
+        **semisupervised.classification(trainer.vae, trainer.data.test, trainer.data.test_labels),
         "seconds": p.epoch_seconds,
         "kl_weight": trainer.kl_weight_at(p.global_step - 1),
         "lr": optimizer.current_lr(trainer.optimizer),

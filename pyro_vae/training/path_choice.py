@@ -99,7 +99,7 @@ def build_step(
     chosen: str | None = None,
 ) -> Callable:
     """The trainer's ``(x, num_data, kl_weight, y) → loss`` step for an ``inference.compile`` value
-    (``y``: a conditional VAE's labels, else None).
+    (``y``: a conditional VAE's labels, else None). ``auto`` is eager for a VAE that is not ``traceable`` (M2).
 
     ``auto`` (:class:`AutoStep`) needs ``steps_left``, and takes ``chosen``, the
     path an earlier part of the run chose, if any; ``traced`` and ``inductor`` are
@@ -108,6 +108,8 @@ def build_step(
     """
     log = log or logging.getLogger("pyro_vae")
     path = path_name(setting)
+    if path == "auto" and not getattr(vae, "traceable", True):  # a program whose structure depends on values
+        return eager_step(elbo, vae)
     if path == "auto":
         return AutoStep(elbo, vae, log, steps_left, chosen, trace_after=TRACE_AFTER_STEPS)
     if path in ("traced", "inductor"):

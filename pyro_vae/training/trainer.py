@@ -64,7 +64,7 @@ import pyro
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pyro_vae import evaluation, progress
+from pyro_vae import evaluation, progress, semisupervised
 from pyro_vae.conditional import labels_for
 from pyro_vae.config.spec import Spec
 from pyro_vae.data import Dataset, load_dataset
@@ -173,8 +173,11 @@ class Trainer:
     def build_model(self) -> None:
         """The VAE from the spec (the same on every rank), checked against free memory and the data's support."""
         pyro.clear_param_store()  # the one place: a new VAE's parameters replace any earlier ones there
+        weight = semisupervised.classifier_weight(
+            self.spec.model.classifier_weight, self.data.num_train, self.data.num_labeled
+        )
         self.vae = VAE.from_spec(
-            self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train, self.data.num_classes
+            self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train, self.data.num_classes, weight
         ).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         checks.check_memory(self.vae, self.device)
@@ -347,7 +350,10 @@ class Trainer:
         return self.data.training_batch(index), self.batch_labels(index)
 
     def batch_labels(self, index: torch.Tensor) -> torch.Tensor | None:
-        """The labels of the training examples at ``index`` for a conditional VAE; None for an unconditional one."""
+        """The labels of the training examples at ``index`` for a conditional VAE; for M2, −1 marking those used
+        without their label; None for an unconditional VAE."""
+        if isinstance(self.vae, semisupervised.SemiSupervisedVAE):
+            return self.data.partial_labels(index)
         labels = labels_for(self.vae, self.data.train_labels)
         return None if labels is None else labels[index]
 
