@@ -668,13 +668,8 @@ def _check_cross_field(spec: Spec) -> None:
 
 
 def check_conditional(spec: Spec) -> None:
-    """``model.condition: label`` needs a one-layer model and a prior it can make conditional (labelled data is
-    checked as it loads)."""
-    if spec.model.latents:
-        raise UserInputError(
-            "'model.condition' label is not available with 'model.latents' (stochastic layers) yet; "
-            "accepted: a conditional one-layer model, or layers with model.condition: none"
-        )
+    """``model.condition: label`` needs a prior it can make conditional (the top layer's, with ``model.latents``;
+    labelled data is checked as it loads)."""
     prior = spec.model.prior.type
     if prior not in CONDITIONAL_PRIORS:
         raise UserInputError(
