@@ -19,6 +19,10 @@ guide, ``model.guide_structure``:
 
   (the top-down networks are the model's own conditional priors).
 
+The top layer's prior is any registered prior; the VampPrior (Tomczak & Welling 2018) needs the ``ladder`` guide:
+its components are q(z_L | u_k) at the pseudo-inputs u_k, and only the ladder gives q(z_L | x) in closed form (the
+Gaussian estimate N(μ̂_L, σ̂_L²) of the bottom-up pass d_L(x)), so p(z_L) = (1/K) Σ_k N(μ̂_L(u_k), σ̂_L(u_k)²).
+
 With ``model.condition: label`` (K classes, one-hot e_y; :mod:`pyro_vae.conditional`) the label enters every
 network: the top prior is p(z_L | y) (:class:`~pyro_vae.conditional.ConditionalNormal`), each conditional prior
 p(z_l | z_{l+1}, y) an MLP of [z_{l+1}, e_y], the decoder p(x | z_1, y) takes [z_1, e_y], q(z_1 | x, y) the
@@ -31,6 +35,7 @@ that layer's sites in both programs, so log w = log p(x|z_1) + Σ_l β_l [log p(
 
 from __future__ import annotations
 
+import dataclasses
 from typing import cast
 
 import pyro
@@ -41,7 +46,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyro_vae.conditional import check_label_argument, with_label
-from pyro_vae.config.spec import LayerSpec, ModelSpec
+from pyro_vae.config.spec import LayerSpec, ModelSpec, PriorSpec
 from pyro_vae.model import VAE
 from pyro_vae.parts import contracts, distributions
 from pyro_vae.parts.networks import mlp
@@ -66,6 +71,10 @@ class ConditionalGaussian(nn.Module):
 
     def forward(self, u: torch.Tensor) -> dist.TorchDistribution:
         return distributions.DiagonalNormal(*self.moments(u))
+
+    def gaussian(self, u: torch.Tensor) -> dist.TorchDistribution:
+        """The same N(μ(u), diag σ(u)²), under the name a guide head gives its Gaussian (the VampPrior's call)."""
+        return self(u)
 
 
 def precision_merge(
@@ -141,6 +150,47 @@ class HierarchicalVAE(VAE):
         ``num_classes`` K > 0 (the label's width under ``model.condition: label``) makes every layer conditional."""
         layers, structure, floor = spec.latents, spec.guide_structure, spec.guide.min_scale
         return cls(encoder, decoder, guide_head, prior, likelihood, layers, structure, floor, num_classes)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        data_dim: int,
+        image_shape: tuple[int, int, int] | None = None,
+        train: torch.Tensor | None = None,
+        num_classes: int | None = None,
+    ) -> "HierarchicalVAE":
+        """:meth:`VAE.from_spec` for layers; a ``vamp`` top prior is built on the ladder's estimate of z_L.
+
+        The VampPrior's components q(z_L | u_k) come from networks the layered VAE builds itself (the bottom-up
+        pass and the top estimate), so the parts are built with a standard-normal top prior first, then the
+        VampPrior on :meth:`top_features` and the top estimate replaces it (checked like every prior).
+        """
+        if spec.prior.type != "vamp":
+            return cast(HierarchicalVAE, super().from_spec(spec, data_dim, image_shape, train, num_classes))
+        placeholder = dataclasses.replace(spec, prior=PriorSpec())
+        vae = cast(HierarchicalVAE, super().from_spec(placeholder, data_dim, image_shape, train, num_classes))
+        data_range = (0.0, 1.0) if train is None else (float(train.min()), float(train.max()))
+        top, estimate = vae.dims[0], vae._gaussians(vae.estimates)[-1]
+        vae.prior = contracts.build(
+            "prior",
+            "vamp",
+            spec.prior,
+            top,
+            data_dim=data_dim,
+            encoder=vae.top_features,
+            guide=estimate,
+            data_range=data_range,
+        )
+        contracts.probe_prior("vamp", vae.prior, top)
+        return vae
+
+    def top_features(self, x: torch.Tensor) -> torch.Tensor:
+        """d_L(x): the ladder's deterministic bottom-up pass d_1 = enc(x), d_(l+1) = MLP(d_l) (unconditional)."""
+        h = self.encoder(x)
+        for upward in self.upward:
+            h = upward(h)
+        return h
 
     @property
     def sites(self) -> list[str]:

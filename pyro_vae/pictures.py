@@ -83,9 +83,7 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
     return steps
 
 
-def _layer_map(
-    vae: HierarchicalVAE, subset, given, labels, name: str, folder: Path, data: Dataset
-) -> Callable:
+def _layer_map(vae: HierarchicalVAE, subset, given, labels, name: str, folder: Path, data: Dataset) -> Callable:
     """Draws ``latent-{name}.png``: the map of E_q[z_l | x] of an upper layer (latent.png is z_1's); ``given``:
     the labels a conditional VAE takes (E_q[z_l | x, y]), None otherwise."""
     from pyro_vae import plots

@@ -585,7 +585,7 @@ def _with_latent_dim(raw: Any) -> Any:
 
 def _check_latents(model: ModelSpec) -> None:
     """``model.latents``: two layers or more, the top one without a network, each lower one with one, z_1's
-    dimension ``model.latent_dim``; ``ladder`` needs a diagonal-normal guide."""
+    dimension ``model.latent_dim``; ``ladder`` needs a diagonal-normal guide, a ``vamp`` top prior the ladder."""
     layers = model.latents
     if not layers:
         return
@@ -614,10 +614,10 @@ def _check_latents(model: ModelSpec) -> None:
             f"'model.guide.type' is {model.guide.type!r}; a ladder guide merges Gaussian estimates by precision, "
             "accepted: diagonal-normal"
         )
-    if model.prior.type == "vamp":
+    if model.prior.type == "vamp" and model.guide_structure != "ladder":
         raise UserInputError(
-            "'model.prior.type' vamp is not available with model.latents (its components are q(z_L | u), which "
-            "a layered guide does not give in closed form); accepted: the other priors"
+            f"'model.guide_structure' is {model.guide_structure!r}, but a vamp prior on the top layer needs "
+            "q(z_L | u) in closed form, which only the ladder guide gives; accepted with vamp: ladder"
         )
 
 
