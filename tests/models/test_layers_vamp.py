@@ -4,6 +4,7 @@
 import json
 import math
 
+import pyro
 import pytest
 import torch
 from pyro import poutine
@@ -16,7 +17,9 @@ from pyro_vae.config.spec import config_summary, load_spec, packaged_configs
 from pyro_vae.errors import UserInputError
 from pyro_vae.hierarchy import HierarchicalVAE
 from pyro_vae.model import VAE
+from pyro_vae.parts import contracts
 from pyro_vae.parts.priors import VampPrior
+from pyro_vae.training import compiled, path_choice
 
 VAMP_LADDER = [
     "model.latents=[{dim: 2}, {dim: 3, hidden: [5]}]",
@@ -42,6 +45,26 @@ def test_the_top_prior_is_the_mixture_of_the_ladder_guides_q_z_top_at_the_pseudo
     expected = torch.logsumexp(components, -1) - math.log(4)
     assert torch.allclose(vae.prior().log_prob(z.squeeze(1)), expected, atol=1e-5)
     assert {id(p) for p in vae.prior.parameters()} == {id(vae.prior.pseudo_inputs)}  # the guide's are not its own
+
+
+@pytest.mark.parametrize("estimator", ["trace", "meanfield"])
+def test_the_traced_step_is_the_eager_step_bit_for_bit_with_a_vamp_top_layer(estimator):
+    torch.manual_seed(1)
+    vae = VAE.from_spec(load_spec(None, VAMP_LADDER).model, 6)
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+    elbo = contracts.build("estimator", estimator, load_spec(None, [f"inference.estimator={estimator}"]).inference)
+    results = []
+    for step in (path_choice.eager_step(elbo, vae), compiled.CompiledStep(elbo, vae, inductor=False)):
+        torch.manual_seed(2)
+        vae.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False):
+            loss = step(x, 100, 0.5, None)
+        results.append((loss.clone(), [p.grad.clone() for p in vae.parameters()]))
+    assert step.mode == "traced"
+    (eager_loss, eager_grads), (traced_loss, traced_grads) = results
+    assert torch.equal(eager_loss, traced_loss)
+    assert all(torch.equal(a, b) for a, b in zip(eager_grads, traced_grads))
+    assert vae.prior.pseudo_inputs.grad.abs().sum() > 0  # the pseudo-inputs get a gradient through log p(z_2)
 
 
 def test_the_vamp_prior_on_layers_needs_the_ladder_guide_in_one_line():
