@@ -94,7 +94,7 @@ class VAE(nn.Module):
 
         ``num_classes``, the data's number of classes, is needed under
         ``model.condition: label``: the decoder then takes [z, e_y], the guide
-        head [features, e_y], and the prior is :class:`pyro_vae.conditional.ConditionalNormal`.
+        head [features, e_y], and the prior (of the top layer) is :class:`pyro_vae.conditional.ConditionalNormal`.
 
         Under ``model.condition: semisupervised`` the result is a
         :class:`pyro_vae.semisupervised.SemiSupervisedVAE` (M2) whose labeled examples' log q(y|x) weighs
@@ -107,7 +107,7 @@ class VAE(nn.Module):
         if spec.latents and cls is VAE:
             from pyro_vae.hierarchy import HierarchicalVAE  # the layered VAE subclasses this one
 
-            return HierarchicalVAE.from_spec(spec, data_dim, image_shape, train)
+            return HierarchicalVAE.from_spec(spec, data_dim, image_shape, train, num_classes)
         d = spec.latent_dim
         top = spec.latents[0].dim if spec.latents else d  # the prior's layer: z_L (z_1 = z for one layer)
         k = conditional.label_width(spec.condition, num_classes)
@@ -119,7 +119,7 @@ class VAE(nn.Module):
         guide_head = contracts.build("guide", spec.guide.type, spec.guide, encoder.output_dim + k, d)
         contracts.probe_guide(spec.guide.type, guide_head, conditional.padded(features, k), d)
         prior = (
-            conditional.ConditionalNormal(k, d)
+            conditional.ConditionalNormal(k, top)
             if k
             else contracts.build(
                 "prior",

@@ -77,17 +77,19 @@ def plan(folder: Path, vae: VAE, data: Dataset, metrics: list[dict], which: str)
         )
     if isinstance(vae, HierarchicalVAE) and subset.shape[0] >= 2:
         steps += [
-            (f"latent-{name}.png", _layer_map(vae, subset, labels, name, folder, data)) for name in vae.sites[:-1]
+            (f"latent-{name}.png", _layer_map(vae, subset, given, labels, name, folder, data))
+            for name in vae.sites[:-1]
         ]
     return steps
 
 
-def _layer_map(vae: HierarchicalVAE, subset, labels, name: str, folder: Path, data: Dataset) -> Callable:
-    """Draws ``latent-{name}.png``: the map of E_q[z_l | x] of an upper layer (latent.png is z_1's)."""
+def _layer_map(vae: HierarchicalVAE, subset, given, labels, name: str, folder: Path, data: Dataset) -> Callable:
+    """Draws ``latent-{name}.png``: the map of E_q[z_l | x] of an upper layer (latent.png is z_1's); ``given``:
+    the labels a conditional VAE takes (E_q[z_l | x, y]), None otherwise."""
     from pyro_vae import plots
 
     return lambda: plots.latent_map(
-        vae.layer_means(subset)[name],
+        vae.layer_means(subset, y=None if given is None else given[: subset.shape[0]])[name],
         labels,
         folder / f"latent-{name}.png",
         with_tsne=False,

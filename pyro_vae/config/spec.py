@@ -595,7 +595,7 @@ def _with_latent_dim(raw: Any) -> Any:
 
 def _check_latents(model: ModelSpec) -> None:
     """``model.latents``: two layers or more, the top one without a network, each lower one with one, z_1's
-    dimension ``model.latent_dim``; ``ladder`` needs a diagonal-normal guide."""
+    dimension ``model.latent_dim``; ``ladder`` needs a diagonal-normal guide, a ``vamp`` top prior the ladder."""
     layers = model.latents
     if not layers:
         return
@@ -624,10 +624,10 @@ def _check_latents(model: ModelSpec) -> None:
             f"'model.guide.type' is {model.guide.type!r}; a ladder guide merges Gaussian estimates by precision, "
             "accepted: diagonal-normal"
         )
-    if model.prior.type == "vamp":
+    if model.prior.type == "vamp" and model.guide_structure != "ladder":
         raise UserInputError(
-            "'model.prior.type' vamp is not available with model.latents (its components are q(z_L | u), which "
-            "a layered guide does not give in closed form); accepted: the other priors"
+            f"'model.guide_structure' is {model.guide_structure!r}, but a vamp prior on the top layer needs "
+            "q(z_L | u) in closed form, which only the ladder guide gives; accepted with vamp: ladder"
         )
 
 
@@ -679,13 +679,8 @@ def _check_cross_field(spec: Spec) -> None:
 
 
 def check_conditional(spec: Spec) -> None:
-    """``model.condition: label`` needs a one-layer model and a prior it can make conditional (labelled data is
-    checked as it loads)."""
-    if spec.model.latents:
-        raise UserInputError(
-            "'model.condition' label is not available with 'model.latents' (stochastic layers) yet; "
-            "accepted: a conditional one-layer model, or layers with model.condition: none"
-        )
+    """``model.condition: label`` needs a prior it can make conditional (the top layer's, with ``model.latents``;
+    labelled data is checked as it loads)."""
     prior = spec.model.prior.type
     if prior not in CONDITIONAL_PRIORS:
         raise UserInputError(

@@ -338,12 +338,15 @@ def layer_active_units(
     """Per latent site, ``{"active_units": A, "dim": d}``: Cov_x(E_q[z_l|x]) > 0.01 per unit of each layer.
 
     A one-layer VAE has the one site ``z`` (:func:`active_units`); a layered one
-    takes E_q[z_l | x] from :meth:`~pyro_vae.hierarchy.HierarchicalVAE.layer_means` (layered VAEs are
-    unconditional; a conditional one-layer VAE's means are those of q(z | x, y) at ``labels``).
+    takes E_q[z_l | x] from :meth:`~pyro_vae.hierarchy.HierarchicalVAE.layer_means`. A conditional VAE's means
+    are those of q(z_l | x, y) at ``labels``.
     """
     if not isinstance(vae, HierarchicalVAE):
         return {"z": {"active_units": active_units(vae, data, batch_size, threshold, labels), "dim": vae.latent_dim}}
-    chunks = [vae.layer_means(data[i : i + batch_size]) for i in range(0, data.shape[0], batch_size)]
+    chunks = [
+        vae.layer_means(data[i : i + batch_size], y=_chunk(labels, i, i + batch_size))
+        for i in range(0, data.shape[0], batch_size)
+    ]
     return {
         name: {"active_units": int((torch.cat([c[name] for c in chunks]).var(0) > threshold).sum()), "dim": dim}
         for name, dim in zip(vae.sites, vae.dims)

@@ -293,10 +293,3 @@ def test_a_conditional_model_draws_its_class_and_explains_the_images_better(esti
     given = evaluation.evaluate(vae, data.test, 50, per_example=True, labels=data.test_labels)
     gain = given["per_example"]["log_likelihood"] - unconditional
     assert gain.mean() > GAIN_NATS, f"log p(x|y) − log p(x) = {gain.mean():.3f} nats"
-
-
-def test_the_spec_refuses_labels_with_stochastic_layers_in_one_line():
-    layers = "model.latents=[{dim: 2}, {dim: 3, hidden: []}]"
-    with pytest.raises(UserInputError, match="'model.condition' label is not available with 'model.latents'"):
-        load_spec("digits", ["model.condition=label", layers])
-    assert load_spec("digits", [layers]).model.condition == "none"
