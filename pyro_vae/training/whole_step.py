@@ -48,7 +48,8 @@ from pyro_vae.conditional import labels_for
 from pyro_vae.errors import one_line
 from pyro_vae.training import compile_cache, compiled, rng
 
-#: steps per compiled call: a loop of S steps in one graph (per-call costs are paid once per S steps)
+#: steps per compiled call, S: a loop of S steps unrolled in one graph pays the per-call costs once per S steps,
+#: but Inductor's compile grows with the unrolled graph faster than the per-call saving (docs/speed.md), so 1
 STEPS_PER_CALL = 1
 #: compiled against uncompiled record of the same draws: losses and parameters, relative
 RTOL = 1e-4
@@ -147,11 +148,11 @@ class WholeStep:
         train: torch.Tensor,
         binarize: str,
         log: logging.Logger | None = None,
-        steps_per_call: int = STEPS_PER_CALL,
+        steps_per_call: int | None = None,
     ):
         self.vae, self.optimizer, self.train, self.binarize = vae, optimizer, train, binarize
         self.log = log or logging.getLogger("pyro_vae")
-        self.steps_per_call = steps_per_call
+        self.steps_per_call = STEPS_PER_CALL if steps_per_call is None else steps_per_call
         self.single = compiled.CompiledStep(elbo, vae, self.log, inductor=False)
         self.graphs: dict[tuple, Callable] = {}
         self.failed: str | None = None
