@@ -432,9 +432,7 @@ class Trainer:
                 p.epoch_losses = losses[:end].tolist()
                 bar.close()
                 self.save()
-                self.log.info(
-                    f"checkpoint written at epoch {p.epoch + 1}, step {end}; resume with --resume {self.run}"
-                )
+                self.log.info(f"checkpoint written at epoch {p.epoch + 1}, step {end}; resume with --resume {self.run}")
                 raise TrainingInterrupted(stop[0])
             step = end
         bar.close()
