@@ -26,8 +26,8 @@ from pyro_vae.training import path_choice, whole_step
 
 SMALL = sizes.SMALL
 ROOT = Path(__file__).resolve().parents[2]
-#: a compiled run's final test ELBO against eager's, nats: a tenth of the spread of that number over seeds 0–3
-#: (docs/speed.md)
+#: a compiled run's final test ELBO against eager's, nats: a fifth of that number's standard deviation over seeds
+#: in the slow test's run (docs/speed.md)
 TEST_ELBO_TOLERANCE = 0.05
 
 
@@ -162,13 +162,16 @@ def test_whole_steps_train_as_eager_does_within_float_tolerance(monkeypatch, unc
 
 
 def test_the_checkpoint_holds_the_state_the_whole_steps_updated(uncompiled):
-    """Adam's step count, moments and the parameters a checkpoint saves are the ones the compiled steps moved."""
+    """Adam's step count, moments and the parameters a checkpoint saves are the ones the compiled steps moved:
+    those of an eager run, within float tolerance."""
     trainer = fit(["inference.compile=inductor"])
+    eager = fit(["inference.compile=eager"]).state()["optimizer"]["state"]
     state = trainer.state()
     steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {trainer.progress.global_step}
-    for p in trainer.vae.parameters():
-        assert trainer.optimizer.state[p]["exp_avg"].abs().sum() > 0
+    for key, moments in state["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(moments[name], eager[key][name], rtol=1e-3, atol=1e-6), (key, name)
     resumed = training.Trainer(load_spec(None, [*SMALL, "inference.compile=inductor"]), None, show_progress=False)
     resumed.restore(state)
     for p, q in zip(trainer.vae.parameters(), resumed.vae.parameters()):
