@@ -117,7 +117,7 @@ def host_free_pyro():
             setattr(module, name, original)
 
 
-def _keeps_random(node: torch.fx.Node) -> bool:
+def keeps_random(node: torch.fx.Node) -> bool:
     """Dead-code elimination must keep random draws, so the graph consumes the generator as eager does."""
     if node.is_impure():
         return True
@@ -216,7 +216,7 @@ class CompiledStep:
             return self._eager(x, num_data, kl_weight, y)
         names, params, buffers = self.inputs()
         beta = self._beta.as_tensor(float(kl_weight), x.device)
-        key = (x.shape, x.dtype, x.device, num_data, _beta_kind(kl_weight))
+        key = (x.shape, x.dtype, x.device, num_data, beta_kind(kl_weight))
         graph = self.graphs.get(key)
         if graph is None:
             start = rng.fork_torch(x.device)
@@ -246,7 +246,7 @@ class CompiledStep:
         if self.failed is not None:
             return None
         names, params, buffers = self.inputs()
-        key = (x.shape, x.dtype, x.device, num_data, _beta_kind(kl_weight))
+        key = (x.shape, x.dtype, x.device, num_data, beta_kind(kl_weight))
         if key not in self.graphs:
             start = rng.fork_torch(x.device)
             beta = self._beta.as_tensor(float(kl_weight), x.device)
@@ -308,7 +308,7 @@ class CompiledStep:
         inputs = [p.detach().requires_grad_(True) for p in params]
         with host_free_pyro():
             traced = make_fx(loss_and_grads)(inputs, list(buffers), x, beta, y)
-        traced.graph.eliminate_dead_code(is_impure_node=_keeps_random)
+        traced.graph.eliminate_dead_code(is_impure_node=keeps_random)
         traced.recompile()
         slots = list(grad_slots)
 
@@ -391,7 +391,7 @@ class CompiledStep:
         self.log.info(f"inference.compile: cannot compile this step ({reason}); training eagerly")
 
 
-def _beta_kind(beta: float) -> str:
+def beta_kind(beta: float) -> str:
     return "one" if beta == 1.0 else "zero" if beta == 0.0 else "scaled"
 
 

@@ -157,11 +157,12 @@ class WholeStep:
         self.graphs: dict[tuple, Callable] = {}
         self.failed: str | None = None
         self.compile_seconds: float | None = None
-        self._lr: torch.Tensor | None = None
-        self._betas: torch.Tensor | None = None
+        self._lr: tuple[float, torch.Tensor] | None = None  # (value, the held tensor)
+        self._betas: tuple[list[float], torch.Tensor] | None = None
 
     @property
     def whole(self) -> "WholeStep":
+        """This step (the trainer asks a step for its whole compiled step; the other paths have none)."""
         return self
 
     @property
@@ -180,7 +181,7 @@ class WholeStep:
         weights of those steps) are all 1 or all strictly between 0 and 1; else 0 (take one step the per-step way)."""
         if self.failed is not None or full_batches_left < self.steps_per_call:
             return 0
-        kinds = {compiled._beta_kind(b) for b in betas[: self.steps_per_call]}
+        kinds = {compiled.beta_kind(b) for b in betas[: self.steps_per_call]}
         return self.steps_per_call if len(kinds) == 1 and kinds != {"zero"} else 0
 
     def steps(self, index: torch.Tensor, num_data: int, betas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +197,7 @@ class WholeStep:
 
     def _steps(self, index: torch.Tensor, num_data: int, betas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         count, batch = index.shape
-        kind = compiled._beta_kind(betas[0])
+        kind = compiled.beta_kind(betas[0])
         key = (count, batch, num_data, kind)
         lr, beta_tensor = self._rate(), self._kl_weights(betas, index.device)
         inputs = self._inputs()
@@ -223,26 +224,27 @@ class WholeStep:
     def _rate(self) -> torch.Tensor:
         """The optimizer's current rate (a schedule may have changed it) as a held float32 tensor."""
         value = float(self.optimizer.param_groups[0]["lr"])
-        device = self.train.device
         if self._lr is None:
-            self._lr = torch.tensor(value, device=device)
-        elif float(self._lr) != value:
-            self._lr.fill_(value)
-        return self._lr
+            self._lr = (value, torch.tensor(value, device=self.train.device))
+        elif self._lr[0] != value:
+            self._lr[1].fill_(value)  # no host sync, no new graph input
+            self._lr = (value, self._lr[1])
+        return self._lr[1]
 
     def _kl_weights(self, betas: Sequence[float], device: torch.device) -> torch.Tensor:
         """The steps' KL weights as one float32 tensor (rounded as the per-step path rounds β)."""
-        values = torch.tensor([float(b) for b in betas], dtype=torch.float32)
-        if self._betas is None or self._betas.shape != values.shape:
-            self._betas = values.to(device)
-        else:
-            self._betas.copy_(values)
-        return self._betas
+        values = [float(b) for b in betas]
+        if self._betas is None or len(self._betas[0]) != len(values):
+            self._betas = (values, torch.tensor(values, dtype=torch.float32, device=device))
+        elif self._betas[0] != values:
+            self._betas[1].copy_(torch.tensor(values, dtype=torch.float32))
+            self._betas = (values, self._betas[1])
+        return self._betas[1]
 
     # -- building -----------------------------------------------------------------
     def _program(self, key: tuple, graph: compiled.Graph) -> Callable:
         """The S steps as a Python function of tensors, calling the traced step's record."""
-        count, _, _, kind = key
+        count = key[0]
         group = self.optimizer.param_groups[0]
         betas, eps = tuple(group["betas"]), float(group["eps"])
         slots, dynamic = graph.grad_slots, self.binarize == "dynamic"
@@ -283,7 +285,7 @@ class WholeStep:
         try:
             with torch.no_grad():
                 record = make_fx(self._program(key, graph))(*_copies(inputs), lr, self.train, index, beta_tensor)
-            record.graph.eliminate_dead_code(is_impure_node=compiled._keeps_random)
+            record.graph.eliminate_dead_code(is_impure_node=compiled.keeps_random)
             record.recompile()
             rng.restore_torch(device, start)
             reference = _copies(inputs)
