@@ -302,8 +302,9 @@ class WholeStep:
         rng.restore_torch(device, start)
         result = fn(*inputs, lr, self.train, index, beta_tensor)
         self.log.info(
-            f"inference.compile: {key[0]} whole training steps (gather, binarization, model and guide, gradients, "
-            f"Adam) on batches of {key[1]} compiled with TorchInductor as one graph ({self.compile_seconds:.1f} s)"
+            f"inference.compile: whole training steps ({key[0]} per call: gather, binarization, model and guide, "
+            f"gradients, Adam) on batches of {key[1]} compiled with TorchInductor as one graph "
+            f"({self.compile_seconds:.1f} s)"
         )
         return fn, result
 
