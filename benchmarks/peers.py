@@ -6,8 +6,11 @@ system has one. Each round runs the three systems one after the other, each in
 a fresh process at the same thread count, so a slow spell of the machine hits
 all three; ratios are taken within a round.
 
-- ``pyro-vae train`` (no compile setting: the default path), its epochs'
-  training seconds from the run's metrics.jsonl;
+- ``pyro-vae train`` (no compile setting: the default path, ``auto``, which
+  compiles whole steps for runs of at least ``COMPILE_AFTER_STEPS`` steps), its
+  epochs' training seconds from the run's metrics.jsonl, and the path it took;
+- ``pyro-vae train --set inference.compile=traced`` (``traced``: the
+  bit-for-bit replay of the eager step);
 - the hand-written loop of ``benchmarks/train_vs_plain.py`` (``torch.optim.Adam()``);
 - NumPyro: the same model and guide written as NumPyro programs (``numpyro.param``
   weights, a subsampled data plate), ``SVI`` with ``Trace_ELBO`` and
@@ -15,14 +18,18 @@ all three; ratios are taken within a round.
   update) compiled as one ``jax.jit`` of a ``lax.fori_loop``; the epoch's last
   partial batch is dropped.
 
-Reported per round: each system's epoch seconds, the median of epochs 2+
-(epoch 1 holds start-up and compiles), the process's wall time, its final test
-ELBO (nats per example: pyro-vae's own; for NumPyro and the plain loop one
-sample per test image on one fixed binarization), and the ratios to the plain
-loop; then each ratio's median [min–max] over rounds.
+Before the rounds, one short ``inference.compile=inductor`` run fills the
+compile cache, so every round starts warm. Reported per round: each system's
+epoch seconds, the median of epochs 2+ (epoch 1 holds start-up and compiles),
+the process's wall time, its start-up (wall time less the epochs at the steady
+rate: launch, imports, data, compiles and, for pyro-vae, the per-epoch test
+ELBO), its final test ELBO (nats per example: pyro-vae's own; for NumPyro and
+the plain loop one sample per test image on one fixed binarization), the ratios
+to the plain loop and pyro-vae's to NumPyro's; then each ratio's median
+[min–max] over rounds, and the load average at the start and end.
 
     pip install -e ".[bench]"
-    PYRO_VAE_DATA=../shared/data python benchmarks/peers.py --rounds 2 --epochs 5 --threads 1
+    PYRO_VAE_DATA=../shared/data python benchmarks/peers.py --rounds 2 --epochs 7 --threads 1
 """
 
 from __future__ import annotations
@@ -63,19 +70,31 @@ def run_child(system: str, epochs: int, threads: int) -> dict:
     return report
 
 
-def child_pyro_vae(epochs: int, threads: int) -> dict:
-    """``pyro-vae train`` on the common task, as a user runs it."""
+def child_pyro_vae(epochs: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
+    """``pyro-vae train`` on the common task, as a user runs it (``extra``: more ``--set`` items)."""
     from train_vs_plain import NETWORK
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "run"
         command = [sys.executable, "-m", "pyro_vae", "train", "--config", "mnist", "--epochs", str(epochs)]
         command += ["--out", str(out), "--quiet", "--threads", str(threads)]
-        for item in NETWORK:
+        for item in [*NETWORK, *extra]:
             command += ["--set", item]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"seconds": [row["seconds"] for row in rows], "test_elbo": rows[-1]["test_elbo"]}
+        log = (out / "log.txt").read_text().splitlines()
+    path = next((line.split("auto chose ")[1].split(" ")[0] for line in log if "auto chose" in line), None)
+    return {"seconds": [row["seconds"] for row in rows], "test_elbo": rows[-1]["test_elbo"], "path": path}
+
+
+def child_pyro_vae_traced(epochs: int, threads: int) -> dict:
+    """``pyro-vae train`` on the traced path (the bit-for-bit replay of the eager step)."""
+    return child_pyro_vae(epochs, threads, ("inference.compile=traced",))
+
+
+def child_warm_cache(epochs: int, threads: int) -> dict:
+    """One epoch with ``inference.compile=inductor``: fills the compile cache the rounds then find warm."""
+    return child_pyro_vae(1, threads, ("inference.compile=inductor",))
 
 
 def mnist(split: str):
@@ -191,7 +210,13 @@ def child_numpyro(epochs: int, threads: int, batch: int = 128, hidden: int = 400
     return {"seconds": seconds, "test_elbo": -float(elbo) / x.shape[0]}
 
 
-CHILDREN = {"pyro-vae": child_pyro_vae, "plain": child_plain, "numpyro": child_numpyro}
+CHILDREN = {
+    "pyro-vae": child_pyro_vae,
+    "traced": child_pyro_vae_traced,
+    "plain": child_plain,
+    "numpyro": child_numpyro,
+}
+HELPERS = {"warm-cache": child_warm_cache}
 
 
 def steady(seconds: list[float]) -> float:
@@ -203,37 +228,54 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
 
 
+def startup(report: dict) -> float:
+    """Wall time less the epochs at the steady rate: launch, imports, data, compiles (and per-epoch evaluation)."""
+    return report["wall"] - len(report["seconds"]) * steady(report["seconds"])
+
+
+def load() -> str:
+    """The 1, 5 and 15-minute load averages."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=sorted({**CHILDREN, **HELPERS}), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child](args.epochs, args.threads)))
+        print(json.dumps({**CHILDREN, **HELPERS}[args.child](args.epochs, args.threads)))
         return
     print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs; {args.threads} thread(s) per system", flush=True)
-    ratios: dict[str, list[float]] = {name: [] for name in CHILDREN}
+    print(f"load average at the start: {load()}", flush=True)
+    run_child("warm-cache", 1, args.threads)
+    ratios: dict[str, list[float]] = {name: [] for name in [*CHILDREN, "pyro-vae/numpyro", "startup/numpyro"]}
     for r in range(args.rounds):
         reports = {name: run_child(name, args.epochs, args.threads) for name in CHILDREN}
         plain = steady(reports["plain"]["seconds"])
-        print(f"round {r + 1}:")
+        print(f"round {r + 1} (load average {load()}):")
         for name, report in reports.items():
             ratio = steady(report["seconds"]) / plain
             ratios[name].append(ratio)
             epochs = " ".join(f"{s:.2f}" for s in report["seconds"])
+            path = f" ({report['path']})" if report.get("path") else ""
             print(
-                f"  {name:9s} epochs {epochs} s; steady {steady(report['seconds']):.2f} s; ratio to plain "
-                f"{ratio:.2f}; wall {report['wall']:.1f} s; test ELBO {report['test_elbo']:.2f}",
+                f"  {name:9s}{path} epochs {epochs} s; steady {steady(report['seconds']):.2f} s; ratio to plain "
+                f"{ratio:.2f}; wall {report['wall']:.1f} s; start-up {startup(report):.1f} s; "
+                f"test ELBO {report['test_elbo']:.2f}",
                 flush=True,
             )
+        ours, theirs = reports["pyro-vae"], reports["numpyro"]
+        ratios["pyro-vae/numpyro"].append(steady(ours["seconds"]) / steady(theirs["seconds"]))
+        ratios["startup/numpyro"].append(startup(ours) / startup(theirs))
     for name in CHILDREN:
         label = f"{name}: steady epoch / plain loop's, median [min–max] over {args.rounds} round(s)"
         print(f"{label}: {spread(ratios[name])}")
-    if ratios["numpyro"]:
-        ours = [a / b for a, b in zip(ratios["pyro-vae"], ratios["numpyro"])]
-        print(f"pyro-vae / numpyro: {spread(ours)}")
+    print(f"pyro-vae / numpyro, steady epoch: {spread(ratios['pyro-vae/numpyro'])}")
+    print(f"pyro-vae / numpyro, start-up: {spread(ratios['startup/numpyro'])}")
+    print(f"load average at the end: {load()}")
 
 
 if __name__ == "__main__":

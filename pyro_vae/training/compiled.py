@@ -117,7 +117,7 @@ def host_free_pyro():
             setattr(module, name, original)
 
 
-def _keeps_random(node: torch.fx.Node) -> bool:
+def keeps_random(node: torch.fx.Node) -> bool:
     """Dead-code elimination must keep random draws, so the graph consumes the generator as eager does."""
     if node.is_impure():
         return True
@@ -214,12 +214,9 @@ class CompiledStep:
     ) -> torch.Tensor:
         if self.failed is not None or is_validation_enabled():
             return self._eager(x, num_data, kl_weight, y)
-        if self._inputs is None:  # the module's parameters and buffers, looked up once
-            names, params = self._parameters()
-            self._inputs = (names, params, [b for _, b in self.objective.named_buffers()])
-        names, params, buffers = self._inputs
+        names, params, buffers = self.inputs()
         beta = self._beta.as_tensor(float(kl_weight), x.device)
-        key = (x.shape, x.dtype, x.device, num_data, _beta_kind(kl_weight))
+        key = (x.shape, x.dtype, x.device, num_data, beta_kind(kl_weight))
         graph = self.graphs.get(key)
         if graph is None:
             start = rng.fork_torch(x.device)
@@ -235,6 +232,32 @@ class CompiledStep:
         for slot, grad in zip(graph.grad_slots, grads):
             params[slot].grad = grad
         return loss
+
+    def inputs(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+        """(names, parameters, buffers) of the objective, looked up once; parameters must not be replaced."""
+        if self._inputs is None:
+            names, params = self._parameters()
+            self._inputs = (names, params, [b for _, b in self.objective.named_buffers()])
+        return self._inputs
+
+    def graph_for(self, x: torch.Tensor, num_data: int, kl_weight: float) -> Graph | None:
+        """The checked (uncompiled) graph of batches like ``x`` at a KL weight of ``kl_weight``'s kind; None where
+        the step cannot be traced. Building it draws nothing: the generators are left where they were."""
+        if self.failed is not None:
+            return None
+        names, params, buffers = self.inputs()
+        key = (x.shape, x.dtype, x.device, num_data, beta_kind(kl_weight))
+        if key not in self.graphs:
+            start = rng.fork_torch(x.device)
+            beta = self._beta.as_tensor(float(kl_weight), x.device)
+            try:
+                self.graphs[key] = self._build(key, names, params, buffers, x, beta, num_data, kl_weight, None)[0]
+            except Exception as exc:  # anything tracing cannot take
+                self._give_up(f"{type(exc).__name__}: {one_line(exc, 160)}")
+                return None
+            finally:
+                rng.restore_torch(x.device, start)
+        return self.graphs[key]
 
     @property
     def mode(self) -> str:
@@ -285,7 +308,7 @@ class CompiledStep:
         inputs = [p.detach().requires_grad_(True) for p in params]
         with host_free_pyro():
             traced = make_fx(loss_and_grads)(inputs, list(buffers), x, beta, y)
-        traced.graph.eliminate_dead_code(is_impure_node=_keeps_random)
+        traced.graph.eliminate_dead_code(is_impure_node=keeps_random)
         traced.recompile()
         slots = list(grad_slots)
 
@@ -368,7 +391,7 @@ class CompiledStep:
         self.log.info(f"inference.compile: cannot compile this step ({reason}); training eagerly")
 
 
-def _beta_kind(beta: float) -> str:
+def beta_kind(beta: float) -> str:
     return "one" if beta == 1.0 else "zero" if beta == 0.0 else "scaled"
 
 

@@ -71,7 +71,7 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE
 from pyro_vae.parts import contracts
-from pyro_vae.training import checks, distributed, optimizer, path_choice, run_state
+from pyro_vae.training import checks, distributed, optimizer, path_choice, run_state, whole_step
 from pyro_vae.training.callbacks import Callback, default_callbacks, evaluate_epoch
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.rng import seed_everything
@@ -198,6 +198,9 @@ class Trainer:
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
         """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
+        whole, missing = whole_step.offer(
+            self.elbo, self.vae, self.optimizer, self.data, self.spec, self.dist.enabled, self.device, self.log
+        )
         return path_choice.build_step(
             self.elbo,
             self.vae,
@@ -205,6 +208,8 @@ class Trainer:
             self.log,
             steps_left=lambda: self.horizon - self.progress.global_step,
             chosen=chosen,
+            whole=whole,
+            no_whole=missing,
         )
 
     def prepare_loop(self) -> None:
@@ -344,10 +349,34 @@ class Trainer:
     def minibatch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training batch of step ``position`` of ``epoch``: this rank's slice of it, binarized afresh, and its
         labels for a conditional VAE (else None)."""
+        order = self.order_of(epoch)
+        index = self.dist.shard(order[position * self.batch_size : (position + 1) * self.batch_size])
+        return self.data.training_batch(index), self.batch_labels(index)
+
+    def order_of(self, epoch: int) -> torch.Tensor:
+        """The data order of ``epoch`` on the device (:func:`epoch_order`), kept for the epoch."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.data.num_train, self.spec.train.seed, epoch).to(self.device))
-        index = self.dist.shard(self._order[1][position * self.batch_size : (position + 1) * self.batch_size])
-        return self.data.training_batch(index), self.batch_labels(index)
+        return self._order[1]
+
+    def take_steps(self, epoch: int, position: int, losses: torch.Tensor, gradients: torch.Tensor) -> int:
+        """The next steps of ``epoch`` from ``position``: several in one call where the whole compiled step takes
+        them (:mod:`pyro_vae.training.whole_step`), else one (:meth:`step`). Their losses and largest
+        ``|gradient|`` go into ``losses`` and ``gradients`` at their positions; returns how many were taken."""
+        whole = getattr(self.loss_and_grads, "whole", None)
+        first = self.progress.global_step
+        if whole is not None and first >= VALIDATED_STEPS:
+            full_left = self.data.num_train // self.batch_size - position
+            betas = [self.kl_weight_at(first + s) for s in range(whole.steps_per_call)]
+            count = whole.takes(full_left, betas)
+            if count:
+                size = self.batch_size
+                index = self.order_of(epoch)[position * size : (position + count) * size].view(count, size)
+                end = position + count
+                losses[position:end], gradients[position:end] = whole.steps(index, self.data.num_train, betas[:count])
+                return count
+        losses[position], gradients[position] = self.step(*self.minibatch(epoch, position))
+        return 1
 
     def batch_labels(self, index: torch.Tensor) -> torch.Tensor | None:
         """The labels of the training examples at ``index`` for a conditional VAE; for M2, −1 marking those used
@@ -393,25 +422,25 @@ class Trainer:
         )
         start = time.perf_counter()
         checked = p.step_in_epoch  # steps before it are known to be finite
-        for step in range(p.step_in_epoch, self.steps_per_epoch):
-            losses[step], gradients[step] = self.step(*self.minibatch(p.epoch, step))
-            p.step_in_epoch, p.global_step = step + 1, p.global_step + 1
-            if (step + 1) % self.check_every == 0 or step + 1 == self.steps_per_epoch:
-                self.check_finite(losses[checked : step + 1], gradients[checked : step + 1], first_step=checked + 1)
-                checked = step + 1
-            if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == self.steps_per_epoch:
-                bar.set_postfix_str(f"ELBO {-losses[: step + 1].mean().item() / self.data.num_train:.2f} nats")
-            bar.update(1)
+        step = p.step_in_epoch
+        while step < self.steps_per_epoch:
+            end = step + self.take_steps(p.epoch, step, losses, gradients)
+            p.step_in_epoch, p.global_step = end, p.global_step + end - step
+            if end // self.check_every > step // self.check_every or end == self.steps_per_epoch:
+                self.check_finite(losses[checked:end], gradients[checked:end], first_step=checked + 1)
+                checked = end
+            if end // NONFINITE_CHECK_EVERY > step // NONFINITE_CHECK_EVERY or end == self.steps_per_epoch:
+                bar.set_postfix_str(f"ELBO {-losses[:end].mean().item() / self.data.num_train:.2f} nats")
+            bar.update(end - step)
             if stop:
-                self.check_finite(losses[checked : step + 1], gradients[checked : step + 1], first_step=checked + 1)
+                self.check_finite(losses[checked:end], gradients[checked:end], first_step=checked + 1)
                 p.epoch_seconds += time.perf_counter() - start
-                p.epoch_losses = losses[: step + 1].tolist()
+                p.epoch_losses = losses[:end].tolist()
                 bar.close()
                 self.save()
-                self.log.info(
-                    f"checkpoint written at epoch {p.epoch + 1}, step {step + 1}; resume with --resume {self.run}"
-                )
+                self.log.info(f"checkpoint written at epoch {p.epoch + 1}, step {end}; resume with --resume {self.run}")
                 raise TrainingInterrupted(stop[0])
+            step = end
         bar.close()
         p.epoch_seconds += time.perf_counter() - start
         p.epoch_losses = losses.tolist()

@@ -3,7 +3,8 @@
 
 Real TorchInductor compiles take tens of seconds; here torch.compile is replaced
 where a test is about the cache's bookkeeping, and ``auto`` is checked on the
-traced replay, which is bit for bit the eager step.
+traced replay, which is bit for bit the eager step (its rule for whole compiled
+steps: tests/training/test_whole_step.py).
 """
 
 import json
@@ -208,8 +209,8 @@ def test_a_resumed_run_takes_the_path_auto_chose(monkeypatch):
     assert resumed.state()["step_path"] == "traced"
 
 
-def test_a_path_auto_no_longer_takes_is_chosen_afresh():
-    """A checkpoint of an older version may record ``inductor``: auto only ever takes the bit-for-bit paths."""
+def test_a_recorded_inductor_path_without_whole_steps_is_chosen_afresh():
+    """A checkpoint may record ``inductor`` where this run cannot take whole steps (another machine): chosen afresh."""
     step = path_choice.AutoStep(
         None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), lambda: 0, path="inductor"
     )
