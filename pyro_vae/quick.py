@@ -2,7 +2,7 @@
 
 The notebooks in ``notebooks/`` read it to choose their sizes: with the switch
 on they train on scikit-learn's 8×8 ``digits`` (or small subsets) for a few
-epochs, so all four run in a few minutes on a laptop and in the test suite;
+epochs, so all five run in a few minutes on a laptop and in the test suite;
 with it off they train on full MNIST (data root from ``data.root`` or
 ``$PYRO_VAE_DATA``) for as long as the packaged specs say::
 

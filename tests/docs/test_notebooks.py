@@ -1,4 +1,4 @@
-"""The four notebooks run top to bottom in fresh kernels, with the quick switch on.
+"""The five notebooks run top to bottom in fresh kernels, with the quick switch on.
 
 Each notebook is executed by nbclient in a new IPython kernel started from the
 interpreter running the tests (a kernel spec written to a temporary
@@ -8,8 +8,9 @@ directory. The notebooks assert their key claims in cells, so a broken formula
 in the package fails the notebook, and the failing cell's traceback is the test
 failure. Outputs are not written back.
 
-Together they take about two and a half minutes of one CPU core; the timeouts
-below are guards against a hang, not performance targets.
+The first four take about two and a half minutes of one CPU core together, the
+fifth about one more; the timeouts below are guards against a hang, not
+performance targets.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ NOTEBOOKS = {
     "02_train_vae.ipynb": 180,
     "03_priors_and_guides.ipynb": 240,
     "04_estimators.ipynb": 240,
+    "05_discrete.ipynb": 240,
 }
 
 
