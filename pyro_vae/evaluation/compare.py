@@ -74,7 +74,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import evaluation, progress
+from pyro_vae import evaluation, progress, semisupervised
 from pyro_vae.conditional import labels_for, program_kwargs
 from pyro_vae.config.spec import Spec
 from pyro_vae.errors import NonFiniteError
@@ -202,18 +202,25 @@ def weight_diagnostics(
     ESS is taken per draw of P weights and averaged over draws; k̂ is fitted to
     all the draws of an example pooled (at least ``DIAGNOSTIC_WEIGHTS`` weights),
     which are i.i.d. draws of the same weight distribution p(x, z) / q(z|x).
+
+    For M2 the weights are those of log p(x) with the class summed out exactly,
+    W_k = Σ_c p(x, c, z_{c,k}) / q(z_{c,k} | x, c) (:func:`pyro_vae.semisupervised.summed_bounds`, as
+    ``evaluate`` takes them): the training program's weights would carry the classifier's factor ω log q(y|x).
     """
     draws = max(1, math.ceil(DIAGNOSTIC_WEIGHTS / particles))
     with pyro.validation_enabled(False), torch.no_grad():  # i.i.d. weights: one vectorized pass, then groups of P
-        log_w = log_weights(
-            vae.model,
-            vae.guide,
-            x,
-            num_particles=draws * particles,
-            num_data=num_data,
-            kl_weight=kl_weight,
-            **program_kwargs(y),
-        ).log_w
+        if isinstance(vae, semisupervised.SemiSupervisedVAE):
+            log_w = semisupervised.summed_bounds(vae, x, draws * particles)["log_W"]
+        else:
+            log_w = log_weights(
+                vae.model,
+                vae.guide,
+                x,
+                num_particles=draws * particles,
+                num_data=num_data,
+                kl_weight=kl_weight,
+                **program_kwargs(y),
+            ).log_w
     groups = log_w.reshape(draws, particles, *log_w.shape[1:])
     ess = diagnostics.effective_sample_fraction(groups.transpose(0, 1)).mean(0)  # (B,)
     khat = diagnostics.pareto_k(log_w)

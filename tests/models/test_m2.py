@@ -281,3 +281,23 @@ def test_training_batches_carry_the_labels_of_the_labeled_subset_only():
     kept = y >= 0
     assert int(kept.sum()) == 20 and torch.equal(y[kept], trainer.data.train_labels[kept])
     assert torch.equal(kept, trainer.data.labeled)
+
+
+def test_compare_weighs_m2_by_the_class_summed_weights_of_log_p_x():
+    """compare's ESS and k̂ for M2 are those of W_k = Σ_c p(x, c, z_{c,k}) / q(z_{c,k}|x, c), the weights evaluate
+    averages, not the training program's, whose log w carries ω log q(y|x) for the labeled examples."""
+    from pyro_vae.evaluation import compare, diagnostics
+
+    vae = tiny_m2(weight=50.0)
+    x = torch.bernoulli(torch.full((6, 4), 0.5), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, -1, -1, 2, -1])  # labeled and unlabeled examples in one batch
+    torch.manual_seed(3)
+    found = compare.weight_diagnostics(vae, x, num_data=60, particles=4, y=y)
+    torch.manual_seed(3)
+    draws = math.ceil(compare.DIAGNOSTIC_WEIGHTS / 4)
+    with pyro.validation_enabled(False), torch.no_grad():
+        log_w = semisupervised.summed_bounds(vae, x, draws * 4)["log_W"]
+    ess = diagnostics.effective_sample_fraction(log_w.reshape(draws, 4, -1).transpose(0, 1)).mean(0)
+    summary = diagnostics.summarize(ess, diagnostics.pareto_k(log_w), 4)
+    assert found["ess_mean"] == summary["ess"]["mean_fraction"]
+    assert found["pareto_k_median"] == summary["pareto_k"]["median"]
