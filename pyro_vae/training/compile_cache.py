@@ -28,7 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import platformdirs
 import torch
@@ -102,3 +104,25 @@ def package_folder_in_use(log: logging.Logger) -> Path | None:
     except OSError as exc:
         log.info(f"compile cache: cannot use {inductor_dir()} ({exc.strerror or exc})")
         return None
+
+
+def first_call(build_and_run: Callable[[], T], log: logging.Logger) -> tuple[T, float]:
+    """``build_and_run()`` (compile a function with Inductor and call it once) and the seconds it took.
+
+    Where the package's folder is in use (:func:`package_folder_in_use`), a
+    failure while it holds entries is taken for a damaged cache: the folder is
+    emptied with one log line and ``build_and_run`` tried once more, so a damaged
+    cache costs a recompile, not the run. Any other failure propagates, after
+    ``torch.compiler.reset()``.
+    """
+    folder = package_folder_in_use(log)
+    for attempt in (1, 2):
+        began = time.perf_counter()
+        try:
+            return build_and_run(), time.perf_counter() - began
+        except Exception as exc:
+            torch.compiler.reset()
+            if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
+                raise
+            wipe(folder, log, f"compiling with it failed ({type(exc).__name__})")
+    raise AssertionError("unreachable")

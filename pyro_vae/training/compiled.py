@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from typing import Any, Callable
 
 import torch
@@ -356,28 +355,18 @@ class CompiledStep:
         Where ``TORCHINDUCTOR_CACHE_DIR`` names the package's folder (the ``pyro-vae``
         command sets it, :mod:`pyro_vae.training.compile_cache`), that folder is checked first,
         and a compile that fails while it holds entries is retried once from an
-        emptied folder, so a damaged cache costs a recompile, not the run.
+        emptied folder (:func:`compile_cache.first_call`), so a damaged cache costs a recompile, not the run.
         """
-        folder = compile_cache.package_folder_in_use(self.log)
-        for attempt in (1, 2):
-            began = time.perf_counter()
-            try:
-                graph = Graph(
-                    torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS),
-                    slots,
-                    compiled=True,
-                )
-                rng.restore_torch(x.device, start)
-                loss, grads = graph(params, buffers, x, beta, y)
-            except Exception as exc:
-                torch.compiler.reset()
-                if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
-                    raise
-                compile_cache.wipe(folder, self.log, f"compiling with it failed ({type(exc).__name__})")
-                continue
-            self.compile_seconds = time.perf_counter() - began
-            return graph, loss, grads
-        raise AssertionError("unreachable")
+
+        def build_and_run() -> tuple[Graph, torch.Tensor, list]:
+            graph = Graph(
+                torch.compile(traced, backend="inductor", dynamic=False, options=INDUCTOR_OPTIONS), slots, compiled=True
+            )
+            rng.restore_torch(x.device, start)
+            return graph, *graph(params, buffers, x, beta, y)
+
+        (graph, loss, grads), self.compile_seconds = compile_cache.first_call(build_and_run, self.log)
+        return graph, loss, grads
 
     def _eager_reference(self, params, x, num_data, kl_weight, y):
         loss = self.elbo.differentiable_loss(

@@ -37,7 +37,6 @@ reaching or leaving 1 inside a call) run on the traced step and the optimizer.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Sequence
 
 import pyro
@@ -309,27 +308,16 @@ class WholeStep:
         return fn, result
 
     def _compile(self, record: torch.fx.GraphModule, args: tuple, start) -> tuple[Callable, tuple]:
-        """TorchInductor's build of ``record`` and its first call on ``args`` from the generator state ``start``.
+        """TorchInductor's build of ``record`` and its first call on ``args`` from the generator state ``start``
+        (a damaged cache is emptied and the build retried once: :func:`compile_cache.first_call`)."""
 
-        A failure with the package's cache folder in use (:mod:`pyro_vae.training.compile_cache`) and
-        entries in it is retried once from an emptied folder: a damaged cache costs a recompile, not the run.
-        """
-        folder = compile_cache.package_folder_in_use(self.log)
-        for attempt in (1, 2):
-            began = time.perf_counter()
+        def build_and_run() -> tuple[Callable, tuple]:
             fn = _NoGrad(torch.compile(record, backend="inductor", dynamic=False, options=compiled.INDUCTOR_OPTIONS))
             rng.restore_torch(self.train.device, start)
-            try:
-                result = fn(*args)
-            except Exception as exc:
-                torch.compiler.reset()
-                if attempt == 2 or folder is None or not any(p.name != "STAMP" for p in folder.iterdir()):
-                    raise
-                compile_cache.wipe(folder, self.log, f"compiling with it failed ({type(exc).__name__})")
-                continue
-            self.compile_seconds = time.perf_counter() - began
-            return fn, result
-        raise AssertionError("unreachable")
+            return fn, fn(*args)
+
+        (fn, result), self.compile_seconds = compile_cache.first_call(build_and_run, self.log)
+        return fn, result
 
     def _per_step(self, index: torch.Tensor, num_data: int, betas: Sequence[float]):
         """The steps of ``index`` taken one by one the per-step way (the traced step and the optimizer)."""
