@@ -32,9 +32,16 @@ def float64():
 
 
 @pytest.fixture
-def float64_one_thread(float64):
-    """:func:`float64` on one thread: tiny tensors gain nothing from intra-op threads (they only add overhead)."""
+def one_thread():
+    """One torch thread, restored after: tiny networks gain nothing from intra-op threads (they only wait for each
+    other on a busy machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64_one_thread(float64, one_thread):
+    """:func:`float64` on :func:`one_thread`."""
+    yield

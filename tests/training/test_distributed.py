@@ -24,17 +24,12 @@ from pyro_vae.infer import estimators
 from pyro_vae.training import distributed
 from pyro_vae.training.run import CHECKPOINT, CONFIG, LOG, METRICS, RUN_INFO, Run
 
-pytestmark = pytest.mark.slow  # end to end: subprocesses, builds, whole runs
+pytestmark = [
+    pytest.mark.slow,  # end to end: subprocesses, builds, whole runs
+    pytest.mark.usefixtures("one_thread"),
+]
 
 EPOCHS = 5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_sharded_weighted_gradients_sum_to_the_single_process_gradient(monkeypatch):

@@ -37,13 +37,7 @@ from pyro_vae.training.optimizer import adam
 SMALL = sizes.SMALL
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread (tiny networks: two OpenMP threads only wait for each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_spec(estimator="meanfield", particles=1, **model) -> Spec:

@@ -31,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_ELBO_TOLERANCE = 0.05
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
