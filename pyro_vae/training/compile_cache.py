@@ -38,6 +38,7 @@ import torch
 ENV = "PYRO_VAE_CACHE"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 LAYOUT = 1
+T = TypeVar("T")
 
 
 def root() -> Path:
