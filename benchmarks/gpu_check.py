@@ -176,7 +176,7 @@ def plain_epochs(epochs: int, graphs: bool) -> tuple[list[float], int]:
 
 def numpyro_epochs(epochs: int) -> str:
     """NumPyro's jitted epoch (benchmarks/peers.py) with JAX on the GPU, in a child process; its report or why not."""
-    env = dict(os.environ, JAX_PLATFORMS="cuda")
+    env = dict(os.environ, JAX_PLATFORMS="cuda", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     done = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("peers.py")), "--child", "numpyro", "--epochs", str(epochs)],
         capture_output=True,
@@ -203,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     require_cuda()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
     ok = agreement()
+    # the uncompiled systems first, so that a call cut short still compares the trainer with its peers
+    print(f"plain loop, fused Adam: {describe(*plain_epochs(args.epochs, False))}", flush=True)
+    print(f"numpyro: {numpyro_epochs(args.epochs)}", flush=True)
     for path in PATHS:
         print(f"pyro-vae {path}: {describe(*trainer_epochs(path, args.epochs))}", flush=True)
     print(f"pyro-vae inductor, CUDA graphs: {describe(*trainer_epochs('inductor', args.epochs, True))}", flush=True)
-    print(f"plain loop, fused Adam: {describe(*plain_epochs(args.epochs, False))}", flush=True)
     print(f"plain loop, CUDA graphs: {describe(*plain_epochs(args.epochs, True))}", flush=True)
-    print(f"numpyro: {numpyro_epochs(args.epochs)}", flush=True)
     return 0 if ok else 1
 
 
