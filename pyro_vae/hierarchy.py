@@ -160,10 +160,11 @@ class HierarchicalVAE(VAE):
         train: torch.Tensor | None = None,
         num_classes: int | None = None,
         classifier_weight: float = 0.0,
+        strata: tuple[int, int] | None = None,
     ) -> "HierarchicalVAE":
         """:meth:`VAE.from_spec` for layers; a ``vamp`` top prior is built on the ladder's estimate of z_L.
 
-        ``classifier_weight`` is M2's, which the spec check keeps to one layer: it has no use here.
+        ``classifier_weight`` and ``strata`` are M2's, which the spec check keeps to one layer: no use here.
 
         The VampPrior's components q(z_L | u_k) come from networks the layered VAE builds itself (the bottom-up
         pass and the top estimate), so the parts are built with a standard-normal top prior first, then the

@@ -76,6 +76,7 @@ class VAE(nn.Module):
         train: torch.Tensor | None = None,
         num_classes: int | None = None,
         classifier_weight: float = 0.0,
+        strata: tuple[int, int] | None = None,
     ) -> "VAE":
         """Build every part through the registry, each checked against its contract (:mod:`pyro_vae.parts.contracts`).
 
@@ -98,12 +99,15 @@ class VAE(nn.Module):
 
         Under ``model.condition: semisupervised`` the result is a
         :class:`pyro_vae.semisupervised.SemiSupervisedVAE` (M2) whose labeled examples' log q(y|x) weighs
-        ``classifier_weight`` (ω) in its objective.
+        ``classifier_weight`` (ω) in its objective, and whose training batches, with ``strata`` = (N_l, N_u),
+        are stratified by label (:mod:`pyro_vae.training.batches`).
         """
         if spec.condition == SEMISUPERVISED and cls is VAE:
             from pyro_vae.semisupervised import SemiSupervisedVAE  # M2 subclasses this one
 
-            return SemiSupervisedVAE.from_spec(spec, data_dim, image_shape, train, num_classes, classifier_weight)
+            return SemiSupervisedVAE.from_spec(
+                spec, data_dim, image_shape, train, num_classes, classifier_weight, strata
+            )
         if spec.latents and cls is VAE:
             from pyro_vae.hierarchy import HierarchicalVAE  # the layered VAE subclasses this one
 

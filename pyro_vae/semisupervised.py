@@ -24,15 +24,18 @@ with ω the classifier's weight per labeled example (``model.classifier_weight``
 the labeled examples); Pyro's SS-VAE example (``examples/vae/ss_vae_M2.py``, ``--aux-loss``) uses
 ω = 300 (its ``--aux-loss-multiplier`` default). ``train.beta`` weights the z sites only.
 
-In the Pyro program, a minibatch of B examples drawn uniformly from all N is split by its labels
+In the Pyro program, a minibatch of B examples is split by its labels
 (−1 marks an example used without its label): the labeled ones in the plate ``labeled``, where y is
 observed (``obs=y``) and the term ω log q(y|x) is the factor site ``classifier``; the others in the
 plate ``unlabeled``, where the guide samples y from q(y|x) — the site that ``enum``
 (:class:`~pyro_vae.infer.discrete_estimators.Enum_ELBO`, ``TraceEnum_ELBO`` with parallel
-enumeration) sums out exactly, giving U(x) with no sampling noise from y. Both plates sit under one
-``poutine.scale`` of N/B, so a step's loss is an unbiased estimate of −J^α over the whole training
-set (nats summed over the N examples; per example ÷ N). The labeled share of a batch varies from
-batch to batch, so the program's structure depends on the labels: it runs eagerly (never traced).
+enumeration) sums out exactly, giving U(x) with no sampling noise from y. With batches drawn
+uniformly from all N, both plates are scaled by N/B; with batches stratified by label
+(``data.labeled_per_batch`` = B_l, :mod:`pyro_vae.training.batches`), the labeled plate by N_l/B_l
+and the unlabeled one by N_u/B_u. Either way a step's loss is an unbiased estimate of −J^α over the
+whole training set (nats summed over the N examples; per example ÷ N). The labeled share of a
+uniform batch varies from batch to batch, so the program's structure depends on the labels: it
+runs eagerly (never traced).
 
 Every figure of the test set is that of log p(x), labels unseen: the per-epoch test ELBO samples y
 from q(y|x) (:func:`pyro_vae.evaluation.test_elbo`); :func:`evaluate` sums y out exactly; the test
@@ -94,9 +97,10 @@ class SemiSupervisedVAE(VAE):
     traceable = False  # the plates' sizes depend on which examples of a batch are labeled
     conditions_on_labels = False  # its figures are those of log p(x), labels unseen
 
-    def __init__(self, *parts, classifier: Classifier, weight: float):
+    def __init__(self, *parts, classifier: Classifier, weight: float, strata: tuple[int, int] | None = None):
+        """``strata``: (N_l, N_u) where training batches are stratified by label, else None (uniform batches)."""
         super().__init__(*parts)
-        self.classifier, self.weight = classifier, weight
+        self.classifier, self.weight, self.strata = classifier, weight, strata
 
     @classmethod
     def from_spec(
@@ -107,8 +111,10 @@ class SemiSupervisedVAE(VAE):
         train: torch.Tensor | None = None,
         num_classes: int | None = None,
         weight: float = 0.0,
+        strata: tuple[int, int] | None = None,
     ) -> "SemiSupervisedVAE":
-        """The parts through the registry, each probed as :meth:`VAE.from_spec` probes them; ω = ``weight``.
+        """The parts through the registry, each probed as :meth:`VAE.from_spec` probes them; ω = ``weight``;
+        ``strata`` = (N_l, N_u) where training batches are stratified by label.
 
         The decoder takes [z, e_y] and the guide head [enc(x), e_y]; the prior is ``model.prior`` (unconditional).
         Data without labels are a one-line UserInputError.
@@ -139,7 +145,7 @@ class SemiSupervisedVAE(VAE):
             else:
                 decoder.output_bias.zero_()
         parts = (encoder, decoder, guide_head, prior, likelihood, d, k)
-        return cls(*parts, classifier=Classifier(network, k), weight=weight)
+        return cls(*parts, classifier=Classifier(network, k), weight=weight, strata=strata)
 
     # -- the distributions ----------------------------------------------------------
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,11 +184,15 @@ class SemiSupervisedVAE(VAE):
         if not bool(labeled.all()):
             yield "unlabeled", x[~labeled], None
 
-    @staticmethod
-    def _batch_scale(x: torch.Tensor, num_data: int | None):
-        """N/B on every site (a uniform minibatch of B of the N examples); none without ``num_data``."""
+    def _batch_scale(self, x: torch.Tensor, part: torch.Tensor, labeled: bool, num_data: int | None):
+        """The scale of the sites of ``part`` (B_part of the batch's B examples): N/B for a uniform minibatch of B of
+        the N examples; for a training batch stratified by label (``strata`` = (N_l, N_u); such a batch holds both
+        parts), N_l/B_l on its B_l labeled examples and N_u/B_u on its B_u unlabeled ones; none without
+        ``num_data``."""
         if num_data is None or num_data == x.shape[0]:
             return poutine.scale(scale=1.0)
+        if self.strata is not None and num_data == sum(self.strata) and part.shape[0] < x.shape[0]:
+            return poutine.scale(scale=self.strata[0 if labeled else 1] / part.shape[0])
         return poutine.scale(scale=num_data / x.shape[0])
 
     def model(
@@ -191,17 +201,16 @@ class SemiSupervisedVAE(VAE):
         """p(y) p(z) p(x|y,z) over the labeled (y observed, plus the factor ω log q(y|x)) and unlabeled examples;
         returns ``x``."""
         self.register(("model",))
-        with self._batch_scale(x, num_data):
-            for name, xs, ys in self.parts_of(x, y):
-                suffix = "_labeled" if ys is not None else ""
-                with pyro.plate(name, xs.shape[0], dim=-1):
-                    label = pyro.sample(f"y{suffix}", self.class_prior(xs.shape[:1], xs), obs=ys)
-                    with self._kl_scale(kl_weight):
-                        z = pyro.sample(f"z{suffix}", self.prior_distribution().expand([xs.shape[0]]))
-                    pyro.sample(f"x{suffix}", self.likelihood_distribution(z, label), obs=xs)
-                    if ys is not None and self.weight:
-                        log_q = self.class_logits(xs).gather(-1, ys.unsqueeze(-1)).squeeze(-1)
-                        pyro.factor(CLASSIFIER_SITE, self.weight * log_q)
+        for name, xs, ys in self.parts_of(x, y):
+            suffix = "_labeled" if ys is not None else ""
+            with self._batch_scale(x, xs, ys is not None, num_data), pyro.plate(name, xs.shape[0], dim=-1):
+                label = pyro.sample(f"y{suffix}", self.class_prior(xs.shape[:1], xs), obs=ys)
+                with self._kl_scale(kl_weight):
+                    z = pyro.sample(f"z{suffix}", self.prior_distribution().expand([xs.shape[0]]))
+                pyro.sample(f"x{suffix}", self.likelihood_distribution(z, label), obs=xs)
+                if ys is not None and self.weight:
+                    log_q = self.class_logits(xs).gather(-1, ys.unsqueeze(-1)).squeeze(-1)
+                    pyro.factor(CLASSIFIER_SITE, self.weight * log_q)
         return x
 
     def guide(
@@ -211,14 +220,13 @@ class SemiSupervisedVAE(VAE):
         last (the unlabeled examples', where the batch has any)."""
         self.register(("guide",))
         draws: list[torch.Tensor] = []
-        with self._batch_scale(x, num_data):
-            for name, xs, ys in self.parts_of(x, y):
-                suffix = "_labeled" if ys is not None else ""
-                with pyro.plate(name, xs.shape[0], dim=-1):
-                    label = ys if ys is not None else pyro.sample("y", dist.Categorical(logits=self.classifier(xs)))
-                    q = self.guide_head(joined(self.encoder(xs), label, self.num_classes))
-                    with self._kl_scale(kl_weight):
-                        draws.append(pyro.sample(f"z{suffix}", q))  # type: ignore[arg-type]  # a Pyro distribution
+        for name, xs, ys in self.parts_of(x, y):
+            suffix = "_labeled" if ys is not None else ""
+            with self._batch_scale(x, xs, ys is not None, num_data), pyro.plate(name, xs.shape[0], dim=-1):
+                label = ys if ys is not None else pyro.sample("y", dist.Categorical(logits=self.classifier(xs)))
+                q = self.guide_head(joined(self.encoder(xs), label, self.num_classes))
+                with self._kl_scale(kl_weight):
+                    draws.append(pyro.sample(f"z{suffix}", q))  # type: ignore[arg-type]  # a Pyro distribution
         return draws[-1]
 
     # -- what users expect ------------------------------------------------------------

@@ -34,6 +34,9 @@ NOTES = {
     "summed out by `enum` elsewhere; see Discrete latent variables.",
     "data.num_labeled": "with `model.condition: semisupervised`: the training examples that keep their label, "
     "as many of each class (drawn by `train.seed`); the others are used without it. null: every label.",
+    "data.labeled_per_batch": "with `data.num_labeled`: every training batch holds this many labeled examples "
+    "and `batch_size` minus it unlabeled ones, each part scaled by its own N/B, so the objective is unchanged and "
+    "its labeled term less noisy; an epoch is one pass over the unlabeled examples. null: uniform batches.",
     "model.classifier_weight": "with `model.condition: semisupervised`: ω, the weight of each labeled example's "
     "log q(y|x) in the objective; `kingma`: 0.1·N / N_l (Kingma et al.'s α = 0.1·N over the N_l labels).",
     "data.test_fraction": "held-out share where there is no test file (`digits`, `file`).",

@@ -79,6 +79,9 @@ class DataSpec:
     # model.condition semisupervised: the class-balanced labeled subset (num_labeled / C of each class, by
     # train.seed); the other training examples are used without their labels. null: every label is used
     num_labeled: Union[int, None] = field(default=None, metadata=accepts(1))
+    # with data.num_labeled: every training batch holds this many labeled examples and batch_size minus it
+    # unlabeled ones, each part scaled by its own N/B (pyro_vae.training.batches); null: uniform batches
+    labeled_per_batch: Union[int, None] = field(default=None, metadata=accepts(1))
     linear_gaussian: LinearGaussianSpec = field(default_factory=LinearGaussianSpec)
 
 
@@ -692,13 +695,25 @@ def check_conditional(spec: Spec) -> None:
 def check_semisupervised(spec: Spec) -> None:
     """``model.condition: semisupervised`` needs one layer, an unconditional Gaussian prior, an estimator for its
     discrete site y and the eager step; ``data.num_labeled`` needs it."""
-    model, inference = spec.model, spec.inference
+    model, inference, data = spec.model, spec.inference, spec.data
     if model.condition != SEMISUPERVISED:
-        if spec.data.num_labeled is not None:
+        if data.num_labeled is not None:
             raise UserInputError(
-                f"'data.num_labeled' is {spec.data.num_labeled} but 'model.condition' is {model.condition!r}; "
+                f"'data.num_labeled' is {data.num_labeled} but 'model.condition' is {model.condition!r}; "
                 f"accepted: data.num_labeled with model.condition: {SEMISUPERVISED}, else null"
             )
+    if data.labeled_per_batch is not None:
+        if data.num_labeled is None:
+            raise UserInputError(
+                f"'data.labeled_per_batch' is {data.labeled_per_batch} but 'data.num_labeled' is null; accepted: "
+                f"data.labeled_per_batch with data.num_labeled (and model.condition: {SEMISUPERVISED}), else null"
+            )
+        if not data.labeled_per_batch < data.batch_size or data.labeled_per_batch > data.num_labeled:
+            raise UserInputError(
+                f"'data.labeled_per_batch' is {data.labeled_per_batch}; accepted: at least 1, below "
+                f"data.batch_size ({data.batch_size}) and at most data.num_labeled ({data.num_labeled})"
+            )
+    if model.condition != SEMISUPERVISED:
         return
     if model.latents:
         raise UserInputError(

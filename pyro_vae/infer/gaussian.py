@@ -82,9 +82,8 @@ def log_density(p: torch.distributions.Distribution, z: torch.Tensor) -> torch.T
     standardized = (z - loc).mul_(scale.reciprocal())
     half_squares = torch.linalg.vector_norm(standardized, dim=-1).square_().mul_(0.5)
     constant = scale.log().sum(-1) + 0.5 * z.shape[-1] * math.log(2 * math.pi)
-    if torch.broadcast_shapes(half_squares.shape, constant.shape) == half_squares.shape:
-        return half_squares.add_(constant).neg_()
-    return -(half_squares + constant)
+    # in place: the mul_ above already made the draws' shape the broadcast of z, μ and σ, which holds constant's
+    return half_squares.add_(constant).neg_()
 
 
 @register_kl(MultivariateNormal, Independent)

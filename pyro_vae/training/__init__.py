@@ -6,13 +6,14 @@ the run folder (:class:`Run`, :mod:`.run`) and reading a run back
 (:func:`open_run`, :func:`load_run`, :func:`load_model`, :mod:`.loading`).
 """
 
+from pyro_vae.training.batches import epoch_order
 from pyro_vae.training.callbacks import divergence_warning, evaluation_seed
 from pyro_vae.training.device import is_out_of_memory, resolve_device
 from pyro_vae.training.loading import LoadedRun, load_model, load_run, open_run
 from pyro_vae.training.rng import seed_everything
 from pyro_vae.training.run import Run
 from pyro_vae.training.runner import resume, train
-from pyro_vae.training.trainer import VALIDATED_STEPS, Trainer, TrainingInterrupted, epoch_order, kl_weight
+from pyro_vae.training.trainer import VALIDATED_STEPS, Trainer, TrainingInterrupted, kl_weight
 
 __all__ = [
     "Trainer",

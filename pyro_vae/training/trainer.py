@@ -71,7 +71,7 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE
 from pyro_vae.parts import contracts
-from pyro_vae.training import checks, distributed, optimizer, path_choice, run_state, whole_step
+from pyro_vae.training import batches, checks, distributed, optimizer, path_choice, run_state, whole_step
 from pyro_vae.training.callbacks import Callback, default_callbacks, evaluate_epoch
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.rng import seed_everything
@@ -87,12 +87,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signal.Signals(signum).name}")
         self.exit_status = 128 + signum
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of ``epoch``: a permutation that depends on (seed, epoch) only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_examples, generator=generator)
 
 
 def is_invalid_parameter(exc: ValueError) -> bool:
@@ -176,8 +170,17 @@ class Trainer:
         weight = semisupervised.classifier_weight(
             self.spec.model.classifier_weight, self.data.num_train, self.data.num_labeled
         )
+        strata = None
+        if self.spec.data.labeled_per_batch is not None:
+            strata = (self.data.num_labeled, self.data.num_train - self.data.num_labeled)
         self.vae = VAE.from_spec(
-            self.spec.model, self.data.data_dim, self.data.image_shape, self.data.train, self.data.num_classes, weight
+            self.spec.model,
+            self.data.data_dim,
+            self.data.image_shape,
+            self.data.train,
+            self.data.num_classes,
+            weight,
+            strata,
         ).to(self.device)
         self.dist.broadcast_parameters(self.vae)
         checks.check_memory(self.vae, self.device)
@@ -215,11 +218,35 @@ class Trainer:
     def prepare_loop(self) -> None:
         """Batch size, steps per epoch, how often to check for non-finite values, and the progress."""
         self.batch_size = min(self.spec.data.batch_size, self.data.num_train)
-        self.steps_per_epoch = math.ceil(self.data.num_train / self.batch_size)
+        self.stratified = self.stratified_batches()
+        self.steps_per_epoch = (
+            math.ceil(self.data.num_train / self.batch_size)
+            if self.stratified is None
+            else batches.stratified_steps(*self.stratified, self.batch_size)
+        )
         self.check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         self.progress = run_state.Progress()
         self.horizon = self.spec.train.epochs * self.steps_per_epoch  # the global step the current loop ends at
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its data order), see minibatch
+
+    def stratified_batches(self) -> tuple[torch.Tensor, int] | None:
+        """(which training examples are labeled, B_l) where ``data.labeled_per_batch`` = B_l stratifies every batch
+        by label (:mod:`pyro_vae.training.batches`); None for uniform batches."""
+        per_batch, labeled = self.spec.data.labeled_per_batch, self.data.labeled
+        if per_batch is None or labeled is None:
+            return None
+        if bool(labeled.all()):
+            raise UserInputError(
+                f"'data.labeled_per_batch' is {per_batch} but every one of the {self.data.num_train} training "
+                "examples is labeled; accepted: data.num_labeled below the training size, or "
+                "data.labeled_per_batch null"
+            )
+        if self.dist.enabled:
+            raise UserInputError(
+                "'data.labeled_per_batch' is set but training is data-parallel (torchrun), whose ranks each take "
+                "a slice of every batch; accepted: data.labeled_per_batch null, or one process"
+            )
+        return labeled, per_batch
 
     # -- checkpoints ------------------------------------------------------------
     def attach(self, run: Run) -> None:
@@ -354,9 +381,16 @@ class Trainer:
         return self.data.training_batch(index), self.batch_labels(index)
 
     def order_of(self, epoch: int) -> torch.Tensor:
-        """The data order of ``epoch`` on the device (:func:`epoch_order`), kept for the epoch."""
+        """The data order of ``epoch`` on the device, uniform or stratified by label
+        (:mod:`pyro_vae.training.batches`), kept for the epoch."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.data.num_train, self.spec.train.seed, epoch).to(self.device))
+            seed = self.spec.train.seed
+            order = (
+                batches.epoch_order(self.data.num_train, seed, epoch)
+                if self.stratified is None
+                else batches.stratified_order(*self.stratified, self.batch_size, seed, epoch)
+            )
+            self._order = (epoch, order.to(self.device))
         return self._order[1]
 
     def take_steps(self, epoch: int, position: int, losses: torch.Tensor, gradients: torch.Tensor) -> int:
