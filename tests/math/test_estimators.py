@@ -33,6 +33,7 @@ from pyro_vae.infer.estimators import (
     PIWAE_ELBO,
     STL_ELBO,
     DReG_ELBO,
+    MeanField_ELBO,
     Renyi_ELBO,
     TailAdaptive_ELBO,
     bound,
@@ -620,3 +621,36 @@ def test_estimator_arguments_are_checked_at_their_boundaries():
             bad()
     assert CIWAE_ELBO(4, ciwae_beta=1.0).ciwae_beta == 1.0
     assert build("trace", num_particles=2).vectorize_particles
+
+
+def test_meanfield_on_a_bottom_up_guide_samples_the_term_whose_parent_the_guide_drew_later():
+    """p(z2) p(z1|z2) p(x|z1) with the guide q(z1|x) q(z2|z1): z1's prior depends on a z2 drawn after it, so its
+    term is sampled, log p(z1|z2) − log q(z1|x); z2's is −KL(q(z2|z1) ‖ p(z2)) in closed form. At the guide's draws:
+
+        ELBO = log p(x|z1) + log p(z1|z2) − log q(z1|x) − KL(q(z2|z1) ‖ N(0, 1))"""
+    x = torch.tensor([0.4, -1.2, 2.1], dtype=torch.float64)
+    a, b = torch.tensor(0.6, dtype=torch.float64), torch.tensor(-0.8, dtype=torch.float64)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros_like(x), 1.0))
+            z1 = pyro.sample("z1", dist.Normal(0.5 * z2, 0.9))
+            pyro.sample("x", dist.Normal(z1, 0.7), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(a * x, 0.8))
+            pyro.sample("z2", dist.Normal(b * z1, 0.6))
+
+    pyro.set_rng_seed(5)
+    loss = MeanField_ELBO().differentiable_loss(model, guide, x)
+    pyro.set_rng_seed(5)
+    drawn = poutine.trace(guide).get_trace(x)
+    z1, z2 = drawn.nodes["z1"]["value"], drawn.nodes["z2"]["value"]
+    elbo = (
+        dist.Normal(z1, 0.7).log_prob(x)
+        + dist.Normal(0.5 * z2, 0.9).log_prob(z1)
+        - dist.Normal(a * x, 0.8).log_prob(z1)
+        - kl_divergence(dist.Normal(b * z1, 0.6), dist.Normal(0.0, 1.0))
+    ).sum()
+    assert torch.allclose(-loss, elbo, rtol=1e-12, atol=1e-12), (-loss, elbo)
