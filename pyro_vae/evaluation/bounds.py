@@ -21,8 +21,10 @@ summed over every site of the two programs,
 The program runs on passes of at most ``rows`` (particle, example) pairs: all
 K particles of several examples, or, for large K, blocks of one example's
 particles. ``rows`` keeps every activation of the model and guide of one pass
-under ``memory_mb`` (measured on the VAE itself, so a convolutional decoder's
-feature maps count) and, on a CPU, within ``CPU_BLOCK_ROWS``, so the decoder's
+under ``memory_mb`` (measured on the VAE itself: what each pair adds, so a
+convolutional decoder's feature maps count, and what a pass holds whatever its
+size, such as a VampPrior's pseudo-inputs through the encoder) and, on a CPU,
+within ``CPU_BLOCK_ROWS``, so the decoder's
 outputs are still in cache when the likelihood reads them. The densities' own
 speed lives in the parts (:mod:`pyro_vae.parts.distributions`).
 
@@ -55,23 +57,47 @@ def _own_draws(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def row_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> int:
-    """Bytes one (particle, example) pair of a pass costs: every module's output on one example, times TEMPORARIES."""
-    seen: dict[int, int] = {}
+def _probe_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """Bytes of every module's output (each distinct tensor once) and of ``x`` in one pass of the programs on ``x``.
+
+    The outputs are held until the end of the pass, so a freed tensor's memory cannot be reused by a later one
+    and counted once for both.
+    """
+    seen: dict[int, torch.Tensor] = {}
 
     def count(module, inputs, output) -> None:
         for tensor in output if isinstance(output, (tuple, list)) else (output,):
             if torch.is_tensor(tensor):
-                seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+                seen[tensor.data_ptr()] = tensor
 
     handles = [m.register_forward_hook(count) for m in vae.modules()]
     try:
         with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
-            log_weights(vae.model, vae.guide, x[:1], num_particles=1, **program_kwargs(_first(labels, 1)))
+            log_weights(vae.model, vae.guide, x, num_particles=1, **program_kwargs(labels))
     finally:
         for handle in handles:
             handle.remove()
-    return TEMPORARIES * (sum(seen.values()) + x[:1].numel() * x.element_size())
+    return sum(t.numel() * t.element_size() for t in seen.values()) + x.numel() * x.element_size()
+
+
+def pass_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[int, int]:
+    """``(fixed, per_row)``: the bytes of a pass of ``rows`` (particle, example) pairs are fixed + rows · per_row.
+
+    Measured on the VAE itself from passes of one and of two pairs (two examples of ``x``, one particle each),
+    each module's outputs counted TEMPORARIES times: ``per_row`` is their difference (an example's encoder and
+    the decoder's outputs for one draw, so a convolutional decoder's feature maps count), ``fixed`` what a pass
+    holds whatever its size (a VampPrior's pseudo-inputs through the encoder, say).
+    """
+    two = x[:2] if x.shape[0] >= 2 else x[:1].expand(2, *x.shape[1:])
+    pair_labels = None if labels is None else (labels[:2] if labels.shape[0] >= 2 else labels[:1].expand(2))
+    one_pair = _probe_bytes(vae, x[:1], _first(labels, 1))
+    per_row = max(_probe_bytes(vae, two, pair_labels) - one_pair, 1)
+    return TEMPORARIES * max(one_pair - per_row, 0), TEMPORARIES * per_row
+
+
+def row_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+    """Bytes one more (particle, example) pair adds to a pass (``pass_bytes``'s ``per_row``)."""
+    return pass_bytes(vae, x, labels)[1]
 
 
 def _first(labels: torch.Tensor | None, count: int) -> torch.Tensor | None:
@@ -83,8 +109,10 @@ def _chunk(labels: torch.Tensor | None, start: int, stop: int) -> torch.Tensor |
 
 
 def rows_per_pass(vae: VAE, x: torch.Tensor, memory_mb: float, labels: torch.Tensor | None = None) -> int:
-    """(particle, example) pairs per pass: under ``memory_mb``, and at most ``CPU_BLOCK_ROWS`` on a CPU."""
-    rows = max(1, int(memory_mb * 2**20 // row_bytes(vae, x, labels)))
+    """(particle, example) pairs per pass: fixed + rows · per_row bytes (``pass_bytes``) under ``memory_mb``,
+    at least one, and at most ``CPU_BLOCK_ROWS`` on a CPU."""
+    fixed, per_row = pass_bytes(vae, x, labels)
+    rows = max(1, int((memory_mb * 2**20 - fixed) // per_row))
     return min(rows, CPU_BLOCK_ROWS) if x.device.type == "cpu" else rows
 
 

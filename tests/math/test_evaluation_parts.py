@@ -59,6 +59,21 @@ def test_rows_per_pass_is_the_memory_over_one_rows_bytes_within_the_cpu_block():
     assert evaluation.rows_per_pass(vae, x, memory_mb=1e6) == bounds.CPU_BLOCK_ROWS
 
 
+def test_a_vampprior_s_pseudo_inputs_are_a_fixed_cost_of_a_pass_not_of_each_row():
+    """The pseudo-inputs go through the encoder once per pass whatever its size: they raise ``fixed``, not
+    ``per_row``, and the rows are what is left of the bound after them."""
+    x = binary(4)
+    few = bounds.pass_bytes(small_vae("model.prior.type=vamp", "model.prior.pseudo_inputs=3"), x)
+    many = bounds.pass_bytes(small_vae("model.prior.type=vamp", "model.prior.pseudo_inputs=300"), x)
+    assert many[1] == few[1] == bounds.row_bytes(small_vae(), x)
+    hidden = 5 * x.element_size()  # the encoder's hidden layer, for each of the 297 added pseudo-inputs
+    assert many[0] - few[0] >= bounds.TEMPORARIES * 297 * hidden
+    vae = small_vae("model.prior.type=vamp", "model.prior.pseudo_inputs=300")
+    fixed, per_row = many
+    assert evaluation.rows_per_pass(vae, x, memory_mb=(fixed + 100 * per_row) / 2**20) == 100
+    assert evaluation.rows_per_pass(vae, x, memory_mb=fixed / 2**20) == 1
+
+
 def test_a_row_costs_every_modules_output_and_the_example_three_times():
     vae, x = small_vae(), binary(4)
     outputs: dict[int, torch.Tensor] = {}  # each distinct output tensor once (a Sequential returns its last layer's)
