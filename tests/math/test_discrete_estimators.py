@@ -4,6 +4,7 @@ by enumerating the 2^3 configurations (2^(3K) for K particles)."""
 
 import itertools
 import math
+import re
 
 import pyro
 import pytest
@@ -213,8 +214,13 @@ def test_enum_refuses_a_layer_too_wide_to_sum_out_in_one_line():
 )
 def test_a_reparameterized_estimator_refuses_a_discrete_site_naming_it_and_the_alternatives(token):
     vae, x = small_vae()
-    with pytest.raises(UserInputError, match=r"site 'z' \(BernoulliUnits\) is discrete: use one of .*vimco:K"):
-        bound_and_backward(estimator(token), vae.model, vae.guide, x, num_data=NUM_DATA)
+    elbo = estimator(token)
+    message = (
+        f"{type(elbo).__name__} needs reparameterized latent sites; site 'z' (BernoulliUnits) is discrete: "
+        "use one of trace, tracegraph, vimco:K, rws:K, enum, or model.guide.type: relaxed-bernoulli"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        bound_and_backward(elbo, vae.model, vae.guide, x, num_data=NUM_DATA)
 
 
 def test_the_neural_baseline_leaves_the_draws_of_the_run_as_they_are():
