@@ -22,6 +22,7 @@ import torch
 from pyro import poutine
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints, kl_divergence
+from two_sites import TwoSiteGuide
 
 from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec
@@ -656,32 +657,11 @@ def test_meanfield_on_a_bottom_up_guide_samples_the_term_whose_parent_the_guide_
     assert torch.allclose(-loss, elbo, rtol=1e-12, atol=1e-12), (-loss, elbo)
 
 
-class _TwoSites(torch.nn.Module):
-    """p(z1) p(z2|z1) p(x|z2) and the guide q(z1|x) q(z2|z1), z1 ~ N(a·x, softplus(s)), z2 ~ N(b·z1, softplus(t))."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.s = torch.nn.Parameter(torch.tensor(0.7)), torch.nn.Parameter(torch.tensor(-0.3))
-        self.b, self.t = torch.nn.Parameter(torch.tensor(1.3)), torch.nn.Parameter(torch.tensor(0.2))
-
-    def model(self, x):
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
-            z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
-            pyro.sample("x", dist.Normal(z2, 1.0), obs=x)
-
-    def guide(self, x):
-        softplus = torch.nn.functional.softplus
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z1 = pyro.sample("z1", dist.Normal(self.a * x, softplus(self.s)))
-            pyro.sample("z2", dist.Normal(self.b * z1, softplus(self.t)))
-
-
 def test_stl_on_a_guide_with_two_sites_differentiates_log_w_with_the_densities_parameters_held_fixed():
     """STL's log w for q(z1|x) q(z2|z1) at the guide's draws: log p(x, z1(φ), z2(φ)) − log q_φ̄(z1(φ), z2(φ)), φ̄ = φ
     fixed in the guide's densities, the draws z1 = a x + σ_s ε1, z2 = b z1 + σ_t ε2 moving with φ (through z1 into
     q(z2|z1)'s mean too)."""
-    two = _TwoSites()
+    two = TwoSiteGuide()
     x = torch.tensor([0.5, -1.0, 2.0])
     pyro.set_rng_seed(2)
     log_w, _, guide_trace = STL_ELBO(num_particles=3).log_weights(two.model, two.guide, (x,), {})

@@ -13,6 +13,7 @@ import pyro.distributions.transforms as T
 import pytest
 import torch
 from torch.distributions import kl_divergence
+from two_sites import TwoSiteGuide
 
 from pyro_vae.infer.log_weights import closed_form_allowed, from_traces, log_weights, traces
 
@@ -165,27 +166,6 @@ def test_closed_form_kl_is_allowed_where_the_guide_drew_every_earlier_model_site
     assert closed_form_allowed(["z2", "x", "z1"], ["z1", "z2"]) == {"z1": False, "z2": True}  # bottom-up
     assert closed_form_allowed(["z2", "x", "z1"], ["z2", "z1"]) == {"z2": True, "z1": True}  # top-down
     assert closed_form_allowed(["z"], ["u", "z"]) == {"u": True, "z": True}
-
-
-class TwoSiteGuide(torch.nn.Module):
-    """q(z1|x) q(z2|z1): z1 ~ N(a·x, softplus(s)), z2 ~ N(b·z1, softplus(t)); p(z1) p(z2|z1) p(x|z2)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.s = torch.nn.Parameter(torch.tensor(0.7)), torch.nn.Parameter(torch.tensor(-0.3))
-        self.b, self.t = torch.nn.Parameter(torch.tensor(1.3)), torch.nn.Parameter(torch.tensor(0.2))
-
-    def model(self, x):
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
-            z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
-            pyro.sample("x", dist.Normal(z2, 1.0), obs=x)
-
-    def guide(self, x):
-        softplus = torch.nn.functional.softplus
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z1 = pyro.sample("z1", dist.Normal(self.a * x, softplus(self.s)))
-            pyro.sample("z2", dist.Normal(self.b * z1, softplus(self.t)))
 
 
 def test_the_path_derivative_of_a_guide_with_two_sites_flows_through_z1_into_q_z2_given_z1():
