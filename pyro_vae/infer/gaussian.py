@@ -59,7 +59,7 @@ def _diagonal_normal(p: Independent, event_shape: torch.Size) -> Normal:
     return p.base_dist
 
 
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
+def compact(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` with every broadcast (stride-0) leading dimension cut to size 1: the same values, broadcastable."""
     for dim in range(tensor.dim() - 1):
         if tensor.stride(dim) == 0 and tensor.shape[dim] > 1:
@@ -78,7 +78,7 @@ def log_density(p: torch.distributions.Distribution, z: torch.Tensor) -> torch.T
     if not (isinstance(p, Independent) and isinstance(p.base_dist, Normal) and p.reinterpreted_batch_ndims == 1):
         return p.log_prob(z)
     normal = p.base_dist
-    loc, scale = _compact(normal.loc), _compact(normal.scale)
+    loc, scale = compact(normal.loc), compact(normal.scale)
     standardized = (z - loc).mul_(scale.reciprocal())
     half_squares = torch.linalg.vector_norm(standardized, dim=-1).square_().mul_(0.5)
     constant = scale.log().sum(-1) + 0.5 * z.shape[-1] * math.log(2 * math.pi)

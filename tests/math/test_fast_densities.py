@@ -177,3 +177,39 @@ def test_diagonal_normal_is_the_plain_density_with_and_without_gradients():
     (grad,) = torch.autograd.grad(got.sum(), scale)
     (want_grad,) = torch.autograd.grad(want.sum(), scale)
     assert torch.allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_of_the_bernoulli_density_give_the_same_rows_as_one_block():
+    """(K, B, D) logits of more than BLOCK_BYTES go through in blocks of particles: every row bit for bit as one
+    block, an underflowing row recomputed in its own block's place."""
+    torch.manual_seed(7)
+    x = torch.bernoulli(torch.full((3, 784), 0.3))
+    rows = distributions.BLOCK_BYTES // (3 * 784 * 4)
+    logits = torch.randn(2 * rows + 5, 3, 784)
+    logits[rows + 2, 1] = 30 * (1 - 2 * x[1])  # confidently wrong in the second block: −23,520 nats
+    whole = distributions._block_log_prob(logits, x * 2 - 1, logits.shape)
+    got = distributions.bernoulli_log_prob(logits, x)
+    assert got.shape == (2 * rows + 5, 3)
+    assert torch.equal(got, whole)
+    assert torch.allclose(got.double(), plain_bernoulli(logits, x), rtol=1e-5, atol=1e-3)
+    assert got[rows + 2, 1] < -23000
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_kl_of_two_diagonal_normals_is_torchs_bit_for_bit_expanded_or_not(grad):
+    """A guide expanded over K particles against a prior expanded over (K, B): without gradients the KL is
+    computed once per example and broadcast; the values, and with gradients the gradients, are torch's."""
+    torch.manual_seed(8)
+    loc, scale = torch.randn(4, 6, requires_grad=True), (torch.rand(4, 6) + 0.3).requires_grad_()
+    q = DiagonalNormal(loc, scale).expand((50, 4))
+    p = DiagonalNormal(torch.zeros(6), torch.ones(6)).expand((50, 4))
+    plain = torch.distributions.Normal
+    want = torch.distributions.kl_divergence(plain(q.base_dist.loc, q.base_dist.scale), plain(torch.zeros(6), 1.0))
+    with torch.set_grad_enabled(grad):
+        got = torch.distributions.kl_divergence(q, p)
+    assert got.shape == (50, 4) and got.requires_grad is grad
+    assert torch.equal(got.detach(), want.sum(-1).detach())
+    if grad:
+        assert torch.equal(torch.autograd.grad(got.sum(), scale)[0], torch.autograd.grad(want.sum(), scale)[0])
+    with pytest.raises(ValueError, match="event shapes differ"):
+        torch.distributions.kl_divergence(q, DiagonalNormal(torch.zeros(5), torch.ones(5)))
