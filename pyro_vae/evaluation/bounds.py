@@ -88,10 +88,9 @@ def pass_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) ->
     the decoder's outputs for one draw, so a convolutional decoder's feature maps count), ``fixed`` what a pass
     holds whatever its size (a VampPrior's pseudo-inputs through the encoder, say).
     """
-    two = x[:2] if x.shape[0] >= 2 else x[:1].expand(2, *x.shape[1:])
-    pair_labels = None if labels is None else (labels[:2] if labels.shape[0] >= 2 else labels[:1].expand(2))
+    pair = torch.arange(2) % x.shape[0]  # the first two examples, or the one twice (an index any device takes)
     one_pair = _probe_bytes(vae, x[:1], _first(labels, 1))
-    per_row = max(_probe_bytes(vae, two, pair_labels) - one_pair, 1)
+    per_row = max(_probe_bytes(vae, x[pair], None if labels is None else labels[pair]) - one_pair, 1)
     return TEMPORARIES * max(one_pair - per_row, 0), TEMPORARIES * per_row
 
 
