@@ -71,7 +71,7 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.errors import NonFiniteError, UserInputError, one_line
 from pyro_vae.model import VAE
 from pyro_vae.parts import contracts
-from pyro_vae.training import batches, checks, distributed, optimizer, path_choice, run_state, whole_step
+from pyro_vae.training import batches, checks, denormals, distributed, optimizer, path_choice, run_state, whole_step
 from pyro_vae.training.callbacks import Callback, default_callbacks, evaluate_epoch
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.rng import seed_everything
@@ -435,7 +435,8 @@ class Trainer:
         for _ in range(count):
             if p.step_in_epoch == self.steps_per_epoch:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
-            loss, largest = self.step(*self.minibatch(p.epoch, p.step_in_epoch))
+            with denormals.flushed(self.device):
+                loss, largest = self.step(*self.minibatch(p.epoch, p.step_in_epoch))
             p.step_in_epoch, p.global_step = p.step_in_epoch + 1, p.global_step + 1
             self.check_finite(loss.reshape(1), largest.reshape(1), first_step=p.step_in_epoch)
             if on_step is not None:
@@ -457,24 +458,26 @@ class Trainer:
         start = time.perf_counter()
         checked = p.step_in_epoch  # steps before it are known to be finite
         step = p.step_in_epoch
-        while step < self.steps_per_epoch:
-            end = step + self.take_steps(p.epoch, step, losses, gradients)
-            p.step_in_epoch, p.global_step = end, p.global_step + end - step
-            if end // self.check_every > step // self.check_every or end == self.steps_per_epoch:
-                self.check_finite(losses[checked:end], gradients[checked:end], first_step=checked + 1)
-                checked = end
-            if end // NONFINITE_CHECK_EVERY > step // NONFINITE_CHECK_EVERY or end == self.steps_per_epoch:
-                bar.set_postfix_str(f"ELBO {-losses[:end].mean().item() / self.data.num_train:.2f} nats")
-            bar.update(end - step)
-            if stop:
-                self.check_finite(losses[checked:end], gradients[checked:end], first_step=checked + 1)
-                p.epoch_seconds += time.perf_counter() - start
-                p.epoch_losses = losses[:end].tolist()
-                bar.close()
-                self.save()
-                self.log.info(f"checkpoint written at epoch {p.epoch + 1}, step {end}; resume with --resume {self.run}")
-                raise TrainingInterrupted(stop[0])
-            step = end
+        with denormals.flushed(self.device):  # the steps only: the epoch's evaluation runs as is
+            while step < self.steps_per_epoch:
+                end = step + self.take_steps(p.epoch, step, losses, gradients)
+                p.step_in_epoch, p.global_step = end, p.global_step + end - step
+                if end // self.check_every > step // self.check_every or end == self.steps_per_epoch:
+                    self.check_finite(losses[checked:end], gradients[checked:end], first_step=checked + 1)
+                    checked = end
+                if end // NONFINITE_CHECK_EVERY > step // NONFINITE_CHECK_EVERY or end == self.steps_per_epoch:
+                    bar.set_postfix_str(f"ELBO {-losses[:end].mean().item() / self.data.num_train:.2f} nats")
+                bar.update(end - step)
+                if stop:
+                    self.check_finite(losses[checked:end], gradients[checked:end], first_step=checked + 1)
+                    p.epoch_seconds += time.perf_counter() - start
+                    p.epoch_losses = losses[:end].tolist()
+                    bar.close()
+                    self.save()
+                    where = f"epoch {p.epoch + 1}, step {end}"
+                    self.log.info(f"checkpoint written at {where}; resume with --resume {self.run}")
+                    raise TrainingInterrupted(stop[0])
+                step = end
         bar.close()
         p.epoch_seconds += time.perf_counter() - start
         p.epoch_losses = losses.tolist()

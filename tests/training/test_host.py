@@ -4,7 +4,8 @@ A host program configures logging its own way, imports pyro_vae (after the
 third-party libraries that edit the environment on import), trains and
 evaluates through the library: afterwards the root logger, the environment and
 ``sys.path`` are as they were, the ``pyro_vae`` logger holds no handler and the
-run's lines reached ``log.txt`` and the host's own handler, once each.
+run's lines reached ``log.txt`` and the host's own handler, once per run (two runs into one folder, the
+second replacing the first: the host's flush-to-zero mode off, then on, each as it was after training).
 """
 
 import subprocess
@@ -35,7 +36,12 @@ HOST = textwrap.dedent("""
     spec = pyro_vae.load_spec(None, ["data.train_size=96", "data.test_size=32", "data.batch_size=20",
                                      "model.encoder.hidden=[16]", "model.decoder.hidden=[16]", "train.epochs=2",
                                      "inference.compile=" + sys.argv[2]])
-    trainer = pyro_vae.train(spec, run_dir, show_progress=False)
+    from pyro_vae.training.denormals import flushing
+
+    for flush in (False, True):  # the training steps flush subnormal floats; the host's mode is restored
+        torch.set_flush_denormal(flush)
+        trainer = pyro_vae.train(spec, run_dir, force=True, show_progress=False)
+        assert flushing() is flush, flush
     result = pyro_vae.evaluate(trainer.vae, trainer.data.test, num_samples=8)
     assert result["num_examples"] == 32
 
@@ -44,8 +50,8 @@ HOST = textwrap.dedent("""
     assert package.handlers == [] and package.propagate and package.level == logging.NOTSET
     assert dict(os.environ) == environment, set(os.environ.items()) ^ set(environment.items())
     assert sys.path == path
-    for text in (seen.getvalue(), (run_dir / "log.txt").read_text()):
-        assert text.count("epoch   1  train ELBO") == 1 and text.count("epoch   2  train ELBO") == 1, text
+    for text, runs in ((seen.getvalue(), 2), ((run_dir / "log.txt").read_text(), 1)):  # the second run replaced
+        assert text.count("epoch   1  train ELBO") == runs and text.count("epoch   2  train ELBO") == runs, text
     print("host untouched")
 """)
 
