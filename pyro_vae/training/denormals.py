@@ -12,8 +12,12 @@ subnormal would have reached a result above the float's resolution, which the
 weights' updates (lr · m / (√v + ε) added to weights of order 10⁻²) do not.
 
 The mode belongs to the thread that sets it: with several intra-op threads, only the
-calling thread's share of each operation is flushed. Only the training steps run under
-it; the evaluations between epochs do not.
+calling thread's share of each operation is flushed. The optimizer's update, where the
+subnormals live, therefore runs on the calling thread alone (:func:`calling_thread_only`;
+Adam's elementwise update gains little from a second thread and loses much to
+subnormals in its share), and the compiled whole step flushes Adam's moments inside its
+graph (:func:`pyro_vae.training.whole_step.adam_update`). Only the training steps run
+under the mode; the evaluations between epochs do not.
 """
 
 from __future__ import annotations
@@ -42,3 +46,19 @@ def flushed(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(before)
+
+
+@contextlib.contextmanager
+def calling_thread_only(device: torch.device) -> Iterator[None]:
+    """On a CPU, the block on the calling thread alone (torch's intra-op thread count 1, the count from before
+    restored after), so that this thread's flush-to-zero mode covers every element it computes; any other
+    device runs as is."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

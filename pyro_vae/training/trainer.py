@@ -322,7 +322,8 @@ class Trainer:
             if self.spec.optim.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.spec.optim.clip_norm)
             try:
-                self.optimizer.step()
+                with denormals.calling_thread_only(self.device):
+                    self.optimizer.step()
             except RuntimeError as exc:  # lr / (1 − β₁ᵗ) beyond float32: "cannot be converted ... without overflow"
                 if "overflow" not in str(exc):
                     raise

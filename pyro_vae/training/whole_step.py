@@ -14,6 +14,7 @@ full batches, as one function of the in-memory training tensor::
         m     ← β₁ m + (1 − β₁) g
         v     ← β₂ v + (1 − β₂) g²
         θ     ← θ − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)      Adam, lr a tensor input
+                                                        (m and v below the smallest normal float set to 0)
 
 and compiles it with TorchInductor. Parameters and Adam's state are *the*
 tensors of the VAE and of the run's ``torch.optim.Adam`` (updated in place), so
@@ -45,7 +46,7 @@ from torch import nn
 
 from pyro_vae.conditional import labels_for
 from pyro_vae.errors import one_line
-from pyro_vae.training import compile_cache, compiled, rng
+from pyro_vae.training import compile_cache, compiled, denormals, rng
 
 #: steps per compiled call, S: a loop of S steps unrolled in one graph pays the per-call costs once per S steps,
 #: but Inductor's compile grows with the unrolled graph faster than the per-call saving (docs/speed.md), so 1
@@ -112,14 +113,21 @@ def adam_update(
 ) -> None:
     """One Adam step in place, ``torch.optim.Adam``'s formula with tensor step counts and rate::
 
-    t ← t + 1; m ← β₁ m + (1 − β₁) g; v ← β₂ v + (1 − β₂) g²
+    t ← t + 1; m ← flush(β₁ m + (1 − β₁) g); v ← flush(β₂ v + (1 − β₂) g²)
     θ ← θ − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+
+    ``flush`` sets a moment below the smallest normal float to 0: what the flush-to-zero mode of the
+    training steps (:mod:`pyro_vae.training.denormals`) does on the calling thread, here written into the
+    graph, so that the share of every intra-op thread is flushed, not the calling thread's alone.
     """
     beta1, beta2 = betas
     for param, grad, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         t.add_(1)
+        tiny = torch.finfo(m.dtype).tiny
         m.lerp_(grad, 1 - beta1)
+        m.masked_fill_(m.abs() < tiny, 0)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        v.masked_fill_(v < tiny, 0)
         step_size = lr / (1 - beta1**t)
         denom = (v.sqrt() / (1 - beta2**t).sqrt()).add_(eps)
         param.sub_(step_size * m / denom)
@@ -329,7 +337,8 @@ class WholeStep:
             losses.append(self.single(x, num_data, betas[s]))
             grads = [p.grad for p in self.vae.parameters() if p.grad is not None]
             largest.append(largest_entry(grads))
-            self.optimizer.step()
+            with denormals.calling_thread_only(x.device):
+                self.optimizer.step()
         return torch.stack(losses), torch.stack(largest)
 
     def _give_up(self, reason: str) -> None:

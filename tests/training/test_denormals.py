@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyro_vae.training.denormals import flushed, flushing
+from pyro_vae.training.denormals import calling_thread_only, flushed, flushing
 
 SUBNORMAL = torch.finfo(torch.float32).tiny / 4
 
@@ -37,3 +37,29 @@ def test_another_device_runs_as_is(caller_mode):
     with flushed(torch.device("meta")):
         assert not flushing()
     assert (torch.tensor(torch.finfo(torch.float32).tiny) / 4).item() == pytest.approx(SUBNORMAL, rel=1e-6)
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_on_the_calling_thread_only_every_element_of_a_large_operation_is_flushed(caller_mode, two_threads):
+    """An elementwise operation large enough for torch to split over its intra-op threads flushes every element
+    when it runs on the calling thread alone; the thread count is restored after, also when the block raises."""
+    x = torch.full((1 << 21,), SUBNORMAL)
+    with flushed(torch.device("cpu")):
+        with calling_thread_only(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            y = x * 1.0
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), calling_thread_only(torch.device("cpu")):
+            raise KeyError("a step failed")
+        assert torch.get_num_threads() == 2
+    assert not flushing()
+    assert torch.count_nonzero(y) == 0
+    with calling_thread_only(torch.device("meta")):
+        assert torch.get_num_threads() == 2

@@ -22,7 +22,7 @@ import torch
 
 from pyro_vae import training
 from pyro_vae.config.spec import load_spec
-from pyro_vae.training import path_choice, whole_step
+from pyro_vae.training import denormals, path_choice, whole_step
 
 SMALL = sizes.SMALL
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +74,32 @@ def test_the_in_graph_adam_is_torch_adam(fused):
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b.detach(), rtol=1e-5, atol=1e-7)
     assert all(float(t) == 6 for t in steps)
+
+
+def test_the_in_graph_adam_flushes_its_moments_as_the_flush_to_zero_mode_does():
+    """m and v that decay below the smallest normal float come out 0 in every thread's share: equal, bit for bit,
+    to torch.optim.Adam's moments under the flush-to-zero mode, while the caller's thread does not flush."""
+    tiny = torch.finfo(torch.float32).tiny
+    params = [torch.zeros(64)]
+    m0 = torch.linspace(1.0, 1.2, 64) * tiny  # normal; one step with g = 0 takes most of them below tiny
+    v0 = torch.linspace(1.0, 1.0015, 64) * tiny
+    grads = [torch.zeros(64)]
+    grads[0][::8] = 1e-3  # some entries stay far above
+    theirs = [params[0].clone().requires_grad_(True)]
+    optimizer = torch.optim.Adam(theirs, lr=1e-2, foreach=False)
+    optimizer.state[theirs[0]] = {"step": torch.tensor(3.0), "exp_avg": m0.clone(), "exp_avg_sq": v0.clone()}
+    theirs[0].grad = grads[0].clone()
+    with denormals.flushed(torch.device("cpu")):
+        if not denormals.flushing():
+            pytest.skip("this processor has no flush-to-zero mode to compare with")
+        optimizer.step()
+    assert not denormals.flushing()
+    m, v = [m0.clone()], [v0.clone()]
+    whole_step.adam_update(params, grads, m, v, [torch.tensor(3.0)], torch.tensor(1e-2), (0.9, 0.999), 1e-8)
+    state = optimizer.state[theirs[0]]
+    assert torch.equal(m[0], state["exp_avg"]) and torch.equal(v[0], state["exp_avg_sq"])
+    assert (m[0] == 0).sum() > 16 and (v[0] == 0).sum() > 0  # the check has subnormals to flush
+    assert not ((m[0] != 0) & (m[0].abs() < tiny)).any() and not ((v[0] != 0) & (v[0] < tiny)).any()
 
 
 # --------------------------------------------------------------------------
