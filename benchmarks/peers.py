@@ -2,9 +2,9 @@
 
 The common task: MNIST, dynamic binarization, 784-400-20 ReLU encoder and
 decoder, batch 128, Adam with learning rate 1e-3, the closed-form KL where the
-system has one. Each round runs the three systems one after the other, each in
-a fresh process at the same thread count, so a slow spell of the machine hits
-all three; ratios are taken within a round.
+system has one. Each round runs the systems one after the other, each in a
+fresh process at the same thread count and confined to that many CPUs, so a
+slow spell of the machine hits all of them; ratios are taken within a round.
 
 - ``pyro-vae train`` (no compile setting: the default path, ``auto``, which
   compiles whole steps for runs of at least ``COMPILE_AFTER_STEPS`` steps), its
@@ -55,8 +55,22 @@ def thread_environment(threads: int) -> dict[str, str]:
     return env
 
 
+def cpus_for(threads: int) -> set[int] | None:
+    """The first ``threads`` CPUs this process may run on, or None where affinity cannot be set.
+
+    A thread count alone does not bound a system: XLA's runtime runs work on threads of its own beside its
+    intra-op pool, so a NumPyro run told to use one thread takes a second core when one is idle. Each child is
+    therefore confined to as many CPUs as it is given threads.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return set(sorted(os.sched_getaffinity(0))[:threads])
+
+
 def run_child(system: str, epochs: int, threads: int) -> dict:
-    """One system in a fresh process; its JSON report (epoch seconds, test ELBO) plus the wall time."""
+    """One system in a fresh process on :func:`cpus_for` ``threads`` CPUs; its JSON report (epoch seconds, test
+    ELBO) plus the wall time."""
+    cpus = cpus_for(threads)
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, str(Path(__file__)), "--child", system, "--epochs", str(epochs), "--threads", str(threads)],
@@ -64,6 +78,7 @@ def run_child(system: str, epochs: int, threads: int) -> dict:
         capture_output=True,
         text=True,
         env=thread_environment(threads),
+        preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)),
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     report["wall"] = time.perf_counter() - start
@@ -248,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps({**CHILDREN, **HELPERS}[args.child](args.epochs, args.threads)))
         return
-    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs; {args.threads} thread(s) per system", flush=True)
+    cpus = cpus_for(args.threads)
+    where = "any CPU" if cpus is None else f"CPU(s) {sorted(cpus)}"
+    print(f"hardware: {cpu_name()}, {os.cpu_count()} CPUs; {args.threads} thread(s) per system on {where}", flush=True)
     print(f"load average at the start: {load()}", flush=True)
     run_child("warm-cache", 1, args.threads)
     ratios: dict[str, list[float]] = {name: [] for name in [*CHILDREN, "pyro-vae/numpyro", "startup/numpyro"]}
