@@ -195,6 +195,27 @@ def test_blocks_of_the_bernoulli_density_give_the_same_rows_as_one_block():
     assert got[rows + 2, 1] < -23000
 
 
+def test_one_unbatched_image_without_gradients_is_the_plain_density():
+    """Logits and value of shape (D,): no batch dim to block over, one row scored as is."""
+    torch.manual_seed(8)
+    logits, x = torch.randn(784) * 3, torch.bernoulli(torch.full((784,), 0.3))
+    with torch.no_grad():
+        got = BernoulliImage(logits).log_prob(x)
+    assert got.shape == ()
+    assert torch.allclose(got.double(), plain_bernoulli(logits, x), rtol=1e-6)
+
+
+def test_blocks_keep_the_logits_dtype():
+    """float64 logits in several blocks: every row in float64, not rounded through a float32 buffer."""
+    torch.manual_seed(9)
+    x = torch.bernoulli(torch.full((2, 784), 0.3))
+    rows = distributions.BLOCK_BYTES // (2 * 784 * 8)
+    logits = torch.randn(2 * rows + 3, 2, 784, dtype=torch.float64)
+    got = distributions.bernoulli_log_prob(logits, x.double())
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, plain_bernoulli(logits, x), rtol=1e-12, atol=1e-9)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_the_kl_of_two_diagonal_normals_is_torchs_bit_for_bit_expanded_or_not(grad):
     """A guide expanded over K particles against a prior expanded over (K, B): without gradients the KL is
