@@ -216,6 +216,17 @@ def test_blocks_keep_the_logits_dtype():
     assert torch.allclose(got, plain_bernoulli(logits, x), rtol=1e-12, atol=1e-9)
 
 
+def test_blocks_stay_on_the_logits_device_whatever_the_default_device():
+    """The blocked rows are written into a tensor on the logits' device, not on torch's default device."""
+    torch.manual_seed(10)
+    x = torch.bernoulli(torch.full((2, 784), 0.3))
+    logits = torch.randn(2 * distributions.BLOCK_BYTES // (2 * 784 * 4) + 3, 2, 784)
+    want = distributions._block_log_prob(logits, x * 2 - 1, logits.shape)
+    with torch.device("meta"):
+        got = distributions.bernoulli_log_prob(logits, x)
+    assert got.device == logits.device and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_the_kl_of_two_diagonal_normals_is_torchs_bit_for_bit_expanded_or_not(grad):
     """A guide expanded over K particles against a prior expanded over (K, B): without gradients the KL is
