@@ -14,7 +14,7 @@ full batches, as one function of the in-memory training tensor::
         m     ← β₁ m + (1 − β₁) g
         v     ← β₂ v + (1 − β₂) g²
         θ     ← θ − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)      Adam, lr a tensor input
-                                                        (m and v below the smallest normal float set to 0)
+                                                        (on a CPU, m and v below the smallest normal float set to 0)
 
 and compiles it with TorchInductor. Parameters and Adam's state are *the*
 tensors of the VAE and of the run's ``torch.optim.Adam`` (updated in place), so
@@ -116,18 +116,20 @@ def adam_update(
     t ← t + 1; m ← flush(β₁ m + (1 − β₁) g); v ← flush(β₂ v + (1 − β₂) g²)
     θ ← θ − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
 
-    ``flush`` sets a moment below the smallest normal float to 0: what the flush-to-zero mode of the
-    training steps (:mod:`pyro_vae.training.denormals`) does on the calling thread, here written into the
-    graph, so that the share of every intra-op thread is flushed, not the calling thread's alone.
+    ``flush``, on a CPU, sets a moment below the smallest normal float to 0: what the flush-to-zero mode of
+    the training steps (:mod:`pyro_vae.training.denormals`) does on the calling thread, here written into the
+    graph, so that the share of every intra-op thread is flushed, not the calling thread's alone. On another
+    device it is the identity, as the steps there run without the mode.
     """
     beta1, beta2 = betas
     for param, grad, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         t.add_(1)
         tiny = torch.finfo(m.dtype).tiny
         m.lerp_(grad, 1 - beta1)
-        m.masked_fill_(m.abs() < tiny, 0)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        v.masked_fill_(v < tiny, 0)
+        if m.device.type == "cpu":
+            m.masked_fill_(m.abs() < tiny, 0)
+            v.masked_fill_(v < tiny, 0)
         step_size = lr / (1 - beta1**t)
         denom = (v.sqrt() / (1 - beta2**t).sqrt()).add_(eps)
         param.sub_(step_size * m / denom)
