@@ -44,6 +44,7 @@ from pyro_vae import conditional
 from pyro_vae.config.spec import SEMISUPERVISED, ModelSpec
 from pyro_vae.errors import UserInputError
 from pyro_vae.parts import contracts
+from pyro_vae.parts.decoded import DecodedInBlocks
 
 
 class VAE(nn.Module):
@@ -181,8 +182,10 @@ class VAE(nn.Module):
 
     def likelihood_distribution(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
         """p_θ(x | z) (p_θ(x | z, y) given labels ``y``), batch shape z.shape[:-1], event shape (D,)."""
-        out = self.decoder(conditional.with_label(z, y, self.num_classes))
-        return self.likelihood(out)  # type: ignore[return-value]  # the parts return Pyro distributions
+        return DecodedInBlocks.of(self._decoded, conditional.with_label(z, y, self.num_classes))
+
+    def _decoded(self, z: torch.Tensor) -> dist.TorchDistribution:
+        return self.likelihood(self.decoder(z))  # type: ignore[return-value]  # the parts return Pyro distributions
 
     # -- the Pyro program ---------------------------------------------------------
     def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:

@@ -59,6 +59,7 @@ from pyro_vae.evaluation import diagnostics
 from pyro_vae.infer.log_weights import log_weights
 from pyro_vae.model import VAE, output_bias_start
 from pyro_vae.parts import contracts
+from pyro_vae.parts.decoded import DecodedInBlocks
 
 KINGMA = "kingma"  # model.classifier_weight: Kingma et al.'s α = 0.1·N, divided among the N_l labeled examples
 KINGMA_ALPHA = 0.1  # α / N in Kingma et al. 2014, section 4
@@ -160,7 +161,7 @@ class SemiSupervisedVAE(VAE):
     def likelihood_distribution(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.TorchDistribution:
         """p(x | y, z); without ``y``, at y = 0 (every class of a grid is drawn by :meth:`sample` with its ``y``)."""
         y = torch.zeros(z.shape[:-1], dtype=torch.long, device=z.device) if y is None else y
-        return self.likelihood(self.decoder(joined(z, y, self.num_classes)))  # type: ignore[return-value]
+        return DecodedInBlocks.of(self._decoded, joined(z, y, self.num_classes))
 
     def class_prior(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> dist.Categorical:
         """p(y) = Cat(1/C) with batch shape ``shape``."""

@@ -93,9 +93,10 @@ class MLPDecoder(nn.Module):
 
     Without gradients a tanh network runs its hidden layers as sigmoids, the
     same function: tanh(a) = 2σ(2a) − 1, so with g = σ(2a) the next layer sees
-    W h + b = 2W g + (b − W·1), and the factors fold into the weights (on every
-    call: a pass over the weights, not over the draws); the sigmoid kernel is
-    several times cheaper than tanh's.
+    W h + b = 2W g + (b − W·1). Each layer is one ``addmm`` whose factors of 2
+    are its ``alpha`` and ``beta`` (exact in floating point): the first layer
+    gives 2a = 2(W z + b), a middle one 2a = 4W g + 2(b − W·1), the last
+    2W g + (b − W·1). The sigmoid kernel is several times cheaper than tanh's.
     """
 
     def __init__(self, latent_dim: int, hidden: list[int], output_dim: int, activation: str):
@@ -113,15 +114,14 @@ class MLPDecoder(nn.Module):
         if torch.is_grad_enabled() or not self.folds_tanh:
             return self.net(z)
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
-        h = z
+        h = z.reshape(-1, z.shape[-1])
         for i, linear in enumerate(linears):
             weight: torch.Tensor = linear.weight
-            bias: torch.Tensor = linear.bias
-            if i > 0:  # the input is g = σ(2a), tanh(a) = 2g − 1
-                weight, bias = 2 * weight, bias - weight.sum(1)
+            bias: torch.Tensor = linear.bias if i == 0 else linear.bias - weight.sum(1)  # the input is g = σ(2a)
+            gain = 1 if i == 0 else 2  # tanh(a) = 2g − 1
             if i == len(linears) - 1:
-                return torch.nn.functional.linear(h, weight, bias)
-            h = torch.sigmoid_(torch.nn.functional.linear(h, 2 * weight, 2 * bias))  # σ(2a)
+                return torch.addmm(bias, h, weight.t(), alpha=gain).view(*z.shape[:-1], -1)
+            h = torch.addmm(bias, h, weight.t(), beta=2, alpha=2 * gain).sigmoid_()  # g = σ(2a)
         raise AssertionError("unreachable: an MLP decoder ends with a linear layer")
 
 
