@@ -22,7 +22,8 @@ G roundings, so the float32 error is that of the plain formula's sum. A
 group's product underflows only where the logits are confidently wrong about
 that group (log-density below −87 nats in float32); those rows are recomputed
 with ``logsigmoid``. Values that are not all 0 or 1 take the plain formula. Many draws go
-through in blocks of particles of about ``BLOCK_BYTES``, so each block's passes run in cache.
+through in blocks of particles of about ``BLOCK_BYTES``, each written into one buffer, so each block's passes
+run in cache.
 
 :class:`DiagonalNormal`: N(μ, diag σ²) over the last dimension::
 
@@ -105,16 +106,21 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if step >= shape[0]:
         return _block_log_prob(logits, signs, shape)
     out = torch.empty(shape[:-1], dtype=logits.dtype, device=logits.device)
+    scratch = torch.empty((step, *shape[1:]), dtype=logits.dtype, device=logits.device)  # every block's s·l
     logits, signs = logits.expand(shape), signs.expand(shape)
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
-        out[start:stop] = _block_log_prob(logits[start:stop], signs[start:stop], (stop - start, *shape[1:]))
+        block = (stop - start, *shape[1:])
+        out[start:stop] = _block_log_prob(logits[start:stop], signs[start:stop], block, scratch[: stop - start])
     return out
 
 
-def _block_log_prob(logits: torch.Tensor, signs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Σ_d log σ(s_d l_d) for logits and signs broadcast to ``shape`` (…, D)."""
-    signed = logits * signs  # a new tensor of the broadcast shape
+def _block_log_prob(
+    logits: torch.Tensor, signs: torch.Tensor, shape: tuple[int, ...], scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_d log σ(s_d l_d) for logits and signs broadcast to ``shape`` (…, D); s·l is written into ``scratch``
+    (a tensor of ``shape``, overwritten) where given, else into a new tensor."""
+    signed = logits * signs if scratch is None else torch.mul(logits, signs, out=scratch)
 
     def recompute(index: torch.Tensor) -> torch.Tensor:
         where = torch.unravel_index(index, shape[:-1])
