@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     vae, test = model_and_data(args.data_root)
     subset = test[: args.examples] if args.examples else test
     draws = args.num_samples * subset.shape[0]
-    rows = evaluation.rows_per_pass(vae, subset, 512.0)
+    rows = evaluation.rows_per_pass(vae, subset, 512.0, num_samples=args.num_samples)
     print(f"hardware: {machine()}; torch threads {args.threads}; torch {torch.__version__}")
     print(
         f"task: K = {args.num_samples} draws for each of {subset.shape[0]} MNIST test images, the mnist spec's "

@@ -23,10 +23,10 @@ K particles of several examples, or, for large K, blocks of one example's
 particles. ``rows`` keeps every activation of the model and guide of one pass
 under ``memory_mb`` (measured on the VAE itself: what each pair adds, so a
 convolutional decoder's feature maps count, and what a pass holds whatever its
-size, such as a VampPrior's pseudo-inputs through the encoder) and, on a CPU,
-within ``CPU_BLOCK_ROWS``, so the decoder's
-outputs are still in cache when the likelihood reads them. The densities' own
-speed lives in the parts (:mod:`pyro_vae.parts.distributions`).
+size, such as a VampPrior's pseudo-inputs through the encoder). The speed lives
+in the parts and the model: on a CPU the likelihood of a pass is taken in blocks
+whose decoder outputs stay in cache (:mod:`pyro_vae.parts.decoded`), and the
+densities have their own fast forms (:mod:`pyro_vae.parts.distributions`).
 
 A conditional VAE (``model.condition: label``) is scored with the examples'
 ``labels`` as its programs' ``y``: every figure is then conditional on the
@@ -48,7 +48,6 @@ from pyro_vae.infer.log_weights import LogWeights, closed_form_allowed, log_weig
 from pyro_vae.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-CPU_BLOCK_ROWS = 2048  # (particle, example) pairs per pass on a CPU: the decoder's outputs stay in cache
 TEMPORARIES = 3  # bytes of a pass, as a multiple of its modules' outputs (temporaries, log-densities)
 
 
@@ -57,8 +56,9 @@ def _own_draws(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def _probe_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None) -> int:
-    """Bytes of every module's output (each distinct tensor once) and of ``x`` in one pass of the programs on ``x``.
+def _probe_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None, num_particles: int = 1) -> int:
+    """Bytes of every module's output (each distinct tensor once) and of ``x`` in one pass of the programs on ``x``
+    with ``num_particles`` particles.
 
     The outputs are held until the end of the pass, so a freed tensor's memory cannot be reused by a later one
     and counted once for both.
@@ -73,30 +73,36 @@ def _probe_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None) -> int:
     handles = [m.register_forward_hook(count) for m in vae.modules()]
     try:
         with torch.no_grad(), pyro.validation_enabled(False), _own_draws(x.device):
-            log_weights(vae.model, vae.guide, x, num_particles=1, **program_kwargs(labels))
+            log_weights(vae.model, vae.guide, x, num_particles=num_particles, **program_kwargs(labels))
     finally:
         for handle in handles:
             handle.remove()
     return sum(t.numel() * t.element_size() for t in seen.values()) + x.numel() * x.element_size()
 
 
-def pass_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[int, int]:
-    """``(fixed, per_row)``: the bytes of a pass of ``rows`` (particle, example) pairs are fixed + rows · per_row.
+def pass_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None, num_samples: int = 1) -> tuple[int, int]:
+    """``(fixed, per_row)``: a pass of ``rows`` (particle, example) pairs, ``num_samples`` particles per example,
+    holds fixed + rows · per_row bytes.
 
-    Measured on the VAE itself from passes of one and of two pairs (two examples of ``x``, one particle each),
-    each module's outputs counted TEMPORARIES times: ``per_row`` is their difference (an example's encoder and
-    the decoder's outputs for one draw, so a convolutional decoder's feature maps count), ``fixed`` what a pass
-    holds whatever its size (a VampPrior's pseudo-inputs through the encoder, say).
+    Measured on the VAE itself from three passes, each module's outputs counted TEMPORARIES times: one example
+    with one particle, two examples with one particle each, one example with two particles. A particle adds
+    ``per_particle`` (its draw and the decoder's outputs for it, so a convolutional decoder's feature maps count),
+    an example ``per_example`` (its encoder's outputs), so each pair of a pass with K particles per example adds
+    per_row = per_particle + per_example / K; ``fixed`` is what a pass holds whatever its size (a VampPrior's
+    pseudo-inputs through the encoder, say).
     """
     pair = torch.arange(2) % x.shape[0]  # the first two examples, or the one twice (an index any device takes)
-    one_pair = _probe_bytes(vae, x[:1], _first(labels, 1))
-    per_row = max(_probe_bytes(vae, x[pair], None if labels is None else labels[pair]) - one_pair, 1)
-    return TEMPORARIES * max(one_pair - per_row, 0), TEMPORARIES * per_row
+    one = _probe_bytes(vae, x[:1], _first(labels, 1))
+    per_particle = max(_probe_bytes(vae, x[:1], _first(labels, 1), num_particles=2) - one, 1)
+    two_examples = _probe_bytes(vae, x[pair], None if labels is None else labels[pair])
+    per_example = max(two_examples - one - per_particle, 0)
+    per_row = per_particle + math.ceil(per_example / num_samples)
+    return TEMPORARIES * max(one - per_particle - per_example, 0), TEMPORARIES * per_row
 
 
-def row_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+def row_bytes(vae: VAE, x: torch.Tensor, labels: torch.Tensor | None = None, num_samples: int = 1) -> int:
     """Bytes one more (particle, example) pair adds to a pass (``pass_bytes``'s ``per_row``)."""
-    return pass_bytes(vae, x, labels)[1]
+    return pass_bytes(vae, x, labels, num_samples)[1]
 
 
 def _first(labels: torch.Tensor | None, count: int) -> torch.Tensor | None:
@@ -107,12 +113,13 @@ def _chunk(labels: torch.Tensor | None, start: int, stop: int) -> torch.Tensor |
     return None if labels is None else labels[start:stop]
 
 
-def rows_per_pass(vae: VAE, x: torch.Tensor, memory_mb: float, labels: torch.Tensor | None = None) -> int:
-    """(particle, example) pairs per pass: fixed + rows · per_row bytes (``pass_bytes``) under ``memory_mb``,
-    at least one, and at most ``CPU_BLOCK_ROWS`` on a CPU."""
-    fixed, per_row = pass_bytes(vae, x, labels)
-    rows = max(1, int((memory_mb * 2**20 - fixed) // per_row))
-    return min(rows, CPU_BLOCK_ROWS) if x.device.type == "cpu" else rows
+def rows_per_pass(
+    vae: VAE, x: torch.Tensor, memory_mb: float, labels: torch.Tensor | None = None, num_samples: int = 1
+) -> int:
+    """(particle, example) pairs per pass, ``num_samples`` particles per example: fixed + rows · per_row bytes
+    (``pass_bytes``) under ``memory_mb``, at least one."""
+    fixed, per_row = pass_bytes(vae, x, labels, num_samples)
+    return max(1, int((memory_mb * 2**20 - fixed) // per_row))
 
 
 def passes(num_examples: int, num_samples: int, rows: int) -> Iterator[tuple[int, int, list[int]]]:
@@ -150,7 +157,9 @@ def log_weight_terms(
     vae.eval()
     parts: list[list[torch.Tensor]] = [[], [], []]
     with pyro.validation_enabled(False):
-        for start, stop, blocks in passes(x.shape[0], num_samples, rows_per_pass(vae, x, memory_mb, labels)):
+        for start, stop, blocks in passes(
+            x.shape[0], num_samples, rows_per_pass(vae, x, memory_mb, labels, num_samples)
+        ):
             sites = list(chunk_sites(vae, x[start:stop], blocks, _chunk(labels, start, stop)))
             for part, name in zip(parts, ("log_likelihood", "log_prior", "log_guide")):
                 part.append(torch.cat([getattr(s, name).expand(s.log_w.shape) for s in sites]))
@@ -194,7 +203,9 @@ def evaluate(
     layer_closed: dict[str, bool] = {}
     closed_form = True
     with pyro.validation_enabled(False):  # z is drawn from q: no support checks of the K × B draws
-        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb, labels)):
+        for start, stop, blocks in passes(
+            data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb, labels, num_samples)
+        ):
             columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_w", "log_lik", "kl_sampled", "kl")}
             site_kl: dict[str, list[torch.Tensor]] = {}
             for sites in chunk_sites(vae, data[start:stop], blocks, _chunk(labels, start, stop)):
@@ -209,6 +220,7 @@ def evaluate(
                 columns["log_lik"].append(sites.log_likelihood.expand(log_w.shape))
                 columns["kl_sampled"].append((sites.log_guide - sites.log_prior).expand(log_w.shape))
                 columns["kl"].append(kl.expand(log_w.shape))
+                del sites, terms
             log_w, log_lik, kl_sampled, kl = (torch.cat(v) for v in columns.values())
             parts["elbo"].append(log_w.mean(0))
             parts["reconstruction"].append(log_lik.mean(0))
@@ -281,11 +293,14 @@ def _test_elbo(
     vae.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=data.device)
     with pyro.validation_enabled(False):
-        for start, stop, blocks in passes(data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb, labels)):
+        for start, stop, blocks in passes(
+            data.shape[0], num_samples, rows_per_pass(vae, data, memory_mb, labels, num_samples)
+        ):
             for sites in chunk_sites(vae, data[start:stop], blocks, _chunk(labels, start, stop)):
                 log_lik = sites.log_likelihood.expand(sites.log_w.shape)
                 kl = sites.kl()[0].expand(log_lik.shape)
-                totals += torch.stack([(log_lik - kl).sum(), log_lik.sum(), kl.sum()]).double() / num_samples
+                terms = torch.stack([log_lik - kl, log_lik, kl]).double()  # float64 sums: the same whatever the passes
+                totals += terms.flatten(1).sum(1) / num_samples
     vae.train(was_training)
     elbo, reconstruction, kl = (totals / data.shape[0]).tolist()
     return {"test_elbo": elbo, "test_reconstruction": reconstruction, "test_kl": kl}

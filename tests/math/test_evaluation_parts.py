@@ -50,13 +50,34 @@ def test_passes_cover_every_example_with_all_its_particles(n, k, rows, expected)
     assert all(max(blocks) <= rows for _, _, blocks in got)
 
 
-def test_rows_per_pass_is_the_memory_over_one_rows_bytes_within_the_cpu_block():
+def test_rows_per_pass_is_the_memory_over_one_rows_bytes():
     vae, x = small_vae(), binary(4)
     one = bounds.row_bytes(vae, x)
     assert evaluation.rows_per_pass(vae, x, memory_mb=100 * one / 2**20) == 100
     assert evaluation.rows_per_pass(vae, x, memory_mb=100.5 * one / 2**20) == 100
     assert evaluation.rows_per_pass(vae, x, memory_mb=0.0) == 1  # at least one row
-    assert evaluation.rows_per_pass(vae, x, memory_mb=1e6) == bounds.CPU_BLOCK_ROWS
+    assert evaluation.rows_per_pass(vae, x, memory_mb=1e3 * one / 2**20) == 1000  # no cap beyond the memory
+
+
+@pytest.mark.parametrize("k", [1, 7, 1000])
+@pytest.mark.parametrize("examples", [1, 3])
+def test_a_pass_holds_fixed_plus_rows_per_row_bytes_at_every_number_of_particles(k, examples):
+    """The bytes of a pass of E examples with K particles each (every module output, measured) are what
+    ``pass_bytes`` at K says: an example's encoder once, each particle's draw and decoder outputs K times."""
+    vae, x = small_vae(), binary(examples)
+    fixed, per_row = bounds.pass_bytes(vae, x, num_samples=k)
+    held = bounds.TEMPORARIES * bounds._probe_bytes(vae, x, None, num_particles=k)
+    rows = examples * k
+    assert held <= fixed + rows * per_row <= held + bounds.TEMPORARIES * rows  # within the per-pair rounding up
+
+
+def test_many_particles_per_example_make_a_pair_cheaper_down_to_one_draw_s_bytes():
+    vae, x = small_vae(), binary(4)
+    one, many = bounds.row_bytes(vae, x), bounds.row_bytes(vae, x, num_samples=10**6)
+    assert many < one
+    decoded = bounds.TEMPORARIES * DATA_DIM * x.element_size()  # the decoder's output for one draw, at least
+    assert many >= decoded
+    assert evaluation.rows_per_pass(vae, x, 1.0, num_samples=10**6) > evaluation.rows_per_pass(vae, x, 1.0)
 
 
 def test_a_vampprior_s_pseudo_inputs_are_a_fixed_cost_of_a_pass_not_of_each_row():
