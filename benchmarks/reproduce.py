@@ -49,15 +49,14 @@ PUBLISHED = {  # test NLL in nats, as the specs' descriptions cite them
 
 
 def train_for(name: str, run_dir: Path, epochs: int, device: str, minutes: float | None) -> None:
-    """Train (or continue) ``name`` in ``run_dir`` to ``epochs`` epochs in a child process, sent SIGTERM after
-    ``minutes`` (None: no limit); it then checkpoints the step it reached and exits with 128 + SIGTERM."""
-    if (run_dir / CHECKPOINT).exists():
+    """Train ``name`` in ``run_dir`` on ``device`` (or continue it, on the device its saved spec names) to ``epochs``
+    epochs in a child process, sent SIGTERM after ``minutes`` (None: no limit); it then checkpoints the step it
+    reached and exits with 128 + SIGTERM."""
+    if (run_dir / CHECKPOINT).exists():  # a resumed run keeps its saved spec, device included
         command = ["train", "--resume", str(run_dir)]
     else:
-        command = ["train", "--config", name, "--out", str(run_dir), "--force"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pyro_vae", *command, "--epochs", str(epochs), "--device", device, "--quiet"]
-    )
+        command = ["train", "--config", name, "--out", str(run_dir), "--force", "--device", device]
+    child = subprocess.Popen([sys.executable, "-m", "pyro_vae", *command, "--epochs", str(epochs), "--quiet"])
     try:
         status = child.wait(timeout=None if minutes is None else 60 * minutes)
     except subprocess.TimeoutExpired:
