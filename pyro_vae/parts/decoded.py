@@ -88,13 +88,12 @@ class DecodedInBlocks(dist.TorchDistribution):
         make: Callable[[torch.Tensor], dist.TorchDistribution],
         z: torch.Tensor,
         rows: int = ROWS,
-        validate_args: bool | None = None,
     ):
         self.make, self.z, self.rows = make, z, rows
         self._whole: dist.TorchDistribution | None = None
         one = make(z[(0,) * (z.dim() - 1)].view(*(1,) * (z.dim() - 1), z.shape[-1]))
         self._support, self._row_wise = one.support, one.batch_shape == (1,) * (z.dim() - 1)
-        super().__init__(z.shape[:-1], one.event_shape, validate_args=False)
+        super().__init__(z.shape[:-1], one.event_shape)
 
     @staticmethod
     def of(
@@ -102,7 +101,7 @@ class DecodedInBlocks(dist.TorchDistribution):
     ) -> dist.TorchDistribution:
         """``DecodedInBlocks(make, z, rows)`` where it saves a pass over memory (no gradient recorded, a CPU, more
         than ``rows`` rows, a block's distribution with z's batch shape); ``make(z)`` otherwise."""
-        if torch.is_grad_enabled() or z.device.type != "cpu" or z.dim() < 2 or z.shape[:-1].numel() <= rows:
+        if torch.is_grad_enabled() or z.device.type != "cpu" or z.shape[:-1].numel() <= rows:
             return make(z)
         blocked = DecodedInBlocks(make, z, rows)
         return blocked if blocked._row_wise else make(z)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pyro_vae.parts import decoded
-from pyro_vae.parts.decoded import DecodedInBlocks, block_slices
+from pyro_vae.parts.decoded import DecodedInBlocks, _take, block_slices
 from pyro_vae.parts.distributions import BernoulliImage
 from pyro_vae.parts.networks import MLPDecoder
 
@@ -77,6 +77,36 @@ def test_the_blocks_log_prob_is_the_whole_distribution_s(likelihood, z_shape, x_
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("value_shape", "index", "expected"),
+    [
+        ((1, 10, 4, 2), (2, 5, slice(0, 3)), (0, 5, slice(0, 3))),  # a size-1 dim at an int: dropped, as z's is
+        ((1, 4, 2), (2, slice(5, 6)), (slice(None),)),  # a size-1 dim at a slice: kept whole, size 1
+        ((10, 1, 2), (2, slice(5, 6)), (slice(5, 6),)),  # a dim the value lacks (the first) is skipped
+    ],
+)
+def test_a_block_of_the_value_broadcasts_against_the_block_of_z_as_the_whole_did(value_shape, index, expected):
+    value = torch.arange(torch.Size(value_shape).numel(), dtype=torch.float32).view(value_shape)
+    got = _take(value, index, batch_dims=3, event_dims=1)
+    assert got.shape == value[expected].shape and torch.equal(got, value[expected])
+
+
+def test_z_of_one_batch_dim_is_taken_in_blocks_and_another_device_whole():
+    decoder, _ = parts()
+    make = bernoulli(decoder)
+    z, x = torch.randn(100, LATENT), torch.ones(DATA_DIM)
+    with torch.no_grad():
+        blocked = DecodedInBlocks.of(make, z, rows=7)
+        assert isinstance(blocked, DecodedInBlocks)
+        torch.testing.assert_close(blocked.log_prob(x), make(z).log_prob(x), rtol=0, atol=1e-5)
+
+        def normal(block):
+            return dist.Normal(block, 1.0, validate_args=False).to_event(1)
+
+        elsewhere = torch.empty(100, 3, LATENT, device="meta")  # not a CPU: one launch per kernel
+        assert not isinstance(DecodedInBlocks.of(normal, elsewhere, rows=7), DecodedInBlocks)
+
+
 def test_a_block_s_decoder_sees_only_its_rows():
     calls = []
     decoder, _ = parts()
@@ -118,6 +148,7 @@ def test_everything_but_log_prob_is_the_whole_distribution_s():
         torch.testing.assert_close(blocked.variance, whole.variance)
         assert blocked.sample((2,)).shape == (2, 20, 3, DATA_DIM)
         wider = blocked.expand(torch.Size([4, 20, 3]))
+        assert isinstance(wider, DecodedInBlocks) and wider.rows == blocked.rows
         x = torch.ones(DATA_DIM)
         torch.testing.assert_close(wider.log_prob(x), make(z.expand(4, 20, 3, LATENT)).log_prob(x))
         other = torch.ones(2, 20, 3, DATA_DIM)  # a value with more batch dims: scored by the whole distribution
