@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the importance samples (same seed, same JSON)")
     evaluate.add_argument("--device", help="evaluate on this device; default: the run's train.device")
-    evaluate.add_argument("--memory-mb", type=float, default=512.0, help="bound on the largest evaluation tensor, MB")
+    evaluate.add_argument(
+        "--memory-mb",
+        type=float,
+        default=512.0,
+        help="bound on what one pass of the evaluation holds (its modules' outputs, measured on the VAE), MB",
+    )
     add_checkpoint(evaluate)
     add_quiet(evaluate)
     add_threads(evaluate, "auto")
