@@ -21,6 +21,7 @@ Everything else (``mean``, ``sample``, the parts' own attributes through
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Iterator
 
@@ -38,24 +39,17 @@ def block_slices(shape: torch.Size, rows: int) -> Iterator[tuple[slice | int, ..
     index at a time, every dim after it whole. Together the blocks cover each
     entry once, in order.
     """
+    if not shape:
+        yield ()
+        return
     for dim in range(len(shape)):
         inner = math.prod(shape[dim + 1 :])
         if inner <= rows:
             break
     step = max(1, rows // inner)
-    outer = [range(size) for size in shape[:dim]]
-    for prefix in _product(outer):
+    for prefix in itertools.product(*(range(size) for size in shape[:dim])):
         for start in range(0, shape[dim], step):
             yield (*prefix, slice(start, start + step))
-
-
-def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
-    if not ranges:
-        yield ()
-        return
-    for head in ranges[0]:
-        for tail in _product(ranges[1:]):
-            yield (head, *tail)
 
 
 def _take(value: torch.Tensor, index: tuple[slice | int, ...], batch_dims: int, event_dims: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ LATENT, DATA_DIM = 3, 12
 
 @pytest.mark.parametrize(
     ("shape", "rows"),
-    [((50, 3), 20), ((1, 45), 8), ((3, 4, 5), 6), ((7,), 3), ((2, 3), 100), ((4, 2, 3), 1)],
+    [((50, 3), 20), ((1, 45), 8), ((3, 4, 5), 6), ((7,), 3), ((2, 3), 100), ((4, 2, 3), 1), ((), 4)],
 )
 def test_blocks_cover_every_entry_once_in_order_and_hold_at_most_rows_entries_where_possible(shape, rows):
     seen = torch.zeros(shape, dtype=torch.long)
