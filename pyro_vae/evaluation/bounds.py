@@ -220,7 +220,7 @@ def evaluate(
                 columns["log_lik"].append(sites.log_likelihood.expand(log_w.shape))
                 columns["kl_sampled"].append((sites.log_guide - sites.log_prior).expand(log_w.shape))
                 columns["kl"].append(kl.expand(log_w.shape))
-                del sites, terms
+                del sites, terms  # the pass's traces freed before the next pass is drawn
             log_w, log_lik, kl_sampled, kl = (torch.cat(v) for v in columns.values())
             parts["elbo"].append(log_w.mean(0))
             parts["reconstruction"].append(log_lik.mean(0))
