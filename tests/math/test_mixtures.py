@@ -4,7 +4,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.parts.mixtures import DiagonalNormalMixture, gaussian_mixture
+from pyro_vae.parts.mixtures import BLOCK_ROWS, DiagonalNormalMixture, gaussian_mixture
 
 
 def parameters(K=30, d=6, seed=0, dtype=torch.float32):
@@ -31,6 +31,21 @@ def test_density_and_gradients_match_the_plain_mixture(value_shape):
     assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
     got_grads = torch.autograd.grad(got.sum(), (loc, scale, logits))
     want_grads = torch.autograd.grad(want.sum(), (loc, scale, logits))
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.detach().abs().max()))
+
+
+def test_values_of_several_blocks_keep_their_order_and_gradients():
+    """More points than one block of rows (two full blocks and a partial one): each point gets its own density."""
+    loc, scale, logits = parameters(K=7, d=3)
+    fast = gaussian_mixture(logits, dist.Normal(loc, scale).to_event(1))
+    z = 2 * torch.randn(2, 2 * BLOCK_ROWS + 5, 3, generator=torch.Generator().manual_seed(5))
+    got, want = fast.log_prob(z), plain(loc, scale, logits).log_prob(z)
+    assert got.shape == want.shape == z.shape[:-1]
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
+    weights = torch.rand(z.shape[:-1], generator=torch.Generator().manual_seed(6))  # a different weight per point
+    got_grads = torch.autograd.grad((weights * got).sum(), (loc, scale, logits))
+    want_grads = torch.autograd.grad((weights * want).sum(), (loc, scale, logits))
     for a, b in zip(got_grads, want_grads):
         assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.detach().abs().max()))
 
