@@ -7,6 +7,9 @@ the IWAE paper's network 784-200-200-50 (tanh). ``pyro_vae.evaluation.bounds.eva
 runs the VAE's Pyro model and guide on passes of (particle, example) pairs and
 takes every density from the parts' own distributions.
 
+``--run RUN_DIR`` times a trained run's model (its best checkpoint) on its own
+test split instead, e.g. a VampPrior, whose prior density is the larger cost.
+
 Two comparisons, each side by side in interleaved rounds so the ratio holds on a
 shared machine whatever its load:
 
@@ -18,6 +21,7 @@ shared machine whatever its load:
     PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --num-samples 5000 --examples 40
     PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --against f8fd223 --examples 40 --rounds 5
     PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --examples 0      # all 10,000 images, once
+    PYRO_VAE_DATA=../shared/data python benchmarks/eval_speed.py --run runs/binarized-mnist-vamp-paper-… --against REV
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def model_and_data(data_root: str | None):
-    """The mnist spec's network at its initialization and the test split, through the public API (any revision)."""
+def model_and_data(data_root: str | None, run: str | None = None):
+    """The mnist spec's network at its initialization and the test split, or the trained model of ``run`` and its
+    test split, through the public API (any revision)."""
     import pyro_vae
 
+    if run:
+        _, vae, data = pyro_vae.load_run(run)
+        return vae.eval(), data.test
     spec = pyro_vae.load_spec("mnist", [f"data.root={data_root}"] if data_root else [])
     data = pyro_vae.load_dataset(spec.data, spec.train.seed)
     pyro.set_rng_seed(0)
@@ -49,12 +57,12 @@ def model_and_data(data_root: str | None):
     return vae, data.test
 
 
-def timed_evaluation(k: int, examples: int, threads: int, data_root: str | None) -> dict:
-    """One evaluate() of the mnist spec's network (at its initialization) on the first ``examples`` test images."""
+def timed_evaluation(k: int, examples: int, threads: int, data_root: str | None, run: str | None) -> dict:
+    """One evaluate() of :func:`model_and_data`'s model on the first ``examples`` test images."""
     from pyro_vae import evaluation
 
     torch.set_num_threads(threads)
-    vae, test = model_and_data(data_root)
+    vae, test = model_and_data(data_root, run)
     subset = test[:examples] if examples else test
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -78,6 +86,7 @@ def in_process(tree: Path, args) -> dict:
         str(args.examples),
         "--threads",
         str(args.threads),
+        *(["--run", args.run] if args.run else []),
     ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -106,23 +115,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", metavar="REV", help="also time the evaluation of git revision REV, side by side")
     parser.add_argument("--data-root", default=os.environ.get("PYRO_VAE_DATA"))
+    parser.add_argument("--run", metavar="RUN_DIR", help="time this trained run's model on its test split")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(timed_evaluation(args.num_samples, args.examples, args.threads, args.data_root)))
+        print(json.dumps(timed_evaluation(args.num_samples, args.examples, args.threads, args.data_root, args.run)))
         return
     from pyro_vae import evaluation
     from pyro_vae.training.environment import machine
 
     torch.set_num_threads(args.threads)
-    vae, test = model_and_data(args.data_root)
+    vae, test = model_and_data(args.data_root, args.run)
     subset = test[: args.examples] if args.examples else test
     draws = args.num_samples * subset.shape[0]
     rows = evaluation.rows_per_pass(vae, subset, 512.0, num_samples=args.num_samples)
     print(f"hardware: {machine()}; torch threads {args.threads}; torch {torch.__version__}")
     print(
-        f"task: K = {args.num_samples} draws for each of {subset.shape[0]} MNIST test images, the mnist spec's "
-        f"network at its initialization; passes of {rows} (particle, example) pairs\n",
+        f"task: K = {args.num_samples} draws for each of {subset.shape[0]} test images, "
+        f"{f'the trained model of {args.run}' if args.run else 'the mnist spec network at its initialization'}; "
+        f"passes of {rows} (particle, example) pairs\n",
         flush=True,
     )
     ratios, seconds, floors = [], [], []
