@@ -122,10 +122,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(timed_evaluation(args.num_samples, args.examples, args.threads, args.data_root, args.run)))
         return
     from pyro_vae import evaluation
+    from pyro_vae.errors import UserInputError
     from pyro_vae.training.environment import machine
 
     torch.set_num_threads(args.threads)
-    vae, test = model_and_data(args.data_root, args.run)
+    try:
+        vae, test = model_and_data(args.data_root, args.run)
+    except UserInputError as error:  # a --run that is not a run folder, a missing dataset
+        parser.exit(2, f"eval_speed.py: {error}\n")
     subset = test[: args.examples] if args.examples else test
     draws = args.num_samples * subset.shape[0]
     rows = evaluation.rows_per_pass(vae, subset, 512.0, num_samples=args.num_samples)

@@ -5,7 +5,7 @@ the plain way (``MixtureSameFamily.log_prob``), every point z is broadcast
 against every component: an n×K×d tensor and a handful of elementwise passes
 over it. With K = 500 pseudo-inputs, d = 50 and the n = 10⁷ draws of a K = 1000
 log-likelihood estimate on the MNIST test set that is 2.5·10¹¹ elements per pass.
-Expanding the square gives the same density from two (n×d)·(d×K) products::
+Expanding the square gives the same density from matrix products::
 
     log N(z; μ_k, diag σ_k²) = −½ Σ_j z_j² w_kj + Σ_j z_j μ_kj w_kj − ½ Σ_j μ_kj² w_kj
                                − Σ_j log σ_kj − (d/2) log 2π,          w_kj = σ_kj⁻²

@@ -19,20 +19,24 @@ def plain(loc, scale, logits):
     return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
 
 
+def assert_density_and_gradients_match(got, want, parameters, weights=1.0):
+    """The fast density equals the plain one, and so do the gradients of Σ weights · log p for ``parameters``."""
+    assert got.shape == want.shape
+    # float32 rounding of the plain formula: relative 1e-6 of the largest |log p|
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
+    got_grads = torch.autograd.grad((weights * got).sum(), parameters)
+    want_grads = torch.autograd.grad((weights * want).sum(), parameters)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.detach().abs().max()))
+
+
 @pytest.mark.parametrize("value_shape", [(6,), (40, 6), (3, 40, 6)])
 def test_density_and_gradients_match_the_plain_mixture(value_shape):
     loc, scale, logits = parameters()
     fast = gaussian_mixture(logits, dist.Normal(loc, scale).to_event(1))
     assert isinstance(fast, DiagonalNormalMixture)
     z = 2 * torch.randn(value_shape, generator=torch.Generator().manual_seed(1))
-    got, want = fast.log_prob(z), plain(loc, scale, logits).log_prob(z)
-    assert got.shape == want.shape
-    # float32 rounding of the plain formula: relative 1e-6 of the largest |log p|
-    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
-    got_grads = torch.autograd.grad(got.sum(), (loc, scale, logits))
-    want_grads = torch.autograd.grad(want.sum(), (loc, scale, logits))
-    for a, b in zip(got_grads, want_grads):
-        assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.detach().abs().max()))
+    assert_density_and_gradients_match(fast.log_prob(z), plain(loc, scale, logits).log_prob(z), (loc, scale, logits))
 
 
 def test_values_of_several_blocks_keep_their_order_and_gradients():
@@ -40,14 +44,10 @@ def test_values_of_several_blocks_keep_their_order_and_gradients():
     loc, scale, logits = parameters(K=7, d=3)
     fast = gaussian_mixture(logits, dist.Normal(loc, scale).to_event(1))
     z = 2 * torch.randn(2, 2 * BLOCK_ROWS + 5, 3, generator=torch.Generator().manual_seed(5))
-    got, want = fast.log_prob(z), plain(loc, scale, logits).log_prob(z)
-    assert got.shape == want.shape == z.shape[:-1]
-    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
+    got = fast.log_prob(z)
+    assert got.shape == z.shape[:-1]
     weights = torch.rand(z.shape[:-1], generator=torch.Generator().manual_seed(6))  # a different weight per point
-    got_grads = torch.autograd.grad((weights * got).sum(), (loc, scale, logits))
-    want_grads = torch.autograd.grad((weights * want).sum(), (loc, scale, logits))
-    for a, b in zip(got_grads, want_grads):
-        assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.detach().abs().max()))
+    assert_density_and_gradients_match(got, plain(loc, scale, logits).log_prob(z), (loc, scale, logits), weights)
 
 
 def test_a_plate_broadcast_keeps_the_fast_density():
