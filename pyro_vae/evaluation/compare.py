@@ -252,13 +252,14 @@ def train_estimator(
 
     The curve holds (step, test ELBO) at step 0, about every ``steps / 20`` steps, and at the end.
     A non-finite loss or gradient ends that estimator's training with NaN figures. Under
-    ``inference.compile: auto`` every estimator trains on the eager path, so ``train_seconds``
-    compares like with like (a path named in the spec is used for all of them).
+    ``inference.compile: auto`` or ``inductor`` every estimator trains on the eager path, so
+    ``train_seconds`` compares like with like and holds no compile (``traced``, named in the
+    spec, is used for all of them).
     """
     from pyro_vae.training import Trainer, evaluation_seed, seed_everything
 
     inference = choice.inference(spec.inference)
-    if inference.compile == "auto":
+    if inference.compile in ("auto", "inductor", True):
         inference = dataclasses.replace(inference, compile="eager")
     spec = dataclasses.replace(spec, inference=inference)
     trainer = Trainer(spec, None, data=data, show_progress=False)

@@ -1,26 +1,22 @@
 """``inference.compile``: which path runs the training step.
 
-Four paths give one run: ``eager`` (Pyro's effect handlers every step),
+Three paths give one run: ``eager`` (Pyro's effect handlers every step),
 ``traced`` (the step recorded once per batch shape and replayed; bit for bit
 the eager step, :mod:`pyro_vae.training.compiled`) and ``inductor`` (whole
 training steps, several per call, compiled by TorchInductor as one graph,
 :mod:`pyro_vae.training.whole_step`; equal to eager within float and Monte Carlo
-tolerance, not bit for bit).
+tolerance, not bit for bit). ``inductor`` runs only where the spec names it.
 
-``auto`` chooses by one rule counted in steps, from the spec, the device and
-the installation only::
+``auto`` chooses between the two bit-for-bit paths by one rule counted in steps::
 
-    inductor  when  steps left ≥ COMPILE_AFTER_STEPS  and the run can take whole steps
-                    (no clip_norm, no labels, one process) and TorchInductor can compile
-                    for the device (a C++ compiler for the CPU, Triton for CUDA)
     traced    when  steps left ≥ TRACE_AFTER_STEPS
     eager     otherwise
 
 decided at the first step after Pyro's validated ones. Nothing is timed and no
 cache is read, so a loaded machine, a cold or a warm compile cache never change
-the path, and the same spec and seed on the same installation give the same
-``metrics.jsonl``. The log says which path was taken, and the checkpoint
-records it, so a resumed run takes the same path.
+the path, and whichever it takes, the run's ``metrics.jsonl`` is the eager
+run's. The log says which path was taken, and the checkpoint records it, so a
+resumed run takes the same path.
 """
 
 from __future__ import annotations
@@ -38,19 +34,17 @@ from pyro_vae.training import compiled
 
 #: the steps a run must have left for ``auto`` to build the trace (a trace pays back its build over this many)
 TRACE_AFTER_STEPS = 1000
-#: the steps a run must have left for ``auto`` to compile whole steps (docs/speed.md: the build and what a step saves)
-COMPILE_AFTER_STEPS = 3000
-PATHS = ("eager", "traced", "inductor")
+#: the paths ``auto`` chooses among: those that give the eager run's numbers bit for bit
+AUTO_PATHS = ("eager", "traced")
 
 
 class AutoStep:
     """The training step of ``inference.compile: auto``, chosen by :meth:`choose` at the first unvalidated step.
 
     ``steps_left()`` is the number of steps the current run still takes (the trainer's
-    horizon minus its position); ``whole`` builds the run's whole compiled step, None
-    where the run cannot take it (``no_whole`` says why). ``path`` is set once chosen;
-    given (a resumed run: the path its checkpoint recorded), it is kept where it is
-    still available, else chosen afresh.
+    horizon minus its position). ``path`` is set once chosen; given (a resumed run: the
+    path its checkpoint recorded), it is kept if it is one of ``AUTO_PATHS``, else chosen
+    afresh.
     """
 
     def __init__(
@@ -61,16 +55,10 @@ class AutoStep:
         steps_left: Callable[[], int],
         path: str | None = None,
         trace_after: int = TRACE_AFTER_STEPS,
-        whole: Callable[[], Any] | None = None,
-        no_whole: str | None = None,
-        compile_after: int = COMPILE_AFTER_STEPS,
     ):
         self.elbo, self.vae, self.log, self.steps_left = elbo, vae, log, steps_left
-        self.trace_after, self.compile_after = trace_after, compile_after
-        self.whole_builder, self.no_whole = whole, no_whole or "not offered"
-        if path == "inductor" and whole is None:
-            path = None  # recorded where it was available: chosen afresh
-        self.path = path if path in PATHS else None
+        self.trace_after = trace_after
+        self.path = path if path in AUTO_PATHS else None
         self.step: Callable = eager_step(elbo, vae)
         if self.path is not None:
             self.step = self._build(self.path)
@@ -84,29 +72,17 @@ class AutoStep:
 
     def choose(self, steps_left: int) -> None:
         """Take the path of the rule (module docstring) for ``steps_left``; one log line says which and why."""
-        if steps_left >= self.compile_after and self.whole_builder is not None:
-            self.path, why = "inductor", f"{steps_left:,} steps left ≥ {self.compile_after:,}"
-        elif steps_left >= self.trace_after:
-            self.path = "traced"
-            why = f"{steps_left:,} steps left ≥ {self.trace_after:,}"
-            why += f"; whole steps: {self.no_whole}" if self.whole_builder is None else ""
+        if steps_left >= self.trace_after:
+            self.path, why = "traced", f"{steps_left:,} steps left ≥ {self.trace_after:,}"
         else:
             self.path, why = "eager", f"{steps_left:,} steps left < {self.trace_after:,}"
         self.step = self._build(self.path)
         self.log.info(f"inference.compile: auto chose {self.path} ({why})")
 
     def _build(self, path: str) -> Callable:
-        if path == "inductor":
-            assert self.whole_builder is not None
-            return self.whole_builder()
         if path == "traced":
             return compiled.CompiledStep(self.elbo, self.vae, self.log, inductor=False)
         return eager_step(self.elbo, self.vae)
-
-    @property
-    def whole(self):
-        """The whole compiled step once chosen (:class:`pyro_vae.training.whole_step.WholeStep`), else None."""
-        return getattr(self.step, "whole", None)
 
     @property
     def mode(self) -> str:
@@ -134,8 +110,8 @@ def build_step(
     """The trainer's ``(x, num_data, kl_weight, y) → loss`` step for an ``inference.compile`` value
     (``y``: a conditional VAE's labels, else None). ``auto`` is eager for a VAE that is not ``traceable`` (M2).
 
-    ``auto`` (:class:`AutoStep`) needs ``steps_left``, and takes ``chosen``, the
-    path an earlier part of the run chose, if any; ``inductor`` is the whole
+    ``auto`` (:class:`AutoStep`: eager or traced) needs ``steps_left``, and takes ``chosen``,
+    the path an earlier part of the run chose, if any; ``inductor`` is the whole
     compiled step that ``whole`` builds, and where the run cannot take it
     (``whole`` None, ``no_whole`` says why) the estimator's step compiled by
     itself; ``traced`` and that compiled step are
@@ -147,9 +123,7 @@ def build_step(
     if path == "auto" and not getattr(vae, "traceable", True):  # a program whose structure depends on values
         return eager_step(elbo, vae)
     if path == "auto":
-        return AutoStep(
-            elbo, vae, log, steps_left, chosen, TRACE_AFTER_STEPS, whole, no_whole, compile_after=COMPILE_AFTER_STEPS
-        )
+        return AutoStep(elbo, vae, log, steps_left, chosen, TRACE_AFTER_STEPS)
     if path == "inductor" and whole is not None:
         return whole()
     if path in ("traced", "inductor"):

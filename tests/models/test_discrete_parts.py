@@ -31,6 +31,8 @@ SBN_ON_DIGITS = [
     "data.batch_size=20",
     "--set",
     "model.latent_dim=10",
+    "--set",
+    "inference.compile=auto",  # not the spec's whole compiled steps: their build takes minutes (test_whole_step)
     "--quiet",
 ]
 

@@ -102,6 +102,7 @@ def test_the_packaged_spec_trains_on_digits_sized_overrides_and_evaluates(tmp_pa
         "model.prior.pseudo_inputs=5",
         "model.latents=[{dim: 2}, {dim: 3, hidden: [8], activation: gated}]",
         "train.pictures=none",
+        "inference.compile=auto",  # not the spec's whole compiled steps: their build takes minutes (test_whole_step)
     ]
     spec = load_spec(SPEC, small)
     trainer = training.Trainer(spec, None, show_progress=False)

@@ -9,6 +9,7 @@ from pyro_vae.config import registry
 from pyro_vae.config.spec import Spec, load_spec, packaged_configs, parse_assignment
 from pyro_vae.errors import UserInputError
 from pyro_vae.model import VAE
+from pyro_vae.training import whole_step
 
 
 def error_of(raw=None, overrides=()):
@@ -39,6 +40,20 @@ def test_every_packaged_spec_loads_and_has_a_description():
     ):
         assert name in configs
         load_spec(name)
+
+
+def test_a_packaged_spec_that_names_inductor_can_take_whole_steps_and_the_default_run_does_not_compile():
+    """``inductor`` is named only where the whole step can train the spec (else it would compile the estimator's
+    step alone); the default run says nothing, so ``auto`` keeps it bit for bit eager."""
+    named = []
+    for name in packaged_configs():
+        spec = load_spec(name)
+        if spec.inference.compile == "inductor":
+            named.append(name)
+            assert whole_step.unsupported(spec, spec.model.condition != "none", distributed=False) is None, name
+    assert "mnist" in named and "binarized-mnist-vamp-paper" in named
+    assert load_spec(None).inference.compile == "auto"
+    assert {"digits", "mnist-cvae", "mnist-m2"}.isdisjoint(named)
 
 
 def test_digits_config_is_the_default_run():

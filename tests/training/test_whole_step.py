@@ -1,5 +1,5 @@
-"""Whole compiled training steps (``inference.compile: inductor``, pyro_vae.training.whole_step) and the rule by
-which ``auto`` takes them.
+"""Whole compiled training steps (``inference.compile: inductor``, pyro_vae.training.whole_step), and ``auto``,
+which never takes them.
 
 A TorchInductor compile takes tens of seconds, so most tests here replace ``torch.compile`` by the identity: the
 uncompiled record of the whole steps (gather, binarization, the Pyro step's record, Adam) then runs, through the
@@ -108,30 +108,39 @@ def test_the_in_graph_adam_flushes_its_moments_as_the_flush_to_zero_mode_does():
 
 
 @pytest.mark.parametrize(
-    "steps_left, offered, path",
+    "steps_left, recorded, path",
     [
-        (path_choice.COMPILE_AFTER_STEPS, True, "inductor"),
-        (path_choice.COMPILE_AFTER_STEPS - 1, True, "traced"),
-        (10**6, False, "traced"),
-        (path_choice.TRACE_AFTER_STEPS - 1, True, "eager"),
+        (10**6, None, "traced"),
+        (path_choice.TRACE_AFTER_STEPS, None, "traced"),
+        (path_choice.TRACE_AFTER_STEPS - 1, None, "eager"),
+        (10**6, "inductor", "traced"),  # a checkpoint that recorded whole steps: auto chooses afresh
     ],
 )
-def test_auto_chooses_by_steps_left_and_what_the_run_can_take(steps_left, offered, path, caplog):
-    built = object()
+def test_auto_chooses_between_the_bit_for_bit_paths_only(steps_left, recorded, path, caplog):
     step = path_choice.AutoStep(
-        None,
-        torch.nn.Linear(1, 1),
-        logging.getLogger("pyro_vae.test"),
-        lambda: steps_left,
-        whole=(lambda: built) if offered else None,
-        no_whole="no C++ compiler",
+        None, torch.nn.Linear(1, 1), logging.getLogger("pyro_vae.test"), lambda: steps_left, path=recorded
     )
+    assert step.path is None
     with caplog.at_level(logging.INFO, logger="pyro_vae.test"):
         step.choose(steps_left)
     assert step.path == path
-    assert (step.step is built) == (path == "inductor")
     lines = [r.getMessage() for r in caplog.records if "auto chose" in r.getMessage()]
     assert len(lines) == 1 and f"{steps_left:,} steps left" in lines[0]
+
+
+def test_auto_trains_a_run_that_could_take_whole_steps_on_traced_steps(uncompiled):
+    """A run that whole steps could train (this machine has a C++ compiler) takes the traced path under auto, and
+    writes the eager run's metrics bit for bit: Inductor only where the spec names it."""
+    spec = load_spec(None, SMALL)
+    assert whole_step.unsupported(spec, labelled=False, distributed=False) is None
+    assert whole_step.inductor_available(torch.device("cpu")) is None
+    long = ["train.epochs=2", "data.batch_size=1"]  # 2 × 96 steps of one example
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(path_choice, "TRACE_AFTER_STEPS", 100)
+        auto = fit([*long, "inference.compile=auto"])
+    eager = fit([*long, "inference.compile=eager"])
+    assert auto.loss_and_grads.path == auto.loss_and_grads.mode == "traced"
+    assert rows(auto) == rows(eager)
 
 
 def test_what_auto_sees_of_a_run_is_its_spec_and_installation():
@@ -147,16 +156,18 @@ def test_what_auto_sees_of_a_run_is_its_spec_and_installation():
 
 
 def test_a_loaded_machine_does_not_change_the_path_or_the_numbers(monkeypatch, uncompiled):
-    """A clock a thousand times slower (every step and build looks slow) leaves auto's choice and metrics as
-    they are: nothing is timed."""
-    monkeypatch.setattr(path_choice, "COMPILE_AFTER_STEPS", 0)
-    calm = fit(["train.epochs=2"])
+    """A clock a thousand times slower (every step and build looks slow) leaves auto's choice and the metrics of
+    auto and of whole steps as they are: nothing is timed."""
+    monkeypatch.setattr(path_choice, "TRACE_AFTER_STEPS", 0)
+    runs = [["train.epochs=2"], ["train.epochs=2", "inference.compile=inductor"]]
+    calm = [fit(run) for run in runs]
     real = time.perf_counter
     monkeypatch.setattr(time, "perf_counter", lambda: 1000 * real())
     monkeypatch.setattr(time, "monotonic", lambda: 1000 * real())
-    loaded = fit(["train.epochs=2"])
-    assert calm.loss_and_grads.path == loaded.loss_and_grads.path == "inductor"
-    assert rows(calm) == rows(loaded)
+    loaded = [fit(run) for run in runs]
+    assert calm[0].loss_and_grads.path == loaded[0].loss_and_grads.path == "traced"
+    assert calm[1].loss_and_grads.mode == loaded[1].loss_and_grads.mode == "inductor"
+    assert [rows(t) for t in calm] == [rows(t) for t in loaded]
 
 
 # --------------------------------------------------------------------------
@@ -216,16 +227,15 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_traced_steps(monkeypatch, 
 
 
 @pytest.mark.slow
-def test_auto_compiled_runs_are_the_same_cold_and_warm_and_end_at_the_eager_test_elbo(tmp_path, monkeypatch):
-    """TorchInductor for real (a compile of tens of seconds): ``auto`` on whole steps from an empty and from a filled
-    cache folder writes the same metrics, and its final test ELBO is within TEST_ELBO_TOLERANCE of eager's."""
+def test_compiled_runs_are_the_same_cold_and_warm_and_end_at_the_eager_test_elbo(tmp_path, monkeypatch):
+    """TorchInductor for real (a compile of tens of seconds): whole steps from an empty and from a filled cache
+    folder write the same metrics, and their final test ELBO is within TEST_ELBO_TOLERANCE of eager's."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(path_choice, "COMPILE_AFTER_STEPS", 0)
     common = ["data.train_size=400", "data.test_size=200", "data.batch_size=50", "train.epochs=4"]
     eager = fit([*common, "inference.compile=eager"])
-    cold = fit(common)
-    warm = fit(common)
-    assert cold.loss_and_grads.path == warm.loss_and_grads.path == "inductor" == cold.loss_and_grads.mode
+    cold = fit([*common, "inference.compile=inductor"])
+    warm = fit([*common, "inference.compile=inductor"])
+    assert cold.loss_and_grads.mode == warm.loss_and_grads.mode == "inductor" and cold.loss_and_grads.whole.graphs
     assert rows(cold) == rows(warm)
     gap = abs(cold.progress.metrics[-1]["test_elbo"] - eager.progress.metrics[-1]["test_elbo"])
     print(f"final test ELBO: compiled {cold.progress.metrics[-1]['test_elbo']:.4f}, gap to eager {gap:.2e} nats")
