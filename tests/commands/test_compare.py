@@ -255,3 +255,21 @@ def test_iwae_encoder_snr_falls_with_k_while_dregs_does_not(linear_gaussian_near
     assert snr["dreg:1"] > 1.4 * snr["iwae:1"]  # K = 1: DReG is STL, the path derivative (1.7-1.75x)
     assert decoder["iwae:64"] > 3 * decoder["iwae:1"]  # the generative network's SNR rises with K
     assert decoder["dreg:64"] == pytest.approx(decoder["iwae:64"])  # same θ-gradient as IWAE
+
+
+@pytest.mark.parametrize("setting, path", [("auto", "eager"), ("inductor", "eager"), ("traced", "traced")])
+def test_estimators_train_eagerly_unless_the_spec_names_traced(setting, path, tmp_path, monkeypatch):
+    """Every estimator's training steps run on one path with no compile in them: the spec's ``traced``, else eager."""
+    import pyro_vae.training
+
+    trained = []
+
+    class Recording(pyro_vae.training.Trainer):
+        def step(self, *args, **kwargs):
+            trained.append(self.spec.inference.compile)
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(pyro_vae.training, "Trainer", Recording)
+    argv = ["compare", "--estimators", "meanfield,iwae:2", "--repeats", "2", "--train-steps", "4", *TINY]
+    assert main([*argv, "--set", f"inference.compile={setting}", "--out", str(tmp_path / "report")]) == 0
+    assert trained and set(trained) == {path}
