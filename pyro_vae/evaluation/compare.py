@@ -256,10 +256,10 @@ def train_estimator(
     ``train_seconds`` compares like with like and holds no compile (``traced``, named in the
     spec, is used for all of them).
     """
-    from pyro_vae.training import Trainer, evaluation_seed, seed_everything
+    from pyro_vae.training import Trainer, evaluation_seed, path_choice, seed_everything
 
     inference = choice.inference(spec.inference)
-    if inference.compile in ("auto", "inductor", True):
+    if path_choice.path_name(inference.compile) in ("auto", "inductor"):
         inference = dataclasses.replace(inference, compile="eager")
     spec = dataclasses.replace(spec, inference=inference)
     trainer = Trainer(spec, None, data=data, show_progress=False)

@@ -200,9 +200,16 @@ class Trainer:
         )
 
     def training_step(self, setting: bool | str, chosen: str | None = None) -> Callable:
-        """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume."""
-        whole, missing = whole_step.offer(
-            self.elbo, self.vae, self.optimizer, self.data, self.spec, self.dist.enabled, self.device, self.log
+        """The step of ``inference.compile`` = ``setting``; ``chosen``: the path ``auto`` took before a resume.
+
+        Whole steps are offered (and the compiler looked for) only where the setting is ``inductor``.
+        """
+        whole, missing = (
+            whole_step.offer(
+                self.elbo, self.vae, self.optimizer, self.data, self.spec, self.dist.enabled, self.device, self.log
+            )
+            if path_choice.path_name(setting) == "inductor"
+            else (None, None)
         )
         return path_choice.build_step(
             self.elbo,
